@@ -1,0 +1,115 @@
+"""Atomic checkpoints: written under a temporary name, completed by a marker file, then
+renamed. A folder without the marker (a write killed half-way) is never loaded.
+
+A checkpoint holds the adapter (peft format), the optimizer and scheduler states, the RNG
+states, the token ledger, the policy's extra state (EMA weights) and the step.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_DONE = "COMPLETE"
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / _DONE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir, step: int, *, policy, optimizer, scheduler, ledger, keep: int = 2,
+                    extra: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    import torch
+
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=folder))
+    policy.save_adapter(tmp / "adapter")
+    torch.save({
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "ledger": ledger.state_dict(),
+        "policy_extra": policy.extra_state(),
+        "rng": rng_state(),
+        "extra": extra or {},
+    }, tmp / "trainer_state.pt")
+    (tmp / _DONE).write_text(str(step))
+    _fsync_dir(tmp)
+    if final.exists():  # a stale copy of the same step (e.g. from a run resumed earlier)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(folder)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(".step-*"):  # temporaries of writes that were killed
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(path: Path) -> dict:
+    import torch
+
+    return torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """The fixed seeding block: python, numpy, torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

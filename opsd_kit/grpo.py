@@ -1,0 +1,108 @@
+"""GRPO baseline (the paper's comparison): G rollouts per problem, binary reward from the
+evaluator, group-relative advantages, PPO-clipped importance ratio reused for
+`num_iterations` optimizer steps, token-level normalisation, optional KL to the reference
+(adapter-off) model, off by default as in the paper.
+
+Shares the policy, rollout engine, ledger, checkpoints, logging and accelerate path with OPSD
+through `Algorithm` and the trainer; only the advantage and the surrogate loss live here.
+"""
+from __future__ import annotations
+
+from .algorithm import Algorithm, MicroBatch
+
+
+def group_advantages(rewards_N, group_size: int, scale: bool = True, eps: float = 1e-4):
+    """A_i = r_i - mean(group), divided by the group's (unbiased, as in TRL) std + eps when
+    ``scale``. Rows of one group are contiguous: ``rewards_N`` has N = problems x group_size."""
+    grouped = rewards_N.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # group baseline
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)  # per-group scale
+    return centred.reshape(-1)
+
+
+def grpo_token_loss(logp_BC, old_logp_BC, adv_B, mask_BC, *, clip_eps: float, ref_logp_BC=None,
+                    kl_coef: float = 0.0):
+    """SUM over unmasked tokens of the negated PPO-clipped surrogate (+ kl_coef * k3 KL).
+
+    The trainer divides this sum by the number of completion tokens of the whole optimizer
+    step (token-level normalisation: every token weighs the same, long answers are not
+    down-weighted per sequence)."""
+    import torch
+
+    ratio = torch.exp(logp_BC - old_logp_BC)  # 1 at the first iteration; grad flows via logp
+    adv = adv_B[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # pessimistic bound
+    per_token = -surrogate  # minimise the negative objective
+    if kl_coef:
+        delta = ref_logp_BC - logp_BC  # k3 estimator of KL(pi || ref): e^d - d - 1 >= 0
+        per_token = per_token + kl_coef * (torch.exp(delta) - delta - 1)
+    return (per_token * mask_BC).sum()  # sum only; normalised by the step's token count
+
+
+class GRPO(Algorithm):
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self._batch: tuple[int, list[MicroBatch], dict] | None = None  # (batch index, micro-batches, metrics)
+
+    def prepare(self, step: int):
+        batch_index = step // self.config.num_iterations
+        if self._batch is None or self._batch[0] != batch_index:
+            self._batch = (batch_index, *self._sample(batch_index))
+        _, micro, metrics = self._batch
+        return micro, dict(metrics, **{"grpo/iteration": step % self.config.num_iterations})
+
+    def _sample(self, batch_index: int):
+        import torch
+
+        from .prompts import build_batch
+
+        cfg = self.config
+        problems = self.trainer.step_problems(batch_index)
+        rollouts = self.rollouts(problems, batch_index, n=cfg.num_generations, temperature=cfg.temperature)
+        correct = self.grade(rollouts, problems)
+        rewards = torch.tensor(correct, dtype=torch.float32)
+        adv = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
+        metrics = self.rollout_metrics(rollouts, correct)
+        metrics["grpo/reward_mean"] = float(rewards.mean())
+        metrics["grpo/groups_all_same"] = float(
+            (rewards.view(-1, cfg.num_generations).std(dim=1) == 0).float().mean())
+        micro = []
+        for rows in self.chunks(len(rollouts)):
+            prompts = [self.student_prompt(problems[rollouts.prompt_index[r]]) for r in rows]
+            student = build_batch(prompts, [rollouts.completion_ids[r] for r in rows], self.tokenizer.pad_token_id)
+            self.book_prompt_tokens(student)
+            mb = MicroBatch(student=student, num_loss_tokens=int(student.completion_mask.sum()),
+                            tensors={"adv": adv[list(rows)]})
+            with torch.no_grad():
+                if cfg.num_iterations > 1:
+                    mb.tensors["old_logp"] = self._logp(mb).detach().cpu()
+                if cfg.kl_coef:
+                    with self.policy.model.disable_adapter():  # reference = the base model
+                        mb.tensors["ref_logp"] = self._logp(mb).detach().cpu()
+            micro.append(mb)
+        return micro, metrics
+
+    def _logp(self, mb: MicroBatch):
+        from .losses import chunked_token_logprobs
+
+        targets = mb.student.completion_ids.to(self.trainer.accelerator.device)
+        return chunked_token_logprobs(self.hidden(mb.student), self.policy.head, targets,
+                                      temperature=self.config.temperature, chunk_size=self.config.loss_chunk_size)
+
+    def loss(self, mb: MicroBatch):
+        cfg, device = self.config, self.trainer.accelerator.device
+        with self.trainer.phase("student"):
+            logp = self._logp(mb)
+            old = mb.tensors["old_logp"].to(device) if "old_logp" in mb.tensors else logp.detach()
+            ref = mb.tensors["ref_logp"].to(device) if "ref_logp" in mb.tensors else None
+            loss_sum = grpo_token_loss(logp, old, mb.tensors["adv"].to(device),
+                                       mb.student.completion_mask.to(device), clip_eps=cfg.ratio_clip_eps,
+                                       ref_logp_BC=ref, kl_coef=cfg.kl_coef)
+        return loss_sum, {}
+
+    def state_dict(self) -> dict:
+        return {"batch": self._batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._batch = state.get("batch")

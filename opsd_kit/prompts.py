@@ -1,0 +1,182 @@
+"""The privileged prompt builder and contiguous batches (OPSD_NOTES.md §4, pitfalls 1-3, 8).
+
+Student: p_S(. | x) sees the problem and the instruction. Teacher: p_T(. | x, y*) sees the
+problem, the verified reference solution y* between markers, a transition asking it to
+understand the solution and solve in its own words, and the same instruction. Both are
+rendered with the tokenizer's chat template (generation prompt added), each with its own
+thinking switch (Qwen3 ``enable_thinking``).
+
+Alignment guarantee: the teacher's input is ``teacher_prompt_ids + completion_ids`` with the
+student's sampled completion ids byte for byte; nothing is decoded and re-tokenised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+STUDENT_TEMPLATE = "{question}\n\n{instruction}"
+
+TEACHER_TEMPLATE = (
+    "{question}\n\n"
+    "Here is a reference solution to this problem:\n"
+    "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
+    "After understanding the reference solution, do not copy it: solve the problem again in "
+    "your own words.\n\n{instruction}"
+)
+
+TRUNCATION_MARK = " [...]"
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit even after shortening the reference solution."""
+
+
+class PromptBuilder:
+    """Render student and teacher prompts as token ids.
+
+    Args:
+        tokenizer: a tokenizer with a chat template.
+        student_thinking / teacher_thinking: passed as ``enable_thinking`` to the chat template
+            when not None (paper: student off, teacher on).
+        student_template / teacher_template: ``str.format`` templates with ``{question}``,
+            ``{instruction}`` and, for the teacher, ``{solution}``.
+        instruction: the answer-format instruction shared by both roles.
+        system_prompt: an optional system turn for both roles.
+        max_prompt_tokens: cap on either prompt. An over-long teacher prompt is shortened by
+            cutting the end of the reference solution (never the problem or the instruction);
+            ``stats['teacher_truncated']`` counts how often. A prompt that cannot fit raises
+            :class:`PromptTooLongError` naming the problem.
+    """
+
+    def __init__(self, tokenizer, *, student_thinking: bool | None = None,
+                 teacher_thinking: bool | None = None, student_template: str = STUDENT_TEMPLATE,
+                 teacher_template: str = TEACHER_TEMPLATE, instruction: str = INSTRUCTION,
+                 system_prompt: str | None = None, max_prompt_tokens: int | None = None):
+        if tokenizer.chat_template is None:
+            raise ValueError("PromptBuilder needs a tokenizer with a chat template")
+        for name, tmpl, keys in (("student_template", student_template, ("{question}",)),
+                                 ("teacher_template", teacher_template, ("{question}", "{solution}"))):
+            missing = [k for k in keys if k not in tmpl]
+            if missing:
+                raise ValueError(f"{name} must contain {missing}")
+        self.tokenizer = tokenizer
+        self.student_thinking = student_thinking
+        self.teacher_thinking = teacher_thinking
+        self.student_template = student_template
+        self.teacher_template = teacher_template
+        self.instruction = instruction
+        self.system_prompt = system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.stats = {"teacher_prompts": 0, "teacher_truncated": 0}
+
+    # -- text ------------------------------------------------------------------------------
+    def student_message(self, problem) -> str:
+        return self.student_template.format(question=problem.question, instruction=self.instruction)
+
+    def teacher_message(self, problem, solution: str | None = None) -> str:
+        solution = problem.solution if solution is None else solution
+        return self.teacher_template.format(question=problem.question, solution=solution,
+                                            instruction=self.instruction)
+
+    def render(self, message: str, thinking: bool | None) -> str:
+        """The chat-templated prompt text, generation prompt included."""
+        messages = [{"role": "user", "content": message}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        extra = {} if thinking is None else {"enable_thinking": thinking}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **extra)
+
+    def _encode(self, text: str) -> list[int]:
+        # The chat template already holds every special token: add none.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- ids -------------------------------------------------------------------------------
+    def student_ids(self, problem) -> list[int]:
+        ids = self._encode(self.render(self.student_message(problem), self.student_thinking))
+        if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+            raise PromptTooLongError(
+                f"problem {problem.id!r}: the student prompt has {len(ids)} tokens, over "
+                f"max_prompt_tokens={self.max_prompt_tokens}; raise the limit or drop the problem")
+        return ids
+
+    def teacher_ids(self, problem) -> list[int]:
+        self.stats["teacher_prompts"] += 1
+        ids = self._encode(self.render(self.teacher_message(problem), self.teacher_thinking))
+        limit = self.max_prompt_tokens
+        if not limit or len(ids) <= limit:
+            return ids
+        self.stats["teacher_truncated"] += 1
+        return self._shortened_teacher_ids(problem, limit)
+
+    def _shortened_teacher_ids(self, problem, limit: int) -> list[int]:
+        empty = self._encode(self.render(self.teacher_message(problem, TRUNCATION_MARK),
+                                         self.teacher_thinking))
+        if len(empty) > limit:
+            raise PromptTooLongError(
+                f"problem {problem.id!r}: the teacher prompt needs {len(empty)} tokens without any "
+                f"reference solution, over max_prompt_tokens={limit}; the problem and instruction "
+                "are never cut: raise the limit or drop the problem")
+        solution_ids = self._encode(problem.solution)
+        keep = min(len(solution_ids), limit - len(empty))
+        while True:  # token boundaries can shift by a few ids after re-rendering
+            text = self.tokenizer.decode(solution_ids[:keep]) + TRUNCATION_MARK
+            ids = self._encode(self.render(self.teacher_message(problem, text), self.teacher_thinking))
+            if len(ids) <= limit or keep == 0:
+                return ids
+            keep = max(0, keep - max(1, len(ids) - limit))
+
+
+@dataclass
+class Batch:
+    """Rows ``[pads | prompt | completion | pads]``, each row's tokens contiguous.
+
+    Prompts are left-padded to a common width ``prompt_width`` (P) and completions
+    right-padded to ``C``, so every row's completion starts at column P. The hidden state
+    that predicts completion token j sits at column ``P - 1 + j`` in every row and for every
+    role: student and teacher batches line up on the same ``[B, C]`` grid.
+    """
+
+    input_ids: "torch.Tensor"  # noqa: F821  [B, P + C]
+    attention_mask: "torch.Tensor"  # noqa: F821  [B, P + C]
+    position_ids: "torch.Tensor"  # noqa: F821  [B, P + C], 0 at each row's first real token
+    completion_ids: "torch.Tensor"  # noqa: F821  [B, C], right-padded with pad ids
+    completion_mask: "torch.Tensor"  # noqa: F821  [B, C], 1 on real completion tokens
+    prompt_width: int
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                              self.completion_ids, self.completion_mask)),
+                     prompt_width=self.prompt_width)
+
+    def predicting_slice(self) -> slice:
+        """Columns whose hidden states predict the completion tokens."""
+        c = self.completion_ids.shape[1]
+        return slice(self.prompt_width - 1, self.prompt_width - 1 + c)
+
+
+def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> Batch:
+    """Build a contiguous batch of ``prompt ++ completion`` rows (see :class:`Batch`)."""
+    import torch
+
+    if len(prompt_ids) != len(completion_ids) or not prompt_ids:
+        raise ValueError(f"build_batch needs equally many prompts and completions, got "
+                         f"{len(prompt_ids)} and {len(completion_ids)}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("build_batch: every prompt needs at least one token")
+    width_p = max(len(p) for p in prompt_ids)
+    width_c = max(1, max(len(c) for c in completion_ids))
+    b = len(prompt_ids)
+    input_ids = torch.full((b, width_p + width_c), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros((b, width_c), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, width_p - len(p): width_p] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, width_p - len(p): width_p + len(c)] = 1
+        if c:
+            input_ids[i, width_p: width_p + len(c)] = torch.tensor(c, dtype=torch.long)
+            completion_mask[i, : len(c)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(input_ids, attention_mask, position_ids, input_ids[:, width_p:].clone(),
+                 completion_mask, width_p)

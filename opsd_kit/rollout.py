@@ -1,0 +1,208 @@
+"""Rollouts: the student samples its own answers.
+
+`generate` runs Hugging Face ``generate`` (KV cache, left padding) over token-id prompts and
+returns the completion *ids*, exactly as sampled: the trainer feeds these same ids to both the
+student and the teacher, never a re-tokenisation of decoded text (OPSD_NOTES pitfalls 1, 2).
+
+The vLLM backend (GPU, bf16 + LoRA) is imported lazily; vLLM with a 4-bit model is refused
+(pitfall 7: vLLM cannot serve bitsandbytes QLoRA adapters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationSettings:
+    """How the student samples."""
+
+    max_new_tokens: int = 256
+    """Completion length cap in tokens (paper: 1024)."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding (paper rollouts: 1.1)."""
+    top_p: float = 1.0
+    """Nucleus truncation; 1.0 is off (paper: 0.95)."""
+    top_k: int = 0
+    """Top-k truncation; 0 is off (paper: 20)."""
+    n: int = 1
+    """Samples per prompt (OPSD: 1; GRPO: the group size; evaluation: k)."""
+    batch_size: int = 16
+    """Sequences per ``generate`` call (prompts x samples)."""
+
+    def __post_init__(self):
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "top_k": self.top_k >= 0,
+            "n": self.n >= 1,
+            "batch_size": self.batch_size >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"GenerationSettings.{key} has an invalid value {getattr(self, key)!r}")
+
+
+@dataclass
+class Rollouts:
+    """Sampled completions; row r answers prompt ``prompt_index[r]``."""
+
+    prompt_index: list[int]
+    completion_ids: list[list[int]]
+    """Generated ids, up to and including EOS when it was produced; never padded."""
+    texts: list[str]
+    """Decoded completions without special tokens (for grading and display only)."""
+    finished: list[bool]
+    """True when the row ended with EOS, False when cut at ``max_new_tokens``."""
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+def left_pad(rows: list[list[int]], pad_id: int):
+    """Left-pad id lists into ``(input_ids_BL, attention_mask_BL)`` tensors."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def generate(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, *,
+             seed: int | None = None, progress: bool = False) -> Rollouts:
+    """Sample ``settings.n`` completions per prompt with HF ``generate``.
+
+    Seeded: the same seed, model and prompts give the same completions on the same device.
+    The model is put in eval mode for sampling and restored afterwards.
+    """
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate needs a non-empty list of non-empty prompts")
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    rows = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(settings.n)]
+    out = Rollouts([], [], [], [])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    sample = settings.temperature > 0
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
+                  eos_token_id=eos_ids, use_cache=True)
+    if sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+    else:  # greedy: unset sampling knobs that a model's generation_config may carry
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    try:
+        starts = range(0, len(rows), settings.batch_size)
+        for call, s in enumerate(tqdm(starts, desc="generate", disable=not progress, leave=False)):
+            chunk = rows[s:s + settings.batch_size]
+            ids, mask = left_pad([p for _, p in chunk], pad_id)
+            if seed is not None:
+                torch.manual_seed(seed * 100_003 + call)
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            for (pi, _), row in zip(chunk, gen[:, ids.shape[1]:].tolist()):
+                completion, done = _trim(row, eos_ids, pad_id)
+                out.prompt_index.append(pi)
+                out.completion_ids.append(completion)
+                out.finished.append(done)
+    finally:
+        model.train(was_training)
+    out.texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    ids.discard(None)
+    if tokenizer.pad_token_id in ids and len(ids) > 1:
+        ids.discard(tokenizer.pad_token_id)  # pad must never end a row early
+    return sorted(ids)
+
+
+def _trim(row: list[int], eos_ids: list[int], pad_id: int) -> tuple[list[int], bool]:
+    """Cut a generated row after its first EOS; without EOS drop trailing padding."""
+    for j, t in enumerate(row):
+        if t in eos_ids:
+            return row[: j + 1], True
+    while row and row[-1] == pad_id:
+        row = row[:-1]
+    return row, False
+
+
+class VLLMEngine:
+    """Rollouts with vLLM (GPU only), serving the current LoRA adapter.
+
+    The adapter is saved to ``adapter_dir`` before each call and passed as a ``LoRARequest``
+    with a fresh id, so vLLM always samples from the current student.
+    """
+
+    def __init__(self, model_name: str, *, quantization: str | None, dtype: str = "bfloat16",
+                 max_model_len: int = 4096, gpu_memory_utilization: float = 0.3, max_lora_rank: int = 64):
+        check_backend("vllm", quantization)
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ImportError("rollout_backend='vllm' needs vllm: pip install 'opsd_kit[gpu]'") from err
+        self.llm = LLM(model=model_name, dtype=dtype, enable_lora=True, max_lora_rank=max_lora_rank,
+                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization)
+        self._version = 0
+
+    def generate(self, policy, prompt_ids: list[list[int]], settings: GenerationSettings, *,
+                 adapter_dir: str, seed: int | None = None) -> Rollouts:
+        import time
+
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        start = time.perf_counter()
+        policy.save_adapter(adapter_dir)
+        self._version += 1
+        params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                                top_k=settings.top_k or -1, max_tokens=settings.max_new_tokens, seed=seed)
+        prompts = [{"prompt_token_ids": p} for p in prompt_ids]
+        results = self.llm.generate(prompts, params,
+                                    lora_request=LoRARequest("student", self._version, adapter_dir))
+        out = Rollouts([], [], [], [])
+        for i, res in enumerate(results):
+            for o in res.outputs:
+                out.prompt_index.append(i)
+                out.completion_ids.append(list(o.token_ids))
+                out.finished.append(o.finish_reason == "stop")
+                out.texts.append(o.text)
+        out.seconds = time.perf_counter() - start
+        return out
+
+
+def check_backend(backend: str, quantization: str | None) -> None:
+    """Refuse impossible rollout backends before any model loads."""
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"rollout_backend must be 'hf' or 'vllm', got {backend!r}")
+    if backend == "vllm" and quantization is not None:
+        raise ValueError(
+            "rollout_backend='vllm' cannot be combined with quantization='4bit': vLLM cannot serve "
+            "bitsandbytes QLoRA adapters (TRL #3654, unsloth #1930). Use rollout_backend='hf' with "
+            "4-bit, or quantization=None (bf16) with vLLM."
+        )

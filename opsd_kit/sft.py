@@ -1,0 +1,45 @@
+"""SFT baseline: train on (student prompt -> reference solution), loss on the solution tokens
+only (the prompt is context, never a target). Generates no tokens; the ledger counts the
+training tokens."""
+from __future__ import annotations
+
+from .algorithm import Algorithm, MicroBatch
+
+
+class SFT(Algorithm):
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        eos = self.tokenizer.eos_token_id
+        cap = self.config.max_new_tokens
+        self.truncated = 0
+        self._targets: dict[str, list[int]] = {}
+        for p in trainer.problems:
+            ids = self.tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [eos]
+            if len(ids) > cap:
+                self.truncated += 1
+                ids = ids[:cap]
+            self._targets[p.id] = ids
+
+    def prepare(self, step: int):
+        from .prompts import build_batch
+
+        problems = self.trainer.step_problems(step)
+        micro = []
+        for rows in self.chunks(len(problems)):
+            chosen = [problems[r] for r in rows]
+            batch = build_batch([self.student_prompt(p) for p in chosen], [self._targets[p.id] for p in chosen],
+                                self.tokenizer.pad_token_id)
+            self.book_prompt_tokens(batch)
+            micro.append(MicroBatch(student=batch, num_loss_tokens=int(batch.completion_mask.sum())))
+        return micro, {"sft/solutions_truncated": self.truncated}
+
+    def loss(self, mb: MicroBatch):
+        from .losses import chunked_token_logprobs
+
+        device = self.trainer.accelerator.device
+        with self.trainer.phase("student"):
+            targets = mb.student.completion_ids.to(device)
+            logp = chunked_token_logprobs(self.hidden(mb.student), self.policy.head, targets,
+                                          temperature=1.0, chunk_size=self.config.loss_chunk_size)
+            loss_sum = -(logp * mb.student.completion_mask.to(device)).sum()  # NLL summed; trainer normalises
+        return loss_sum, {}

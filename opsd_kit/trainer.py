@@ -1,0 +1,308 @@
+"""One training loop for OPSD and its baselines, on HF accelerate.
+
+The loop owns what all three share: seeding, data order, the policy, AdamW with gradient
+accumulation and a schedule, gradient clipping, the token ledger, metrics, checkpoints,
+resume, non-finite guards, Ctrl-C and out-of-memory handling. An algorithm (`opsd.OPSD`,
+`grpo.GRPO`, `sft.SFT`) only says how a step's problems become micro-batches and how a
+micro-batch becomes a summed loss.
+
+Normalisation: an algorithm returns the SUM of its per-token losses; the loop divides by the
+number of loss tokens of the whole optimizer step over all processes, and sums gradients over
+processes. The step's gradient is therefore the gradient of (sum over all the step's tokens)
+/ (their count), whatever the micro-batch size or process count (TRL #4719).
+
+Distribution: `accelerate launch -m opsd_kit.train ...` runs one process per device. Each
+process takes its share of the step's problems; gradients of the trainable weights are summed
+with `accelerator.reduce` before clipping, so every process applies the same update.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """The device ran out of memory; a checkpoint was saved."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics_path: Path
+    steps: int
+    ledger: dict
+    interrupted: bool = False
+    last_metrics: dict = field(default_factory=dict)
+
+
+def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None) -> TrainResult:
+    """Train with ``config``. ``problems`` (a list of Problem) overrides ``config.train_data``;
+    ``policy`` reuses an already-loaded policy (its weights are trained in place)."""
+    return Trainer(config, problems=problems, policy=policy, accelerator=accelerator).train()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, problems=None, policy=None, accelerator=None):
+        import torch
+        from accelerate import Accelerator
+
+        from .checkpoint import seed_everything
+
+        self.config = config.validate()
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.local_problems_per_step = config.check_world(self.accelerator.num_processes)
+        self.problems = problems if problems is not None else _load_train_problems(config)
+        if not self.problems:
+            raise ValueError(f"train_data={config.train_data!r} gave no problems: the dataset is empty")
+        seed_everything(config.seed)
+        self.run_dir = Path(config.run_dir)
+        self.policy = policy or _load_policy(config, self.accelerator.device)
+        self.algorithm = _make_algorithm(config, self)
+        self.params = self.policy.trainable_parameters()
+        if not self.params:
+            raise ValueError("the policy has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        from .ledger import TokenLedger
+
+        self.ledger = TokenLedger()
+        self.step = 0
+        self._sync = torch.cuda.synchronize if self.accelerator.device.type == "cuda" else None
+
+    # -------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def step_problems(self, step: int) -> list:
+        """This process's problems for ``step``: a seeded permutation per epoch, then a
+        contiguous slice of ``problems_per_step``, shared out over processes."""
+        import numpy as np
+
+        pps, n = self.config.problems_per_step, len(self.problems)
+        picked = []
+        for pos in range(step * pps, (step + 1) * pps):
+            epoch, offset = divmod(pos, n)
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+            picked.append(self.problems[int(order[offset])])
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return picked[rank::world]
+
+    def phase(self, name: str):
+        return self.ledger.phase(name, self._sync)
+
+    def reduce_sum(self, value: float) -> float:
+        """Sum a number over processes."""
+        import torch
+
+        if self.accelerator.num_processes == 1:
+            return float(value)
+        t = torch.tensor(float(value), device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="sum"))
+
+    # -------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        from .checkpoint import latest_checkpoint
+        from .metrics import MetricsLogger
+
+        cfg = self.config
+        resume_from = latest_checkpoint(self.run_dir) if cfg.resume else None
+        if resume_from is not None:
+            self._restore(resume_from)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.json")
+        logger = MetricsLogger(self.run_dir / "metrics.jsonl", trackers=cfg.trackers,
+                               resume_step=self.step if resume_from else None, config=cfg.to_dict(),
+                               enabled=self.is_main)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.algorithm,
+                   disable=not (cfg.progress and self.is_main))
+        nonfinite_in_a_row, last, interrupted = 0, {}, False
+        start = time.perf_counter()
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self._optimizer_step()
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["train/skipped_nonfinite"] else 0
+                self.step += 1
+                metrics.update(step=self.step, **self.ledger.metrics())
+                metrics["time/elapsed"] = round(time.perf_counter() - start, 3)
+                logger.log(metrics)
+                last = metrics
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in ("loss/total", "train/grad_norm")
+                                 if isinstance(metrics.get(k), float)})
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    self._save()
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); checkpoint saved at step {self.step}. "
+                        "Lower learning_rate, raise max_grad_norm clipping, or use dtype='float32'")
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    self._save()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.optimizer.zero_grad(set_to_none=True)
+            self._save()
+            if self.is_main:
+                print(f"Interrupted: checkpoint saved at step {self.step} in {self.run_dir}; "
+                      "rerun with resume=True to continue.")
+        except Exception as err:
+            if _is_oom(err):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._save()
+                raise OutOfMemoryStop(
+                    f"out of memory at step {self.step + 1} ({err}). A checkpoint of step {self.step} was saved. "
+                    f"Lower micro_batch_size (now {cfg.micro_batch_size}), max_new_tokens (now "
+                    f"{cfg.max_new_tokens}) or generation_batch_size (now {cfg.generation_batch_size}), or set "
+                    "gradient_checkpointing=True, then resume=True") from err
+            raise
+        finally:
+            bar.close()
+        adapter_dir = self.run_dir / "adapter"
+        if self.is_main:
+            self.policy.save_adapter(adapter_dir)
+        self.accelerator.wait_for_everyone()
+        return TrainResult(self.run_dir, adapter_dir, self.run_dir / "metrics.jsonl", self.step,
+                           self.ledger.state_dict(), interrupted, last)
+
+    def _optimizer_step(self) -> dict:
+        import torch
+
+        cfg = self.config
+        step_start = time.perf_counter()
+        before = dict(self.ledger.seconds)
+        micro_batches, metrics = self.algorithm.prepare(self.step)
+        local_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
+        total_tokens = self.reduce_sum(local_tokens)
+        self.ledger.train_tokens += int(total_tokens)
+        loss_sum_local = 0.0
+        extra: dict[str, list] = {}
+        for mb in micro_batches:
+            loss_sum, mb_metrics = self.algorithm.loss(mb)
+            with self.phase("backward"):
+                (loss_sum / max(total_tokens, 1.0)).backward()
+            loss_sum_local += float(loss_sum.detach())
+            for k, v in mb_metrics.items():
+                extra.setdefault(k, []).append(v)
+        with self.phase("optimizer"):
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if self.accelerator.num_processes > 1:
+                for p in self.params:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="sum")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            loss = self.reduce_sum(loss_sum_local) / max(total_tokens, 1.0)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            if finite:
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.policy.teacher_mode == "ema":
+                    self.policy.update_ema()
+            self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(_reduce_lists(extra))
+        metrics.update({
+            "loss/total": loss, "train/grad_norm": grad_norm, "train/lr": lr,
+            "train/skipped_nonfinite": int(not finite), "tokens/loss_tokens": int(total_tokens),
+            "time/step": round(time.perf_counter() - step_start, 4),
+        })
+        for name, total in self.ledger.seconds.items():
+            metrics[f"time/{name}"] = round(total - before.get(name, 0.0), 4)
+        return metrics
+
+    # -------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        from .checkpoint import save_checkpoint
+
+        if self.is_main:
+            state = {"algorithm": self.algorithm.state_dict()}
+            save_checkpoint(self.run_dir, self.step, policy=self.policy, optimizer=self.optimizer,
+                            scheduler=self.scheduler, ledger=self.ledger, keep=self.config.keep_checkpoints,
+                            extra=state)
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self, path: Path) -> None:
+        from .checkpoint import load_trainer_state, set_rng_state
+        from .ledger import TokenLedger
+
+        state = load_trainer_state(path)
+        self.policy.load_adapter(path / "adapter")
+        self.policy.load_extra_state(state["policy_extra"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ledger = TokenLedger.from_state_dict(state["ledger"])
+        self.algorithm.load_state_dict(state["extra"]["algorithm"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+
+
+# -----------------------------------------------------------------------------------------
+def _schedule(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _reduce_lists(values: dict[str, list]) -> dict:
+    out = {}
+    for k, v in values.items():
+        out[k] = max(v) if k.endswith("_max") else sum(v) / len(v)
+    return out
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+
+
+def _load_train_problems(cfg: TrainConfig):
+    from .data import load_source
+
+    problems, _report = load_source(cfg.train_data, size=cfg.train_size, seed=cfg.seed)
+    return problems
+
+
+def _load_policy(cfg: TrainConfig, device):
+    from .policy import LoraSettings, Policy
+
+    lora = (LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         target_modules=tuple(cfg.lora_target_modules)) if cfg.use_lora else None)
+    return Policy.from_pretrained(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, lora=lora,
+                                  gradient_checkpointing=cfg.gradient_checkpointing, teacher=cfg.teacher,
+                                  ema_decay=cfg.ema_decay, backend=cfg.backend, device=device, seed=cfg.seed)
+
+
+def _make_algorithm(cfg: TrainConfig, trainer: Trainer):
+    if cfg.algorithm == "opsd":
+        from .opsd import OPSD
+
+        return OPSD(trainer)
+    if cfg.algorithm == "grpo":
+        from .grpo import GRPO
+
+        return GRPO(trainer)
+    from .sft import SFT
+
+    return SFT(trainer)

@@ -1,0 +1,40 @@
+"""Packaging: environment.yml pins agree with pyproject.toml; the package imports light."""
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins(lines):
+    out = {}
+    for line in lines:
+        m = re.match(r"^\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s;]+)", line)
+        if m:
+            out[m.group(1).lower().replace("_", "-")] = m.group(3)
+    return out
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = _pins(project["dependencies"] + project["optional-dependencies"]["dev"]
+                   + project["optional-dependencies"]["bench"])
+    env_lines = [line.strip().lstrip("- ") for line in (ROOT / "environment.yml").read_text().splitlines()]
+    got = _pins(env_lines)
+    assert got == wanted
+    assert "python=3.11" in (ROOT / "environment.yml").read_text()
+
+
+def test_import_is_light():
+    code = "import sys, opsd_kit; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_gpu_extras_are_lazy():
+    code = ("import sys, opsd_kit.rollout, opsd_kit.policy, opsd_kit.trainer; "
+            "print([m for m in ('vllm', 'unsloth') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,93 @@
+"""Prompt builder: alignment (pitfalls 1-2), contiguity (pitfall 3), truncation (pitfall 8)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from opsd_kit.prompts import PromptBuilder, PromptTooLongError, build_batch
+
+
+def problem(solution="First 2 + 2 = 4, so the answer is \\boxed{4}.", question="What is 2 + 2?", pid="p0"):
+    return SimpleNamespace(id=pid, question=question, solution=solution, answer="4", source="test")
+
+
+def test_student_and_teacher_messages(tiny_tokenizer):
+    b = PromptBuilder(tiny_tokenizer)
+    p = problem()
+    student = tiny_tokenizer.decode(b.student_ids(p))
+    teacher = tiny_tokenizer.decode(b.teacher_ids(p))
+    assert student.startswith("<|im_start|>user\nWhat is 2 + 2?")
+    assert student.endswith("<|im_start|>assistant\n")  # generation prompt: template kept (pitfall 1)
+    assert "\\boxed{}" in student and p.solution not in student  # the student never sees y*
+    assert p.question in teacher and p.solution in teacher
+    assert teacher.index(p.question) < teacher.index("Reference Solution Begin") < teacher.index(p.solution)
+    assert teacher.index(p.solution) < teacher.index("Reference Solution End") < teacher.index("own words")
+    assert teacher.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_thinking_switches_are_separate(tiny_tokenizer):
+    b = PromptBuilder(tiny_tokenizer, student_thinking=False, teacher_thinking=True)
+    p = problem()
+    assert tiny_tokenizer.decode(b.student_ids(p)).endswith("<think>\n\n</think>\n\n")
+    assert not tiny_tokenizer.decode(b.teacher_ids(p)).endswith("</think>\n\n")
+
+
+def test_teacher_input_is_teacher_prompt_then_exact_student_completion(tiny_tokenizer):
+    """OPSD #10: whatever precedes it, the teacher's completion ids are the student's, byte for byte."""
+    b = PromptBuilder(tiny_tokenizer, student_thinking=False, teacher_thinking=True)
+    probs = [problem(), problem(question="What is 10 - 3?", pid="p1", solution="7. \\boxed{7}")]
+    completions = [[65, 66, 67, tiny_tokenizer.eos_token_id], [70]]
+    s = build_batch([b.student_ids(p) for p in probs], completions, tiny_tokenizer.pad_token_id)
+    t = build_batch([b.teacher_ids(p) for p in probs], completions, tiny_tokenizer.pad_token_id)
+    assert torch.equal(s.completion_ids, t.completion_ids)
+    assert torch.equal(s.completion_mask, t.completion_mask)
+    for i, p in enumerate(probs):
+        row = t.input_ids[i][t.attention_mask[i].bool()].tolist()
+        assert row == b.teacher_ids(p) + completions[i]
+        row = s.input_ids[i][s.attention_mask[i].bool()].tolist()
+        assert row == b.student_ids(p) + completions[i]
+
+
+def test_batch_rows_are_contiguous_with_correct_positions(tiny_tokenizer, tiny_model):
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    completions = [[9, 10], [11, 12, 13, 14]]
+    batch = build_batch(prompts, completions, tiny_tokenizer.pad_token_id)
+    for i in range(2):
+        mask = batch.attention_mask[i].tolist()
+        first, last = mask.index(1), len(mask) - 1 - mask[::-1].index(1)
+        assert all(mask[first: last + 1])  # no gap inside a row
+        assert batch.position_ids[i, first: last + 1].tolist() == list(range(last - first + 1))
+    logits = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids).logits
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        alone = tiny_model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1: len(p) - 1 + len(c)]
+        got = logits[i, batch.predicting_slice()][: len(c)]
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_truncation_cuts_only_the_reference_solution(tiny_tokenizer):
+    long = problem(solution="step. " * 400 + "\\boxed{4}")
+    b = PromptBuilder(tiny_tokenizer, max_prompt_tokens=600)
+    ids = b.teacher_ids(long)
+    text = tiny_tokenizer.decode(ids)
+    assert len(ids) <= 600
+    assert long.question in text and "own words" in text and b.instruction in text
+    assert "[...]" in text and "\\boxed{4}" not in text
+    assert b.stats == {"teacher_prompts": 1, "teacher_truncated": 1}
+    b.teacher_ids(problem())
+    assert b.stats == {"teacher_prompts": 2, "teacher_truncated": 1}
+
+
+def test_prompt_that_cannot_fit_names_the_problem(tiny_tokenizer):
+    b = PromptBuilder(tiny_tokenizer, max_prompt_tokens=200)
+    with pytest.raises(PromptTooLongError, match="problem 'big'"):
+        b.teacher_ids(problem(question="x" * 300, pid="big"))
+    with pytest.raises(PromptTooLongError, match="problem 'big'"):
+        b.student_ids(problem(question="x" * 300, pid="big"))
+
+
+def test_overridable_templates_are_checked(tiny_tokenizer):
+    b = PromptBuilder(tiny_tokenizer, teacher_template="Q: {question}\nS: {solution}\n{instruction}")
+    assert "S: First" in tiny_tokenizer.decode(b.teacher_ids(problem()))
+    with pytest.raises(ValueError, match="solution"):
+        PromptBuilder(tiny_tokenizer, teacher_template="{question}")
