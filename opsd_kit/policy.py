@@ -1,0 +1,339 @@
+"""The trained model and its teacher: one set of weights, two roles.
+
+`Policy` holds the causal LM being trained (usually a base model with a LoRA adapter) and
+gives the teacher's computation inside ``with policy.teacher():`` (OPSD_NOTES §1):
+
+- ``"frozen"`` (the paper's setting): the base model with the adapter switched off, so no
+  second copy of the weights exists. It needs LoRA; without it the "frozen" teacher would
+  silently be the live model (pitfall 9), so that combination is refused.
+- ``"live"``: the current weights, without gradients.
+- ``"ema"``: an exponential moving average of the trainable weights, swapped into the
+  trainable parameters for the duration of the context (call `Policy.update_ema` after
+  each optimizer step).
+
+The trainer never asks the model for logits: `Policy.backbone_hidden` returns the final
+hidden states and the loss is computed in chunks through `Policy.head`.
+
+On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight into an
+inference-only layout the first time the layer runs in eval mode without gradients (as a
+teacher or a rollout pass does); training through the layer then fails. `Policy` turns
+that repacking off on every 4-bit layer.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import peft
+import torch
+from peft import PeftModel
+
+from opsd_kit import models
+
+TEACHERS = ("frozen", "live", "ema")
+BACKENDS = ("hf", "unsloth")
+QUANTIZATIONS = (None, "4bit")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings; the defaults are the paper's (OPSD_NOTES §3)."""
+
+    r: int = 64
+    """Rank of the low-rank update."""
+    alpha: int = 128
+    """Scaling numerator: the update is multiplied by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+    """Names of the linear layers that get an adapter (attention and MLP projections)."""
+
+    def to_peft(self) -> peft.LoraConfig:
+        """The equivalent `peft.LoraConfig` for a causal LM."""
+        return peft.LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+
+    @classmethod
+    def from_peft(cls, config: peft.LoraConfig) -> LoraSettings:
+        """Settings read back from a `peft.LoraConfig` (for example a saved adapter's)."""
+        return cls(r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                   target_modules=tuple(sorted(config.target_modules)))
+
+
+PAPER_LORA = LoraSettings()
+
+
+class Policy:
+    """A causal LM being trained, plus its teacher (frozen base, live weights or EMA).
+
+    Build one with `Policy.from_pretrained` (loads by name through `opsd_kit.models`) or
+    from a model already loaded (tests, custom loading). The model is left in train mode.
+
+    Args:
+        model: a transformers causal LM (plain, 4-bit, or already a `peft.PeftModel`).
+        tokenizer: its tokenizer.
+        lora: settings for a new adapter, or ``None`` for full fine-tuning. Ignored when
+            ``model`` is already a `PeftModel`, whose own adapter config is used.
+        teacher: ``"frozen"``, ``"live"`` or ``"ema"``.
+        ema_decay: decay of the EMA teacher, in (0, 1).
+        gradient_checkpointing: recompute activations in the backward pass (non-reentrant).
+        seed: seeds the adapter's random initialisation (the global RNG is left untouched).
+    """
+
+    def __init__(self, model, tokenizer, *, lora: LoraSettings | None = PAPER_LORA,
+                 teacher: str = "frozen", ema_decay: float = 0.999,
+                 gradient_checkpointing: bool = False, seed: int = 0):
+        _check_choice("teacher", teacher, TEACHERS)
+        _check_ema_decay(ema_decay)
+        if isinstance(model, PeftModel):
+            lora = LoraSettings.from_peft(model.peft_config[model.active_adapter])
+        quantized = bool(getattr(model, "is_loaded_in_4bit", False))
+        _check_lora_needed(lora, teacher, quantized)
+        _disable_cpu_repacking(model)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None and not isinstance(model, PeftModel):
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = peft.get_peft_model(model, lora.to_peft())
+        model.train()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lora = lora
+        self.teacher_mode = teacher
+        self.ema_decay = ema_decay
+        self.quantized = quantized
+        self.gradient_checkpointing = gradient_checkpointing
+        self._trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._ema = self._current_trainable_fp32() if teacher == "ema" else None
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, *, dtype: str = "float32", quantization: str | None = None,
+                        lora: LoraSettings | None = PAPER_LORA, adapter: str | Path | None = None,
+                        gradient_checkpointing: bool = False, teacher: str = "frozen",
+                        ema_decay: float = 0.999, backend: str = "hf", device: str | None = None,
+                        seed: int = 0) -> Policy:
+        """Load ``model_name`` (see `opsd_kit.models.resolve_model_path`) and build a policy.
+
+        dtype: weights (and 4-bit compute) dtype. quantization: ``None`` or ``"4bit"`` (NF4,
+        needs LoRA). adapter: a folder written by `save_adapter` to resume; its own config
+        replaces ``lora``. backend: ``"hf"`` (transformers + peft) or ``"unsloth"`` (CUDA
+        only, needs the unsloth package). device: ``None`` picks CUDA when available.
+        """
+        _check_choice("dtype", dtype, DTYPES)
+        _check_choice("quantization", quantization, QUANTIZATIONS)
+        _check_choice("backend", backend, BACKENDS)
+        _check_choice("teacher", teacher, TEACHERS)
+        _check_ema_decay(ema_decay)
+        if adapter is not None and lora is None:
+            raise ValueError("adapter= resumes a LoRA adapter; it cannot be combined with lora=None")
+        _check_lora_needed(lora, teacher, quantization == "4bit")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if backend == "unsloth":
+            if adapter is not None:
+                raise ValueError("adapter= is not supported with backend='unsloth'; use backend='hf'")
+            model = _load_unsloth(model_name, dtype, quantization, lora, gradient_checkpointing, device, seed)
+            return cls(model, models.load_tokenizer(model_name), teacher=teacher, ema_decay=ema_decay,
+                       seed=seed)
+        tokenizer = models.load_tokenizer(model_name)
+        if quantization == "4bit":
+            model = models.load_causal_lm(model_name, dtype=dtype, quantization="4bit",
+                                          device_map={"": device})
+        else:
+            model = models.load_causal_lm(model_name, dtype=dtype).to(device)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        return cls(model, tokenizer, lora=lora, teacher=teacher, ema_decay=ema_decay,
+                   gradient_checkpointing=gradient_checkpointing, seed=seed)
+
+    # ------------------------------------------------------------------------------------
+    # the model's parts
+    @property
+    def config(self):
+        """The base model's transformers config."""
+        return self.causal_lm.config
+
+    @property
+    def causal_lm(self):
+        """The transformers causal LM (inside the `PeftModel` when there is an adapter)."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    @property
+    def head(self) -> torch.nn.Module:
+        """The output embedding (hidden states -> logits)."""
+        return self.causal_lm.get_output_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's input embeddings live (where inputs should go)."""
+        return self.causal_lm.get_input_embeddings().weight.device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates (the LoRA weights, or all with lora=None)."""
+        return [p for _, p in self._trainable]
+
+    def backbone_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]`` (after the final norm), without computing logits.
+
+        Runs the decoder inside the causal LM, so whatever adapter state is active (student,
+        or the teacher inside `teacher`) applies. ``self.head(hidden)`` gives the logits.
+        """
+        decoder = self.causal_lm.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False)
+        return out.last_hidden_state
+
+    # ------------------------------------------------------------------------------------
+    # teacher
+    @contextmanager
+    def teacher(self):
+        """Inside, the model computes as the teacher: no gradients, eval mode, and the
+        frozen / live / EMA weights. Everything (weights, mode) is restored on exit."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._teacher_weights():
+                yield self
+        finally:
+            self.model.train(was_training)
+
+    def _teacher_weights(self):
+        if self.teacher_mode == "frozen":
+            return self.model.disable_adapter()
+        if self.teacher_mode == "ema":
+            return self._ema_weights()
+        return nullcontext()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """``ema = decay * ema + (1 - decay) * current``; call after each optimizer step."""
+        if self._ema is None:
+            raise RuntimeError(f"update_ema() needs teacher='ema' (this policy's teacher is "
+                               f"{self.teacher_mode!r})")
+        for name, p in self._trainable:
+            self._ema[name].lerp_(p.detach().float(), 1.0 - self.ema_decay)
+
+    @contextmanager
+    def _ema_weights(self):
+        saved = [p.detach().clone() for _, p in self._trainable]
+        with torch.no_grad():
+            for name, p in self._trainable:
+                p.copy_(self._ema[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, p), current in zip(self._trainable, saved):
+                    p.copy_(current)
+
+    def extra_state(self) -> dict:
+        """State beyond the adapter that a checkpoint needs (the EMA teacher's weights)."""
+        if self._ema is None:
+            return {}
+        return {"ema_decay": self.ema_decay, "ema": {k: v.detach().cpu().clone() for k, v in self._ema.items()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` returned."""
+        if self._ema is None:
+            if state:
+                raise ValueError(f"checkpoint holds EMA state but this policy's teacher is {self.teacher_mode!r}")
+            return
+        if set(state.get("ema", {})) != set(self._ema):
+            raise ValueError("checkpoint's EMA weights do not match this policy's trainable parameters")
+        for name, value in state["ema"].items():
+            self._ema[name].copy_(value)
+
+    # ------------------------------------------------------------------------------------
+    # adapter I/O
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trainable weights, by parameter name."""
+        return {n: p.detach().cpu().clone() for n, p in self._trainable}
+
+    def save_adapter(self, path: str | Path) -> None:
+        """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors)."""
+        self._require_lora("save_adapter")
+        self.model.save_pretrained(str(path))
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Load adapter weights saved by `save_adapter` (or peft) into this policy's adapter.
+
+        The saved adapter's settings must match this policy's. The EMA teacher, if any,
+        restarts from the loaded weights (`load_extra_state` restores a saved EMA).
+        """
+        self._require_lora("load_adapter")
+        saved = LoraSettings.from_peft(peft.PeftConfig.from_pretrained(str(path)))
+        if saved != LoraSettings.from_peft(self.model.peft_config[self.model.active_adapter]):
+            raise ValueError(f"adapter at {path} has settings {asdict(saved)}, this policy has "
+                             f"{asdict(self.lora)}")
+        weights = peft.utils.load_peft_weights(str(path), device=str(self.device))
+        result = peft.set_peft_model_state_dict(self.model, weights)
+        if result.unexpected_keys:
+            raise ValueError(f"adapter at {path} has unexpected weights: {result.unexpected_keys[:5]}")
+        if self._ema is not None:
+            self._ema = self._current_trainable_fp32()
+
+    def _require_lora(self, what: str) -> None:
+        if self.lora is None:
+            raise ValueError(f"{what}() needs a LoRA adapter; this policy was built with lora=None")
+
+    def _current_trainable_fp32(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().clone() for n, p in self._trainable}
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_ema_decay(ema_decay: float) -> None:
+    if not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}")
+
+
+def _check_lora_needed(lora: LoraSettings | None, teacher: str, quantized: bool) -> None:
+    if lora is not None:
+        return
+    if teacher == "frozen":
+        raise ValueError("teacher='frozen' needs LoRA: the frozen teacher is the base model with the "
+                         "adapter off; use lora=LoraSettings() or teacher='live'")
+    if quantized:
+        raise ValueError("quantization='4bit' needs LoRA: 4-bit base weights cannot be trained; "
+                         "use lora=LoraSettings() or quantization=None")
+
+
+def _disable_cpu_repacking(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see module doc)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _load_unsloth(model_name, dtype, quantization, lora, gradient_checkpointing, device, seed):
+    """Load through unsloth's FastLanguageModel and attach its LoRA (CUDA only)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise RuntimeError(f"backend='unsloth' needs a CUDA GPU (device is {device!r}); use backend='hf'")
+    if lora is None:
+        raise ValueError("backend='unsloth' needs LoRA; use lora=LoraSettings() or backend='hf'")
+    try:
+        from unsloth import FastLanguageModel
+    except ImportError as err:
+        raise RuntimeError("backend='unsloth' needs the unsloth package (pip install unsloth); "
+                           "or use backend='hf'") from err
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=models.resolve_model_path(model_name), dtype=models._torch_dtype(dtype),
+        load_in_4bit=quantization == "4bit",
+    )
+    return FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), bias="none",
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False, random_state=seed,
+    )

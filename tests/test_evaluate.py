@@ -1,0 +1,258 @@
+"""Evaluation: answer extraction, grading equivalences, pass@k, time bounds, evaluate_model."""
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from opsd_kit import evaluate
+from opsd_kit.evaluate import EvalResult, extract_answer, grade_many, is_correct, last_number, pass_at_k
+
+
+def problem(i, answer):
+    return SimpleNamespace(id=f"p{i}", question=f"What is {answer}?", solution=f"It is {answer}.",
+                           answer=answer, source="test")
+
+
+# -- extraction ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    (r"so \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"\boxed{\{1,2\}}", r"\{1,2\}"),
+    (r"first \boxed{1} then \boxed{2}", "2"),
+    (r"\boxed{\frac{\sqrt{2}}{2}}.", r"\frac{\sqrt{2}}{2}"),
+    (r"\fbox{7}", "7"),
+    (r"thus \boxed 5$.", "5"),
+    (r"\boxed{3} and a cut-off \boxed{\frac{1", "3"),
+    (r"\boxed{} but \boxed{9}", "9"),
+    ("work\n#### 1,234\n", "1,234"),
+    ("The answer is 42.", "42"),
+    ("Final answer: 3.5", "3.5"),
+    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", r"\frac{3}{4}"),
+    ("so we get 42", None),
+    (r"\boxed{}", None),
+    ("", None),
+    (None, None),
+    (42, None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_last_number():
+    assert last_number("we get 3 then 1,234.") == "1,234"
+    assert last_number("x = -2.5") == "-2.5"
+    assert last_number("no digits") is None
+    assert last_number(None) is None
+
+
+# -- grading ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("response, gold", [
+    (r"\boxed{1/2}", r"\frac{1}{2}"),
+    (r"\boxed{0.5}", r"\frac{1}{2}"),
+    (r"\boxed{\dfrac{1}{2}}", "0.5"),
+    (r"\boxed{\frac{\sqrt2}{2}}", r"\sqrt{2}/2"),
+    (r"\boxed{\{2, 1\}}", r"\{1,2\}"),
+    (r"\boxed{(0, 1]}", "(0,1]"),
+    (r"\boxed{18.00}", "18"),
+    (r"\boxed{\$18}", "18"),
+    (r"\boxed{18}", "$18$"),
+    (r"\boxed{1,234}", "1234"),
+    ("#### 1234", "1,234"),
+    ("The answer is 42.", "42"),
+    (r"\boxed{10}", r"10\%"),  # percent: 10, 10\% and 0.1 all accepted for a gold 10\%
+    (r"\boxed{0.1}", r"10\%"),
+    (r"\boxed{\text{(B)}}", r"\text{(B)}"),
+])
+def test_equivalent_forms_grade_correct(response, gold):
+    assert is_correct(response, gold)
+
+
+@pytest.mark.parametrize("response, gold", [
+    (r"\boxed{17}", "18"), (r"\boxed{\frac{1}{3}}", "0.5"), (r"\boxed{(0,1)}", "(0,1]"),
+    (r"\boxed{\{1,3\}}", r"\{1,2\}"), ("no answer", "18"), (r"\boxed{18}", ""), (r"\boxed{18}", None),
+    (None, "18"), (b"\\boxed{18}", "18"),
+])
+def test_wrong_or_odd_grades_false(response, gold):
+    assert is_correct(response, gold) is False
+
+
+def test_strict_vs_lenient():
+    assert is_correct("so we get 42", "42", mode="strict") is False
+    assert is_correct("so we get 42", "42", mode="lenient") is True
+    assert is_correct(r"\boxed{41}, or maybe 42", "42", mode="lenient") is False  # the box wins
+    with pytest.raises(ValueError):
+        is_correct("42", "42", mode="loose")
+
+
+def test_numeric_gold_and_string_fallback():
+    assert is_correct(r"\boxed{7}", 7)
+    assert is_correct(r"\boxed{\text{odd}}", r"\text{odd}")
+
+
+def test_pathological_answer_is_cheap_and_false():
+    grades = grade_many([r"\boxed{10^{10^{10^{10}}}}", "\\boxed{9**9**9**9}"], ["42", "42"], timeout_s=2)
+    assert list(grades) == [False, False]
+    assert grades.max_item_seconds < 1.0  # hard caps: sympy never sees these
+
+
+# -- pass@k -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 2, 1, 0.4), (5, 2, 2, 0.7), (5, 0, 3, 0.0), (5, 4, 2, 1.0), (5, 5, 5, 1.0), (1, 1, 1, 1.0),
+    (16, 3, 4, 1 - (13 * 12 * 11 * 10) / (16 * 15 * 14 * 13)),
+])
+def test_pass_at_k(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_large_n_is_stable():
+    assert 0.0 < pass_at_k(10_000, 1, 10) < 1.0
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 6, 1), (5, -1, 1), (5, 2, 6), (5, 2, 0), (0, 0, 1)])
+def test_pass_at_k_rejects_bad_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+# -- time bounds off the main thread (pitfall 6) ------------------------------------------------
+def test_grade_many_from_a_worker_thread():
+    out = {}
+
+    def run():
+        try:
+            out["grades"] = grade_many([r"\boxed{\frac12}", r"\boxed{3}", "garbage", None],
+                                       ["0.5", "4", "1", "1"], timeout_s=5)
+        except BaseException as err:  # noqa: BLE001 - surfaced by the assert below
+            out["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive() and "error" not in out
+    grades = out["grades"]
+    assert list(grades) == [True, False, False, False]
+    assert grades.backend == "processes" and grades.errors == 0 and grades.timeouts == 0
+
+
+def test_is_correct_from_a_worker_thread():
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("ok", is_correct(r"\boxed{2}", "2")))
+    thread.start()
+    thread.join(120)
+    assert out == {"ok": True}
+
+
+def test_overrunning_worker_is_killed_and_replaced(monkeypatch):
+    monkeypatch.setattr(evaluate, "HARD_KILL_GRACE_S", -0.999)  # parent gives up after ~1 ms
+    grades = grade_many([r"\boxed{1}", r"\boxed{2}", r"\boxed{3}"], ["1", "2", "3"], timeout_s=1.0, workers=1)
+    assert list(grades) == [False, False, False]
+    assert grades.timeouts == 3
+
+
+def test_workers_zero_needs_main_thread():
+    out = {}
+
+    def run():
+        try:
+            grade_many(["1"], ["1"], workers=0)
+        except ValueError as err:
+            out["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert "error" in out
+
+
+def test_grade_many_checks_lengths():
+    with pytest.raises(ValueError):
+        grade_many(["1", "2"], ["1"])
+    assert list(grade_many([], [])) == []
+
+
+# -- evaluate_model -----------------------------------------------------------------------------
+SUMMARY_KEYS = {"eval/avg@k", "eval/pass@1", "eval/pass@k", "eval/mean_response_tokens",
+                "eval/max_response_tokens", "eval/truncation_rate", "eval/boxed_rate", "eval/n_problems",
+                "eval/k", "eval/mode", "eval/generated_tokens", "eval/seconds", "eval/grading_timeouts",
+                "eval/grading_errors", "eval/strict/avg@k", "eval/lenient/avg@k"}
+
+
+def test_evaluate_model_on_tiny_model(tiny_model, tiny_tokenizer, tmp_path):
+    from opsd_kit.rollout import GenerationSettings
+
+    problems = [problem(i, str(i)) for i in range(3)]
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.0, n=1, batch_size=8)
+    result = evaluate_model_tiny(tiny_model, tiny_tokenizer, problems, settings)
+    assert SUMMARY_KEYS <= set(result.summary)
+    assert result.summary["eval/k"] == 2 and result.summary["eval/n_problems"] == 3
+    assert result.summary["eval/mode"] == "strict"
+    assert 0.0 <= result.summary["eval/avg@k"] <= 1.0
+    assert result.summary["eval/max_response_tokens"] <= 8
+    assert len(result.table) == 3 and len(result.samples) == 6
+    assert list(result.table["n"]) == [2, 2, 2]
+    assert sorted(result.samples["sample"].tolist()) == [0, 0, 0, 1, 1, 1]
+
+    folder = result.save(tmp_path / "eval")
+    assert {p.name for p in folder.iterdir()} == {"summary.json", "problems.csv", "samples.jsonl"}
+    assert json.loads((folder / "summary.json").read_text()) == result.summary
+    back = EvalResult.load(folder)
+    assert back.summary == result.summary
+    assert list(back.table["id"]) == ["p0", "p1", "p2"]
+    assert list(back.samples["response"]) == list(result.samples["response"])
+
+
+def evaluate_model_tiny(model, tokenizer, problems, settings):
+    return evaluate.evaluate_model(model, tokenizer, problems, settings=settings, k=2, seed=0,
+                                   progress=False, timeout_s=5.0)
+
+
+def test_evaluate_model_grading_end_to_end(monkeypatch, tiny_tokenizer):
+    """A fake generator with known texts: avg@k, pass@k and both modes computed end to end."""
+    from opsd_kit import rollout
+    from opsd_kit.rollout import GenerationSettings, Rollouts
+
+    texts = {  # problem -> its k=4 responses
+        0: [r"\boxed{\frac{1}{2}}", r"\boxed{0.5}", r"\boxed{2}", "so it is 1/2"],  # strict 2/4
+        1: [r"\boxed{7}", "no idea", "it is 3", "The answer is 3."],               # strict 1/4, lenient 2/4
+        2: ["nope", "nope", "nope", r"\boxed{1}"],                                # 0/4
+    }
+    golds = [r"\frac{1}{2}", "3", "5"]
+
+    def fake_generate(model, tokenizer, prompt_ids, settings, *, seed=None, progress=False):
+        assert settings.n == 4 and len(prompt_ids) == 3
+        index = [i for i in range(3) for _ in range(4)]
+        out = [texts[i][j] for i in range(3) for j in range(4)]
+        return Rollouts(prompt_index=index, completion_ids=[[1] * (len(t) % 5 + 1) for t in out],
+                        texts=out, finished=[j != 3 for i in range(3) for j in range(4)], seconds=0.1)
+
+    monkeypatch.setattr(rollout, "generate", fake_generate)
+    problems = [problem(i, g) for i, g in enumerate(golds)]
+    settings = GenerationSettings(n=4)
+    result = evaluate.evaluate_model(None, tiny_tokenizer, problems, settings=settings, progress=False)
+    s = result.summary
+    assert s["eval/k"] == 4
+    assert s["eval/avg@k"] == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
+    assert s["eval/pass@1"] == pytest.approx(s["eval/avg@k"])
+    assert s["eval/pass@k"] == pytest.approx(2 / 3)
+    assert s["eval/lenient/avg@k"] == pytest.approx((3 / 4 + 2 / 4 + 0) / 3)
+    assert s["eval/boxed_rate"] == pytest.approx(6 / 12)
+    assert s["eval/truncation_rate"] == pytest.approx(3 / 12)
+    assert list(result.table["c"]) == [2, 1, 0]
+    assert list(result.table["c_lenient"]) == [3, 2, 0]
+    assert result.table["first_answer"].iloc[0] == r"\frac{1}{2}"
+    assert result.samples["correct"].tolist()[:4] == [True, True, False, False]
+
+    lenient = evaluate.evaluate_model(None, tiny_tokenizer, problems, settings=settings, mode="lenient",
+                                      progress=False)
+    assert lenient.summary["eval/mode"] == "lenient"
+    assert lenient.summary["eval/avg@k"] == pytest.approx(s["eval/lenient/avg@k"])
+
+
+def test_deadline_cuts_sympy_when_caps_are_bypassed(monkeypatch):
+    """Without the hard caps, 10^{10^{10}} reaches sympy: the per-item deadline still ends it."""
+    monkeypatch.setattr(evaluate, "_too_risky", lambda answer: False)
+    grades = grade_many([r"\boxed{10^{10^{10}}}"], ["42"], timeout_s=0.5)
+    assert list(grades) == [False]
+    assert grades.timeouts == 1 and grades.max_item_seconds < 1.5
