@@ -536,7 +536,7 @@ def _synthesise_solution(task: str, entry: Mapping) -> str | None:
 
 
 def load_reasoning_gym(
-    task: str, size: int, seed: int = 0, on_invalid: str = "raise"
+    task: str, size: int, seed: int = 0, on_invalid: str = "raise", **options
 ) -> tuple[list[Problem], LoadReport]:
     r"""``size`` generated problems of a reasoning-gym task, with reference solutions.
 
@@ -545,12 +545,16 @@ def load_reasoning_gym(
     working cannot be reproduced) gets the bare fallback ``The answer is \boxed{X}``, which
     gives the teacher the answer only. ``report.n_fallback_solutions`` counts those.
     Ids are ``f"reasoning_gym/{task}-{seed}-{i}"``, so different seeds never share ids.
+    ``options`` go to the task's config (e.g. ``max_terms=3, max_digits=2`` for chain_sum).
     """
     import reasoning_gym
 
     label = f"reasoning_gym/{task}"
     report = LoadReport(source=label)
-    entries = reasoning_gym.create_dataset(task, size=size, seed=seed)
+    try:
+        entries = reasoning_gym.create_dataset(task, size=size, seed=seed, **options)
+    except (TypeError, ValueError, KeyError, AssertionError) as err:
+        raise DataError(label, None, None, f"cannot create the task with options {options}", str(err)) from err
 
     def rows():
         for i, entry in enumerate(entries):
@@ -576,13 +580,17 @@ def load_source(
     - ``"gsm8k"``, ``"math"`` (train split) or ``"gsm8k:test"``, ``"math:test"``, ``"math500"``
       (test): the built-in sets; ``size`` = deterministic random subset by ``seed``;
     - ``"reasoning_gym:<task>"``, e.g. ``"reasoning_gym:chain_sum"``: ``size`` generated
-      problems (default 1000) with ``seed``;
+      problems (default 1000) with ``seed``; task options follow a ``?``, as in
+      ``"reasoning_gym:chain_sum?max_terms=3&max_digits=2"`` (integers, floats, true/false);
     - anything else: a file, local ``datasets`` folder or hub id for `load_problems`
       (columns found by their usual names); ``size`` = random subset by ``seed``.
     """
     name, _, arg = spec.partition(":")
     if name == "reasoning_gym" and arg:
-        return load_reasoning_gym(arg, size=1000 if size is None else size, seed=seed, on_invalid=on_invalid)
+        task, _, query = arg.partition("?")
+        options = dict(_option(pair, spec) for pair in query.split("&") if pair)
+        return load_reasoning_gym(task, size=1000 if size is None else size, seed=seed, on_invalid=on_invalid,
+                                  **options)
     if name in ("gsm8k", "math", "math500") and not Path(spec).exists():
         split = arg or ("test" if name == "math500" else "train")
         return load_builtin(name, split, limit=size, seed=seed, on_invalid=on_invalid)
@@ -590,6 +598,18 @@ def load_source(
     problems = _subset(problems, size, seed)
     report.n_kept = len(problems)
     return problems, report
+
+
+def _option(pair: str, spec: str) -> tuple[str, object]:
+    key, sep, raw = pair.partition("=")
+    if not sep or not key:
+        raise DataError(spec, None, None, "bad task option", f"expected key=value, got {pair!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(raw.lower(), raw)
 
 
 # --------------------------------------------------------------------------- splits and leakage

@@ -1,0 +1,328 @@
+"""Distillation losses for OPSD (arXiv 2601.18734, notes §2), per token and chunked.
+
+Conventions, used everywhere in this module:
+
+- P = p_T is the teacher (the model conditioned on the reference solution), Q = p_S the
+  student. Both come from logits divided by the same ``temperature`` (the rollout's).
+- Every divergence is computed per position over the vocabulary (the last dim) and is >= 0
+  unless pointwise clipping is on. Gradients flow through the student only: teacher inputs
+  are detached inside every function here, so a teacher tensor that requires grad never
+  receives one.
+- Arithmetic is done in float32 (float64 inputs stay float64), whatever the input dtype.
+- Vocabulary entries with probability 0 contribute 0 (0 * log 0 = 0). Mask entries with a
+  large finite negative logit (``truncate_logits`` does, pitfall 10); ``-inf`` is tolerated
+  (it is floored to the dtype's most negative finite value), but if one side puts mass where
+  the other has none the divergence is infinite by definition and its gradient is not usable.
+
+Normalisation: sum over completion tokens of the whole optimizer step / their count; a
+per-micro-batch mean is wrong under gradient accumulation (TRL #4719). ``chunked_divergence``
+therefore returns a *sum* over the micro-batch's completion tokens; the trainer divides by the
+step's total completion-token count. ``sampled_token_loss`` takes that count as ``normalizer``.
+
+Memory: ``chunked_divergence`` and ``chunked_token_logprobs`` start from hidden states and the
+output layer, and work along the sequence in chunks under activation checkpointing, so no
+[B, T, V] logits tensor exists in forward or backward; each chunk's logits are recomputed in
+backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+#: The logit given to entries outside a truncated support: finite, so no inf - inf = NaN.
+MASKED_LOGIT = -1e9
+
+
+def _check_divergence_args(kind: str, beta: float, temperature: float, clip: float | None) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip (tau) must be > 0 or None, got {clip}")
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32, or as itself when it is already float32/float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _log_probs(logits_V: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) over the last dim, upcast; -inf floored to finite."""
+    scaled_V = _upcast(logits_V) / temperature
+    return torch.log_softmax(scaled_V.clamp(min=torch.finfo(scaled_V.dtype).min), dim=-1)
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _contributions(logp_V: torch.Tensor, logq_V: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Each vocabulary entry's term l_v of the divergence (notes §2); they sum to it.
+
+    forward_kl: P(v) (log P(v) - log Q(v)); reverse_kl: Q(v) (log Q(v) - log P(v));
+    jsd: beta P(v) (log P(v) - log M(v)) + (1 - beta) Q(v) (log Q(v) - log M(v)) with
+    M = beta P + (1 - beta) Q mixed in probability space: log M = logaddexp(log P + log beta,
+    log Q + log(1 - beta)). At beta = 0 or 1, log M equals log Q or log P exactly, so the
+    value is 0: continuous in beta, no special case.
+    """
+    if kind == "forward_kl":
+        return logp_V.exp() * (logp_V - logq_V)
+    if kind == "reverse_kl":
+        return logq_V.exp() * (logq_V - logp_V)
+    logm_V = torch.logaddexp(logp_V + _log(beta), logq_V + _log(1.0 - beta))
+    return beta * logp_V.exp() * (logp_V - logm_V) + (1.0 - beta) * logq_V.exp() * (logq_V - logm_V)
+
+
+def per_token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """Divergence between teacher P and student Q at every position: [..., V] -> [...].
+
+    ``kind``: ``"forward_kl"`` KL(P || Q) (the paper's v3 default), ``"reverse_kl"``
+    KL(Q || P), or ``"jsd"`` the generalised Jensen-Shannon divergence
+    beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q (notes §2; 0 at
+    beta = 0 and 1). ``clip = tau`` is the paper's v3 pointwise clipping: sum_v min(l_v, tau)
+    over the entries' contributions l_v (see ``_contributions``); negative entries are not
+    clipped from below, so a clipped loss can be negative, and clipped entries get no gradient.
+    The teacher is detached. Returns float32 (float64 for float64 inputs).
+    """
+    _check_divergence_args(kind, beta, temperature, clip)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} "
+            f"vs {tuple(teacher_logits.shape)}"
+        )
+    logq_V = _log_probs(student_logits, temperature)
+    logp_V = _log_probs(teacher_logits.detach(), temperature)
+    contrib_V = _contributions(logp_V, logq_V, kind, beta)
+    if clip is not None:
+        contrib_V = contrib_V.clamp(max=clip)
+    return contrib_V.sum(dim=-1)
+
+
+def truncate_logits(
+    logits: torch.Tensor,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    reference: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``logits`` with entries outside the top-k / top-p set of ``reference`` set to MASKED_LOGIT.
+
+    The kept set is what a sampler with these settings draws from (pitfall 5): top-k on
+    ``reference`` (default ``logits``; ties with the k-th value are kept, as in HF generate),
+    then the nucleus of softmax(reference / temperature) restricted to that set: the
+    highest-probability tokens until their mass reaches ``top_p`` (the token that crosses it
+    is kept). ``temperature`` only matters for top-p; pass the sampling temperature.
+    ``top_p = 1`` or ``None`` disables the nucleus. Masking is finite (pitfall 10), in the
+    dtype of ``logits``; gradients of the masked entries are 0.
+
+    For a loss on the truncated distribution, truncate both roles with the student as
+    reference: ``per_token_divergence(truncate_logits(s, k, p, s), truncate_logits(t, k, p, s))``.
+    """
+    reference = logits if reference is None else reference
+    if reference.shape != logits.shape:
+        raise ValueError(f"reference shape {tuple(reference.shape)} != logits shape {tuple(logits.shape)}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] or None, got {top_p}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    ref_V = _upcast(reference.detach()) / temperature
+    keep_V = torch.ones_like(ref_V, dtype=torch.bool)
+    if top_k is not None and top_k < ref_V.shape[-1]:
+        kth_1 = ref_V.topk(top_k, dim=-1).values[..., -1:]
+        keep_V = ref_V >= kth_1
+    if top_p is not None and top_p < 1.0:
+        probs_V = torch.softmax(ref_V.masked_fill(~keep_V, -math.inf), dim=-1)
+        sorted_V, order_V = probs_V.sort(dim=-1, descending=True)
+        mass_before_V = sorted_V.cumsum(dim=-1) - sorted_V
+        in_nucleus_V = torch.zeros_like(keep_V).scatter(-1, order_V, mass_before_V < top_p)
+        keep_V = keep_V & in_nucleus_V
+    masked_value = max(MASKED_LOGIT, torch.finfo(logits.dtype).min)
+    return logits.masked_fill(~keep_V, masked_value)
+
+
+def topk_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """``per_token_divergence`` with both distributions renormalised over the teacher's top-k.
+
+    The k vocabulary entries with the largest teacher logits are gathered from both roles and
+    the divergence is taken over those k logits only (notes §2, "top-k variant"). [..., V] -> [...].
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} "
+            f"vs {tuple(teacher_logits.shape)}"
+        )
+    if not 1 <= k <= student_logits.shape[-1]:
+        raise ValueError(f"k must lie in [1, V={student_logits.shape[-1]}], got {k}")
+    teacher_logits = teacher_logits.detach()
+    top_K = teacher_logits.topk(k, dim=-1).indices
+    return per_token_divergence(
+        student_logits.gather(-1, top_K), teacher_logits.gather(-1, top_K), kind, beta, temperature, clip
+    )
+
+
+def sampled_token_loss(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    clamp: float | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Policy-gradient form on the sampled tokens (notes §2, "sampled-token variant").
+
+    a_n = log p_T(y_n) - log p_S(y_n), detached and optionally clamped to [-clamp, clamp]
+    (rLLM uses 5); the loss is sum_n mask_n * (-a_n log p_S(y_n)) / normalizer. Minimising it
+    raises log p_S where the teacher likes the token more than the student (a_n > 0): its
+    gradient is the single-sample estimate of the reverse-KL gradient. Its value is not a
+    divergence. ``normalizer`` defaults to the mask's token count; pass the whole optimizer
+    step's completion-token count under gradient accumulation. Padded positions contribute
+    nothing and get zero gradient, even if their log-probs are -inf.
+    """
+    if student_logprobs.shape != teacher_logprobs.shape or student_logprobs.shape != mask.shape:
+        raise ValueError(
+            f"shapes differ: student {tuple(student_logprobs.shape)}, teacher "
+            f"{tuple(teacher_logprobs.shape)}, mask {tuple(mask.shape)}"
+        )
+    if clamp is not None and not clamp > 0:
+        raise ValueError(f"clamp must be > 0 or None, got {clamp}")
+    if normalizer is not None and not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0 or None, got {normalizer}")
+    mask = mask.bool()
+    student_logprobs = _upcast(student_logprobs)
+    advantage = torch.where(mask, _upcast(teacher_logprobs.detach()) - student_logprobs.detach(), 0.0)
+    if clamp is not None:
+        advantage = advantage.clamp(-clamp, clamp)
+    per_token = torch.where(mask, -advantage * student_logprobs, 0.0)
+    count = mask.sum().clamp(min=1) if normalizer is None else normalizer
+    return per_token.sum() / count
+
+
+def chunked_divergence(
+    student_hidden_BTH: torch.Tensor,
+    teacher_hidden_BTH: torch.Tensor,
+    head: torch.nn.Module,
+    mask_BT: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    top_k_support: int | None = None,
+    truncate: tuple[int | None, float | None] | None = None,
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked sum of per-token divergences computed from hidden states, chunk by chunk along T.
+
+    Equals ``per_token_divergence(head(student_hidden), head(teacher_hidden), ...)`` summed over
+    positions where ``mask_BT`` is true, without ever holding a [B, T, V] logits tensor: each
+    chunk's (head -> logits -> divergence -> masked sum) runs under non-reentrant activation
+    checkpointing, so only hidden states are kept and logits are recomputed in backward.
+    ``head`` is the output layer (``model.get_output_embeddings()``); the teacher's logits are
+    computed under no_grad and its hidden states are detached.
+
+    Support: the full vocabulary by default; ``top_k_support = k`` renormalises both roles over
+    the teacher's top-k (``topk_divergence``); ``truncate = (top_k, top_p)`` restricts both to
+    the student's sampling support (``truncate_logits`` with the student as reference).
+
+    Returns ``(loss_sum, per_token_BT)``: loss_sum is a differentiable scalar (float32, float64
+    for float64 inputs) to be divided by the optimizer step's completion-token count;
+    per_token_BT holds the detached divergences, 0 where the mask is false.
+    """
+    _check_divergence_args(kind, beta, temperature, clip)
+    if student_hidden_BTH.shape != teacher_hidden_BTH.shape:
+        raise ValueError(
+            f"student and teacher hidden states differ in shape: {tuple(student_hidden_BTH.shape)} "
+            f"vs {tuple(teacher_hidden_BTH.shape)}"
+        )
+    if mask_BT.shape != student_hidden_BTH.shape[:2]:
+        raise ValueError(f"mask shape {tuple(mask_BT.shape)} != [B, T] {tuple(student_hidden_BTH.shape[:2])}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if top_k_support is not None and truncate is not None:
+        raise ValueError("choose one support: top_k_support or truncate, not both")
+
+    def chunk_loss(student_BCH, teacher_BCH, mask_BC):
+        student_BCV = head(student_BCH)
+        with torch.no_grad():
+            teacher_BCV = head(teacher_BCH)
+        if truncate is not None:
+            reference_BCV = student_BCV.detach()
+            student_BCV = truncate_logits(student_BCV, *truncate, reference=reference_BCV, temperature=temperature)
+            teacher_BCV = truncate_logits(teacher_BCV, *truncate, reference=reference_BCV, temperature=temperature)
+        if top_k_support is not None:
+            div_BC = topk_divergence(student_BCV, teacher_BCV, top_k_support, kind, beta, temperature, clip)
+        else:
+            div_BC = per_token_divergence(student_BCV, teacher_BCV, kind, beta, temperature, clip)
+        div_BC = torch.where(mask_BC, div_BC, 0.0)
+        return div_BC.sum(), div_BC.detach()
+
+    teacher_hidden_BTH = teacher_hidden_BTH.detach()
+    mask_BT = mask_BT.bool()
+    loss_sum = student_hidden_BTH.new_zeros((), dtype=torch.promote_types(student_hidden_BTH.dtype, torch.float32))
+    per_token_chunks = []
+    for start in range(0, student_hidden_BTH.shape[1], chunk_size):
+        span = slice(start, start + chunk_size)
+        chunk_sum, chunk_BC = checkpoint(
+            chunk_loss, student_hidden_BTH[:, span], teacher_hidden_BTH[:, span], mask_BT[:, span],
+            use_reentrant=False,
+        )
+        loss_sum = loss_sum + chunk_sum
+        per_token_chunks.append(chunk_BC)
+    return loss_sum, torch.cat(per_token_chunks, dim=1)
+
+
+def chunked_token_logprobs(
+    hidden_BTH: torch.Tensor,
+    head: torch.nn.Module,
+    targets_BT: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[target] at every position: [B, T].
+
+    Float32 (float64 for float64 inputs). Chunked along T under activation checkpointing like ``chunked_divergence``, so no
+    [B, T, V] tensor is held; gradients flow to ``hidden_BTH`` and the head's parameters.
+    Every target must be a valid vocabulary index (put any id at padded positions and mask
+    the result). Used by GRPO, SFT and the sampled-token mode.
+    """
+    if targets_BT.shape != hidden_BTH.shape[:2]:
+        raise ValueError(f"targets shape {tuple(targets_BT.shape)} != [B, T] {tuple(hidden_BTH.shape[:2])}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    def chunk_logprobs(hidden_BCH, targets_BC):
+        logits_BCV = _upcast(head(hidden_BCH)) / temperature
+        return logits_BCV.gather(-1, targets_BC.unsqueeze(-1)).squeeze(-1) - logits_BCV.logsumexp(dim=-1)
+
+    pieces_BC = [
+        checkpoint(chunk_logprobs, hidden_BTH[:, s:s + chunk_size], targets_BT[:, s:s + chunk_size],
+                   use_reentrant=False)
+        for s in range(0, hidden_BTH.shape[1], chunk_size)
+    ]
+    return torch.cat(pieces_BC, dim=1)
