@@ -623,6 +623,7 @@ def evaluate_model(model, tokenizer, problems, *, builder=None, settings, k: int
             "answer_strict": answers_strict[r], "answer_lenient": _answer_for(rollouts.texts[r], "lenient"),
             "correct_strict": bool(strict[r]), "correct_lenient": bool(lenient[r]),
             "tokens": len(rollouts.completion_ids[r]), "finished": bool(rollouts.finished[r]),
+            "completion_ids": list(rollouts.completion_ids[r]),
         })
         rows_of[pi].append(r)
     samples = pd.DataFrame(rows)

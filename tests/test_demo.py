@@ -1,0 +1,48 @@
+"""The main job on the tiny profile: notebooks 00-04 under papermill, end to end (CI)."""
+import json
+
+import pandas as pd
+import pytest
+
+from opsd_kit.demo import NOTEBOOKS, run_demo
+from opsd_kit.study import tokens_to_equal_accuracy
+
+
+@pytest.mark.slow
+def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path):
+    summary = run_demo("tiny", tmp_path)
+    assert list(summary["notebook_seconds"]) == list(NOTEBOOKS)
+    for name in NOTEBOOKS:
+        assert (tmp_path / f"{name}.ipynb").is_file()
+    for method in ("opsd", "grpo", "sft"):
+        assert (tmp_path / method / "adapter" / "adapter_config.json").is_file()
+    diag = json.loads((tmp_path / "opsd" / "diagnostics.json").read_text())
+    assert 0 <= diag["gap"]["gap/teacher_accuracy"] <= 1 and diag["gap"]["gap/divergence_mean"] >= 0
+    points = pd.read_csv(tmp_path / "study" / "points.csv")
+    assert set(points["method"]) == {"opsd", "grpo", "sft"}
+    assert (points.loc[points["method"] == "sft", "generated_tokens"] == 0).all()
+    assert points.loc[points["method"] == "grpo", "generated_tokens"].max() > \
+        points.loc[points["method"] == "opsd", "generated_tokens"].max()  # G rollouts per problem vs 1
+    assert summary["mode"] == "lenient" and "tokens_to_equal_accuracy" in summary
+    assert (tmp_path / "study" / "token_efficiency.png").is_file()
+
+
+def _points(rows):
+    return pd.DataFrame(rows, columns=["method", "step", "generated_tokens", "lenient/avg@k"])
+
+
+def test_tokens_to_equal_accuracy_by_hand():
+    points = _points([
+        ("opsd", 0, 0, 0.10), ("opsd", 4, 100, 0.30), ("opsd", 8, 200, 0.40),
+        ("grpo", 0, 0, 0.10), ("grpo", 4, 800, 0.20), ("grpo", 8, 1600, 0.35),
+    ])
+    out = tokens_to_equal_accuracy(points, mode="lenient")
+    assert out["target_accuracy"] == 0.35  # the best accuracy both reached
+    assert (out["tokens_opsd"], out["tokens_grpo"]) == (200, 1600)
+    assert out["ratio"] == 8.0
+
+
+def test_tokens_to_equal_accuracy_without_improvement_says_why():
+    points = _points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.1), ("grpo", 0, 0, 0.2), ("grpo", 4, 800, 0.3)])
+    out = tokens_to_equal_accuracy(points, mode="lenient")
+    assert out["ratio"] is None and "no common improvement" in out["reason"]
