@@ -16,16 +16,18 @@ _LAZY = {
     "Problem": "data", "load_problems": "data", "load_builtin": "data",
     "split_problems": "data", "check_leakage": "data",
     # prompts
-    "PromptBuilder": "prompts",
+    "PromptBuilder": "prompts", "build_batch": "prompts",
     # losses
     "per_token_divergence": "losses", "sampled_token_loss": "losses",
     "topk_divergence": "losses", "chunked_divergence": "losses",
     # evaluation
     "extract_answer": "evaluate", "is_correct": "evaluate", "pass_at_k": "evaluate",
-    "evaluate_model": "evaluate",
+    "evaluate_model": "evaluate", "grade_many": "evaluate", "EvalResult": "evaluate",
+    # rollouts
+    "GenerationSettings": "rollout", "generate": "rollout",
     # training
     "TrainConfig": "config", "load_profile": "config",
-    "Policy": "policy", "train": "trainer",
+    "Policy": "policy", "LoraSettings": "policy", "train": "trainer", "Trainer": "trainer",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
