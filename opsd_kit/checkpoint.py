@@ -1,5 +1,7 @@
 """Atomic checkpoints: written under a temporary name, completed by a marker file, then
-renamed. A folder without the marker (a write killed half-way) is never loaded.
+renamed. A folder without the marker (a write killed half-way) is never loaded. Folders are
+deleted by first renaming them out of the checkpoint namespace (to ``.trash-*``), so a
+deletion killed half-way never leaves a marked folder with missing files behind.
 
 A checkpoint holds the adapter (peft format), the optimizer and scheduler states, the RNG
 states, the token ledger, the policy's extra state (EMA weights) and the step.
@@ -56,15 +58,35 @@ def save_checkpoint(run_dir, step: int, *, policy, optimizer, scheduler, ledger,
     }, tmp / "trainer_state.pt")
     (tmp / _DONE).write_text(str(step))
     _fsync_dir(tmp)
-    if final.exists():  # a stale copy of the same step (e.g. from a run resumed earlier)
-        shutil.rmtree(final)
+    if final.exists():  # a stale copy of the same step (e.g. saved again on Ctrl-C)
+        _discard(final)
     os.rename(tmp, final)
     _fsync_dir(folder)
     for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in folder.glob(".step-*"):  # temporaries of writes that were killed
+        _discard(old)
+    for stale in [*folder.glob(".step-*"), *folder.glob(".trash-*")]:  # left by killed writes or deletions
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def remove_checkpoints(run_dir) -> int:
+    """Delete every checkpoint of ``run_dir`` (a fresh run must never resume from an older
+    run's checkpoints); return how many complete ones there were."""
+    folder = checkpoint_dir(run_dir)
+    found = complete_checkpoints(run_dir)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _NAME.match(path.name):
+                _discard(path)
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(found)
+
+
+def _discard(path: Path) -> None:
+    """Rename ``path`` out of the checkpoint namespace (atomic), then delete it."""
+    trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=path.parent))
+    os.rename(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_trainer_state(path: Path) -> dict:

@@ -159,6 +159,7 @@ class TrainConfig:
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the key and the allowed values; return self."""
+        self._check_types()
         choices = {
             "algorithm": ALGORITHMS, "divergence": DIVERGENCES, "teacher": TEACHERS,
             "lr_schedule": SCHEDULES, "dtype": ("float32", "bfloat16", "float16"),
@@ -210,12 +211,35 @@ class TrainConfig:
             raise ConfigError("kl_coef is GRPO's KL penalty; it has no meaning for algorithm='opsd'")
         return self
 
+    def _check_types(self) -> None:
+        """Each field holds a value of its annotated type (ints are accepted as floats, a list
+        as a tuple; a bool is never a number)."""
+        for f in dataclasses.fields(self):
+            names = [t.strip() for t in str(f.type).split("|")]
+            value = getattr(self, f.name)
+            ok = any(isinstance(value, _TYPES[t]) for t in names)
+            if isinstance(value, bool) and "bool" not in names:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{f.name}={value!r} has type {type(value).__name__}; it must be "
+                                  f"{' or '.join(names)}")
+
     def check_world(self, world_size: int) -> int:
         """Problems each process handles per step; raise if the batch does not divide."""
         if self.problems_per_step % world_size:
             raise ConfigError(f"problems_per_step={self.problems_per_step} does not divide over "
-                              f"{world_size} processes")
+                              f"{world_size} processes; it must be a multiple of {world_size}")
         return self.problems_per_step // world_size
+
+    def check_context(self, context_length: int | None, source: str = "the model config") -> None:
+        """The longest sequence a step builds (a prompt of max_prompt_tokens followed by a
+        completion of max_new_tokens) must fit the model's context; ``None`` skips the check."""
+        total = self.max_prompt_tokens + self.max_new_tokens
+        if context_length is not None and total > context_length:
+            raise ConfigError(
+                f"max_prompt_tokens={self.max_prompt_tokens} + max_new_tokens={self.max_new_tokens} = {total} "
+                f"exceeds the model's context of {context_length} tokens ({source}); lower them so that "
+                f"max_prompt_tokens + max_new_tokens <= {context_length}")
 
     @property
     def effective_loss_temperature(self) -> float:
@@ -239,6 +263,9 @@ class TrainConfig:
         clean = {k: tuple(v) if isinstance(known[k].default, tuple) and isinstance(v, list) else v
                  for k, v in values.items()}
         return cls(**clean).validate()
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None), "tuple": (tuple, list)}
 
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,12 +57,16 @@ class Trainer:
 
         from .checkpoint import seed_everything
 
+        # Every check of the configuration runs before the model's weights load.
         self.config = config.validate()
+        config.check_context(*_context_length(config, policy))
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.local_problems_per_step = config.check_world(self.accelerator.num_processes)
         self.problems = problems if problems is not None else _load_train_problems(config)
         if not self.problems:
-            raise ValueError(f"train_data={config.train_data!r} gave no problems: the dataset is empty")
+            source = "problems=[]" if problems is not None else f"train_data={config.train_data!r}"
+            raise ConfigError(f"{source} gave no problems: the dataset is empty; train_data must name a "
+                              "source with at least one valid problem")
         seed_everything(config.seed)
         self.run_dir = Path(config.run_dir)
         self.policy = policy or _load_policy(config, self.accelerator.device)
@@ -121,6 +125,13 @@ class Trainer:
         resume_from = latest_checkpoint(self.run_dir) if cfg.resume else None
         if resume_from is not None:
             self._restore(resume_from)
+        elif self.is_main:  # a fresh run: an older run's checkpoints must never be resumed into it
+            from .checkpoint import remove_checkpoints
+
+            if remove_checkpoints(self.run_dir) and cfg.progress:
+                print(f"Fresh run in {self.run_dir}: removed the previous run's checkpoints "
+                      "(resume=True continues a run instead).")
+        self.accelerator.wait_for_everyone()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
@@ -130,12 +141,14 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.algorithm,
                    disable=not (cfg.progress and self.is_main))
         nonfinite_in_a_row, last, interrupted = 0, {}, False
+        ledger_done = self.ledger.state_dict()  # the counts after self.step complete steps
         start = time.perf_counter()
         try:
             while self.step < cfg.max_steps:
                 metrics = self._optimizer_step()
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["train/skipped_nonfinite"] else 0
                 self.step += 1
+                ledger_done = self.ledger.state_dict()
                 metrics.update(step=self.step, **self.ledger.metrics())
                 metrics["time/elapsed"] = round(time.perf_counter() - start, 3)
                 logger.log(metrics)
@@ -153,14 +166,14 @@ class Trainer:
                     self._save()
         except KeyboardInterrupt:
             interrupted = True
-            self.optimizer.zero_grad(set_to_none=True)
+            self._rewind_partial_step(ledger_done)
             self._save()
             if self.is_main:
                 print(f"Interrupted: checkpoint saved at step {self.step} in {self.run_dir}; "
                       "rerun with resume=True to continue.")
         except Exception as err:
             if _is_oom(err):
-                self.optimizer.zero_grad(set_to_none=True)
+                self._rewind_partial_step(ledger_done)
                 self._save()
                 raise OutOfMemoryStop(
                     f"out of memory at step {self.step + 1} ({err}). A checkpoint of step {self.step} was saved. "
@@ -223,6 +236,16 @@ class Trainer:
             metrics[f"time/{name}"] = round(total - before.get(name, 0.0), 4)
         return metrics
 
+    def _rewind_partial_step(self, ledger_done: dict) -> None:
+        """Forget a step stopped half-way (its gradients and the tokens it booked), so that the
+        checkpoint is the state after ``self.step`` complete steps and a resume recounts nothing."""
+        from .ledger import TokenLedger
+
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = self.ledger.seconds  # time spent is real; only the counts are rewound
+        self.ledger = TokenLedger.from_state_dict(ledger_done)
+        self.ledger.seconds = seconds
+
     # -------------------------------------------------------------------------------------
     def _save(self) -> None:
         from .checkpoint import save_checkpoint
@@ -275,6 +298,28 @@ def _is_oom(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+
+
+def _context_length(cfg: TrainConfig, policy=None) -> tuple[int | None, str]:
+    """The model's context length and where it was read, from the loaded policy or from the
+    model's config file (cheap: no weights load). ``None`` when it cannot be read here."""
+    if policy is not None:
+        model_config, where = policy.model.config, "the policy's model config"
+    else:
+        from transformers import AutoConfig
+
+        from .models import resolve_model_path
+
+        try:
+            model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model))
+        except (OSError, ValueError):  # not reachable here: loading the weights will say why
+            return None, ""
+        where = f"config of model {cfg.model!r}"
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value, f"{key} in the {where}"
+    return None, ""
 
 
 def _load_train_problems(cfg: TrainConfig):

@@ -119,3 +119,26 @@ def test_bad_mode_names_are_rejected(tmp_path):
         load_problems(path, on_invalid="ignore")
     with pytest.raises(ValueError, match="unknown Problem fields"):
         load_problems(path, fields={"prompt": "question"})
+
+
+def test_row_that_is_not_an_object(tmp_path):
+    path = _jsonl(tmp_path, [_row(0), b"[1, 2]\n"])
+    with pytest.raises(DataError, match=r"row 1, .*not a JSON object"):
+        load_problems(path)
+
+
+@pytest.mark.parametrize("rows, row, field", [
+    ([_row(0), b'{"id": "r1", "question": "What is 3+'], 1, "question"),  # truncated
+    ([_row(0), _row(1, solution="no box")], 1, "answer"),  # unparseable answer
+    ([_row(0), _row(1, id="r0")], 1, "id"),  # duplicate id
+])
+def test_trainer_given_bad_train_data_fails_with_the_data_error_before_the_model_loads(
+        tmp_path, no_model_loads, rows, row, field):
+    from _faults import tiny_config
+
+    from opsd_kit.trainer import Trainer
+
+    path = _jsonl(tmp_path, rows)
+    with pytest.raises(DataError) as info:
+        Trainer(tiny_config(tmp_path / "run", train_data=str(path)))
+    assert str(path) in str(info.value) and f"row {row}," in str(info.value) and info.value.field == field

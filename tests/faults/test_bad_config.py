@@ -1,0 +1,132 @@
+"""Bad configuration: every invalid setting fails before any model loads (the `no_model_loads`
+fixture fails the test if weights load), with a ConfigError naming the key and what is allowed."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from _faults import tiny_config
+
+from opsd_kit.config import ConfigError, TrainConfig, load_profile
+from opsd_kit.trainer import Trainer
+
+# (overrides, fragments the message must contain: the key and the allowed values)
+BAD = [
+    ({"lerning_rate": 1e-3}, ["'lerning_rate'", "did you mean 'learning_rate'"]),
+    ({"jsd_bta": 0.5}, ["'jsd_bta'", "did you mean 'jsd_beta'"]),
+    ({"jsd_beta": 1.5}, ["jsd_beta=1.5", "in [0, 1]"]),
+    ({"jsd_beta": -0.1}, ["jsd_beta=-0.1", "in [0, 1]"]),
+    ({"clip_tau": 0.0}, ["clip_tau=0.0", "None or > 0"]),
+    ({"clip_tau": -0.05}, ["clip_tau=-0.05", "None or > 0"]),
+    ({"teacher": "frozen", "use_lora": False}, ["teacher='frozen'", "use_lora=True", "teacher='live'"]),
+    ({"rollout_backend": "vllm", "quantization": "4bit"}, ["rollout_backend='vllm'", "quantization", "'hf'"]),
+    ({"divergence": "kl"}, ["divergence='kl'", "forward_kl", "reverse_kl", "jsd"]),
+    ({"teacher": "ema2"}, ["teacher='ema2'", "frozen", "live", "ema"]),
+    ({"micro_batch_size": 0}, ["micro_batch_size", ">= 1"]),
+    ({"problems_per_step": -4}, ["problems_per_step", ">= 1"]),
+    ({"max_new_tokens": 0}, ["max_new_tokens", ">= 1"]),
+    ({"jsd_beta": "0.5"}, ["jsd_beta='0.5'", "float"]),  # a string from a config file or --set
+    ({"max_steps": 2.5}, ["max_steps=2.5", "int"]),
+    ({"use_lora": "yes"}, ["use_lora='yes'", "bool"]),
+    ({"learning_rate": 0.0}, ["learning_rate=0.0", "> 0"]),
+    ({"temperature": 0}, ["temperature=0", "> 0"]),
+    ({"trackers": ["mlflow"]}, ["trackers", "'mlflow'", "tensorboard", "wandb"]),
+    ({"max_nonfinite_steps": 0}, ["max_nonfinite_steps", ">= 1"]),
+]
+
+
+def _ids(case):
+    return "-".join(f"{k}={v}" for k, v in case[0].items())
+
+
+@pytest.mark.parametrize("overrides, fragments", BAD, ids=[_ids(c) for c in BAD])
+def test_invalid_config_fails_naming_key_and_allowed_values(overrides, fragments, no_model_loads):
+    with pytest.raises(ConfigError) as info:
+        load_profile("tiny", **overrides)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+KNOWN_KEYS = [c for c in BAD if "lerning_rate" not in c[0] and "jsd_bta" not in c[0]]
+
+
+@pytest.mark.parametrize("overrides, fragments", KNOWN_KEYS, ids=[_ids(c) for c in KNOWN_KEYS])
+def test_trainer_revalidates_a_config_changed_after_loading(tmp_path, overrides, fragments, no_model_loads):
+    cfg = tiny_config(tmp_path)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_unknown_key_from_the_command_line_and_from_a_file(no_model_loads):
+    from opsd_kit.cli import main
+
+    with pytest.raises(ConfigError, match="unknown config key 'max_step'; did you mean 'max_steps'"):
+        main(["train", "--profile", "tiny", "--set", "max_step=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'betaa'"):
+        TrainConfig.from_dict(json.loads('{"algorithm": "opsd", "betaa": 0.5}'))
+
+
+def test_lengths_over_the_models_context_fail_before_the_weights_load(tmp_path, no_model_loads):
+    # The tiny model's max_position_embeddings is 2048; read from its config file, not its weights.
+    with pytest.raises(ConfigError) as info:
+        Trainer(tiny_config(tmp_path, max_prompt_tokens=2040, max_new_tokens=16))
+    message = str(info.value)
+    for fragment in ("max_prompt_tokens=2040", "max_new_tokens=16", "2056", "2048", "max_position_embeddings"):
+        assert fragment in message, message
+    for algorithm in ("grpo", "sft"):
+        with pytest.raises(ConfigError, match="exceeds the model's context of 2048"):
+            Trainer(tiny_config(tmp_path, algorithm, max_prompt_tokens=1024, max_new_tokens=1025))
+
+
+def test_lengths_that_fit_exactly_are_accepted():
+    cfg = load_profile("tiny", max_prompt_tokens=2036, max_new_tokens=12)
+    cfg.check_context(2048)
+    with pytest.raises(ConfigError):
+        cfg.check_context(2047)
+    cfg.check_context(None)  # unknown context: no check
+
+
+def test_context_is_read_from_a_given_policy(tmp_path):
+    from opsd_kit.trainer import _context_length
+
+    trainer = Trainer(tiny_config(tmp_path, max_steps=1))
+    assert _context_length(trainer.config, trainer.policy)[0] == 2048
+    with pytest.raises(ConfigError, match="2048"):
+        Trainer(tiny_config(tmp_path, max_prompt_tokens=2048), policy=trainer.policy)
+
+
+def test_empty_dataset_fails_before_the_model_loads(tmp_path, no_model_loads):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"train_data='.*empty.jsonl' gave no problems: the dataset is empty"):
+        Trainer(tiny_config(tmp_path, train_data=str(empty)))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n   \n")
+    with pytest.raises(ConfigError, match="the dataset is empty"):
+        Trainer(tiny_config(tmp_path, train_data=str(blank)))
+    with pytest.raises(ConfigError, match=r"problems=\[\] gave no problems"):
+        Trainer(tiny_config(tmp_path), problems=[])
+
+
+def test_batch_that_does_not_divide_over_processes_fails_before_the_model_loads(tmp_path, no_model_loads):
+    two_processes = SimpleNamespace(num_processes=2, process_index=0, is_main_process=True,
+                                    device=SimpleNamespace(type="cpu"))
+    with pytest.raises(ConfigError) as info:
+        Trainer(tiny_config(tmp_path, problems_per_step=3), accelerator=two_processes)
+    assert "problems_per_step=3" in str(info.value) and "multiple of 2" in str(info.value)
+
+
+def test_every_profile_passes_the_context_check():
+    """The shipped profiles fit their models (checked against the known context lengths)."""
+    contexts = {"tiny": 2048, "smollm2-135m-instruct": 8192, "Qwen/Qwen3-1.7B": 40960}
+    from opsd_kit.config import profile_names
+
+    for name in profile_names():
+        for algorithm in ("opsd", "grpo", "sft"):
+            cfg = load_profile(name, algorithm)
+            cfg.check_context(contexts[cfg.model])
