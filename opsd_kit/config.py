@@ -292,7 +292,7 @@ _PROFILES: dict[str, dict] = {
                      num_iterations=1, save_every=4, keep_checkpoints=10, generation_batch_size=32,
                      loss_chunk_size=64),
     # The paper's v3 settings (Qwen3-1.7B, QLoRA 4-bit). Needs a GPU.
-    "paper": dict(model="Qwen/Qwen3-1.7B", dtype="bfloat16", quantization="4bit", train_data="openthoughts-math",
+    "paper": dict(model="Qwen/Qwen3-1.7B", dtype="bfloat16", quantization="4bit", train_data="siyanzhao/Openthoughts_math_30k_opsd",
                   train_size=29_400, eval_data="math500", eval_size=500, max_steps=100, problems_per_step=32,
                   micro_batch_size=4, max_new_tokens=1024, max_prompt_tokens=4096, temperature=1.1, top_p=0.95,
                   top_k=20, lora_r=64, lora_alpha=128, learning_rate=5e-6, max_grad_norm=0.1,
@@ -303,7 +303,9 @@ _PROFILES: dict[str, dict] = {
 _ALGORITHM_OVERRIDES: dict[str, dict] = {
     # GRPO baseline (paper): 8 generations, temperature 1.2, KL 0, 2 iterations, 500 steps.
     "grpo": {"paper": dict(temperature=1.2, num_generations=8, num_iterations=2, max_steps=500,
-                           max_new_tokens=16_384, kl_coef=0.0, problems_per_step=32)},
+                           max_new_tokens=16_384, kl_coef=0.0, problems_per_step=32),
+             # 4 problems x 4 rollouts: twice OPSD's rollouts per step, so the CPU demo fits its budget.
+             "cpu-demo": dict(problems_per_step=4, num_generations=4)},
     # SFT baseline: (problem -> reference solution), same LoRA and learning rate.
     "sft": {},
     "opsd": {},

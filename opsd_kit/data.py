@@ -267,6 +267,8 @@ def _read_dataset(name: str, split: str | None):
     else:
         data = datasets.load_dataset(name, split=split)
     if isinstance(data, datasets.DatasetDict):
+        if split is None and len(data) == 1:
+            split = next(iter(data))  # the only split (e.g. the OPSD training set's "train")
         if split is None:
             raise ValueError(f"{name} has splits {sorted(data)}: choose one with split=")
         data = data[split]
