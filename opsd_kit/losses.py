@@ -281,6 +281,12 @@ def chunked_divergence(
 
     teacher_hidden_BTH = teacher_hidden_BTH.detach()
     mask_BT = mask_BT.bool()
+    if (torch.is_grad_enabled() and student_hidden_BTH.requires_grad
+            and not any(p.requires_grad for p in head.parameters())):
+        # Frozen head (LoRA): the gradient w.r.t. the hidden states is all backward needs, so it
+        # is computed chunk by chunk right here and kept ([B, T, H]); backward only scales it.
+        # Same values as the checkpointed path below, without recomputing both roles' logits.
+        return _GradInForward.apply(student_hidden_BTH, teacher_hidden_BTH, mask_BT, chunk_loss, chunk_size)
     loss_sum = student_hidden_BTH.new_zeros((), dtype=torch.promote_types(student_hidden_BTH.dtype, torch.float32))
     per_token_chunks = []
     for start in range(0, student_hidden_BTH.shape[1], chunk_size):
@@ -292,6 +298,35 @@ def chunked_divergence(
         loss_sum = loss_sum + chunk_sum
         per_token_chunks.append(chunk_BC)
     return loss_sum, torch.cat(per_token_chunks, dim=1)
+
+
+class _GradInForward(torch.autograd.Function):
+    """``chunked_divergence`` for a frozen output layer: each chunk's loss and its gradient
+    w.r.t. the student's hidden states are computed in forward (the chunk's logits are freed
+    before the next chunk), so backward is one multiply and no logits are ever recomputed."""
+
+    @staticmethod
+    def forward(ctx, student_BTH, teacher_BTH, mask_BT, chunk_loss, chunk_size):
+        grad_BTH = torch.zeros_like(student_BTH)
+        loss_sum = student_BTH.new_zeros((), dtype=torch.promote_types(student_BTH.dtype, torch.float32))
+        per_token_chunks = []
+        for start in range(0, student_BTH.shape[1], chunk_size):
+            span = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                student_BCH = student_BTH[:, span].detach().requires_grad_()
+                chunk_sum, chunk_BC = chunk_loss(student_BCH, teacher_BTH[:, span], mask_BT[:, span])
+                (grad_BTH[:, span],) = torch.autograd.grad(chunk_sum, student_BCH)
+            loss_sum = loss_sum + chunk_sum.detach()
+            per_token_chunks.append(chunk_BC)
+        ctx.save_for_backward(grad_BTH)
+        per_token_BT = torch.cat(per_token_chunks, dim=1)
+        ctx.mark_non_differentiable(per_token_BT)
+        return loss_sum, per_token_BT
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_token):
+        (grad_BTH,) = ctx.saved_tensors
+        return grad_BTH * grad_loss.to(grad_BTH.dtype), None, None, None, None
 
 
 def chunked_token_logprobs(
