@@ -59,21 +59,33 @@ class Algorithm:
     def teacher_prompt(self, problem) -> list[int]:
         return self._teacher_ids[problem.id]
 
-    def rollouts(self, problems, step: int, n: int, temperature: float):
+    def rollouts(self, problems, step: int, n: int):
         """Sample ``n`` completions per problem from the current student; book the tokens."""
-        from .rollout import GenerationSettings, generate
+        from .rollout import generate
 
         cfg, tr = self.config, self.trainer
-        settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-                                      top_p=cfg.top_p, top_k=cfg.top_k, n=n,
-                                      batch_size=cfg.generation_batch_size)
+        settings = cfg.rollout_settings(n=n)
+        prompts = [self.student_prompt(p) for p in problems]
         seed = (cfg.seed * 1_000_003 + step) * tr.accelerator.num_processes + tr.accelerator.process_index
         with tr.phase("generate"):
-            out = generate(self.policy.model, self.tokenizer, [self.student_prompt(p) for p in problems],
-                           settings, seed=seed)
+            if cfg.rollout_backend == "vllm":
+                out = self._vllm().generate(self.policy, prompts, settings, seed=seed,
+                                            adapter_dir=str(tr.run_dir / "vllm_adapter"))
+            else:
+                out = generate(self.policy.model, self.tokenizer, prompts, settings, seed=seed)
         tr.ledger.generated_tokens += int(tr.reduce_sum(out.num_generated_tokens))
         tr.ledger.rollouts += int(tr.reduce_sum(len(out)))
         return out
+
+    def _vllm(self):
+        if getattr(self, "_vllm_engine", None) is None:
+            from .rollout import VLLMEngine
+
+            cfg = self.config
+            self._vllm_engine = VLLMEngine(cfg.model, quantization=cfg.quantization, dtype=cfg.dtype,
+                                           max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+                                           max_lora_rank=cfg.lora_r)
+        return self._vllm_engine
 
     def grade(self, rollouts, problems) -> list[float]:
         """1.0 where a rollout's final answer matches the problem's answer, else 0.0."""

@@ -241,6 +241,13 @@ class TrainConfig:
                 f"exceeds the model's context of {context_length} tokens ({source}); lower them so that "
                 f"max_prompt_tokens + max_new_tokens <= {context_length}")
 
+    def rollout_settings(self, n: int = 1, max_new_tokens: int | None = None):
+        """The rollout sampling settings, with ``n`` samples per prompt."""
+        from .rollout import GenerationSettings
+
+        return GenerationSettings(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, top_k=self.top_k, n=n, batch_size=self.generation_batch_size)
+
     @property
     def effective_loss_temperature(self) -> float:
         return self.temperature if self.loss_temperature is None else self.loss_temperature

@@ -11,15 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def rollout_settings(config, n: int = 1, max_new_tokens: int | None = None):
-    """The rollout sampling settings of a TrainConfig, with ``n`` samples per prompt."""
-    from .rollout import GenerationSettings
-
-    return GenerationSettings(max_new_tokens=max_new_tokens or config.max_new_tokens,
-                              temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, n=n,
-                              batch_size=config.generation_batch_size)
-
-
 class _TeacherPrompts:
     """Adapter so `evaluate_model` samples from teacher prompts."""
 

@@ -59,7 +59,7 @@ class GRPO(Algorithm):
 
         cfg = self.config
         problems = self.trainer.step_problems(batch_index)
-        rollouts = self.rollouts(problems, batch_index, n=cfg.num_generations, temperature=cfg.temperature)
+        rollouts = self.rollouts(problems, batch_index, n=cfg.num_generations)
         correct = self.grade(rollouts, problems)
         rewards = torch.tensor(correct, dtype=torch.float32)
         adv = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)

@@ -20,7 +20,7 @@ class OPSD(Algorithm):
         from .prompts import build_batch
 
         problems = self.trainer.step_problems(step)
-        rollouts = self.rollouts(problems, step, n=1, temperature=self.config.temperature)
+        rollouts = self.rollouts(problems, step, n=1)
         metrics = self.rollout_metrics(rollouts, self.grade(rollouts, problems))
         pad = self.tokenizer.pad_token_id
         micro = []
