@@ -46,3 +46,16 @@ def test_tokens_to_equal_accuracy_without_improvement_says_why():
     points = _points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.1), ("grpo", 0, 0, 0.2), ("grpo", 4, 800, 0.3)])
     out = tokens_to_equal_accuracy(points, mode="lenient")
     assert out["ratio"] is None and "no common improvement" in out["reason"]
+
+
+@pytest.mark.slow
+def test_notebook_01_runs_alone_with_only_the_profile_set(tmp_path):
+    """`papermill notebooks/01_opsd_training.ipynb out.ipynb -p profile tiny`, from any folder."""
+    import papermill
+
+    from opsd_kit.demo import notebook_dir
+
+    papermill.execute_notebook(str(notebook_dir() / "01_opsd_training.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"profile": "tiny"}, cwd=str(tmp_path), progress_bar=False)
+    diag = json.loads((tmp_path / "runs" / "opsd" / "diagnostics.json").read_text())
+    assert set(diag["before_after"]) == {"mode", "student_before", "student_after", "teacher"}
