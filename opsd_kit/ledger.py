@@ -24,6 +24,8 @@ class TokenLedger:
     """Sampled completions (all processes)."""
     seconds: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     """Wall time per phase on this process, summed over the run."""
+    wall_seconds: float = 0.0
+    """Wall time of the training loop, summed over the run (resumes included, restarts not)."""
 
     @contextmanager
     def phase(self, name: str, sync=None):
@@ -39,7 +41,8 @@ class TokenLedger:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def metrics(self) -> dict:
-        out = {f"tokens/{k.removesuffix('_tokens')}_total": v for k, v in asdict(self).items() if k != "seconds"}
+        out = {f"tokens/{k.removesuffix('_tokens')}_total": v for k, v in asdict(self).items()
+               if k not in ("seconds", "wall_seconds")}
         out.update({f"time/{k}_total": round(v, 4) for k, v in self.seconds.items()})
         return out
 

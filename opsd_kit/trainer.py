@@ -142,15 +142,18 @@ class Trainer:
                    disable=not (cfg.progress and self.is_main))
         nonfinite_in_a_row, last, interrupted = 0, {}, False
         ledger_done = self.ledger.state_dict()  # the counts after self.step complete steps
-        start = time.perf_counter()
+        clock = time.perf_counter()
         try:
             while self.step < cfg.max_steps:
                 metrics = self._optimizer_step()
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["train/skipped_nonfinite"] else 0
                 self.step += 1
+                now = time.perf_counter()
+                self.ledger.wall_seconds += now - clock  # checkpoint writes count in the next step
+                clock = now
                 ledger_done = self.ledger.state_dict()
                 metrics.update(step=self.step, **self.ledger.metrics())
-                metrics["time/elapsed"] = round(time.perf_counter() - start, 3)
+                metrics["time/elapsed"] = round(self.ledger.wall_seconds, 3)
                 logger.log(metrics)
                 last = metrics
                 bar.update(1)
@@ -242,9 +245,9 @@ class Trainer:
         from .ledger import TokenLedger
 
         self.optimizer.zero_grad(set_to_none=True)
-        seconds = self.ledger.seconds  # time spent is real; only the counts are rewound
+        seconds, wall = self.ledger.seconds, self.ledger.wall_seconds  # time spent is real; counts rewind
         self.ledger = TokenLedger.from_state_dict(ledger_done)
-        self.ledger.seconds = seconds
+        self.ledger.seconds, self.ledger.wall_seconds = seconds, wall
 
     # -------------------------------------------------------------------------------------
     def _save(self) -> None:

@@ -17,7 +17,7 @@ def tiny_config(run_dir, algorithm="opsd", **overrides):
 
 def ledger_counts(ledger: dict) -> dict:
     """The ledger without its wall-clock seconds (which no two runs share)."""
-    return {k: v for k, v in ledger.items() if k != "seconds"}
+    return {k: v for k, v in ledger.items() if k not in ("seconds", "wall_seconds")}
 
 
 def metric_rows(run_dir) -> list[dict]:
