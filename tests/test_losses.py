@@ -353,6 +353,21 @@ def test_chunked_equals_unchunked(setting, chunk_size):
     assert torch.equal(got_BT[~mask], torch.zeros(int((~mask).sum()), dtype=torch.float64))
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_chunked_with_a_frozen_head_equals_unchunked(setting, chunk_size):
+    """The LoRA case: the head is frozen, so each chunk's gradient is taken in the forward pass."""
+    head, student, teacher, mask = chunk_inputs()
+    head.weight.requires_grad_(False)
+    want_sum, _ = unchunked(student, teacher, head, mask, **setting)
+    (want_grad,) = torch.autograd.grad(want_sum, [student])
+    got_sum, _ = chunked_divergence(student, teacher, head, mask, chunk_size=chunk_size, **setting)
+    torch.testing.assert_close(got_sum, want_sum)
+    got_sum.backward()
+    torch.testing.assert_close(student.grad, want_grad)
+    assert head.weight.grad is None and teacher.grad is None
+
+
 def test_chunked_saves_no_vocabulary_sized_tensor():
     """Only hidden-sized tensors are kept for backward: nothing with a V-sized last dim."""
     head, student, teacher, mask = chunk_inputs()

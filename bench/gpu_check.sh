@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# GPU readiness check for the OPSD step, under 8 minutes on one GPU, no pip, no network.
+#
+# Needs: torch (CUDA), transformers, peft (and accelerate, which peft installs); bitsandbytes for
+# the 4-bit run (skipped without it); trl for the TRL side of bench/step.py (opsd_kit alone
+# without it). reasoning_gym / math_verify are optional (the bench synthesises its problems).
+#
+# Builds a random-weight Qwen3-1.7B-shaped model from a config (no download; the tiny
+# byte-level tokenizer of opsd_kit.models), then runs
+#   bench/step.py  bf16   (opsd_kit vs TRL SDFT, loss check; opsd_kit only without trl)
+#   bench/step.py  4-bit  (QLoRA NF4, bf16 compute)
+#   bench/loss.py  bf16 and float32 at T=1024, V=151936, H=2048 (the output head is never
+#                  quantised, bitsandbytes skips lm_head, so the 4-bit loss is the bf16 one)
+# and writes everything under $OUT (default: bench/out-gpu): gpu_check.log (all output),
+# step_bf16.json, step_4bit.json, loss_bf16.txt, loss_fp32.txt, summary.txt.
+#
+#   bash bench/gpu_check.sh              # on the GPU machine, from the repository root
+#   bash bench/gpu_check.sh --cpu-smoke  # the same flow on CPU with a small Qwen3-shaped model
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out-gpu}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export OPSD_KIT_CACHE="${OPSD_KIT_CACHE:-/tmp/opsd_kit_cache}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT/gpu_check.log"
+SUMMARY="$OUT/summary.txt"
+: >"$LOG"; : >"$SUMMARY"
+START=$(date +%s)
+
+if [ "${1:-}" = "--cpu-smoke" ]; then
+  DEVICE=cpu; MODEL=qwen3-small-random; TOK=4; PROBLEMS=2; MICRO=1; REPEATS=1
+  T_STEP=900; T_LOSS=300; LOSS_ARGS="--T 64 --V 151936 --H 256 --repeats 1"
+else
+  DEVICE=cuda; MODEL=qwen3-1.7b-random; TOK=128; PROBLEMS=8; MICRO=4; REPEATS=2
+  T_STEP=150; T_LOSS=45; LOSS_ARGS="--T 1024 --V 151936 --H 2048 --repeats 3"
+fi
+
+say() { echo "$*" | tee -a "$LOG" >>"$SUMMARY"; }
+elapsed() { echo $(( $(date +%s) - START )); }
+
+say "== gpu_check $(date -u +%FT%TZ) device=$DEVICE model=$MODEL out=$OUT"
+# -- preflight: what is importable ------------------------------------------------------------
+"$PY" - >>"$LOG" 2>&1 <<'EOF'
+import importlib, json
+found = {}
+for m in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "reasoning_gym", "math_verify", "datasets"):
+    try:
+        found[m] = getattr(importlib.import_module(m), "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        found[m] = f"MISSING ({type(e).__name__})"
+import torch
+found["cuda"] = torch.cuda.is_available()
+found["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+print("preflight:", json.dumps(found))
+EOF
+grep preflight "$LOG" >>"$SUMMARY"
+has() { "$PY" -c "import $1" >/dev/null 2>&1; }
+if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  say "FAIL: no CUDA device visible to torch"; exit 1
+fi
+for m in torch transformers peft accelerate opsd_kit; do
+  if ! has $m; then say "FAIL: cannot import $m (needed by bench/step.py)"; exit 1; fi
+done
+IMPL=both
+if ! "$PY" -c "import trl.experimental.sdft" >/dev/null 2>&1; then
+  IMPL=ours; say "NOTE: trl.experimental.sdft not importable: bench/step.py runs opsd_kit only"
+fi
+
+# -- the random-weight model (bf16 folder; 4-bit quantises it on load) -------------------------
+if ! "$PY" -c "import sys; sys.path.insert(0,'bench'); import _common; print('model folder:', _common.materialise_model('$MODEL', 'bfloat16'))" >>"$LOG" 2>&1; then
+  say "FAIL: could not build $MODEL"; tail -20 "$LOG"; exit 1
+fi
+say "model built at $(elapsed) s"
+
+COMMON=(--model "$MODEL" --device "$DEVICE" --problems "$PROBLEMS" --micro-batch "$MICRO" --new-tokens "$TOK"
+        --warmup 1 --repeats "$REPEATS" --chunk-size 128 --lora-r 64 --lora-alpha 128 --lr 5e-6 --temperature 1.1)
+
+run_step() {  # name, extra args...
+  local name=$1; shift
+  echo "== step $name: $PY bench/step.py ${COMMON[*]} $*" >>"$LOG"
+  timeout "$T_STEP" "$PY" bench/step.py "${COMMON[@]}" "$@" --json "$OUT/step_$name.json" >"$OUT/.step_$name.txt" 2>&1
+  local rc=$?
+  cat "$OUT/.step_$name.txt" >>"$LOG"
+  grep -E "^(loss check|ours |trl  |ratios|NOTE|LOSS CHECK|       opsd_kit)" "$OUT/.step_$name.txt" | sed "s/^/[step $name] /" >>"$SUMMARY"
+  rm -f "$OUT/.step_$name.txt"
+  [ $rc -eq 124 ] && say "[step $name] TIMEOUT after $T_STEP s"
+  say "[step $name] rc=$rc at $(elapsed) s"
+}
+
+run_step bf16 --dtype bfloat16 --impl "$IMPL"
+if has bitsandbytes; then
+  run_step 4bit --dtype bfloat16 --quantization 4bit --impl "$IMPL" --skip-loss-check
+else
+  say "[step 4bit] SKIPPED: bitsandbytes not importable"
+fi
+
+for dt in bfloat16 float32; do
+  short=$([ $dt = bfloat16 ] && echo bf16 || echo fp32)
+  echo "== loss $dt: $PY bench/loss.py --device $DEVICE --dtype $dt $LOSS_ARGS" >>"$LOG"
+  timeout "$T_LOSS" "$PY" bench/loss.py --device "$DEVICE" --dtype $dt $LOSS_ARGS >"$OUT/loss_$short.txt" 2>&1
+  rc=$?
+  cat "$OUT/loss_$short.txt" >>"$LOG"
+  tail -6 "$OUT/loss_$short.txt" | sed "s/^/[loss $short] /" >>"$SUMMARY"
+  say "[loss $short] rc=$rc at $(elapsed) s"
+done
+say "== done in $(elapsed) s"
+cat "$SUMMARY"
