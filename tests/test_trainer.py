@@ -127,3 +127,21 @@ def test_two_processes_under_accelerate_launch_agree(tmp_path):
     assert any(not torch.equal(rank0[k], start[k]) for k in rank0)  # it trained
     for k in rank0:
         assert torch.equal(rank0[k], rank1[k]), k
+
+
+def test_opsd_steps_on_a_fixed_batch_reduce_the_divergence(tmp_path):
+    """The update moves the student towards the privileged teacher (sign and wiring check)."""
+    trainer = Trainer(tiny(tmp_path, learning_rate=3e-3, max_grad_norm=1e9))
+    micro, _ = trainer.algorithm.prepare(0)
+    tokens = sum(mb.num_loss_tokens for mb in micro)
+    losses = []
+    for _ in range(8):
+        total = 0.0
+        for mb in micro:
+            loss_sum, _ = trainer.algorithm.loss(mb)
+            (loss_sum / tokens).backward()
+            total += float(loss_sum) / tokens
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        losses.append(total)
+    assert losses[-1] < 0.5 * losses[0], losses
