@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ALGORITHMS = ("opsd", "grpo", "sft")
@@ -67,10 +67,6 @@ class TrainConfig:
     """Training problems: a source spec understood by opsd_kit.data.load_source, or a file."""
     train_size: int = 512
     """How many training problems to load."""
-    eval_data: str | None = None
-    """Held-out problems for in-training evaluation (None: no evaluation during training)."""
-    eval_size: int = 32
-    """How many held-out problems to evaluate on."""
     max_prompt_tokens: int = 1024
     """Cap on either prompt; over-long teacher prompts lose the end of the reference solution."""
     student_thinking: bool | None = None
@@ -176,7 +172,7 @@ class TrainConfig:
         positive = ("max_steps", "train_size", "max_prompt_tokens", "max_new_tokens", "generation_batch_size",
                     "problems_per_step", "micro_batch_size", "num_generations", "num_iterations",
                     "loss_chunk_size", "save_every", "keep_checkpoints", "lora_r", "lora_alpha",
-                    "max_nonfinite_steps", "distill_topk", "eval_size")
+                    "max_nonfinite_steps", "distill_topk")
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -284,8 +280,8 @@ def _check(ok: bool, key: str, value, allowed: str) -> None:
 # Profiles: named overrides. Algorithm-specific settings follow the paper's baselines.
 _PROFILES: dict[str, dict] = {
     # The tiny random model: seconds per run, used by CI. Learns nothing; exercises everything.
-    "tiny": dict(model="tiny", train_data="reasoning_gym:chain_sum", train_size=16, eval_data=None,
-                 eval_size=4, max_steps=3, problems_per_step=4, micro_batch_size=2, max_new_tokens=12,
+    "tiny": dict(model="tiny", train_data="reasoning_gym:chain_sum", train_size=16, max_steps=3,
+                 problems_per_step=4, micro_batch_size=2, max_new_tokens=12,
                  max_prompt_tokens=768, lora_r=4, lora_alpha=8, learning_rate=1e-3, max_grad_norm=1.0,
                  num_generations=2, num_iterations=2, save_every=2, generation_batch_size=8,
                  loss_chunk_size=8),
@@ -299,9 +295,10 @@ _PROFILES: dict[str, dict] = {
                      num_iterations=1, save_every=4, keep_checkpoints=10, generation_batch_size=32,
                      loss_chunk_size=64),
     # The paper's v3 settings (Qwen3-1.7B, QLoRA 4-bit). Needs a GPU.
-    "paper": dict(model="Qwen/Qwen3-1.7B", dtype="bfloat16", quantization="4bit", train_data="siyanzhao/Openthoughts_math_30k_opsd",
-                  train_size=29_400, eval_data="math500", eval_size=500, max_steps=100, problems_per_step=32,
-                  micro_batch_size=4, max_new_tokens=1024, max_prompt_tokens=4096, temperature=1.1, top_p=0.95,
+    "paper": dict(model="Qwen/Qwen3-1.7B", dtype="bfloat16", quantization="4bit",
+                  train_data="siyanzhao/Openthoughts_math_30k_opsd", train_size=29_400, max_steps=100,
+                  problems_per_step=32, micro_batch_size=4, max_new_tokens=1024, max_prompt_tokens=4096,
+                  temperature=1.1, top_p=0.95,
                   top_k=20, lora_r=64, lora_alpha=128, learning_rate=5e-6, max_grad_norm=0.1,
                   divergence="forward_kl", clip_tau=0.05, teacher="frozen", student_thinking=False,
                   teacher_thinking=True, gradient_checkpointing=True, save_every=25, generation_batch_size=64),

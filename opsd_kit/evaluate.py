@@ -137,7 +137,7 @@ def extract_answer(text) -> str | None:
             if found:
                 return found
         last = None
-        for last in _PHRASE.finditer(text):
+        for last in _PHRASE.finditer(text):  # noqa: B007 - keep the last match
             pass
         return _tidy_phrase(text[last.end():]) if last else None
     except Exception:  # noqa: BLE001 - extraction must never take the caller down
@@ -149,7 +149,7 @@ def last_number(text) -> str | None:
     if not isinstance(text, str):
         return None
     found = None
-    for found in _NUMBER.finditer(text):
+    for found in _NUMBER.finditer(text):  # noqa: B007 - keep the last match
         pass
     return found.group() if found else None
 

@@ -339,8 +339,8 @@ def chunked_token_logprobs(
 ) -> torch.Tensor:
     """log softmax(head(hidden) / temperature)[target] at every position: [B, T].
 
-    Float32 (float64 for float64 inputs). Chunked along T under activation checkpointing like ``chunked_divergence``, so no
-    [B, T, V] tensor is held; gradients flow to ``hidden_BTH`` and the head's parameters.
+    Float32 (float64 for float64 inputs). Chunked along T under activation checkpointing like
+    ``chunked_divergence``, so no [B, T, V] tensor is held; gradients flow to ``hidden_BTH`` and the head's parameters.
     Every target must be a valid vocabulary index (put any id at padded positions and mask
     the result). Used by GRPO, SFT and the sampled-token mode.
     """

@@ -206,7 +206,6 @@ def load_causal_lm(name: str, *, dtype: str = "float32", quantization: str | Non
     compute dtype of 4-bit layers. quantization: ``None`` or ``"4bit"`` (bitsandbytes NF4 with
     double quantisation; runs on CPU with bitsandbytes >= 0.45).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)

@@ -9,7 +9,7 @@ The vLLM backend (GPU, bf16 + LoRA) is imported lazily; vLLM with a 4-bit model 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -55,7 +55,6 @@ class Rollouts:
     finished: list[bool]
     """True when the row ended with EOS, False when cut at ``max_new_tokens``."""
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_generated_tokens(self) -> int:

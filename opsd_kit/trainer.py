@@ -61,7 +61,7 @@ class Trainer:
         self.config = config.validate()
         config.check_context(*_context_length(config, policy))
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.local_problems_per_step = config.check_world(self.accelerator.num_processes)
+        config.check_world(self.accelerator.num_processes)
         self.problems = problems if problems is not None else _load_train_problems(config)
         if not self.problems:
             source = "problems=[]" if problems is not None else f"train_data={config.train_data!r}"

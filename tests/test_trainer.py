@@ -81,7 +81,7 @@ def test_loss_is_normalised_over_the_whole_step_not_per_micro_batch(tmp_path):
         trainer = Trainer(tiny(tmp_path, run_dir=str(tmp_path / f"mbs{mbs}"), micro_batch_size=mbs, max_steps=1,
                                max_grad_norm=1e9))
         captured = []
-        trainer.optimizer.step = lambda: captured.extend(p.grad.clone() for p in trainer.params)
+        trainer.optimizer.step = lambda c=captured, t=trainer: c.extend(p.grad.clone() for p in t.params)
         trainer.train()
         grads.append(captured)
     assert any(g.abs().sum() > 0 for g in grads[0])
