@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,10 @@ class Trainer:
             source = "problems=[]" if problems is not None else f"train_data={config.train_data!r}"
             raise ConfigError(f"{source} gave no problems: the dataset is empty; train_data must name a "
                               "source with at least one valid problem")
+        counts = Counter(p.id for p in self.problems)
+        dup, times = counts.most_common(1)[0]
+        if times > 1:
+            raise ConfigError(f"problem ids must be unique: {dup!r} appears {times} times")
         seed_everything(config.seed)
         self.run_dir = Path(config.run_dir)
         self.policy = policy or _load_policy(config, self.accelerator.device)

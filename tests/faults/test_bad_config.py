@@ -130,3 +130,14 @@ def test_every_profile_passes_the_context_check():
         for algorithm in ("opsd", "grpo", "sft"):
             cfg = load_profile(name, algorithm)
             cfg.check_context(contexts[cfg.model])
+
+
+def test_duplicate_problem_ids_passed_directly_are_refused(tmp_path, no_model_loads):
+    from types import SimpleNamespace
+
+    from opsd_kit.config import ConfigError, load_profile
+    from opsd_kit.trainer import Trainer
+
+    twice = [SimpleNamespace(id="same", question="1+1?", solution="2", answer="2", source="x")] * 2
+    with pytest.raises(ConfigError, match="'same' appears 2 times"):
+        Trainer(load_profile("tiny", run_dir=str(tmp_path)), problems=twice)
