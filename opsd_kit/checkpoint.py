@@ -3,8 +3,8 @@ renamed. A folder without the marker (a write killed half-way) is never loaded. 
 deleted by first renaming them out of the checkpoint namespace (to ``.trash-*``), so a
 deletion killed half-way never leaves a marked folder with missing files behind.
 
-A checkpoint holds the adapter (peft format), the optimizer and scheduler states, the RNG
-states, the token ledger, the policy's extra state (EMA weights) and the step.
+A checkpoint holds the adapter (peft format), the optimizer and scheduler states, each process's RNG
+and algorithm state, the token ledger, the policy's extra state (EMA weights) and the step.
 """
 from __future__ import annotations
 
@@ -53,7 +53,6 @@ def save_checkpoint(run_dir, step: int, *, policy, optimizer, scheduler, ledger,
         "scheduler": scheduler.state_dict(),
         "ledger": ledger.state_dict(),
         "policy_extra": policy.extra_state(),
-        "rng": rng_state(),
         "extra": extra or {},
     }, tmp / "trainer_state.pt")
     (tmp / _DONE).write_text(str(step))

@@ -232,6 +232,7 @@ def chunked_divergence(
     clip: float | None = None,
     top_k_support: int | None = None,
     truncate: tuple[int | None, float | None] | None = None,
+    truncate_temperature: float | None = None,
     chunk_size: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked sum of per-token divergences computed from hidden states, chunk by chunk along T.
@@ -245,7 +246,8 @@ def chunked_divergence(
 
     Support: the full vocabulary by default; ``top_k_support = k`` renormalises both roles over
     the teacher's top-k (``topk_divergence``); ``truncate = (top_k, top_p)`` restricts both to
-    the student's sampling support (``truncate_logits`` with the student as reference).
+    the student's sampling support (``truncate_logits`` with the student as reference), the
+    nucleus taken at ``truncate_temperature`` (the sampling temperature; default: ``temperature``).
 
     Returns ``(loss_sum, per_token_BT)``: loss_sum is a differentiable scalar (float32, float64
     for float64 inputs) to be divided by the optimizer step's completion-token count;
@@ -263,6 +265,7 @@ def chunked_divergence(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if top_k_support is not None and truncate is not None:
         raise ValueError("choose one support: top_k_support or truncate, not both")
+    support_t = temperature if truncate_temperature is None else truncate_temperature
 
     def chunk_loss(student_BCH, teacher_BCH, mask_BC):
         student_BCV = head(student_BCH)
@@ -270,8 +273,8 @@ def chunked_divergence(
             teacher_BCV = head(teacher_BCH)
         if truncate is not None:
             reference_BCV = student_BCV.detach()
-            student_BCV = truncate_logits(student_BCV, *truncate, reference=reference_BCV, temperature=temperature)
-            teacher_BCV = truncate_logits(teacher_BCV, *truncate, reference=reference_BCV, temperature=temperature)
+            student_BCV = truncate_logits(student_BCV, *truncate, reference=reference_BCV, temperature=support_t)
+            teacher_BCV = truncate_logits(teacher_BCV, *truncate, reference=reference_BCV, temperature=support_t)
         if top_k_support is not None:
             div_BC = topk_divergence(student_BCV, teacher_BCV, top_k_support, kind, beta, temperature, clip)
         else:

@@ -66,6 +66,7 @@ class OPSD(Algorithm):
                     beta=cfg.jsd_beta, temperature=temperature, clip=cfg.clip_tau,
                     top_k_support=cfg.distill_topk if cfg.divergence == "topk" else None,
                     truncate=truncate if cfg.loss_support == "truncated" else None,
+                    truncate_temperature=cfg.temperature,
                     chunk_size=cfg.loss_chunk_size)
         n = mask_BC.sum().clamp(min=1)
         metrics = {"loss/divergence_mean": float(per_token.sum() / n),

@@ -110,6 +110,7 @@ class Policy:
         self.ema_decay = ema_decay
         self.quantized = quantized
         self.gradient_checkpointing = gradient_checkpointing
+        _check_plain_head(self.causal_lm.config)
         self._trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._ema = self._current_trainable_fp32() if teacher == "ema" else None
 
@@ -292,6 +293,17 @@ class Policy:
 def _check_choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_plain_head(config) -> None:
+    """The losses compute logits as ``head(hidden)``; refuse models whose forward transforms
+    logits after the head (soft-capping, scaling), which that path would silently skip."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    if softcap or scale not in (None, 1, 1.0):
+        raise ValueError(f"{type(config).__name__} post-processes its logits (final_logit_softcapping={softcap}, "
+                         f"logit_scale={scale}); opsd_kit's chunked losses take logits as head(hidden) and do "
+                         "not support such models yet")
 
 
 def _check_ema_decay(ema_decay: float) -> None:

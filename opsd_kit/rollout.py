@@ -102,7 +102,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
     start = time.perf_counter()
     sample = settings.temperature > 0
     kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
-                  eos_token_id=eos_ids, use_cache=True)
+                  eos_token_id=eos_ids, use_cache=True, **_NEUTRAL)
     if sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
     else:  # greedy: unset sampling knobs that a model's generation_config may carry
@@ -117,7 +117,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
             with torch.no_grad():
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             for (pi, _), row in zip(chunk, gen[:, ids.shape[1]:].tolist()):
-                completion, done = _trim(row, eos_ids, pad_id)
+                completion, done = _trim(row, eos_ids)
                 out.prompt_index.append(pi)
                 out.completion_ids.append(completion)
                 out.finished.append(done)
@@ -128,6 +128,14 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
     return out
 
 
+#: Logits processors a model's generation_config may switch on (Qwen2.5-Instruct ships
+#: repetition_penalty=1.05): off, so rollouts come from exactly the distribution the loss models.
+_NEUTRAL = dict(repetition_penalty=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                no_repeat_ngram_size=0, min_new_tokens=None, min_length=0, bad_words_ids=None,
+                suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+                forced_eos_token_id=None)
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -136,18 +144,16 @@ def _eos_ids(model, tokenizer) -> list[int]:
     elif gen_eos:
         ids.update(gen_eos)
     ids.discard(None)
-    if tokenizer.pad_token_id in ids and len(ids) > 1:
-        ids.discard(tokenizer.pad_token_id)  # pad must never end a row early
     return sorted(ids)
 
 
-def _trim(row: list[int], eos_ids: list[int], pad_id: int) -> tuple[list[int], bool]:
-    """Cut a generated row after its first EOS; without EOS drop trailing padding."""
+def _trim(row: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
+    """Cut a generated row after its first stop token. HF writes padding only after a row has
+    stopped, so the first stop token is always a sampled one (also when pad equals an EOS), and
+    a row that never stopped holds no padding to remove."""
     for j, t in enumerate(row):
         if t in eos_ids:
             return row[: j + 1], True
-    while row and row[-1] == pad_id:
-        row = row[:-1]
     return row, False
 
 
@@ -179,8 +185,10 @@ class VLLMEngine:
         start = time.perf_counter()
         policy.save_adapter(adapter_dir)
         self._version += 1
-        params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
-                                top_k=settings.top_k or -1, max_tokens=settings.max_new_tokens, seed=seed)
+        params = [SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                                 top_k=settings.top_k or -1, max_tokens=settings.max_new_tokens,
+                                 seed=None if seed is None else seed * 100_003 + i)  # one stream per prompt
+                  for i in range(len(prompt_ids))]
         prompts = [{"prompt_token_ids": p} for p in prompt_ids]
         results = self.llm.generate(prompts, params,
                                     lora_request=LoRARequest("student", self._version, adapter_dir))

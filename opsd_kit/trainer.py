@@ -256,10 +256,16 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------
     def _save(self) -> None:
-        from .checkpoint import save_checkpoint
+        from .checkpoint import rng_state, save_checkpoint
 
+        # Each process's own algorithm state (GRPO's batch in flight) and RNG, gathered to the main one.
+        per_rank = [{"algorithm": self.algorithm.state_dict(), "rng": rng_state()}]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            per_rank = gather_object(per_rank)
         if self.is_main:
-            state = {"algorithm": self.algorithm.state_dict()}
+            state = {"per_rank": per_rank}
             save_checkpoint(self.run_dir, self.step, policy=self.policy, optimizer=self.optimizer,
                             scheduler=self.scheduler, ledger=self.ledger, keep=self.config.keep_checkpoints,
                             extra=state)
@@ -275,8 +281,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.ledger = TokenLedger.from_state_dict(state["ledger"])
-        self.algorithm.load_state_dict(state["extra"]["algorithm"])
-        set_rng_state(state["rng"])
+        per_rank = state["extra"]["per_rank"]
+        if len(per_rank) != self.accelerator.num_processes:
+            raise ValueError(f"checkpoint {path} was written by {len(per_rank)} processes; resume it with as many "
+                             f"(now {self.accelerator.num_processes})")
+        own = per_rank[self.accelerator.process_index]
+        self.algorithm.load_state_dict(own["algorithm"])
+        set_rng_state(own["rng"])
         self.step = state["step"]
 
 

@@ -1,0 +1,55 @@
+"""Rollouts: stop tokens, trimming, and which distribution is sampled."""
+import torch
+
+from opsd_kit.rollout import GenerationSettings, _eos_ids, _trim, generate
+
+
+class _Tok:
+    def __init__(self, eos, pad):
+        self.eos_token_id, self.pad_token_id = eos, pad
+
+
+class _Model:
+    def __init__(self, eos):
+        self.generation_config = type("G", (), {"eos_token_id": eos})()
+
+
+def test_pad_equal_to_an_eos_still_stops_rows():
+    """Qwen3-Base: pad = <|endoftext|> is also a generation EOS; it must still end a row."""
+    eos = _eos_ids(_Model([151645, 151643]), _Tok(151643, 151643))
+    assert eos == [151643, 151645]
+    assert _trim([1, 2, 151643, 151643, 151643], eos) == ([1, 2, 151643], True)
+    assert _trim([1, 2, 3], eos) == ([1, 2, 3], False)  # never stopped: nothing removed
+
+
+def test_model_generation_config_extras_do_not_change_rollouts(tiny_model, tiny_tokenizer):
+    settings = GenerationSettings(max_new_tokens=10, temperature=1.0, n=2)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    plain = generate(tiny_model, tiny_tokenizer, prompts, settings, seed=3).completion_ids
+    tiny_model.generation_config.repetition_penalty = 1.3
+    tiny_model.generation_config.no_repeat_ngram_size = 2
+    assert generate(tiny_model, tiny_tokenizer, prompts, settings, seed=3).completion_ids == plain
+
+
+def test_rollouts_are_seeded_and_books_tokens(tiny_model, tiny_tokenizer):
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0, n=3, batch_size=4)
+    a = generate(tiny_model, tiny_tokenizer, [[5, 6], [7, 8, 9]], settings, seed=1)
+    b = generate(tiny_model, tiny_tokenizer, [[5, 6], [7, 8, 9]], settings, seed=1)
+    assert a.completion_ids == b.completion_ids and a.prompt_index == [0, 0, 0, 1, 1, 1]
+    assert a.num_generated_tokens == sum(len(c) for c in a.completion_ids) <= 6 * 6
+    tiny_model.train()
+    generate(tiny_model, tiny_tokenizer, [[5]], settings, seed=0)
+    assert tiny_model.training
+
+
+def test_models_that_post_process_logits_are_refused(tiny_tokenizer):
+    import pytest
+
+    from opsd_kit.models import load_causal_lm
+    from opsd_kit.policy import Policy
+
+    model = load_causal_lm("tiny")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        Policy(model, tiny_tokenizer)
+    assert torch.is_tensor(model.lm_head.weight)
