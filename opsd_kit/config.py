@@ -201,6 +201,9 @@ class TrainConfig:
             raise ConfigError("rollout_backend='vllm' cannot be combined with quantization='4bit' (vLLM cannot "
                               "serve bitsandbytes QLoRA; TRL #3654, unsloth #1930): use rollout_backend='hf' "
                               "or quantization=None")
+        if self.loss_support == "truncated" and self.divergence in ("topk", "sampled_token"):
+            raise ConfigError(f"loss_support='truncated' applies to full-vocabulary divergences; divergence="
+                              f"{self.divergence!r} has its own support: use loss_support='full'")
         if self.algorithm == "grpo" and self.num_generations < 2:
             raise ConfigError("num_generations must be >= 2 for grpo (group-relative advantages need a group)")
         if self.algorithm == "opsd" and self.kl_coef:

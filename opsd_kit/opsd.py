@@ -43,7 +43,7 @@ class OPSD(Algorithm):
         cfg, tr = self.config, self.trainer
         device = tr.accelerator.device
         mask_BC = mb.student.completion_mask.to(device)
-        with tr.phase("teacher"), self.policy.teacher(), torch.no_grad():
+        with tr.phase("teacher"), self.policy.teacher():  # adapter off (frozen), no grad
             teacher_h_BCH = self.hidden(mb.teacher)
         with tr.phase("student"):
             student_h_BCH = self.hidden(mb.student)
@@ -68,7 +68,7 @@ class OPSD(Algorithm):
                     truncate=truncate if cfg.loss_support == "truncated" else None,
                     truncate_temperature=cfg.temperature,
                     chunk_size=cfg.loss_chunk_size)
-        n = mask_BC.sum().clamp(min=1)
-        metrics = {"loss/divergence_mean": float(per_token.sum() / n),
-                   "loss/divergence_max": float(per_token.max()) if per_token.numel() else 0.0}
+        real = per_token[mask_BC.bool()]  # completion tokens only, never padding
+        metrics = {"loss/divergence_mean": float(real.mean()) if real.numel() else 0.0,
+                   "loss/divergence_max": float(real.max()) if real.numel() else 0.0}
         return loss_sum, metrics

@@ -94,6 +94,7 @@ class Policy:
         if isinstance(model, PeftModel):
             lora = LoraSettings.from_peft(model.peft_config[model.active_adapter])
         quantized = bool(getattr(model, "is_loaded_in_4bit", False))
+        _check_plain_head(model.config)
         _check_lora_needed(lora, teacher, quantized)
         _disable_cpu_repacking(model)
         if gradient_checkpointing:
@@ -110,7 +111,6 @@ class Policy:
         self.ema_decay = ema_decay
         self.quantized = quantized
         self.gradient_checkpointing = gradient_checkpointing
-        _check_plain_head(self.causal_lm.config)
         self._trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._ema = self._current_trainable_fp32() if teacher == "ema" else None
 

@@ -50,6 +50,7 @@ def test_paper_profile_matches_the_papers_v3_settings():
     ({"top_p": 0.0}, "top_p"),
     ({"trackers": ["mlflow"]}, "trackers"),
     ({"kl_coef": 0.1}, "kl_coef"),
+    ({"loss_support": "truncated", "divergence": "topk"}, "loss_support"),
 ])
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
