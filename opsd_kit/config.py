@@ -260,15 +260,96 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build and validate; unknown keys are an error that suggests the closest known key."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"unknown config key {key!r}{hint}")
-        clean = {k: tuple(v) if isinstance(known[k].default, tuple) and isinstance(v, list) else v
-                 for k, v in values.items()}
-        return cls(**clean).validate()
+        return cls(**_known_keys(cls, values, "config")).validate()
+
+
+@dataclass
+class EvalConfig:
+    """How held-out accuracy is measured, separate from how a run trains: which problems,
+    how the student decodes, how many samples, how answers are graded, and how intervals are
+    drawn. Profiles (`load_eval_profile`) name the protocols: `tiny`, `cpu-demo`, `paper`."""
+
+    data: str = ""
+    """Held-out source: a spec for `opsd_kit.data.load_source` or a file; "" means the caller
+    passes the problems (the demo passes notebook 00's leakage-checked `eval.jsonl`)."""
+    size: int | None = None
+    """How many held-out problems to load from `data` (None: all)."""
+    benchmarks: tuple = ()
+    """Further named held-out sets evaluated one by one (the paper's protocol: AIME24, AIME25,
+    HMMT25); each entry is a source spec like `data`."""
+    k: int = 1
+    """Samples per problem; accuracy is avg@k, the mean over problems of each problem's
+    fraction correct (the paper's metric: avg@12 in v3, 16 in the official README)."""
+    temperature: float = 0.0
+    """Decoding temperature; 0 is greedy (then k must be 1: greedy samples are identical)."""
+    top_p: float = 1.0
+    """Nucleus truncation when sampling (1.0 is off)."""
+    top_k: int = 0
+    """Top-k truncation when sampling (0 is off)."""
+    max_new_tokens: int = 128
+    """Completion cap. Set it so that answers can finish: `truncation_rate` in the results
+    says how many did not."""
+    student_thinking: bool | None = None
+    """Chat-template `enable_thinking` for the evaluated prompt (paper: True at evaluation;
+    None: not passed)."""
+    mode: str = "strict"
+    """Headline grading mode: 'strict' (the last boxed answer only, as the official
+    evaluator grades) or 'lenient' (also the last number). Both are always computed."""
+    batch_size: int = 32
+    """Sequences per generate call."""
+    seed: int = 0
+    """Sampling seed (ignored when greedy) and bootstrap seed."""
+    n_bootstrap: int = 10_000
+    """Bootstrap resamples (over problems) for avg@k intervals, paired differences and ratios."""
+    confidence: float = 0.95
+    """Coverage of every interval."""
+
+    def validate(self) -> "EvalConfig":
+        TrainConfig._check_types(self)  # the same typing rules as the training config
+        _check(self.mode in ("strict", "lenient"), "mode", self.mode, "'strict' or 'lenient'")
+        for key in ("k", "max_new_tokens", "batch_size", "n_bootstrap"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
+        _check(self.size is None or self.size >= 1, "size", self.size, "None or >= 1")
+        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 is greedy)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(self.top_k >= 0, "top_k", self.top_k, ">= 0 (0 is off)")
+        _check(0 < self.confidence < 1, "confidence", self.confidence, "in (0, 1)")
+        if self.temperature == 0 and self.k > 1:
+            raise ConfigError(f"k={self.k} with temperature=0: greedy decoding gives k identical samples; "
+                              "use k=1, or sample with temperature > 0")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def settings(self):
+        """The generation settings of this protocol (n = k samples per problem)."""
+        from .rollout import GenerationSettings
+
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, top_k=self.top_k, n=self.k, batch_size=self.batch_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EvalConfig":
+        """Build and validate; unknown keys are an error that suggests the closest known key."""
+        return cls(**_known_keys(cls, values, "evaluation config")).validate()
+
+
+def _known_keys(cls, values: dict, label: str) -> dict:
+    """``values`` with lists turned into tuples where the field is a tuple; an unknown key
+    raises ConfigError with the closest known key."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown {label} key {key!r}{hint}")
+    return {k: tuple(v) if isinstance(known[k].default, tuple) and isinstance(v, list) else v
+            for k, v in values.items()}
 
 
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None), "tuple": (tuple, list)}
@@ -333,3 +414,25 @@ def load_profile(name: str, algorithm: str = "opsd", **overrides) -> TrainConfig
     values.update(_ALGORITHM_OVERRIDES[algorithm].get(name, {}))
     values.update(overrides)
     return TrainConfig.from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation protocols: named EvalConfig overrides.
+_EVAL_PROFILES: dict[str, dict] = {
+    # Seconds: exercises every path on the tiny random model.
+    "tiny": dict(size=None, k=1, temperature=0.0, max_new_tokens=8, n_bootstrap=200),
+    # The bundled SmolLM2 on held-out sums: greedy, a cap that lets answers finish, strict
+    # (boxed) grading as the headline. The demo holds out 160 problems (leakage-checked).
+    "cpu-demo": dict(k=1, temperature=0.0, max_new_tokens=128, mode="strict", batch_size=32),
+}
+
+
+def eval_profile_names() -> list[str]:
+    return sorted(_EVAL_PROFILES)
+
+
+def load_eval_profile(name: str, **overrides) -> EvalConfig:
+    """The named evaluation protocol with ``overrides`` applied, validated."""
+    if name not in _EVAL_PROFILES:
+        raise ConfigError(f"unknown evaluation profile {name!r}; choose one of {eval_profile_names()}")
+    return EvalConfig.from_dict(dict(_EVAL_PROFILES[name], **overrides))
