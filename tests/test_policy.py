@@ -4,6 +4,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from _numerics import tolerance
 
 from opsd_kit.models import load_causal_lm
 from opsd_kit.policy import LoraSettings, Policy
@@ -108,7 +109,11 @@ def test_backbone_hidden_through_head_equals_logits_with_left_padding(tiny_model
     # the padded row equals the same row computed alone
     n = int(mask[1].sum())
     alone = policy.backbone_hidden(ids[1:, -n:], mask[1:, -n:], pos[1:, -n:])
-    torch.testing.assert_close(hidden[1:, -n:], alone, rtol=1e-5, atol=1e-5)
+    # float32; a padded batch and a single row run different kernel blockings: bound by the longest
+    # dot product (the MLP's inner size) through every layer
+    cfg = policy.config
+    tol = tolerance(torch.float32, cfg.intermediate_size, scale=float(alone.abs().max()), depth=cfg.num_hidden_layers)
+    torch.testing.assert_close(hidden[1:, -n:], alone, **tol)
     with policy.teacher():
         torch.testing.assert_close(policy.head(policy.backbone_hidden(ids, mask, pos)),
                                    _logits(policy.model, batch))
