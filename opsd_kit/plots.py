@@ -27,36 +27,73 @@ def training_curves(metrics, *, title: str = ""):
               ("tokens/generated_total", "generated tokens (cumulative)"), ("time/step", "seconds per step")]
     panels = [(k, label) for k, label in panels if k in metrics.columns]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (key, label) in zip(axes[0], panels):
         ax.plot(metrics["step"], metrics[key], marker=".")
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key, fontsize=8)
         ax.set_title(label, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def token_efficiency(points, *, mode: str, metric: str = "avg@k"):
-    """Held-out accuracy against cumulative generated tokens and against wall-clock training time.
+def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "opsd", b: str = "grpo"):
+    """Held-out accuracy (with its 95% interval) against the rollout tokens a method generated
+    in training, and against training wall time.
 
-    ``points``: the DataFrame of `opsd_kit.study.evaluate_runs` (one row per method and step).
+    ``points``: the point table of `opsd_kit.study.summarize` (one row per method and step,
+    ``<mode>/avg@k``, ``<mode>/ci_low``, ``<mode>/ci_high``). The base model is a band (its
+    interval) on both panels. Methods that generate nothing (SFT) appear on the time panel
+    only. ``ratio``: `opsd_kit.study.tokens_to_equal_accuracy` for this mode, drawn as the
+    target accuracy and the two token counts, with its interval in the title of the panel.
     """
     import matplotlib.pyplot as plt
 
-    column = f"{mode}/{metric}"
-    fig, (ax_tokens, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, rows in points.groupby("method", sort=False):
+    column, low, high = f"{mode}/avg@k", f"{mode}/ci_low", f"{mode}/ci_high"
+    k, n = int(points["k"].iloc[0]), int(points["n_eval"].iloc[0])
+    base = points[points["step"] == 0].iloc[0]
+    fig, (ax_tokens, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    trained = points[points["step"] > 0]
+    for i, (method, rows) in enumerate(trained.groupby("method", sort=False)):
         rows = rows.sort_values("step")
-        ax_tokens.plot(rows["generated_tokens"], rows[column], marker="o", label=method)
-        ax_time.plot(rows["train_seconds"], rows[column], marker="o", label=method)
-    ax_tokens.set_xlabel("generated tokens during training (cumulative)")
-    ax_time.set_xlabel("training wall-clock seconds")
+        style = dict(marker="o", capsize=3, color=colors[i % len(colors)], label=method)
+        for ax, x in ((ax_tokens, "generated_tokens"), (ax_time, "train_seconds")):
+            if x == "generated_tokens" and not rows[x].gt(0).any():
+                continue
+            xs = [0, *rows[x]]
+            ys = [base[column], *rows[column]]
+            err = [[base[column] - base[low], *(rows[column] - rows[low])],
+                   [base[high] - base[column], *(rows[high] - rows[column])]]
+            ax.errorbar(xs, ys, yerr=err, **style)
     for ax in (ax_tokens, ax_time):
-        ax.set_ylabel(f"held-out {metric} ({mode} grading)")
+        ax.axhspan(base[low], base[high], color="grey", alpha=0.2, label="base (95% interval)")
+        ax.axhline(base[column], color="grey", lw=1)
+        ax.set_ylabel(f"held-out avg@{k}, {mode} grading")
         ax.grid(alpha=0.3)
-        ax.legend()
-    ax_tokens.set_xscale("symlog", linthresh=100)
-    fig.suptitle(f"Token efficiency (grading: {mode})")
+    ax_tokens.set_xlabel("rollout tokens generated in training (cumulative)")
+    ax_time.set_xlabel("training wall-clock seconds")
+    ax_tokens.set_xscale("symlog", linthresh=1000)
+    title = "on-policy methods"
+    if ratio is not None:
+        if ratio.get("ratio") is not None:
+            ax_tokens.axhline(ratio["target_accuracy"], color="black", ls=":", lw=1)
+            for m in (a, b):
+                ax_tokens.axvline(ratio[f"tokens_{m}"], color="black", ls=":", lw=1)
+            interval = ""
+            if ratio.get("ci_low") is not None:
+                interval = f" [{ratio['ci_low']:.2g}, {ratio['ci_high']:.2g}]"
+            title = f"{b} needs {ratio['ratio']:.2g}x{interval} the tokens of {a} to reach {ratio['target_accuracy']:.3f}"
+        else:
+            title = f"tokens-to-equal-accuracy undefined: {ratio.get('reason', '')}"
+    ax_tokens.set_title(title, fontsize=9)
+    ax_time.set_title("all methods (SFT generates no rollout tokens)", fontsize=9)
+    ax_tokens.legend(fontsize=8)
+    ax_time.legend(fontsize=8)
+    fig.suptitle(f"Held-out accuracy with 95% intervals: {n} problems, k = {k}, {mode} grading")
     fig.tight_layout()
     return fig
 

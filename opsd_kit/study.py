@@ -1,14 +1,44 @@
-"""The comparison study: evaluate every saved checkpoint of the OPSD, GRPO and SFT runs (and
-the base model) on one held-out set, then read off accuracy against generated tokens.
+"""The comparison study: evaluate the base model and chosen checkpoints of each run on one
+held-out set under one `EvalConfig`, then compare them the way a paper should.
 
-One model load serves every evaluation: the base is the policy with its adapter switched off,
-and each checkpoint's adapter is loaded into the same LoRA slots.
+- `study_points`: which (method, step) pairs carry the study (each run's final adapter, and
+  optionally evenly spaced earlier checkpoints), with the generated tokens, training tokens
+  and wall time the run had spent at that step;
+- `evaluate_points`: one held-out evaluation per point (in ``workers`` processes, each loading
+  the model once; the base is the policy with its adapter switched off), saved and reused when
+  the same adapter was already evaluated under the same protocol;
+- `summarize`: accuracy with its 95% interval per point and grading mode; every pair of final
+  points (and each method against the base) as a paired difference with a bootstrap interval
+  and an exact McNemar p; the tokens-to-equal-accuracy ratio with a bootstrap interval.
+
+All runs must share the model and LoRA settings (one model load serves every evaluation).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+
+MODES = ("strict", "lenient")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluated model: ``method`` at ``step`` (step 0 with ``adapter=None``: the base)."""
+
+    method: str
+    step: int
+    adapter: str | None
+    run_dir: str | None = None
+    generated_tokens: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def tag(self) -> str:
+        return "base" if self.adapter is None else f"{self.method}-step{self.step}"
 
 
 def run_checkpoints(run_dir) -> list[tuple[int, Path]]:
@@ -25,79 +55,205 @@ def run_checkpoints(run_dir) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def evaluate_runs(runs: dict, problems, *, settings, mode: str = "lenient", seed: int = 0,
-                  out_dir=None, progress: bool = False):
-    """One row per (method, step): held-out avg@k and pass@k in both grading modes, with the
-    generated tokens, training tokens and wall time the run had spent at that step.
+def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
+    """The base and, per run, its final adapter plus evenly spaced earlier checkpoints.
 
-    ``runs`` maps a method name to its run folder; all runs must share model and LoRA settings.
-    Step 0 of each method is the base model. Evaluations are saved under ``out_dir``.
+    ``runs`` maps a method name to its run folder; ``per_method`` maps a method to how many
+    points it gets (default 1: the final adapter only).
     """
-    import pandas as pd
-
-    from .evaluate import evaluate_model
     from .metrics import read_metrics
 
     if not runs:
-        raise ValueError("evaluate_runs needs at least one run")
-    configs = {m: json.loads((Path(d) / "config.json").read_text()) for m, d in runs.items()}
+        raise ValueError("study_points needs at least one run")
+    points = [Point("base", 0, None)]
+    for method, run_dir in runs.items():
+        available = run_checkpoints(run_dir)
+        if not available:
+            raise ValueError(f"run {method!r} in {run_dir} has no checkpoint or final adapter")
+        want = (per_method or {}).get(method, 1)
+        if want < 1:
+            raise ValueError(f"per_method[{method!r}] must be >= 1, got {want}")
+        picked = {len(available) - 1}  # the final adapter always
+        for i in range(1, want):  # evenly spaced earlier ones
+            picked.add(round(i * len(available) / want) - 1)
+        metrics = read_metrics(Path(run_dir) / "metrics.jsonl").set_index("step")
+        for index in sorted(picked):
+            step, adapter = available[index]
+            at = metrics.loc[step]
+            points.append(Point(method, step, str(adapter), str(run_dir), int(at["tokens/generated_total"]),
+                                int(at["tokens/train_total"]), float(at["time/elapsed"])))
+    return points
+
+
+def evaluate_points(points: list[Point], problems, eval_config, *, model_run, out_dir, workers: int = 1,
+                    progress: bool = False) -> dict:
+    """Evaluate every point on ``problems``; returns ``{tag: EvalResult}``.
+
+    ``model_run`` is a run folder whose config names the model and LoRA settings every point
+    shares. Results are saved under ``out_dir/<tag>`` with a key of the protocol, the problems
+    and the adapter's weights: a point whose key matches is loaded, not evaluated again.
+    ``workers`` > 1 spreads the points over that many processes (one model each, one thread
+    each); grading runs in each worker's main thread.
+    """
+    from .evaluate import EvalResult
+
+    configs = {p.method: _run_config(p.run_dir) for p in points if p.adapter}
     keys = {m: _model_key(c) for m, c in configs.items()}
+    keys["model_run"] = _model_key(_run_config(model_run))
     if len(set(keys.values())) != 1:
         raise ValueError(f"runs differ in model or LoRA settings, cannot share one model: {keys}")
-    policy, builder = load_run_policy(next(iter(runs.values())))
+    out_dir = Path(out_dir)
+    problem_dicts = [p.to_dict() for p in problems]
+    todo = []
+    for point in points:
+        key = _evaluation_key(point, eval_config, problem_dicts)
+        if _saved_key(out_dir / point.tag) != key:
+            todo.append((point.tag, point.adapter, key))
+    if todo:
+        shares = [todo[i::workers] for i in range(min(workers, len(todo)))]
+        args = [(str(model_run), share, problem_dicts, eval_config.to_dict(), str(out_dir), progress)
+                for share in shares]
+        if len(shares) == 1:
+            _evaluate_share(*args[0])
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-    def evaluate(tag: str):
-        result = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=settings,
-                                mode=mode, seed=seed, progress=progress)
-        if out_dir is not None:
-            result.save(Path(out_dir) / tag)
-        return result.summary
+            with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+                for future in [pool.submit(_evaluate_share, *a) for a in args]:
+                    future.result()
+    return {point.tag: EvalResult.load(out_dir / point.tag) for point in points}
 
-    with policy.model.disable_adapter():
-        base = evaluate("base")
-    rows = []
-    for method, run_dir in runs.items():
-        metrics = read_metrics(Path(run_dir) / "metrics.jsonl").set_index("step")
-        rows.append(_row(method, 0, base, generated=0, trained=0, seconds=0.0))
-        for step, adapter in run_checkpoints(run_dir):
+
+def _evaluate_share(model_run: str, jobs: list, problem_dicts: list, eval_values: dict, out_dir: str,
+                    progress: bool) -> None:
+    """Worker: load the model once, evaluate each ``(tag, adapter, key)`` and save it."""
+    from contextlib import nullcontext
+
+    from .config import EvalConfig
+    from .data import Problem
+    from .evaluate import evaluate_model
+
+    eval_config = EvalConfig.from_dict(eval_values)
+    problems = [Problem(**d) for d in problem_dicts]
+    policy, builder = load_run_policy(model_run, student_thinking=eval_config.student_thinking)
+    for tag, adapter, key in jobs:
+        if adapter is not None:
             policy.load_adapter(adapter)
-            at = metrics.loc[step]
-            rows.append(_row(method, step, evaluate(f"{method}-step{step}"),
-                             generated=int(at["tokens/generated_total"]), trained=int(at["tokens/train_total"]),
-                             seconds=float(at["time/elapsed"])))
-    return pd.DataFrame(rows)
+        with policy.model.disable_adapter() if adapter is None else nullcontext():
+            result = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder,
+                                    settings=eval_config.settings(), mode=eval_config.mode, seed=eval_config.seed,
+                                    progress=progress)
+        folder = result.save(Path(out_dir) / tag)
+        (folder / "key.json").write_text(json.dumps(key, indent=2))
 
 
-def results_table(points, mode: str = "lenient"):
-    """The last checkpoint of each method, and the base model."""
+def summarize(points: list[Point], results: dict, eval_config) -> dict:
+    """Intervals, paired comparisons and the token ratio of a study (see the module doc).
+
+    Returns ``{"points": DataFrame, "comparisons": DataFrame, "tokens_to_equal_accuracy":
+    {mode: dict}}``. Point rows hold ``n_eval``, ``k``, per mode ``<mode>/avg@k``,
+    ``<mode>/ci_low``, ``<mode>/ci_high``, and the run's tokens and seconds. Comparison rows
+    (``a`` vs ``b``; every method's final point against the base and against each other)
+    hold per mode ``diff``, ``ci_low``, ``ci_high`` and ``mcnemar_p`` (McNemar on each
+    problem's first sample: exact for k = 1).
+    """
     import pandas as pd
 
-    base = points[points["step"] == 0].iloc[[0]].assign(method="base")
-    last = points.sort_values("step").groupby("method", sort=False).tail(1)
-    columns = ["method", "step", f"{mode}/avg@k", "strict/avg@k", "lenient/avg@k", f"{mode}/pass@k",
-               "boxed_rate", "mean_response_tokens", "generated_tokens", "train_tokens", "train_seconds"]
-    return pd.concat([base, last[last["step"] > 0]])[columns].reset_index(drop=True)
+    from .stats import accuracy_interval, bootstrap_indices, mcnemar_exact, paired_difference
+
+    base = results["base"]
+    ids = list(base.table["id"])
+    for tag, result in results.items():
+        if list(result.table["id"]) != ids:
+            raise ValueError(f"evaluation {tag!r} was run on other problems than the base; cannot pair them")
+    k, conf = eval_config.k, eval_config.confidence
+    indices = bootstrap_indices(len(ids), eval_config.n_bootstrap, eval_config.seed)
+    per_problem = {tag: {m: r.table[f"avg_{m}"].to_numpy(float) for m in MODES} for tag, r in results.items()}
+    first = {tag: {m: _first_sample(r, m) for m in MODES} for tag, r in results.items()}
+
+    rows = []
+    for p in points:
+        s = results[p.tag].summary
+        row = {"method": p.method, "step": p.step, "tag": p.tag, "n_eval": len(ids), "k": k}
+        for m in MODES:
+            low, high = accuracy_interval(per_problem[p.tag][m], k, confidence=conf, indices=indices)
+            row.update({f"{m}/avg@k": s[f"eval/{m}/avg@k"], f"{m}/ci_low": low, f"{m}/ci_high": high,
+                        f"{m}/pass@k": s[f"eval/{m}/pass@k"]})
+        row.update({"boxed_rate": s["eval/boxed_rate"], "mean_response_tokens": s["eval/mean_response_tokens"],
+                    "truncation_rate": s["eval/truncation_rate"], "generated_tokens": p.generated_tokens,
+                    "train_tokens": p.train_tokens, "train_seconds": p.train_seconds})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+
+    finals = [p for p in points if p.adapter is not None]
+    finals = [p for p in finals if p.step == max(q.step for q in finals if q.method == p.method)]
+    pairs = [(p, points[0]) for p in finals] + [(a, b) for i, a in enumerate(finals) for b in finals[i + 1:]]
+    comparisons = []
+    for a, b in pairs:
+        row = {"a": a.method, "a_step": a.step, "b": b.method, "b_step": b.step, "n_eval": len(ids)}
+        for m in MODES:
+            diff = paired_difference(per_problem[a.tag][m], per_problem[b.tag][m], indices, conf)
+            test = mcnemar_exact(first[a.tag][m], first[b.tag][m])
+            row.update({f"{m}/{key}": value for key, value in diff.items()})
+            row.update({f"{m}/mcnemar_p": test["p"], f"{m}/a_only": test["a_only"], f"{m}/b_only": test["b_only"]})
+        comparisons.append(row)
+    ratios = {m: tokens_to_equal_accuracy(table, per_problem, indices, mode=m, confidence=conf) for m in MODES}
+    return {"points": table, "comparisons": pd.DataFrame(comparisons), "tokens_to_equal_accuracy": ratios}
 
 
-def tokens_to_equal_accuracy(points, *, mode: str = "lenient", a: str = "opsd", b: str = "grpo") -> dict:
+def tokens_to_equal_accuracy(points, per_problem: dict | None = None, indices=None, *, mode: str = "lenient",
+                             a: str = "opsd", b: str = "grpo", confidence: float = 0.95) -> dict:
     """Generated tokens each method needed to first reach the best accuracy both reached.
 
     ``ratio`` = tokens(b) / tokens(a): how many times fewer tokens ``a`` needed. It is None,
-    with a ``reason``, when either method never improved on the base model.
+    with a ``reason``, when either method never improved on the base model. With
+    ``per_problem`` (``{tag: {mode: per-problem accuracies}}``) and bootstrap ``indices`` the
+    same is computed on every resample of the problems: ``ci_low``/``ci_high`` are the
+    percentile interval over the resamples where the ratio is defined, and
+    ``defined_fraction`` says how many those were.
     """
+    import numpy as np
+
+    from .stats import percentile_interval
+
     column = f"{mode}/avg@k"
-    base = float(points.loc[points["step"] == 0, column].iloc[0])
-    best = {m: float(points.loc[points["method"] == m, column].max()) for m in (a, b)}
+    out = _ratio(points, points[column].to_numpy(float), mode=mode, a=a, b=b)
+    never_trained = out["target_accuracy"] is None
+    if per_problem is None or indices is None or never_trained:
+        return out
+    accuracy = np.stack([per_problem[t][mode][indices].mean(axis=1) for t in points["tag"]])  # [points, boots]
+    ratios = np.array([_ratio(points, accuracy[:, i], mode=mode, a=a, b=b)["ratio"] or math.nan
+                       for i in range(accuracy.shape[1])])
+    out["ci_low"], out["ci_high"] = percentile_interval(ratios, confidence)
+    out["defined_fraction"] = float(np.mean(~np.isnan(ratios)))
+    return out
+
+
+def _ratio(points, accuracy, *, mode: str, a: str, b: str) -> dict:
+    """`tokens_to_equal_accuracy` for one vector of point accuracies (row order of ``points``)."""
+    import numpy as np
+
+    method, step = points["method"].to_numpy(), points["step"].to_numpy()
+    tokens = points["generated_tokens"].to_numpy()
+    base = float(accuracy[step == 0][0])
+    out = {"mode": mode, "base_accuracy": base, "target_accuracy": None, f"tokens_{a}": None, f"tokens_{b}": None,
+           "ratio": None, "reason": ""}
+    trained = {m: (method == m) & (step > 0) for m in (a, b)}
+    missing = [m for m in (a, b) if not trained[m].any()]
+    if missing:
+        out["reason"] = f"no evaluated checkpoint of {missing} (never trained)"
+        return out
+    best = {m: float(accuracy[trained[m]].max()) for m in (a, b)}
+    out.update({f"best_{m}": best[m] for m in (a, b)})
     target = min(best.values())
-    out = {"mode": mode, "base_accuracy": base, "target_accuracy": target, f"best_{a}": best[a],
-           f"best_{b}": best[b], f"tokens_{a}": None, f"tokens_{b}": None, "ratio": None, "reason": ""}
+    out["target_accuracy"] = target
     if not target > base:
         out["reason"] = (f"no common improvement over the base model ({base:.3f}): best {a} {best[a]:.3f}, "
                          f"best {b} {best[b]:.3f}")
         return out
     for m in (a, b):
-        rows = points[(points["method"] == m) & (points[column] >= target) & (points["step"] > 0)]
-        out[f"tokens_{m}"] = int(rows["generated_tokens"].min())
+        out[f"tokens_{m}"] = int(np.min(tokens[trained[m] & (accuracy >= target)]))
     if out[f"tokens_{a}"] == 0:
         out["reason"] = f"{a} generated no tokens"
         return out
@@ -105,36 +261,85 @@ def tokens_to_equal_accuracy(points, *, mode: str = "lenient", a: str = "opsd", 
     return out
 
 
-def _row(method: str, step: int, summary: dict, *, generated: int, trained: int, seconds: float) -> dict:
-    row = {"method": method, "step": step, "generated_tokens": generated, "train_tokens": trained,
-           "train_seconds": seconds, "k": summary["eval/k"], "n_problems": summary["eval/n_problems"],
-           "boxed_rate": summary["eval/boxed_rate"], "mean_response_tokens": summary["eval/mean_response_tokens"],
-           "truncation_rate": summary["eval/truncation_rate"], "eval_seconds": summary["eval/seconds"]}
-    for mode in ("strict", "lenient"):
-        row[f"{mode}/avg@k"] = summary[f"eval/{mode}/avg@k"]
-        row[f"{mode}/pass@k"] = summary[f"eval/{mode}/pass@k"]
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+def _first_sample(result, mode: str) -> list[bool]:
+    """Each problem's first-sample verdict, in the order of ``result.table``."""
+    first = result.samples[result.samples["sample"] == 0].set_index("problem_id")
+    return [bool(first.loc[i, f"correct_{mode}"]) for i in result.table["id"]]
+
+
+def _run_config(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "config.json").read_text())
 
 
 def _model_key(cfg: dict) -> tuple:
     return (cfg["model"], cfg["dtype"], cfg["quantization"], cfg["use_lora"], cfg["lora_r"], cfg["lora_alpha"],
-            cfg["lora_dropout"], tuple(cfg["lora_target_modules"]))
+            tuple(cfg["lora_target_modules"]))
 
 
-def load_run_policy(run_dir, adapter=None):
-    """The policy and prompt builder a run trained with, its adapter loaded when given."""
+def _evaluation_key(point: Point, eval_config, problem_dicts: list) -> dict:
+    """What an evaluation depends on: the protocol, the problems, and the adapter's weights."""
+    digest = hashlib.sha256(json.dumps(problem_dicts, sort_keys=True).encode()).hexdigest()
+    weights = None
+    if point.adapter is not None:
+        weights = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(point.adapter).glob("*.safetensors"))))
+        weights = weights.hexdigest()
+    return {"eval_config": eval_config.to_dict(), "problems_sha256": digest, "adapter_sha256": weights}
+
+
+def _saved_key(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "key.json").read_text()) if (folder / "summary.json").is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
+    """The policy and prompt builder a run trained with, its adapter loaded when given.
+
+    ``student_thinking`` overrides the run's student thinking switch (an evaluation protocol
+    may differ from training: the paper trains with thinking off and evaluates with it on).
+    """
     from .policy import LoraSettings, Policy
     from .prompts import PromptBuilder
 
-    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    cfg = _run_config(run_dir)
     if not cfg["use_lora"]:
-        raise ValueError("evaluate_runs compares LoRA adapters; a run with use_lora=False has none")
+        raise ValueError("the study compares LoRA adapters; a run with use_lora=False has none")
     lora = LoraSettings(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
                         target_modules=tuple(cfg["lora_target_modules"]))
     policy = Policy.from_pretrained(cfg["model"], dtype=cfg["dtype"], quantization=cfg["quantization"], lora=lora,
                                     teacher="frozen", seed=cfg["seed"])
-    builder = PromptBuilder(policy.tokenizer, student_thinking=cfg["student_thinking"],
+    thinking = cfg["student_thinking"] if student_thinking == "from run" else student_thinking
+    builder = PromptBuilder(policy.tokenizer, student_thinking=thinking,
                             teacher_thinking=cfg["teacher_thinking"], max_prompt_tokens=cfg["max_prompt_tokens"])
     if adapter is not None:
         policy.load_adapter(adapter)
     return policy, builder
+
+
+def to_record(summary: dict, eval_config) -> dict:
+    """The study as plain JSON: per (method, step) ``n_eval``, ``k``, both modes' accuracy with
+    ``ci_low``/``ci_high``, generated tokens and training seconds; per method its paired
+    difference against the base (``diff``, ``ci_low``, ``ci_high``, ``mcnemar_p``); every
+    other comparison; the tokens-to-equal-accuracy ratios; the protocol."""
+    def clean(value):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        return value.item() if hasattr(value, "item") else value
+
+    def by_mode(row: dict, fields: dict) -> dict:
+        return {m: {out: clean(row[f"{m}/{name}"]) for out, name in fields.items()} for m in MODES}
+
+    accuracy = {"accuracy": "avg@k", "ci_low": "ci_low", "ci_high": "ci_high"}
+    difference = {"diff": "diff", "ci_low": "ci_low", "ci_high": "ci_high", "mcnemar_p": "mcnemar_p"}
+    points = [dict({key: clean(row[key]) for key in ("method", "step", "n_eval", "k", "generated_tokens",
+                                                      "train_tokens", "train_seconds", "boxed_rate",
+                                                      "mean_response_tokens", "truncation_rate")},
+                   **by_mode(row, accuracy)) for row in summary["points"].to_dict("records")]
+    comparisons = [dict({key: clean(row[key]) for key in ("a", "a_step", "b", "b_step", "n_eval")},
+                        **by_mode(row, difference)) for row in summary["comparisons"].to_dict("records")]
+    vs_base = {c["a"]: {k: v for k, v in c.items() if k not in ("a", "b", "b_step")}
+               for c in comparisons if c["b"] == "base"}
+    ratios = {m: {k: clean(v) for k, v in r.items()} for m, r in summary["tokens_to_equal_accuracy"].items()}
+    return {"eval_config": eval_config.to_dict(), "points": points, "vs_base": vs_base,
+            "comparisons": [c for c in comparisons if c["b"] != "base"], "tokens_to_equal_accuracy": ratios}

@@ -149,7 +149,7 @@ class Trainer:
         ledger_done = self.ledger.state_dict()  # the counts after self.step complete steps
         clock = time.perf_counter()
         try:
-            while self.step < cfg.max_steps:
+            while self.step < cfg.max_steps and not self._budget_spent():
                 metrics = self._optimizer_step()
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["train/skipped_nonfinite"] else 0
                 self.step += 1
@@ -170,8 +170,11 @@ class Trainer:
                         f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
                         f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); checkpoint saved at step {self.step}. "
                         "Lower learning_rate, raise max_grad_norm clipping, or use dtype='float32'")
-                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or self._budget_spent():
                     self._save()
+            if self._budget_spent() and self.is_main and cfg.progress:
+                print(f"Rollout-token budget reached after step {self.step}: {self.ledger.generated_tokens} "
+                      f"generated tokens >= max_generated_tokens={cfg.max_generated_tokens}.")
         except KeyboardInterrupt:
             interrupted = True
             self._rewind_partial_step(ledger_done)
@@ -197,6 +200,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return TrainResult(self.run_dir, adapter_dir, self.run_dir / "metrics.jsonl", self.step,
                            self.ledger.state_dict(), interrupted, last)
+
+    def _budget_spent(self) -> bool:
+        """True once the run's generated tokens reach ``max_generated_tokens``."""
+        budget = self.config.max_generated_tokens
+        return budget is not None and self.ledger.generated_tokens >= budget
 
     def _optimizer_step(self) -> dict:
         import torch

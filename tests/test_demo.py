@@ -5,7 +5,6 @@ import pandas as pd
 import pytest
 
 from opsd_kit.demo import NOTEBOOKS, run_demo
-from opsd_kit.study import tokens_to_equal_accuracy
 
 
 @pytest.mark.slow
@@ -25,27 +24,6 @@ def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path):
         points.loc[points["method"] == "opsd", "generated_tokens"].max()  # G rollouts per problem vs 1
     assert summary["mode"] == "lenient" and "tokens_to_equal_accuracy" in summary
     assert (tmp_path / "study" / "token_efficiency.png").is_file()
-
-
-def _points(rows):
-    return pd.DataFrame(rows, columns=["method", "step", "generated_tokens", "lenient/avg@k"])
-
-
-def test_tokens_to_equal_accuracy_by_hand():
-    points = _points([
-        ("opsd", 0, 0, 0.10), ("opsd", 4, 100, 0.30), ("opsd", 8, 200, 0.40),
-        ("grpo", 0, 0, 0.10), ("grpo", 4, 800, 0.20), ("grpo", 8, 1600, 0.35),
-    ])
-    out = tokens_to_equal_accuracy(points, mode="lenient")
-    assert out["target_accuracy"] == 0.35  # the best accuracy both reached
-    assert (out["tokens_opsd"], out["tokens_grpo"]) == (200, 1600)
-    assert out["ratio"] == 8.0
-
-
-def test_tokens_to_equal_accuracy_without_improvement_says_why():
-    points = _points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.1), ("grpo", 0, 0, 0.2), ("grpo", 4, 800, 0.3)])
-    out = tokens_to_equal_accuracy(points, mode="lenient")
-    assert out["ratio"] is None and "no common improvement" in out["reason"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,99 @@
+"""opsd_kit.stats against values computed by hand (closed forms written out here)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from opsd_kit.stats import (
+    accuracy_interval,
+    bootstrap_indices,
+    mcnemar_exact,
+    paired_difference,
+    percentile_interval,
+    wilson_interval,
+)
+
+Z95 = 1.959963984540054  # the 97.5% standard normal quantile
+
+
+def test_wilson_by_hand():
+    # 5 of 10: centre 0.5, half-width z sqrt(0.025 + z^2/400) / (1 + z^2/10)
+    low, high = wilson_interval(5, 10)
+    half = Z95 * math.sqrt(0.025 + Z95 ** 2 / 400) / (1 + Z95 ** 2 / 10)
+    assert (low, high) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-12)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # the textbook table value
+    # 0 of 10: [0, z^2 / (n + z^2)], never empty
+    assert wilson_interval(0, 10) == pytest.approx((0.0, Z95 ** 2 / (10 + Z95 ** 2)), abs=1e-12)
+    # a wider confidence gives a wider interval
+    assert wilson_interval(5, 10, 0.99)[0] < low < wilson_interval(5, 10, 0.5)[0]
+    all_low, all_high = wilson_interval(10, 10)
+    assert all_high == 1.0 and all_low == pytest.approx(10 / (10 + Z95 ** 2), abs=1e-12)
+
+
+def test_wilson_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)
+    with pytest.raises(ValueError, match="n >= 1"):
+        wilson_interval(0, 0)
+
+
+def test_mcnemar_exact_by_hand():
+    # a right alone on 1 problem, b right alone on 9: p = 2 * (C(10,0) + C(10,1)) / 2^10
+    a = [True] * 1 + [False] * 9 + [True] * 5 + [False] * 3
+    b = [False] * 1 + [True] * 9 + [True] * 5 + [False] * 3
+    out = mcnemar_exact(a, b)
+    assert (out["a_only"], out["b_only"]) == (1, 9)
+    assert out["p"] == pytest.approx(2 * 11 / 1024, abs=1e-15)
+    # 0 vs 5 discordant: 2 / 2^5
+    assert mcnemar_exact([False] * 5, [True] * 5)["p"] == pytest.approx(2 / 32)
+    # symmetric, and 1 when the discordant counts are equal or absent
+    assert mcnemar_exact(b, a)["p"] == out["p"]
+    assert mcnemar_exact([True, False], [False, True])["p"] == 1.0
+    assert mcnemar_exact([True, True], [True, True])["p"] == 1.0
+    with pytest.raises(ValueError, match="equal-length"):
+        mcnemar_exact([True], [True, False])
+
+
+def test_paired_difference_by_hand():
+    a = np.array([1.0, 1.0, 0.0, 1.0])
+    b = np.array([0.0, 1.0, 0.0, 0.0])
+    # resamples written out: the differences are [1, 0, 0, 1]
+    indices = np.array([[0, 0, 0, 0], [1, 2, 1, 2], [0, 1, 2, 3], [0, 3, 1, 1]])  # means 1, 0, 0.5, 0.5
+    out = paired_difference(a, b, indices, confidence=0.5)  # the 25th and 75th percentiles
+    assert out["diff"] == 0.5
+    assert (out["ci_low"], out["ci_high"]) == (np.percentile([1, 0, 0.5, 0.5], 25), np.percentile([1, 0, 0.5, 0.5], 75))
+    # pairing matters: the same marginals shuffled give another interval
+    unpaired = paired_difference(a, b[[1, 0, 2, 3]], indices, confidence=0.5)
+    assert unpaired["diff"] == out["diff"] and (unpaired["ci_low"], unpaired["ci_high"]) != (out["ci_low"], out["ci_high"])
+
+
+def test_accuracy_interval_picks_wilson_for_k1_and_bootstrap_for_avg_at_k():
+    verdicts = np.array([1.0] * 3 + [0.0] * 7)
+    assert accuracy_interval(verdicts, 1) == wilson_interval(3, 10)
+    with pytest.raises(ValueError, match="0 or 1"):
+        accuracy_interval(np.array([0.5, 1.0]), 1)
+    per_problem = np.array([0.5, 1.0, 0.0, 0.25])
+    indices = np.array([[0, 1, 2, 3], [1, 1, 1, 1], [2, 2, 2, 2]])  # means 0.4375, 1, 0
+    assert accuracy_interval(per_problem, 4, indices=indices, confidence=0.5) == percentile_interval(
+        [0.4375, 1.0, 0.0], 0.5)
+    with pytest.raises(ValueError, match="bootstrap indices"):
+        accuracy_interval(per_problem, 4)
+
+
+def test_bootstrap_indices_are_seeded_and_in_range():
+    a, b = bootstrap_indices(7, 50, seed=3), bootstrap_indices(7, 50, seed=3)
+    assert a.shape == (50, 7) and (a == b).all() and a.min() >= 0 and a.max() <= 6
+    assert not (bootstrap_indices(7, 50, seed=4) == a).all()
+
+
+def test_bootstrap_interval_covers_the_truth_about_95_percent_of_the_time():
+    """Coverage check of the percentile bootstrap on avg@k-like data (a known mean)."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(200):
+        values = rng.binomial(4, 0.3, size=150) / 4  # per-problem avg@4, true mean 0.3
+        low, high = accuracy_interval(values, 4, indices=bootstrap_indices(150, 400, seed=trial))
+        covered += low <= 0.3 <= high
+    assert 0.88 <= covered / 200 <= 0.99

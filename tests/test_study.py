@@ -1,0 +1,112 @@
+"""The study's arithmetic on hand-made evaluations: intervals, paired comparisons, the token ratio."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from opsd_kit.config import EvalConfig, load_eval_profile
+from opsd_kit.evaluate import EvalResult
+from opsd_kit.stats import mcnemar_exact, wilson_interval
+from opsd_kit.study import Point, summarize, to_record, tokens_to_equal_accuracy
+
+
+def fake_result(strict: list[int], lenient: list[int] | None = None) -> EvalResult:
+    """An EvalResult of k = 1 with the given per-problem verdicts (ids p0, p1, ...)."""
+    lenient = strict if lenient is None else lenient
+    ids = [f"p{i}" for i in range(len(strict))]
+    table = pd.DataFrame({"id": ids, "avg_strict": np.array(strict, float), "avg_lenient": np.array(lenient, float)})
+    samples = pd.DataFrame({"problem_id": ids, "sample": 0, "correct_strict": [bool(x) for x in strict],
+                            "correct_lenient": [bool(x) for x in lenient]})
+    summary = {f"eval/{m}/avg@k": float(np.mean(v)) for m, v in (("strict", strict), ("lenient", lenient))}
+    summary.update({f"eval/{m}/pass@k": summary[f"eval/{m}/avg@k"] for m in ("strict", "lenient")})
+    summary.update({"eval/boxed_rate": 1.0, "eval/mean_response_tokens": 10.0, "eval/truncation_rate": 0.0})
+    return EvalResult(summary=summary, table=table, samples=samples)
+
+
+def test_summarize_reports_intervals_and_paired_comparisons():
+    n = 40
+    base = [1] * 4 + [0] * 36
+    opsd = [1] * 4 + [1] * 12 + [0] * 24  # right on 12 more problems, wrong on none the base got
+    grpo = [0] * 4 + [1] * 2 + [0] * 34
+    points = [Point("base", 0, None), Point("opsd", 24, "a", "r", 15000, 1, 60.0),
+              Point("grpo", 12, "b", "r", 16000, 1, 70.0)]
+    results = {"base": fake_result(base), "opsd-step24": fake_result(opsd), "grpo-step12": fake_result(grpo)}
+    config = EvalConfig(n_bootstrap=2000)
+    out = summarize(points, results, config)
+    table = out["points"].set_index("tag")
+    assert table.loc["opsd-step24", "strict/avg@k"] == 16 / n
+    assert (table.loc["opsd-step24", "strict/ci_low"], table.loc["opsd-step24", "strict/ci_high"]) == \
+        wilson_interval(16, n)
+    comparisons = out["comparisons"].set_index(["a", "b"])
+    vs_base = comparisons.loc[("opsd", "base")]
+    assert vs_base["strict/diff"] == pytest.approx(12 / n)
+    assert vs_base["strict/mcnemar_p"] == mcnemar_exact(opsd, base)["p"] == pytest.approx(2 / 2 ** 12)
+    assert 0 < vs_base["strict/ci_low"] < 12 / n < vs_base["strict/ci_high"]
+    pair = comparisons.loc[("opsd", "grpo")]
+    assert pair["strict/diff"] == pytest.approx((16 - 2) / n)
+    assert (pair["strict/a_only"], pair["strict/b_only"]) == (14, 0)
+    record = json.loads(json.dumps(to_record(out, config)))  # plain JSON
+    assert record["vs_base"]["opsd"]["strict"]["diff"] == pytest.approx(12 / n)
+    assert set(record["vs_base"]["opsd"]["strict"]) == {"diff", "ci_low", "ci_high", "mcnemar_p"}
+    first = record["points"][1]
+    assert {"n_eval", "k", "generated_tokens", "train_seconds"} <= set(first)
+    assert set(first["lenient"]) == {"accuracy", "ci_low", "ci_high"}
+
+
+def test_summarize_refuses_unpaired_evaluations():
+    points = [Point("base", 0, None), Point("opsd", 1, "a", "r")]
+    other = fake_result([1, 0])
+    other.table["id"] = ["q0", "q1"]
+    with pytest.raises(ValueError, match="other problems"):
+        summarize(points, {"base": fake_result([1, 0]), "opsd-step1": other}, EvalConfig())
+
+
+def _points(rows):
+    frame = pd.DataFrame(rows, columns=["method", "step", "generated_tokens", "lenient/avg@k"])
+    frame["tag"] = [f"{m}-{s}" for m, s in zip(frame["method"], frame["step"])]
+    return frame
+
+
+def test_tokens_to_equal_accuracy_by_hand():
+    points = _points([
+        ("opsd", 0, 0, 0.10), ("opsd", 4, 100, 0.30), ("opsd", 8, 200, 0.40),
+        ("grpo", 0, 0, 0.10), ("grpo", 4, 800, 0.20), ("grpo", 8, 1600, 0.35),
+    ])
+    out = tokens_to_equal_accuracy(points, mode="lenient")
+    assert out["target_accuracy"] == 0.35  # the best accuracy both reached
+    assert (out["tokens_opsd"], out["tokens_grpo"]) == (200, 1600)
+    assert out["ratio"] == 8.0
+
+
+def test_tokens_to_equal_accuracy_without_improvement_says_why():
+    points = _points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.1), ("grpo", 0, 0, 0.2), ("grpo", 4, 800, 0.3)])
+    out = tokens_to_equal_accuracy(points, mode="lenient")
+    assert out["ratio"] is None and "no common improvement" in out["reason"]
+
+
+def test_tokens_ratio_interval_over_problem_resamples():
+    """Every problem is right after training and wrong before: every resample gives 1600/100."""
+    points = _points([("opsd", 0, 0, 0.0), ("opsd", 4, 100, 1.0), ("grpo", 8, 1600, 1.0)])
+    ones, zeros = np.ones(20), np.zeros(20)
+    per_problem = {"opsd-0": {"lenient": zeros}, "opsd-4": {"lenient": ones}, "grpo-8": {"lenient": ones}}
+    indices = np.random.default_rng(0).integers(0, 20, size=(50, 20))
+    out = tokens_to_equal_accuracy(points, per_problem, indices, mode="lenient")
+    assert out["ratio"] == 16.0 and (out["ci_low"], out["ci_high"]) == (16.0, 16.0)
+    assert out["defined_fraction"] == 1.0
+
+
+def test_eval_profiles_validate():
+    demo = load_eval_profile("cpu-demo")
+    assert demo.greedy and demo.k == 1 and demo.max_new_tokens >= 128 and demo.mode == "strict"
+    assert demo.settings().temperature == 0 and demo.settings().n == 1
+    from opsd_kit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="greedy"):
+        load_eval_profile("cpu-demo", k=4)
+    with pytest.raises(ConfigError, match="did you mean 'max_new_tokens'"):
+        load_eval_profile("cpu-demo", max_new_token=4)
+    with pytest.raises(ConfigError, match="mode"):
+        load_eval_profile("cpu-demo", mode="loose")
