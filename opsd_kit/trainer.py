@@ -60,7 +60,8 @@ class Trainer:
 
         # Every check of the configuration runs before the model's weights load.
         self.config = config.validate()
-        config.check_context(*_context_length(config, policy))
+        self.context_length, context_source = _context_length(config, policy)
+        config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         config.check_world(self.accelerator.num_processes)
         self.problems = problems if problems is not None else _load_train_problems(config)
