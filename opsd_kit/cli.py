@@ -8,6 +8,8 @@ import argparse
 import json
 import sys
 
+from .config import ALGORITHMS
+
 
 def parse_overrides(pairs: list[str]) -> dict:
     """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true, null)."""
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train with OPSD or a baseline")
     t.add_argument("--profile", default="tiny")
-    t.add_argument("--algorithm", default="opsd", choices=["opsd", "grpo", "sft"])
+    t.add_argument("--algorithm", default="opsd", choices=ALGORITHMS)
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args(argv)
 

@@ -1,5 +1,6 @@
 """Training configuration: one dataclass, a docstring under every field, validated before any
-model loads. Profiles (`tiny`, `cpu-demo`, `paper`) are named sets of overrides.
+model loads. Profiles (`tiny`, `cpu-demo`, `paper`, `paper-qlora`) are named sets of overrides;
+`eval_protocol_for` gives the evaluation protocol that goes with a run's profile.
 
 Knob names carry their meaning: `jsd_beta` is only the JSD mixing weight, `kl_coef` only
 GRPO's KL penalty, `clip_tau` only OPSD's pointwise clipping, `ratio_clip_eps` only GRPO's
@@ -13,7 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-ALGORITHMS = ("opsd", "grpo", "sft")
+ALGORITHMS = ("opsd", "grpo", "sft", "rlsd")
+GROUP_ALGORITHMS = ("grpo", "rlsd")  # sample num_generations rollouts per problem, group-relative advantages
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "topk", "sampled_token")
 TEACHERS = ("frozen", "live", "ema")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -28,7 +30,11 @@ class ConfigError(ValueError):
 class TrainConfig:
     # -- run -------------------------------------------------------------------------------
     algorithm: str = "opsd"
-    """Which trainer: 'opsd' (on-policy self-distillation), 'grpo' or 'sft' (baselines)."""
+    """Which trainer: 'opsd' (on-policy self-distillation), 'grpo' or 'sft' (baselines), or
+    'rlsd' (GRPO with the privileged teacher's token-level credit, `opsd_kit.rlsd`)."""
+    profile: str | None = None
+    """Which profile built this config (set by `load_profile`; None: built by hand). It picks
+    the evaluation protocol that goes with the run (`eval_protocol_for`)."""
     run_dir: str = "runs/opsd"
     """Folder for metrics.jsonl, checkpoints and the final adapter."""
     seed: int = 0
@@ -80,7 +86,12 @@ class TrainConfig:
 
     # -- rollouts --------------------------------------------------------------------------
     max_new_tokens: int = 1024
-    """Completion cap for training rollouts (paper: 1024)."""
+    """Completion cap for training rollouts (paper v3: 1024). SFT generates nothing: its
+    targets are capped by `max_target_tokens` instead."""
+    max_target_tokens: int | None = None
+    """SFT target cap: reference solutions longer than this many tokens (EOS included) are cut;
+    None = no cap (every target must then fit the model's context after its prompt). Used by
+    SFT only (`paper` profile: 16384, the official SFT script's max length)."""
     temperature: float = 1.1
     """Rollout sampling temperature (paper: OPSD 1.1, GRPO 1.2)."""
     top_p: float = 0.95
@@ -128,13 +139,24 @@ class TrainConfig:
     grading_mode: str = "strict"
     """Reward and rollout-correctness grading: 'strict' (boxed answers) or 'lenient'."""
 
+    # -- RLSD ------------------------------------------------------------------------------
+    rlsd_lambda: float = 0.5
+    """RLSD: initial mixing weight lambda_0 of the teacher's token weights in
+    A_t = A ((1 - lambda) + lambda w_t); decays linearly to 0 (official rlsd_trainer.py: 0.5)."""
+    rlsd_eps: float = 0.2
+    """RLSD: token weights are clipped to [1 - eps, 1 + eps] (official rlsd_trainer.py: 0.2)."""
+    rlsd_decay_steps: int = 50
+    """RLSD: optimizer steps over which lambda decays linearly from rlsd_lambda to 0 (official
+    rlsd_trainer.py: 50); from then on RLSD is plain GRPO."""
+
     # -- optimisation ----------------------------------------------------------------------
-    learning_rate: float = 5e-6
-    """AdamW learning rate (paper: 5e-6)."""
+    learning_rate: float = 2e-4
+    """AdamW learning rate (the `paper` profile: 2e-4, as the official Qwen3-1.7B launch script
+    scripts/run_opsd_1b.sh)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    max_grad_norm: float = 0.1
-    """Gradient clipping norm (paper: 0.1)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (1.0: TRL's default, which the official launch scripts inherit)."""
     lr_schedule: str = "constant"
     """'constant', 'linear' or 'cosine' decay after warmup."""
     warmup_steps: int = 0
@@ -165,7 +187,7 @@ class TrainConfig:
             "lr_schedule": SCHEDULES, "dtype": ("float32", "bfloat16", "float16"),
             "quantization": (None, "4bit"), "backend": ("hf", "unsloth"),
             "rollout_backend": ("hf", "vllm"), "loss_support": ("full", "truncated"),
-            "grading_mode": ("strict", "lenient"),
+            "grading_mode": ("strict", "lenient"), "profile": (None, *_PROFILES),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -178,7 +200,7 @@ class TrainConfig:
         positive = ("max_steps", "train_size", "max_prompt_tokens", "max_new_tokens", "generation_batch_size",
                     "problems_per_step", "micro_batch_size", "num_generations", "num_iterations",
                     "loss_chunk_size", "save_every", "keep_checkpoints", "lora_r", "lora_alpha",
-                    "max_nonfinite_steps", "distill_topk")
+                    "max_nonfinite_steps", "distill_topk", "rlsd_decay_steps")
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -196,9 +218,13 @@ class TrainConfig:
         _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, ">= 0")
         _check(self.ratio_clip_eps > 0, "ratio_clip_eps", self.ratio_clip_eps, "> 0")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        _check(self.max_target_tokens is None or self.max_target_tokens >= 1, "max_target_tokens",
+               self.max_target_tokens, "None (no cap) or an integer >= 1")
+        _check(0 <= self.rlsd_lambda <= 1, "rlsd_lambda", self.rlsd_lambda, "in [0, 1]")
+        _check(0 <= self.rlsd_eps < 1, "rlsd_eps", self.rlsd_eps, "in [0, 1) (weights stay positive)")
         if self.sampled_token_clamp is not None:
             _check(self.sampled_token_clamp > 0, "sampled_token_clamp", self.sampled_token_clamp, "None or > 0")
-        if self.teacher == "frozen" and not self.use_lora and self.algorithm == "opsd":
+        if self.teacher == "frozen" and not self.use_lora and self.uses_teacher:
             raise ConfigError("teacher='frozen' needs use_lora=True: the frozen teacher is the base model with "
                               "the adapter switched off. Set use_lora=True, or choose teacher='live' explicitly")
         if self.quantization == "4bit" and not self.use_lora:
@@ -210,8 +236,9 @@ class TrainConfig:
         if self.loss_support == "truncated" and self.divergence in ("topk", "sampled_token"):
             raise ConfigError(f"loss_support='truncated' applies to full-vocabulary divergences; divergence="
                               f"{self.divergence!r} has its own support: use loss_support='full'")
-        if self.algorithm == "grpo" and self.num_generations < 2:
-            raise ConfigError("num_generations must be >= 2 for grpo (group-relative advantages need a group)")
+        if self.algorithm in GROUP_ALGORITHMS and self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 for {self.algorithm} (group-relative advantages "
+                              "need a group)")
         if self.algorithm == "opsd" and self.kl_coef:
             raise ConfigError("kl_coef is GRPO's KL penalty; it has no meaning for algorithm='opsd'")
         return self
@@ -236,15 +263,24 @@ class TrainConfig:
                               f"{world_size} processes; it must be a multiple of {world_size}")
         return self.problems_per_step // world_size
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the algorithm runs the privileged teacher (OPSD's targets, RLSD's token credit)."""
+        return self.algorithm in ("opsd", "rlsd")
+
     def check_context(self, context_length: int | None, source: str = "the model config") -> None:
         """The longest sequence a step builds (a prompt of max_prompt_tokens followed by a
-        completion of max_new_tokens) must fit the model's context; ``None`` skips the check."""
-        total = self.max_prompt_tokens + self.max_new_tokens
+        completion of max_new_tokens, or for SFT a target of max_target_tokens) must fit the
+        model's context; ``None`` skips the check. SFT without a target cap checks the prompt
+        here and each target once tokenised (`opsd_kit.sft`)."""
+        key = "max_target_tokens" if self.algorithm == "sft" else "max_new_tokens"
+        lengths = {"max_prompt_tokens": self.max_prompt_tokens, key: getattr(self, key)}
+        lengths = {k: v for k, v in lengths.items() if v is not None}
+        total = sum(lengths.values())
         if context_length is not None and total > context_length:
             raise ConfigError(
-                f"max_prompt_tokens={self.max_prompt_tokens} + max_new_tokens={self.max_new_tokens} = {total} "
-                f"exceeds the model's context of {context_length} tokens ({source}); lower them so that "
-                f"max_prompt_tokens + max_new_tokens <= {context_length}")
+                f"{' + '.join(f'{k}={v}' for k, v in lengths.items())} = {total} exceeds the model's context of "
+                f"{context_length} tokens ({source}); lower them so that {' + '.join(lengths)} <= {context_length}")
 
     def rollout_settings(self, n: int = 1, max_new_tokens: int | None = None):
         """The rollout sampling settings, with ``n`` samples per prompt."""
@@ -385,27 +421,74 @@ _PROFILES: dict[str, dict] = {
                      learning_rate=2e-4, max_grad_norm=1.0, grading_mode="strict", num_generations=4,
                      num_iterations=1, save_every=6, keep_checkpoints=10, generation_batch_size=32,
                      loss_chunk_size=64),
-    # The paper's v3 settings (Qwen3-1.7B, QLoRA 4-bit). Needs a GPU.
-    "paper": dict(model="Qwen/Qwen3-1.7B", dtype="bfloat16", quantization="4bit",
-                  train_data="siyanzhao/Openthoughts_math_30k_opsd", train_size=29_400, max_steps=100,
-                  problems_per_step=32, micro_batch_size=4, max_new_tokens=1024, max_prompt_tokens=4096,
-                  temperature=1.1, top_p=0.95,
-                  top_k=20, lora_r=64, lora_alpha=128, learning_rate=5e-6, max_grad_norm=0.1,
-                  divergence="forward_kl", clip_tau=0.05, teacher="frozen", student_thinking=False,
-                  teacher_thinking=True, gradient_checkpointing=True, save_every=25, generation_batch_size=64),
+    # The published OPSD setting for Qwen3-1.7B, in bf16 like the paper's runs. Needs a GPU.
+    # Sources: "v3" = arXiv 2601.18734 v3; "1b.sh" = scripts/run_opsd_1b.sh of the official code
+    # (github.com/siyan-zhao/OPSD); "kit" = this kit's choice, which changes memory or speed only.
+    # docs/algorithm.md tabulates where the paper, the official scripts and this profile differ.
+    "paper": dict(
+        model="Qwen/Qwen3-1.7B",  # v3 and 1b.sh
+        dtype="bfloat16", quantization=None,  # v3: bf16, not quantised (4-bit: the `paper-qlora` profile)
+        lora_r=64, lora_alpha=128,  # v3; on q,k,v,o,gate,up,down (lora_target_modules' default)
+        train_data="siyanzhao/Openthoughts_math_30k_opsd",  # the official code's data: problem, solution
+        train_size=29_400,  # v3: about 29.4k rows, i.e. all of them
+        problems_per_step=32,  # v3; 1b.sh: 8 GPUs x per-device batch 2 x gradient accumulation 2
+        max_steps=100,  # v3: 100 optimizer steps
+        save_every=25, keep_checkpoints=4,  # v3 reports the best of the checkpoints every 25 steps: keep all 4
+        learning_rate=2e-4,  # 1b.sh, the runnable evidence (the 4B script run_opsd.sh uses 2e-5)
+        max_grad_norm=1.0,  # TRL's default, which 1b.sh inherits (it sets no max_grad_norm)
+        teacher="frozen",  # v3: the initial model, i.e. the adapter switched off
+        temperature=1.1,  # v3 and 1b.sh
+        top_p=0.95, top_k=20,  # v3
+        max_new_tokens=1024,  # v3 text; v1 and 1b.sh use 2048
+        loss_temperature=None,  # v3: teacher and student logits at the rollout temperature
+        # v3: forward KL is the default and its ablations favour it; pointwise clipping tau = 0.05 for
+        # 1.7B/4B (0.06 for 8B). 1b.sh runs JSD instead: divergence="jsd", jsd_beta=0.5.
+        divergence="forward_kl", clip_tau=0.05,
+        student_thinking=False, teacher_thinking=True,  # v3: student thinking off, teacher thinking on
+        # kit: room for the teacher prompt's reference solution (longer ones are shortened and counted
+        # in prompt/teacher_truncated_total)
+        max_prompt_tokens=4096,
+        # kit: memory and speed only; the loss is normalised over the whole step whatever these are
+        micro_batch_size=4, generation_batch_size=64, gradient_checkpointing=True,
+    ),
 }
 
+# Derived profiles: (base profile, changes). A derived profile inherits everything else, the
+# base's algorithm overrides and its evaluation protocol included.
+_DERIVED: dict[str, tuple[str, dict]] = {
+    # `paper` in 4-bit NF4 (QLoRA) for one 24 GB GPU; the frozen teacher is then the 4-bit base model.
+    "paper-qlora": ("paper", dict(quantization="4bit")),
+}
+_PROFILES.update({name: dict(_PROFILES[base], **changes) for name, (base, changes) in _DERIVED.items()})
+
+
+def _base_profile(name: str) -> str:
+    """The profile whose algorithm overrides and evaluation protocol ``name`` uses."""
+    return _DERIVED[name][0] if name in _DERIVED else name
+
+
 _ALGORITHM_OVERRIDES: dict[str, dict] = {
-    # GRPO baseline (paper): 8 generations, temperature 1.2, KL 0, 2 iterations, 500 steps.
-    "grpo": {"paper": dict(temperature=1.2, num_generations=8, num_iterations=2, max_steps=500,
-                           max_new_tokens=16_384, kl_coef=0.0, problems_per_step=32),
-             # 4 problems x 4 rollouts a step until a rollout-token budget above OPSD's 24 steps
-             # (about 15k tokens): GRPO gets at least OPSD's generated tokens.
-             "cpu-demo": dict(problems_per_step=4, num_generations=4, max_steps=60, max_generated_tokens=16_000)},
-    # SFT baseline: (problem -> reference solution), same LoRA and learning rate.
-    "sft": {},
+    "grpo": {
+        # The GRPO baseline as the official scripts/run_grpo.sh and v3 describe it.
+        "paper": dict(
+            num_generations=8, temperature=1.2, kl_coef=0.0, num_iterations=2,  # run_grpo.sh, v3
+            scale_rewards=True, grading_mode="strict",  # group-scaled advantages; binary math_verify reward
+            max_steps=500, keep_checkpoints=20,  # v3: 500 steps, peak reported: keep every 25-step checkpoint
+            max_new_tokens=16_384,  # the official README's token comparison: GRPO rollouts of up to 16k tokens
+            learning_rate=1e-6,  # TRL GRPOConfig's default; not known here: check it against run_grpo.sh
+            problems_per_step=32,  # as OPSD; check against run_grpo.sh
+        ),
+        # 4 problems x 4 rollouts a step until a rollout-token budget above OPSD's 24 steps
+        # (about 15k tokens): GRPO gets at least OPSD's generated tokens.
+        "cpu-demo": dict(problems_per_step=4, num_generations=4, max_steps=60, max_generated_tokens=16_000),
+    },
+    # SFT baseline as scripts/run_sft.sh: (problem -> reference solution) with the profile's LoRA 64/128.
+    # Its learning rate and step count are not known here: the profile's, to be checked against run_sft.sh.
+    "sft": {"paper": dict(max_target_tokens=16_384)},  # run_sft.sh's max length: targets are not cut at 1024
     "opsd": {},
 }
+# RLSD is GRPO with the teacher's token-level credit: the same rollouts, group size and schedule.
+_ALGORITHM_OVERRIDES["rlsd"] = _ALGORITHM_OVERRIDES["grpo"]
 
 
 def profile_names() -> list[str]:
@@ -418,8 +501,8 @@ def load_profile(name: str, algorithm: str = "opsd", **overrides) -> TrainConfig
         raise ConfigError(f"unknown profile {name!r}; choose one of {profile_names()}")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"algorithm={algorithm!r} is not allowed; choose one of {list(ALGORITHMS)}")
-    values = dict(_PROFILES[name], algorithm=algorithm, run_dir=f"runs/{name}-{algorithm}")
-    values.update(_ALGORITHM_OVERRIDES[algorithm].get(name, {}))
+    values = dict(_PROFILES[name], algorithm=algorithm, profile=name, run_dir=f"runs/{name}-{algorithm}")
+    values.update(_ALGORITHM_OVERRIDES[algorithm].get(_base_profile(name), {}))
     values.update(overrides)
     return TrainConfig.from_dict(values)
 
@@ -432,15 +515,35 @@ _EVAL_PROFILES: dict[str, dict] = {
     # The bundled SmolLM2 on held-out sums: greedy, a cap that lets answers finish, strict
     # (boxed) grading as the headline. The demo holds out 160 problems (leakage-checked).
     "cpu-demo": dict(k=1, temperature=0.0, max_new_tokens=128, mode="strict", batch_size=32),
+    # The paper's protocol (v3): AIME24, AIME25 and HMMT25 with thinking on, temperature 1.0, top-p
+    # 0.95 (top-k not stated: off), avg@12 (the official README reports avg@16), up to 38,912 new
+    # tokens, the last \boxed{} graded strictly. The hub ids are well-known public copies of the
+    # three benchmarks, not checked against the official evaluation code: check them there.
+    "paper": dict(benchmarks=("HuggingFaceH4/aime_2024", "math-ai/aime25", "MathArena/hmmt_feb_2025"),
+                  student_thinking=True, temperature=1.0, top_p=0.95, top_k=0, k=12, max_new_tokens=38_912,
+                  mode="strict"),
 }
 
 
 def eval_profile_names() -> list[str]:
-    return sorted(_EVAL_PROFILES)
+    """Every name `load_eval_profile` accepts: the protocols and the derived training profiles."""
+    return sorted({*_EVAL_PROFILES, *(n for n in _DERIVED if _base_profile(n) in _EVAL_PROFILES)})
 
 
 def load_eval_profile(name: str, **overrides) -> EvalConfig:
-    """The named evaluation protocol with ``overrides`` applied, validated."""
-    if name not in _EVAL_PROFILES:
+    """The named evaluation protocol with ``overrides`` applied, validated. A derived training
+    profile (`paper-qlora`) names its base's protocol."""
+    if name not in eval_profile_names():
         raise ConfigError(f"unknown evaluation profile {name!r}; choose one of {eval_profile_names()}")
-    return EvalConfig.from_dict(dict(_EVAL_PROFILES[name], **overrides))
+    return EvalConfig.from_dict(dict(_EVAL_PROFILES[_base_profile(name)], **overrides))
+
+
+def eval_protocol_for(config: TrainConfig, **overrides) -> EvalConfig:
+    """The evaluation protocol that goes with a training run: the evaluation profile of the
+    profile that built ``config`` (a `paper` or `paper-qlora` run -> the paper's protocol,
+    thinking on), so that no code changes between training and evaluating."""
+    if config.profile is None:
+        raise ConfigError(f"profile=None: this config was not built by load_profile, so no evaluation "
+                          f"protocol goes with it; choose one with load_eval_profile(name), name one of "
+                          f"{eval_profile_names()}")
+    return load_eval_profile(config.profile, **overrides)

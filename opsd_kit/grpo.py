@@ -21,9 +21,12 @@ def group_advantages(rewards_N, group_size: int, scale: bool = True, eps: float 
     return centred.reshape(-1)
 
 
-def grpo_token_loss(logp_BC, old_logp_BC, adv_B, mask_BC, *, clip_eps: float, ref_logp_BC=None,
+def grpo_token_loss(logp_BC, old_logp_BC, adv, mask_BC, *, clip_eps: float, ref_logp_BC=None,
                     kl_coef: float = 0.0):
     """SUM over unmasked tokens of the negated PPO-clipped surrogate (+ kl_coef * k3 KL).
+
+    ``adv``: one advantage per sequence, [B] (GRPO), or one per token, [B, C] (RLSD,
+    `opsd_kit.rlsd.rlsd_token_advantages`).
 
     The trainer divides this sum by the number of completion tokens of the whole optimizer
     step (token-level normalisation: every token weighs the same, long answers are not
@@ -31,7 +34,7 @@ def grpo_token_loss(logp_BC, old_logp_BC, adv_B, mask_BC, *, clip_eps: float, re
     import torch
 
     ratio = torch.exp(logp_BC - old_logp_BC)  # 1 at the first iteration; grad flows via logp
-    adv = adv_B[:, None]
+    adv = adv[:, None] if adv.dim() == 1 else adv  # a sequence's advantage holds at each of its tokens
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # pessimistic bound
     per_token = -surrogate  # minimise the negative objective
     if kl_coef:
@@ -55,8 +58,6 @@ class GRPO(Algorithm):
     def _sample(self, batch_index: int):
         import torch
 
-        from .prompts import build_batch
-
         cfg = self.config
         problems = self.trainer.step_problems(batch_index)
         rollouts = self.rollouts(problems, batch_index, n=cfg.num_generations)
@@ -67,39 +68,53 @@ class GRPO(Algorithm):
         metrics["grpo/reward_mean"] = float(rewards.mean())
         metrics["grpo/groups_all_same"] = float(
             (rewards.view(-1, cfg.num_generations).std(dim=1) == 0).float().mean())
-        micro = []
-        for rows in self.chunks(len(rollouts)):
-            prompts = [self.student_prompt(problems[rollouts.prompt_index[r]]) for r in rows]
-            student = build_batch(prompts, [rollouts.completion_ids[r] for r in rows], self.tokenizer.pad_token_id)
-            self.book_prompt_tokens(student)
-            mb = MicroBatch(student=student, num_loss_tokens=int(student.completion_mask.sum()),
-                            tensors={"adv": adv[list(rows)]})
-            with torch.no_grad():
-                if cfg.num_iterations > 1:
-                    mb.tensors["old_logp"] = self._logp(mb).detach().cpu()
-                if cfg.kl_coef:
-                    with self.policy.model.disable_adapter():  # reference = the base model
-                        mb.tensors["ref_logp"] = self._logp(mb).detach().cpu()
-            micro.append(mb)
+        micro = [self._micro_batch([problems[rollouts.prompt_index[r]] for r in rows],
+                                   [rollouts.completion_ids[r] for r in rows], adv[list(rows)])
+                 for rows in self.chunks(len(rollouts))]
         return micro, metrics
 
-    def _logp(self, mb: MicroBatch):
+    def _micro_batch(self, problems, completions, adv_B) -> MicroBatch:
+        """The rows' student batch and advantages, with the log-probs the loss reuses over the
+        batch's iterations computed now, without grad."""
+        import torch
+
+        from .prompts import build_batch
+
+        cfg = self.config
+        student = build_batch([self.student_prompt(p) for p in problems], completions, self.tokenizer.pad_token_id)
+        self.book_prompt_tokens(student)
+        mb = MicroBatch(student=student, num_loss_tokens=int(student.completion_mask.sum()), tensors={"adv": adv_B})
+        with torch.no_grad():
+            if cfg.num_iterations > 1:
+                mb.tensors["old_logp"] = self._logp(student).detach().cpu()
+            if cfg.kl_coef:
+                with self.policy.model.disable_adapter():  # reference = the base model
+                    mb.tensors["ref_logp"] = self._logp(student).detach().cpu()
+        return mb
+
+    def _logp(self, batch):
+        """log p(completion token) under the current weights at the rollout temperature: [B, C]."""
         from .losses import chunked_token_logprobs
 
-        targets = mb.student.completion_ids.to(self.trainer.accelerator.device)
-        return chunked_token_logprobs(self.hidden(mb.student), self.policy.head, targets,
+        targets = batch.completion_ids.to(self.trainer.accelerator.device)
+        return chunked_token_logprobs(self.hidden(batch), self.policy.head, targets,
                                       temperature=self.config.temperature, chunk_size=self.config.loss_chunk_size)
+
+    def advantages(self, mb: MicroBatch, old_logp_BC) -> tuple:
+        """``(advantages, metrics)`` for the loss, given the sampling policy's log-probs
+        ``old_logp_BC``: GRPO's one advantage per sequence, [B]."""
+        return mb.tensors["adv"].to(old_logp_BC.device), {}
 
     def loss(self, mb: MicroBatch):
         cfg, device = self.config, self.trainer.accelerator.device
         with self.trainer.phase("student"):
-            logp = self._logp(mb)
+            logp = self._logp(mb.student)
             old = mb.tensors["old_logp"].to(device) if "old_logp" in mb.tensors else logp.detach()
             ref = mb.tensors["ref_logp"].to(device) if "ref_logp" in mb.tensors else None
-            loss_sum = grpo_token_loss(logp, old, mb.tensors["adv"].to(device),
-                                       mb.student.completion_mask.to(device), clip_eps=cfg.ratio_clip_eps,
-                                       ref_logp_BC=ref, kl_coef=cfg.kl_coef)
-        return loss_sum, {}
+            adv, metrics = self.advantages(mb, old)
+            loss_sum = grpo_token_loss(logp, old, adv, mb.student.completion_mask.to(device),
+                                       clip_eps=cfg.ratio_clip_eps, ref_logp_BC=ref, kl_coef=cfg.kl_coef)
+        return loss_sum, metrics
 
     def state_dict(self) -> dict:
         return {"batch": self._batch}

@@ -1,24 +1,41 @@
-"""SFT baseline: train on (student prompt -> reference solution), loss on the solution tokens
-only (the prompt is context, never a target). Generates no tokens; the ledger counts the
-training tokens."""
+"""SFT baseline (the official scripts/run_sft.sh): train on (student prompt -> reference
+solution), loss on the solution tokens only (the prompt is context, never a target). Generates
+no tokens; the ledger counts the training tokens.
+
+Targets are capped by ``max_target_tokens`` (None: no cap), never by the rollout cap
+``max_new_tokens``: reference solutions are far longer than OPSD's 1024-token rollouts.
+"""
 from __future__ import annotations
 
 from .algorithm import Algorithm, MicroBatch
+from .config import ConfigError
 
 
 class SFT(Algorithm):
     def __init__(self, trainer):
         super().__init__(trainer)
         eos = self.tokenizer.eos_token_id
-        cap = self.config.max_new_tokens
+        cap = self.config.max_target_tokens
         self.truncated = 0
         self._targets: dict[str, list[int]] = {}
         for p in trainer.problems:
             ids = self.tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [eos]
-            if len(ids) > cap:
+            if cap is not None and len(ids) > cap:
                 self.truncated += 1
                 ids = ids[:cap]
             self._targets[p.id] = ids
+        if cap is None:
+            self._check_uncapped_targets(trainer.context_length)
+
+    def _check_uncapped_targets(self, context_length: int | None) -> None:
+        """Without a cap, every prompt + target must fit the model's context (unknown: no check)."""
+        over = [p.id for p in self.trainer.problems if context_length is not None
+                and len(self.student_prompt(p)) + len(self._targets[p.id]) > context_length]
+        if over:
+            raise ConfigError(
+                f"max_target_tokens=None: {len(over)} reference solutions (first: {over[0]!r}) do not fit the "
+                f"model's context of {context_length} tokens after their prompt; set max_target_tokens to at most "
+                f"{context_length - self.config.max_prompt_tokens} to cut them")
 
     def prepare(self, step: int):
         from .prompts import build_batch

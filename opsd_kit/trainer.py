@@ -1,9 +1,9 @@
 """One training loop for OPSD and its baselines, on HF accelerate.
 
-The loop owns what all three share: seeding, data order, the policy, AdamW with gradient
+The loop owns what every algorithm shares: seeding, data order, the policy, AdamW with gradient
 accumulation and a schedule, gradient clipping, the token ledger, metrics, checkpoints,
 resume, non-finite guards, Ctrl-C and out-of-memory handling. An algorithm (`opsd.OPSD`,
-`grpo.GRPO`, `sft.SFT`) only says how a step's problems become micro-batches and how a
+`grpo.GRPO`, `sft.SFT`, `rlsd.RLSD`) only says how a step's problems become micro-batches and how a
 micro-batch becomes a summed loss.
 
 Normalisation: an algorithm returns the SUM of its per-token losses; the loop divides by the
@@ -60,7 +60,8 @@ class Trainer:
 
         # Every check of the configuration runs before the model's weights load.
         self.config = config.validate()
-        config.check_context(*_context_length(config, policy))
+        self.context_length, context_source = _context_length(config, policy)
+        config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         config.check_world(self.accelerator.num_processes)
         self.problems = problems if problems is not None else _load_train_problems(config)
@@ -375,6 +376,10 @@ def _make_algorithm(cfg: TrainConfig, trainer: Trainer):
         from .grpo import GRPO
 
         return GRPO(trainer)
+    if cfg.algorithm == "rlsd":
+        from .rlsd import RLSD
+
+        return RLSD(trainer)
     from .sft import SFT
 
     return SFT(trainer)

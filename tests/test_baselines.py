@@ -82,3 +82,36 @@ def test_sft_targets_are_the_solution_and_the_prompt_is_masked(tmp_path):
     tokens = int(batch.completion_mask.sum())
     tol = tolerance(torch.float32, logits.shape[-1] + tokens, scale=float(nll.abs()))
     torch.testing.assert_close(loss_sum, nll, **tol)
+
+
+def _sft_targets(tmp_path, **overrides):
+    """The SFT algorithm's targets on the tiny profile, and the step's problems."""
+    trainer = Trainer(load_profile("tiny", "sft", run_dir=str(tmp_path), progress=False, **overrides))
+    return trainer.algorithm, trainer.policy.tokenizer, trainer.problems
+
+
+def test_sft_targets_are_not_cut_at_the_rollout_cap(tmp_path):
+    sft, tok, problems = _sft_targets(tmp_path / "uncapped", max_new_tokens=4)
+    whole = {p.id: tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in problems}
+    assert max(len(t) for t in whole.values()) > 4  # the rollout cap would cut these solutions
+    assert {p.id: sft._targets[p.id] for p in problems} == whole
+    assert sft.truncated == 0
+
+
+def test_sft_targets_are_cut_at_max_target_tokens(tmp_path):
+    sft, tok, problems = _sft_targets(tmp_path / "capped", max_new_tokens=400, max_target_tokens=5)
+    whole = {p.id: tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in problems}
+    assert {p.id: sft._targets[p.id] for p in problems} == {k: v[:5] for k, v in whole.items()}
+    assert sft.truncated == sum(len(v) > 5 for v in whole.values()) > 0
+    _, metrics = sft.prepare(0)
+    assert metrics["sft/solutions_truncated"] == sft.truncated
+
+
+def test_sft_without_a_cap_refuses_targets_beyond_the_context(tmp_path):
+    from opsd_kit.config import ConfigError
+    from opsd_kit.data import Problem
+
+    long = Problem(id="long", question="1 + 1?", solution="two " * 2100 + "\\boxed{2}", answer="2",
+                   source="test")
+    with pytest.raises(ConfigError, match="max_target_tokens=None: 1 reference solutions .*'long'"):
+        Trainer(load_profile("tiny", "sft", run_dir=str(tmp_path), progress=False), problems=[long])

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from _faults import tiny_config
 
-from opsd_kit.config import ConfigError, TrainConfig, load_profile
+from opsd_kit.config import ALGORITHMS, ConfigError, TrainConfig, load_profile
 from opsd_kit.trainer import Trainer
 
 # (overrides, fragments the message must contain: the key and the allowed values)
@@ -78,9 +78,10 @@ def test_lengths_over_the_models_context_fail_before_the_weights_load(tmp_path, 
     message = str(info.value)
     for fragment in ("max_prompt_tokens=2040", "max_new_tokens=16", "2056", "2048", "max_position_embeddings"):
         assert fragment in message, message
-    for algorithm in ("grpo", "sft"):
-        with pytest.raises(ConfigError, match="exceeds the model's context of 2048"):
-            Trainer(tiny_config(tmp_path, algorithm, max_prompt_tokens=1024, max_new_tokens=1025))
+    for algorithm in ("grpo", "rlsd", "sft"):  # SFT generates nothing: its targets are capped by max_target_tokens
+        cap = "max_target_tokens" if algorithm == "sft" else "max_new_tokens"
+        with pytest.raises(ConfigError, match=f"{cap}=1025 = 2049 exceeds the model's context of 2048"):
+            Trainer(tiny_config(tmp_path, algorithm, max_prompt_tokens=1024, **{cap: 1025}))
 
 
 def test_lengths_that_fit_exactly_are_accepted():
@@ -127,7 +128,7 @@ def test_every_profile_passes_the_context_check():
     from opsd_kit.config import profile_names
 
     for name in profile_names():
-        for algorithm in ("opsd", "grpo", "sft"):
+        for algorithm in ALGORITHMS:
             cfg = load_profile(name, algorithm)
             cfg.check_context(contexts[cfg.model])
 
