@@ -86,7 +86,8 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
             interval = ""
             if ratio.get("ci_low") is not None:
                 interval = f" [{ratio['ci_low']:.2g}, {ratio['ci_high']:.2g}]"
-            title = f"{b} needs {ratio['ratio']:.2g}x{interval} the tokens of {a} to reach {ratio['target_accuracy']:.3f}"
+            title = (f"{b} needs {ratio['ratio']:.2g}x{interval} the tokens of {a} "
+                     f"to reach {ratio['target_accuracy']:.3f}")
         else:
             title = f"tokens-to-equal-accuracy undefined: {ratio.get('reason', '')}"
     ax_tokens.set_title(title, fontsize=9)
