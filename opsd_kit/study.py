@@ -124,7 +124,7 @@ def _model_key(cfg: dict) -> tuple:
 def load_run_policy(run_dir, adapter=None):
     """The policy and prompt builder a run trained with, its adapter loaded when given."""
     from .policy import LoraSettings, Policy
-    from .prompts import PromptBuilder
+    from .prompts import build_prompts
 
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
     if not cfg["use_lora"]:
@@ -133,8 +133,7 @@ def load_run_policy(run_dir, adapter=None):
                         target_modules=tuple(cfg["lora_target_modules"]))
     policy = Policy.from_pretrained(cfg["model"], dtype=cfg["dtype"], quantization=cfg["quantization"], lora=lora,
                                     teacher="frozen", seed=cfg["seed"])
-    builder = PromptBuilder(policy.tokenizer, student_thinking=cfg["student_thinking"],
-                            teacher_thinking=cfg["teacher_thinking"], max_prompt_tokens=cfg["max_prompt_tokens"])
+    builder = build_prompts(cfg, policy.tokenizer)  # an older config.json without templates: the defaults
     if adapter is not None:
         policy.load_adapter(adapter)
     return policy, builder
