@@ -13,6 +13,7 @@ class MicroBatch:
     student: "object"  # prompts.Batch: [student prompt ++ completion]
     num_loss_tokens: int
     teacher: "object" = None  # prompts.Batch: [teacher prompt ++ same completion] (OPSD)
+    wrong_teacher: "object" = None  # prompts.Batch: [wrong-hint teacher prompt ++ same completion] (hint_contrast)
     tensors: dict = field(default_factory=dict)
 
 
@@ -20,21 +21,24 @@ class Algorithm:
     """Base class. Subclasses implement ``prepare(step)`` and ``loss(micro_batch)``."""
 
     def __init__(self, trainer):
-        from .prompts import PromptBuilder
+        from .prompts import build_prompts
 
         self.trainer = trainer
         self.config = trainer.config
         self.policy = trainer.policy
         self.tokenizer = trainer.policy.tokenizer
-        self.builder = PromptBuilder(self.tokenizer, student_thinking=self.config.student_thinking,
-                                     teacher_thinking=self.config.teacher_thinking,
-                                     max_prompt_tokens=self.config.max_prompt_tokens)
+        self.builder = build_prompts(self.config, self.tokenizer)
         self._student_ids: dict[str, list[int]] = {}
         self._teacher_ids: dict[str, list[int]] = {}
+        self._wrong_teacher_ids: dict[str, list[int]] = {}
+        wrong = trainer.shuffled_hints  # problem id -> another problem's solution, or None
         for p in trainer.problems:  # tokenise once, and fail on over-long prompts before training
             self._student_ids[p.id] = self.builder.student_ids(p)
             if self.uses_teacher_prompt:
-                self._teacher_ids[p.id] = self.builder.teacher_ids(p)
+                hint = wrong[p.id] if self.config.teacher_hint == "shuffled" else None
+                self._teacher_ids[p.id] = self.builder.teacher_ids(p, hint)
+                if self.config.divergence == "hint_contrast":
+                    self._wrong_teacher_ids[p.id] = self.builder.teacher_ids(p, wrong[p.id])
 
     uses_teacher_prompt = False
 
@@ -58,6 +62,10 @@ class Algorithm:
 
     def teacher_prompt(self, problem) -> list[int]:
         return self._teacher_ids[problem.id]
+
+    def wrong_teacher_prompt(self, problem) -> list[int]:
+        """The teacher prompt with the problem's shuffled (wrong) hint (divergence='hint_contrast')."""
+        return self._wrong_teacher_ids[problem.id]
 
     def rollouts(self, problems, step: int, n: int):
         """Sample ``n`` completions per problem from the current student; book the tokens."""

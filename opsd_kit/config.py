@@ -14,9 +14,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .prompts import INSTRUCTION, STUDENT_TEMPLATE, TEACHER_TEMPLATE, template_error
+
 ALGORITHMS = ("opsd", "grpo", "sft", "rlsd")
 GROUP_ALGORITHMS = ("grpo", "rlsd")  # sample num_generations rollouts per problem, group-relative advantages
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "topk", "sampled_token")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "topk", "sampled_token", "hint_contrast")
+TEACHER_HINTS = ("reference", "shuffled")
 TEACHERS = ("frozen", "live", "ema")
 SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("tensorboard", "wandb")
@@ -83,6 +86,21 @@ class TrainConfig:
     """Chat-template `enable_thinking` for the student (paper: False; None: not passed)."""
     teacher_thinking: bool | None = None
     """Chat-template `enable_thinking` for the teacher (paper: True; None: not passed)."""
+    student_template: str = STUDENT_TEMPLATE
+    """The student's message, a `str.format` template: `{question}` (required) and `{instruction}`."""
+    teacher_template: str = TEACHER_TEMPLATE
+    """The teacher's message. The default follows the paper's teacher prompt: the problem, a line
+    announcing a reference solution, the solution between begin/end markers, a transition asking
+    the model to understand it and solve the problem again in its own words, then the
+    instruction. `{question}` and `{solution}` are required, `{instruction}` optional; literal
+    braces are written `{{` `}}`."""
+    instruction: str = INSTRUCTION
+    """The answer-format instruction both prompts end with (inserted as `{instruction}`)."""
+    teacher_hint: str = "reference"
+    """The solution in the teacher's prompt: 'reference' (the problem's own verified solution:
+    OPSD) or 'shuffled' (another training problem's, with a different answer where possible; a
+    control run: the divergence left under a wrong hint is style, not task content). The
+    shuffled assignment (`prompts.shuffled_hints`) is fixed by the seed for the whole run."""
 
     # -- rollouts --------------------------------------------------------------------------
     max_new_tokens: int = 1024
@@ -104,11 +122,17 @@ class TrainConfig:
     # -- OPSD loss -------------------------------------------------------------------------
     divergence: str = "forward_kl"
     """'forward_kl' KL(p_T||p_S) (paper v3), 'reverse_kl', 'jsd', 'topk' (forward KL over the
-    teacher's top-k tokens) or 'sampled_token' (policy-gradient form)."""
+    teacher's top-k tokens), 'sampled_token' (policy-gradient form) or 'hint_contrast': KL(r || p_S)
+    with r = sg(p_S) (c / w)^contrast_alpha normalised, c the teacher with the correct hint and w with a
+    shuffled one (`losses.hint_contrast_divergence`): what the correct hint adds over the style
+    both teachers share. It costs a third forward pass (the wrong-hint teacher)."""
     jsd_beta: float = 0.5
     """JSD mixing weight beta in M = beta p_T + (1 - beta) p_S; used only when divergence='jsd'."""
     clip_tau: float | None = None
-    """Pointwise clipping: each vocabulary entry's contribution is min(l_v, tau) (paper v3: 0.05)."""
+    """Pointwise clipping: each vocabulary entry's contribution is min(l_v, tau) (paper v3: 0.05);
+    for 'hint_contrast' the entries r_v (log r_v - log p_S(v))."""
+    contrast_alpha: float = 1.0
+    """Strength alpha of the contrast in divergence='hint_contrast' (> 0): r = sg(p_S) (c / w)^alpha normalised."""
     loss_temperature: float | None = None
     """Temperature dividing both logits in the loss; None uses the rollout temperature (paper)."""
     loss_support: str = "full"
@@ -188,6 +212,7 @@ class TrainConfig:
             "quantization": (None, "4bit"), "backend": ("hf", "unsloth"),
             "rollout_backend": ("hf", "vllm"), "loss_support": ("full", "truncated"),
             "grading_mode": ("strict", "lenient"), "profile": (None, *_PROFILES),
+            "teacher_hint": TEACHER_HINTS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -204,7 +229,12 @@ class TrainConfig:
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        for key in ("student_template", "teacher_template"):
+            error = template_error(key, getattr(self, key))
+            if error:
+                raise ConfigError(error)
         _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "in [0, 1]")
+        _check(self.contrast_alpha > 0, "contrast_alpha", self.contrast_alpha, "> 0")
         _check(self.clip_tau is None or self.clip_tau > 0, "clip_tau", self.clip_tau, "None or > 0")
         _check(self.temperature > 0, "temperature", self.temperature, "> 0 (sampling is required)")
         _check(self.loss_temperature is None or self.loss_temperature > 0, "loss_temperature",
@@ -239,6 +269,13 @@ class TrainConfig:
         if self.algorithm in GROUP_ALGORITHMS and self.num_generations < 2:
             raise ConfigError(f"num_generations must be >= 2 for {self.algorithm} (group-relative advantages "
                               "need a group)")
+        if self.divergence == "hint_contrast" and self.teacher_hint == "shuffled":
+            raise ConfigError("divergence='hint_contrast' contrasts the reference-hint teacher with a shuffled-hint "
+                              "one; with teacher_hint='shuffled' the 'correct' teacher would hold a wrong hint too. "
+                              "Use teacher_hint='reference' with hint_contrast")
+        if self.teacher_hint != "reference" and self.algorithm != "opsd":
+            raise ConfigError(f"teacher_hint={self.teacher_hint!r} changes OPSD's teacher prompt; algorithm="
+                              f"{self.algorithm!r} has none: use teacher_hint='reference'")
         if self.algorithm == "opsd" and self.kl_coef:
             raise ConfigError("kl_coef is GRPO's KL penalty; it has no meaning for algorithm='opsd'")
         return self

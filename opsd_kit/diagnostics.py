@@ -5,6 +5,11 @@ OPSD can only teach what the privileged teacher knows better than the student. B
 (problem + reference solution, frozen/EMA/live weights as configured), and the mean per-token
 divergence D(p_T || p_S) on the student's own rollouts: a teacher no better than the student
 or a divergence near zero means little to learn.
+
+Signal or style? Part of that divergence is style ("wait", brevity) rather than task content,
+and part of the teacher's advantage can be copying the answer. `teacher_student_gap` also
+measures the divergence with a wrong (shuffled) hint, and `divergence_by_answer_tokens` splits
+each rollout's divergence between the tokens that spell its final answer and the rest.
 """
 from __future__ import annotations
 
@@ -32,8 +37,14 @@ class TokenDivergence:
 
 
 def token_divergences(policy, builder, problems, completions: list[list[int]], *, kind: str = "forward_kl",
-                      temperature: float = 1.0, chunk_size: int = 128, batch_size: int = 8) -> list[list[float]]:
-    """D(p_T || p_S) at every completion token, one list per (problem, completion) pair."""
+                      temperature: float = 1.0, chunk_size: int = 128, batch_size: int = 8,
+                      hints: dict | None = None) -> list[list[float]]:
+    """D(p_T || p_S) at every completion token, one list per (problem, completion) pair.
+
+    ``hints`` (problem id -> solution, e.g. ``prompts.shuffled_hints``) replaces each problem's
+    reference solution in the teacher prompt: the divergence under a wrong hint. Every problem
+    must then have an entry.
+    """
     import torch
 
     from .losses import chunked_divergence
@@ -44,7 +55,8 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
     for s in range(0, len(problems), batch_size):
         probs, comps = problems[s:s + batch_size], completions[s:s + batch_size]
         student = build_batch([builder.student_ids(p) for p in probs], comps, pad).to(policy.device)
-        teacher = build_batch([builder.teacher_ids(p) for p in probs], comps, pad).to(policy.device)
+        teacher = build_batch([builder.teacher_ids(p, None if hints is None else hints[p.id]) for p in probs],
+                              comps, pad).to(policy.device)
         with policy.teacher():
             h_t = policy.backbone_hidden(teacher.input_ids, teacher.attention_mask, teacher.position_ids)
         with torch.no_grad():
@@ -59,8 +71,16 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
 def teacher_student_gap(policy, problems, *, builder, settings, mode: str = "lenient", seed: int = 0,
                         kind: str = "forward_kl", progress: bool = False) -> dict:
     """Accuracy of student and privileged teacher on ``problems`` (k = settings.n samples each),
-    and the mean and max per-token divergence on the student's rollouts."""
+    and the mean and max per-token divergence on the student's rollouts.
+
+    ``gap/divergence_mean_shuffled`` is the mean per-token divergence on the same rollouts with
+    the teacher given another problem's solution (``prompts.shuffled_hints(problems, seed)``);
+    ``gap/style_fraction`` = shuffled / correct mean: near 1, the teacher's signal is mostly
+    style that any hint brings; near 0, it comes from the correct solution. Both are None when
+    no two problems have different answers (no wrong hint exists) or the correct mean is 0.
+    """
     from .evaluate import evaluate_model
+    from .prompts import shuffled_hints
 
     student = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=settings,
                              mode=mode, seed=seed, progress=progress)
@@ -71,9 +91,16 @@ def teacher_student_gap(policy, problems, *, builder, settings, mode: str = "len
     by_id = {str(p.id): p for p in problems}
     chosen = [by_id[i] for i in first["problem_id"]]
     completions = [list(ids) for ids in first["completion_ids"]]  # the sampled ids, never re-tokenised text
-    divergences = token_divergences(policy, builder, chosen, completions, kind=kind,
-                                    temperature=settings.temperature or 1.0)
-    flat = [v for row in divergences for v in row]
+    settings_kw = dict(kind=kind, temperature=settings.temperature or 1.0)
+    flat = [v for row in token_divergences(policy, builder, chosen, completions, **settings_kw) for v in row]
+    mean = sum(flat) / max(1, len(flat))
+    try:
+        wrong = shuffled_hints(problems, seed)
+    except ValueError:  # every problem has the same answer: no wrong hint to compare with
+        mean_shuffled = None
+    else:
+        shuffled = token_divergences(policy, builder, chosen, completions, hints=wrong, **settings_kw)
+        mean_shuffled = sum(v for row in shuffled for v in row) / max(1, len(flat))
     return {
         "gap/mode": mode,
         "gap/k": settings.n,
@@ -84,8 +111,10 @@ def teacher_student_gap(policy, problems, *, builder, settings, mode: str = "len
         "gap/teacher_accuracy_strict": teacher.summary["eval/strict/avg@k"],
         "gap/student_accuracy_lenient": student.summary["eval/lenient/avg@k"],
         "gap/teacher_accuracy_lenient": teacher.summary["eval/lenient/avg@k"],
-        "gap/divergence_mean": sum(flat) / max(1, len(flat)),
+        "gap/divergence_mean": mean,
         "gap/divergence_max": max(flat, default=0.0),
+        "gap/divergence_mean_shuffled": mean_shuffled,
+        "gap/style_fraction": mean_shuffled / mean if mean_shuffled is not None and mean > 0 else None,
         "gap/kind": kind,
     }
 
@@ -104,3 +133,68 @@ def most_disagreed_rollout(policy, builder, problem, settings, *, kind: str = "f
                                temperature=settings.temperature or 1.0)[0]
     tokens = [policy.tokenizer.decode([t]) for t in ids]
     return TokenDivergence(tokens, values, str(problem.id), kind)
+
+
+def _final_answer(text: str) -> str | None:
+    """The answer the lenient grader reads: the last boxed answer (``evaluate.extract_answer``),
+    else the last number in ``text``."""
+    from .evaluate import extract_answer, last_number
+
+    return extract_answer(text) or last_number(text)
+
+
+def answer_token_split(tokens: list[str], values: list[float], answer: str | None = None) -> dict:
+    """Split per-token ``values`` between the tokens that spell the final answer and the rest.
+
+    The answer's characters are located at their LAST occurrence in ``"".join(tokens)``; the
+    answer tokens are those whose characters overlap that span (an answer split over several
+    tokens takes them all). ``answer`` defaults to the final answer of the joined text (last
+    boxed answer, else last number). Returns ``answer_tokens`` (how many), ``answer_share``
+    (sum of values on them / sum of all values; NaN when that sum is 0), ``answer_mean`` and
+    ``other_mean`` (means over the answer tokens and over the rest; NaN when empty). An answer
+    that does not occur gives 0 answer tokens and a share of 0.
+    """
+    if len(tokens) != len(values):
+        raise ValueError(f"{len(tokens)} tokens but {len(values)} values")
+    text = "".join(tokens)
+    answer = _final_answer(text) if answer is None else answer
+    start = text.rfind(answer) if answer else -1
+    inside: set[int] = set()
+    if start >= 0:
+        end, pos = start + len(answer), 0
+        for i, token in enumerate(tokens):
+            if pos < end and pos + len(token) > start:
+                inside.add(i)
+            pos += len(token)
+    on = [v for i, v in enumerate(values) if i in inside]
+    off = [v for i, v in enumerate(values) if i not in inside]
+    total = sum(values)
+    nan = float("nan")
+    return {"answer_tokens": len(on), "answer_share": sum(on) / total if total else nan,
+            "answer_mean": sum(on) / len(on) if on else nan, "other_mean": sum(off) / len(off) if off else nan}
+
+
+def divergence_by_answer_tokens(policy, builder, problems, completions: list[list[int]], texts: list[str],
+                                **divergence):
+    """Per rollout, how much of the divergence sits on the tokens that spell its final answer.
+
+    ``completions`` are the sampled ids and ``texts`` their decoded text (the final answer is
+    read from it: last boxed answer, else last number); ``divergence`` goes to
+    :func:`token_divergences` (``kind``, ``temperature``, ``chunk_size``, ``batch_size``,
+    ``hints`` for a wrong-hint teacher). One row per rollout: ``problem_id``, ``answer``,
+    ``tokens``, ``total`` (sum of the per-token divergence) and :func:`answer_token_split`'s
+    fields. A high ``answer_share`` means the teacher mostly teaches the answer itself.
+    """
+    import pandas as pd
+
+    if not len(problems) == len(completions) == len(texts):
+        raise ValueError(f"{len(problems)} problems, {len(completions)} completions and {len(texts)} texts: "
+                         "one of each per rollout")
+    values = token_divergences(policy, builder, problems, completions, **divergence)
+    rows = []
+    for problem, ids, text, row_values in zip(problems, completions, texts, values):
+        tokens = [policy.tokenizer.decode([t]) for t in ids]
+        answer = _final_answer(text)
+        rows.append({"problem_id": str(problem.id), "answer": answer, "tokens": len(ids), "total": sum(row_values),
+                     **answer_token_split(tokens, row_values, answer)})
+    return pd.DataFrame(rows)

@@ -19,6 +19,11 @@ per-micro-batch mean is wrong under gradient accumulation (TRL #4719). ``chunked
 therefore returns a *sum* over the micro-batch's completion tokens; the trainer divides by the
 step's total completion-token count. ``sampled_token_loss`` takes that count as ``normalizer``.
 
+Contrast: ``hint_contrast_divergence`` takes a second teacher, the same model with a wrong
+(shuffled) hint, and trains towards what the correct hint adds over it (its docstring has the
+equation); ``chunked_divergence(kind="hint_contrast", wrong_teacher_hidden_BTH=...)`` is its
+chunked form.
+
 Memory: ``chunked_divergence`` and ``chunked_token_logprobs`` start from hidden states and the
 output layer, and work along the sequence in chunks under activation checkpointing, so no
 [B, T, V] logits tensor exists in forward or backward; each chunk's logits are recomputed in
@@ -33,6 +38,9 @@ from torch.utils.checkpoint import checkpoint
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
+#: The contrastive kind (``hint_contrast_divergence``): it needs a second, wrong-hint teacher.
+HINT_CONTRAST = "hint_contrast"
+
 #: The logit given to entries outside a truncated support: finite, so no inf - inf = NaN.
 MASKED_LOGIT = -1e9
 
@@ -42,6 +50,10 @@ def _check_divergence_args(kind: str, beta: float, temperature: float, clip: flo
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    _check_temperature_and_clip(temperature, clip)
+
+
+def _check_temperature_and_clip(temperature: float, clip: float | None) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if clip is not None and not clip > 0:
@@ -53,10 +65,15 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _scaled(logits_V: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, upcast; -inf floored to finite."""
+    scaled_V = _upcast(logits_V) / temperature
+    return scaled_V.clamp(min=torch.finfo(scaled_V.dtype).min)
+
+
 def _log_probs(logits_V: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature) over the last dim, upcast; -inf floored to finite."""
-    scaled_V = _upcast(logits_V) / temperature
-    return torch.log_softmax(scaled_V.clamp(min=torch.finfo(scaled_V.dtype).min), dim=-1)
+    return torch.log_softmax(_scaled(logits_V, temperature), dim=-1)
 
 
 def _log(x: float) -> float:
@@ -107,6 +124,52 @@ def per_token_divergence(
     logq_V = _log_probs(student_logits, temperature)
     logp_V = _log_probs(teacher_logits.detach(), temperature)
     contrib_V = _contributions(logp_V, logq_V, kind, beta)
+    if clip is not None:
+        contrib_V = contrib_V.clamp(max=clip)
+    return contrib_V.sum(dim=-1)
+
+
+def hint_contrast_divergence(
+    student_logits: torch.Tensor,
+    correct_logits: torch.Tensor,
+    wrong_logits: torch.Tensor,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """What the correct hint adds over a wrong one, as a per-position loss: [..., V] -> [...].
+
+    With q = p_S (student), c = p_T(. | x, y*) (teacher with the problem's own solution) and
+    w = p_T(. | x, y_wrong) (teacher with another problem's solution), all at ``temperature``,
+    the target tilts the detached student towards what c prefers *over* w:
+
+        log r_v = log sg(q_v) + alpha (log c_v - log w_v) - logsumexp_u(log sg(q_u) + alpha (log c_u - log w_u))
+
+    and the loss is KL(r || q) = sum_v r_v (log r_v - log q_v) >= 0. Whatever both teachers
+    share (style: "wait", brevity, format) cancels in c / w; a token the correct hint makes
+    more likely than the wrong one (c_v > w_v) gets r_v > q_v, so minimising the loss raises
+    q_v. r is a fixed target: gradients reach the student only through the last log q_v,
+    d loss / d logits = (q - r) / temperature. When c == w, r == q and the loss is exactly 0.
+    ``alpha`` > 0 scales the contrast. ``clip = tau`` clips each entry r_v (log r_v - log q_v)
+    from above at tau, as in ``per_token_divergence``. Returns float32 (float64 for float64 inputs).
+    """
+    _check_temperature_and_clip(temperature, clip)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not student_logits.shape == correct_logits.shape == wrong_logits.shape:
+        raise ValueError(
+            f"student, correct and wrong teacher logits differ in shape: {tuple(student_logits.shape)}, "
+            f"{tuple(correct_logits.shape)}, {tuple(wrong_logits.shape)}"
+        )
+    student_V = _scaled(student_logits, temperature)
+    logq_V = torch.log_softmax(student_V, dim=-1)
+    contrast_V = alpha * (_log_probs(correct_logits.detach(), temperature)
+                          - _log_probs(wrong_logits.detach(), temperature))
+    # softmax is shift-invariant: tilting the scaled logits gives the same r as tilting log q, and
+    # when c == w the two log-softmaxes run on the same numbers, so log r == log q bit for bit.
+    finfo = torch.finfo(student_V.dtype)
+    logr_V = torch.log_softmax((student_V.detach() + contrast_V).clamp(min=finfo.min, max=finfo.max), dim=-1)
+    contrib_V = logr_V.exp() * (logr_V - logq_V)
     if clip is not None:
         contrib_V = contrib_V.clamp(max=clip)
     return contrib_V.sum(dim=-1)
@@ -234,6 +297,8 @@ def chunked_divergence(
     truncate: tuple[int | None, float | None] | None = None,
     truncate_temperature: float | None = None,
     chunk_size: int = 128,
+    wrong_teacher_hidden_BTH: torch.Tensor | None = None,
+    alpha: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked sum of per-token divergences computed from hidden states, chunk by chunk along T.
 
@@ -249,16 +314,33 @@ def chunked_divergence(
     the student's sampling support (``truncate_logits`` with the student as reference), the
     nucleus taken at ``truncate_temperature`` (the sampling temperature; default: ``temperature``).
 
+    ``kind = "hint_contrast"``: ``hint_contrast_divergence`` with ``teacher_hidden_BTH`` as the
+    correct-hint teacher c and ``wrong_teacher_hidden_BTH`` (required then, and only then) as
+    the wrong-hint teacher w, contrast strength ``alpha``; both teachers are detached, a
+    truncated support applies to all three roles, ``top_k_support`` is refused.
+
     Returns ``(loss_sum, per_token_BT)``: loss_sum is a differentiable scalar (float32, float64
     for float64 inputs) to be divided by the optimizer step's completion-token count;
     per_token_BT holds the detached divergences, 0 where the mask is false.
     """
-    _check_divergence_args(kind, beta, temperature, clip)
-    if student_hidden_BTH.shape != teacher_hidden_BTH.shape:
-        raise ValueError(
-            f"student and teacher hidden states differ in shape: {tuple(student_hidden_BTH.shape)} "
-            f"vs {tuple(teacher_hidden_BTH.shape)}"
-        )
+    contrast = kind == HINT_CONTRAST
+    if contrast:
+        _check_temperature_and_clip(temperature, clip)
+        if wrong_teacher_hidden_BTH is None:
+            raise ValueError("kind='hint_contrast' needs wrong_teacher_hidden_BTH (the wrong-hint teacher)")
+        if top_k_support is not None:
+            raise ValueError("kind='hint_contrast' is defined over the full (or truncated) vocabulary, "
+                             "not a top-k support")
+    else:
+        _check_divergence_args(kind, beta, temperature, clip)
+        if wrong_teacher_hidden_BTH is not None:
+            raise ValueError(f"wrong_teacher_hidden_BTH is used by kind='hint_contrast' only, not {kind!r}")
+    for name, other_BTH in (("teacher", teacher_hidden_BTH), ("wrong teacher", wrong_teacher_hidden_BTH)):
+        if other_BTH is not None and student_hidden_BTH.shape != other_BTH.shape:
+            raise ValueError(
+                f"student and {name} hidden states differ in shape: {tuple(student_hidden_BTH.shape)} "
+                f"vs {tuple(other_BTH.shape)}"
+            )
     if mask_BT.shape != student_hidden_BTH.shape[:2]:
         raise ValueError(f"mask shape {tuple(mask_BT.shape)} != [B, T] {tuple(student_hidden_BTH.shape[:2])}")
     if chunk_size < 1:
@@ -267,40 +349,51 @@ def chunked_divergence(
         raise ValueError("choose one support: top_k_support or truncate, not both")
     support_t = temperature if truncate_temperature is None else truncate_temperature
 
-    def chunk_loss(student_BCH, teacher_BCH, mask_BC):
+    def chunk_loss(student_BCH, teacher_BCH, wrong_BCH, mask_BC):
         student_BCV = head(student_BCH)
         with torch.no_grad():
-            teacher_BCV = head(teacher_BCH)
+            teachers_BCV = [head(h_BCH) for h_BCH in (teacher_BCH, wrong_BCH) if h_BCH is not None]
         if truncate is not None:
             reference_BCV = student_BCV.detach()
-            student_BCV = truncate_logits(student_BCV, *truncate, reference=reference_BCV, temperature=support_t)
-            teacher_BCV = truncate_logits(teacher_BCV, *truncate, reference=reference_BCV, temperature=support_t)
-        if top_k_support is not None:
-            div_BC = topk_divergence(student_BCV, teacher_BCV, top_k_support, kind, beta, temperature, clip)
+            student_BCV, *teachers_BCV = (truncate_logits(x_BCV, *truncate, reference=reference_BCV,
+                                                          temperature=support_t)
+                                          for x_BCV in (student_BCV, *teachers_BCV))
+        if contrast:
+            div_BC = hint_contrast_divergence(student_BCV, *teachers_BCV, alpha, temperature, clip)
+        elif top_k_support is not None:
+            div_BC = topk_divergence(student_BCV, *teachers_BCV, top_k_support, kind, beta, temperature, clip)
         else:
-            div_BC = per_token_divergence(student_BCV, teacher_BCV, kind, beta, temperature, clip)
+            div_BC = per_token_divergence(student_BCV, *teachers_BCV, kind, beta, temperature, clip)
         div_BC = torch.where(mask_BC, div_BC, 0.0)
         return div_BC.sum(), div_BC.detach()
 
     teacher_hidden_BTH = teacher_hidden_BTH.detach()
+    if wrong_teacher_hidden_BTH is not None:
+        wrong_teacher_hidden_BTH = wrong_teacher_hidden_BTH.detach()
     mask_BT = mask_BT.bool()
     if (torch.is_grad_enabled() and student_hidden_BTH.requires_grad
             and not any(p.requires_grad for p in head.parameters())):
         # Frozen head (LoRA): the gradient w.r.t. the hidden states is all backward needs, so it
         # is computed chunk by chunk right here and kept ([B, T, H]); backward only scales it.
         # Same values as the checkpointed path below, without recomputing both roles' logits.
-        return _GradInForward.apply(student_hidden_BTH, teacher_hidden_BTH, mask_BT, chunk_loss, chunk_size)
+        return _GradInForward.apply(student_hidden_BTH, teacher_hidden_BTH, wrong_teacher_hidden_BTH, mask_BT,
+                                    chunk_loss, chunk_size)
     loss_sum = student_hidden_BTH.new_zeros((), dtype=torch.promote_types(student_hidden_BTH.dtype, torch.float32))
     per_token_chunks = []
     for start in range(0, student_hidden_BTH.shape[1], chunk_size):
         span = slice(start, start + chunk_size)
         chunk_sum, chunk_BC = checkpoint(
-            chunk_loss, student_hidden_BTH[:, span], teacher_hidden_BTH[:, span], mask_BT[:, span],
-            use_reentrant=False,
+            chunk_loss, student_hidden_BTH[:, span], teacher_hidden_BTH[:, span],
+            _columns(wrong_teacher_hidden_BTH, span), mask_BT[:, span], use_reentrant=False,
         )
         loss_sum = loss_sum + chunk_sum
         per_token_chunks.append(chunk_BC)
     return loss_sum, torch.cat(per_token_chunks, dim=1)
+
+
+def _columns(x_BTH: torch.Tensor | None, span: slice) -> torch.Tensor | None:
+    """``x_BTH[:, span]``, or None for an absent (optional) role."""
+    return None if x_BTH is None else x_BTH[:, span]
 
 
 class _GradInForward(torch.autograd.Function):
@@ -309,7 +402,7 @@ class _GradInForward(torch.autograd.Function):
     before the next chunk), so backward is one multiply and no logits are ever recomputed."""
 
     @staticmethod
-    def forward(ctx, student_BTH, teacher_BTH, mask_BT, chunk_loss, chunk_size):
+    def forward(ctx, student_BTH, teacher_BTH, wrong_BTH, mask_BT, chunk_loss, chunk_size):
         grad_BTH = torch.zeros_like(student_BTH)
         loss_sum = student_BTH.new_zeros((), dtype=torch.promote_types(student_BTH.dtype, torch.float32))
         per_token_chunks = []
@@ -317,7 +410,8 @@ class _GradInForward(torch.autograd.Function):
             span = slice(start, start + chunk_size)
             with torch.enable_grad():
                 student_BCH = student_BTH[:, span].detach().requires_grad_()
-                chunk_sum, chunk_BC = chunk_loss(student_BCH, teacher_BTH[:, span], mask_BT[:, span])
+                chunk_sum, chunk_BC = chunk_loss(student_BCH, teacher_BTH[:, span], _columns(wrong_BTH, span),
+                                                 mask_BT[:, span])
                 (grad_BTH[:, span],) = torch.autograd.grad(chunk_sum, student_BCH)
             loss_sum = loss_sum + chunk_sum.detach()
             per_token_chunks.append(chunk_BC)
@@ -329,7 +423,7 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token):
         (grad_BTH,) = ctx.saved_tensors
-        return grad_BTH * grad_loss.to(grad_BTH.dtype), None, None, None, None
+        return grad_BTH * grad_loss.to(grad_BTH.dtype), None, None, None, None, None
 
 
 def chunked_token_logprobs(

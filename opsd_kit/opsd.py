@@ -7,6 +7,11 @@ One step, per problem x with reference solution y*:
   3. at every completion position n, D(p_T(. | x, y*, y^<n) || p_S(. | x, y^<n)) over the full
      vocabulary (forward KL by default), summed over the step's completion tokens and divided
      by their count (the trainer does the division); gradients reach the student only.
+
+Controls that tell signal from style: ``teacher_hint='shuffled'`` puts another problem's
+solution in the teacher prompt (what is left is style); ``divergence='hint_contrast'`` adds a
+third forward pass, the teacher with that wrong hint, and trains on what the correct hint adds
+over it (``losses.hint_contrast_divergence``).
 """
 from __future__ import annotations
 
@@ -29,8 +34,10 @@ class OPSD(Algorithm):
             chosen = [problems[rollouts.prompt_index[r]] for r in rows]
             student = build_batch([self.student_prompt(p) for p in chosen], completions, pad)
             teacher = build_batch([self.teacher_prompt(p) for p in chosen], completions, pad)
-            self.book_prompt_tokens(student, teacher)
-            micro.append(MicroBatch(student=student, teacher=teacher,
+            wrong = (build_batch([self.wrong_teacher_prompt(p) for p in chosen], completions, pad)
+                     if self.config.divergence == "hint_contrast" else None)
+            self.book_prompt_tokens(*(b for b in (student, teacher, wrong) if b is not None))
+            micro.append(MicroBatch(student=student, teacher=teacher, wrong_teacher=wrong,
                                     num_loss_tokens=int(student.completion_mask.sum())))
         metrics["prompt/teacher_truncated_total"] = self.builder.stats["teacher_truncated"]
         return micro, metrics
@@ -45,6 +52,7 @@ class OPSD(Algorithm):
         mask_BC = mb.student.completion_mask.to(device)
         with tr.phase("teacher"), self.policy.teacher():  # adapter off (frozen), no grad
             teacher_h_BCH = self.hidden(mb.teacher)
+            wrong_h_BCH = None if mb.wrong_teacher is None else self.hidden(mb.wrong_teacher)
         with tr.phase("student"):
             student_h_BCH = self.hidden(mb.student)
             temperature = cfg.effective_loss_temperature
@@ -67,7 +75,7 @@ class OPSD(Algorithm):
                     top_k_support=cfg.distill_topk if cfg.divergence == "topk" else None,
                     truncate=truncate if cfg.loss_support == "truncated" else None,
                     truncate_temperature=cfg.temperature,
-                    chunk_size=cfg.loss_chunk_size)
+                    chunk_size=cfg.loss_chunk_size, wrong_teacher_hidden_BTH=wrong_h_BCH, alpha=cfg.contrast_alpha)
         real = per_token[mask_BC.bool()]  # completion tokens only, never padding
         metrics = {"loss/divergence_mean": float(real.mean()) if real.numel() else 0.0,
                    "loss/divergence_max": float(real.max()) if real.numel() else 0.0}

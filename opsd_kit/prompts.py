@@ -27,6 +27,26 @@ TEACHER_TEMPLATE = (
 
 TRUNCATION_MARK = " [...]"
 
+#: The placeholders each template must contain ({instruction} is optional in both).
+REQUIRED_PLACEHOLDERS = {"student_template": ("{question}",), "teacher_template": ("{question}", "{solution}")}
+
+
+def template_error(name: str, template: str) -> str | None:
+    """Why ``template`` (``"student_template"`` or ``"teacher_template"``) cannot be used, or None.
+
+    It must contain its required placeholders and format with ``question``, ``solution`` and
+    ``instruction`` only (literal braces are written ``{{`` and ``}}``).
+    """
+    missing = [k for k in REQUIRED_PLACEHOLDERS[name] if k not in template]
+    if missing:
+        return f"{name} must contain the placeholders {missing}; got {template!r}"
+    try:
+        template.format(question="", solution="", instruction="")
+    except (KeyError, IndexError, ValueError) as err:
+        return (f"{name} does not format with {{question}}, {{solution}} and {{instruction}} ({err!r}); "
+                f"write literal braces as '{{{{' and '}}}}'; got {template!r}")
+    return None
+
 
 class PromptTooLongError(ValueError):
     """A prompt does not fit even after shortening the reference solution."""
@@ -55,11 +75,10 @@ class PromptBuilder:
                  system_prompt: str | None = None, max_prompt_tokens: int | None = None):
         if tokenizer.chat_template is None:
             raise ValueError("PromptBuilder needs a tokenizer with a chat template")
-        for name, tmpl, keys in (("student_template", student_template, ("{question}",)),
-                                 ("teacher_template", teacher_template, ("{question}", "{solution}"))):
-            missing = [k for k in keys if k not in tmpl]
-            if missing:
-                raise ValueError(f"{name} must contain {missing}")
+        for name, tmpl in (("student_template", student_template), ("teacher_template", teacher_template)):
+            error = template_error(name, tmpl)
+            if error:
+                raise ValueError(error)
         self.tokenizer = tokenizer
         self.student_thinking = student_thinking
         self.teacher_thinking = teacher_thinking
@@ -101,16 +120,20 @@ class PromptBuilder:
                 f"max_prompt_tokens={self.max_prompt_tokens}; raise the limit or drop the problem")
         return ids
 
-    def teacher_ids(self, problem) -> list[int]:
+    def teacher_ids(self, problem, solution: str | None = None) -> list[int]:
+        """The teacher prompt with ``solution`` as its hint (default: ``problem.solution``, the
+        verified reference; a control run passes another problem's, see :func:`shuffled_hints`).
+        An over-long prompt loses the end of whichever solution it holds."""
+        solution = problem.solution if solution is None else solution
         self.stats["teacher_prompts"] += 1
-        ids = self._encode(self.render(self.teacher_message(problem), self.teacher_thinking))
+        ids = self._encode(self.render(self.teacher_message(problem, solution), self.teacher_thinking))
         limit = self.max_prompt_tokens
         if not limit or len(ids) <= limit:
             return ids
         self.stats["teacher_truncated"] += 1
-        return self._shortened_teacher_ids(problem, limit)
+        return self._shortened_teacher_ids(problem, solution, limit)
 
-    def _shortened_teacher_ids(self, problem, limit: int) -> list[int]:
+    def _shortened_teacher_ids(self, problem, solution: str, limit: int) -> list[int]:
         empty = self._encode(self.render(self.teacher_message(problem, TRUNCATION_MARK),
                                          self.teacher_thinking))
         if len(empty) > limit:
@@ -118,7 +141,7 @@ class PromptBuilder:
                 f"problem {problem.id!r}: the teacher prompt needs {len(empty)} tokens without any "
                 f"reference solution, over max_prompt_tokens={limit}; the problem and instruction "
                 "are never cut: raise the limit or drop the problem")
-        solution_ids = self._encode(problem.solution)
+        solution_ids = self._encode(solution)
         keep = min(len(solution_ids), limit - len(empty))
         while True:  # token boundaries can shift by a few ids after re-rendering
             text = self.tokenizer.decode(solution_ids[:keep]) + TRUNCATION_MARK
@@ -126,6 +149,59 @@ class PromptBuilder:
             if len(ids) <= limit or keep == 0:
                 return ids
             keep = max(0, keep - max(1, len(ids) - limit))
+
+
+def build_prompts(config, tokenizer) -> PromptBuilder:
+    """The PromptBuilder a run trains with, from its TrainConfig or its saved ``config.json`` dict.
+
+    Reads the thinking switches, ``max_prompt_tokens``, the two templates and the instruction;
+    a key missing from an older ``config.json`` takes this module's default.
+    """
+    values = config if isinstance(config, dict) else vars(config)
+    return PromptBuilder(tokenizer, student_thinking=values.get("student_thinking"),
+                         teacher_thinking=values.get("teacher_thinking"),
+                         student_template=values.get("student_template", STUDENT_TEMPLATE),
+                         teacher_template=values.get("teacher_template", TEACHER_TEMPLATE),
+                         instruction=values.get("instruction", INSTRUCTION),
+                         max_prompt_tokens=values.get("max_prompt_tokens"))
+
+
+def _answer_key(answer) -> str:
+    """The answer as compared by :func:`shuffled_hints`: its text with whitespace collapsed."""
+    return " ".join(str(answer).split())
+
+
+def shuffled_hints(problems, seed: int) -> dict[str, str]:
+    """Wrong hints for a control run: problem id -> another problem's reference solution.
+
+    The assignment is a derangement (no problem gets its own solution) and, whenever the
+    answers allow it, no problem gets a solution whose answer equals its own (answers compared
+    as text, whitespace collapsed). It depends only on ``problems`` and ``seed``; build it once
+    per run. Construction: problems in a seeded random order, grouped by answer with the
+    largest group first, each mapped to the one ``m`` places further round the circle (``m``
+    = the largest group's size). When ``m <= n / 2`` no problem meets its own answer; otherwise
+    exactly ``2 m - n`` (the fewest possible) do. Raises ValueError, naming a problem, when no
+    two problems have different answers.
+    """
+    import random
+
+    problems = list(problems)
+    if len({_answer_key(p.answer) for p in problems}) < 2:
+        if len(problems) < 2:
+            found = f"only {len(problems)} problem" + (f" ({problems[0].id!r})" if problems else "s")
+        else:
+            found = (f"all {len(problems)} problems, problem {problems[0].id!r} among them, have the answer "
+                     f"{_answer_key(problems[0].answer)!r}")
+        raise ValueError(f"a shuffled hint needs at least 2 problems with different answers; got {found}")
+    order = list(range(len(problems)))
+    random.Random(seed).shuffle(order)
+    groups: dict[str, list[int]] = {}
+    for i in order:
+        groups.setdefault(_answer_key(problems[i].answer), []).append(i)
+    circle = [i for group in sorted(groups.values(), key=len, reverse=True) for i in group]
+    shift = len(max(groups.values(), key=len))
+    return {problems[circle[k]].id: problems[circle[(k + shift) % len(circle)]].solution
+            for k in range(len(circle))}
 
 
 @dataclass

@@ -300,7 +300,7 @@ def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
     may differ from training: the paper trains with thinking off and evaluates with it on).
     """
     from .policy import LoraSettings, Policy
-    from .prompts import PromptBuilder
+    from .prompts import build_prompts
 
     cfg = _run_config(run_dir)
     if not cfg["use_lora"]:
@@ -309,9 +309,9 @@ def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
                         target_modules=tuple(cfg["lora_target_modules"]))
     policy = Policy.from_pretrained(cfg["model"], dtype=cfg["dtype"], quantization=cfg["quantization"], lora=lora,
                                     teacher="frozen", seed=cfg["seed"])
-    thinking = cfg["student_thinking"] if student_thinking == "from run" else student_thinking
-    builder = PromptBuilder(policy.tokenizer, student_thinking=thinking,
-                            teacher_thinking=cfg["teacher_thinking"], max_prompt_tokens=cfg["max_prompt_tokens"])
+    if student_thinking != "from run":
+        cfg = dict(cfg, student_thinking=student_thinking)
+    builder = build_prompts(cfg, policy.tokenizer)  # an older config.json without templates: the defaults
     if adapter is not None:
         policy.load_adapter(adapter)
     return policy, builder

@@ -73,6 +73,7 @@ class Trainer:
         dup, times = counts.most_common(1)[0]
         if times > 1:
             raise ConfigError(f"problem ids must be unique: {dup!r} appears {times} times")
+        self.shuffled_hints = _shuffled_hints(config, self.problems)
         seed_everything(config.seed)
         self.run_dir = Path(config.run_dir)
         self.policy = policy or _load_policy(config, self.accelerator.device)
@@ -355,6 +356,21 @@ def _load_train_problems(cfg: TrainConfig):
 
     problems, _report = load_source(cfg.train_data, size=cfg.train_size, seed=cfg.seed)
     return problems
+
+
+def _shuffled_hints(cfg: TrainConfig, problems) -> dict | None:
+    """The run's wrong-hint mapping (problem id -> another problem's solution, fixed by the seed
+    for the whole run) when teacher_hint='shuffled' or divergence='hint_contrast' uses it, else None.
+    Built before the model loads, so problems that allow no wrong hint fail early."""
+    if cfg.algorithm != "opsd" or (cfg.teacher_hint == "reference" and cfg.divergence != "hint_contrast"):
+        return None
+    from .prompts import shuffled_hints
+
+    try:
+        return shuffled_hints(problems, cfg.seed)
+    except ValueError as err:
+        key = f"teacher_hint={cfg.teacher_hint!r}" if cfg.teacher_hint != "reference" else "divergence='hint_contrast'"
+        raise ConfigError(f"{key} needs a wrong hint for every training problem: {err}") from err
 
 
 def _load_policy(cfg: TrainConfig, device):

@@ -11,6 +11,7 @@ from _numerics import tolerance
 from opsd_kit.losses import (
     chunked_divergence,
     chunked_token_logprobs,
+    hint_contrast_divergence,
     per_token_divergence,
     sampled_token_loss,
     topk_divergence,
@@ -440,3 +441,135 @@ def test_chunked_low_precision_head_computes_in_float32():
     head_scale = float(student.abs().max() * head.weight.abs().max())
     tol = tolerance(torch.bfloat16, reduction=H, scale=head_scale * int(mask.sum()))
     torch.testing.assert_close(got_sum.double(), want_sum.detach(), **tol)
+
+
+# ----------------------------------------------------------------------------- hint contrast
+def ref_contrast_row(student, correct, wrong, alpha=1.0, temperature=1.0, clip=None):
+    """One position's KL(r || q), r_v = q_v (c_v / w_v)^alpha / Z, from lists of logits."""
+    q, c, w = (_softmax(x, temperature) for x in (student, correct, wrong))
+    tilted = [qv * (cv / wv) ** alpha for qv, cv, wv in zip(q, c, w)]
+    z = sum(tilted)
+    total = 0.0
+    for rv, qv in zip((t / z for t in tilted), q):
+        term = _xlog_ratio(rv, qv)
+        total += term if clip is None else min(term, clip)
+    return total
+
+
+def logits_triple(*shape, seed=0):
+    s, c = logits_pair(*shape, seed=seed)
+    return s, c, logits_pair(*shape, seed=seed + 1)[1]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_hint_contrast_matches_reference(alpha, temperature, clip):
+    s, c, w = logits_triple(2, 3, 7)
+    got = hint_contrast_divergence(s, c, w, alpha, temperature, clip)
+    assert got.shape == (2, 3) and got.dtype == torch.float64
+    rows = zip(s.reshape(-1, 7).tolist(), c.reshape(-1, 7).tolist(), w.reshape(-1, 7).tolist())
+    want = torch.tensor([ref_contrast_row(*row, alpha, temperature, clip) for row in rows], dtype=torch.float64)
+    torch.testing.assert_close(got, want.reshape(2, 3))
+    if clip is None:
+        assert (got > 0).all()
+
+
+def test_hint_contrast_is_zero_with_zero_gradient_when_the_teachers_agree():
+    s, c, _ = logits_triple(4, 9)
+    s.requires_grad_()
+    got = hint_contrast_divergence(s, c, c.clone(), alpha=1.5, temperature=0.8)
+    assert torch.equal(got, torch.zeros(4, dtype=torch.float64))  # exactly: the target is the student
+    got.sum().backward()
+    # (q - r) / T with r = q: zero up to the rounding of sum_v q_v = 1 over V = 9 entries
+    torch.testing.assert_close(s.grad, torch.zeros_like(s), **tolerance(torch.float64, reduction=9))
+
+
+def test_hint_contrast_gradient_is_q_minus_r_and_reaches_the_student_only():
+    s, c, w = logits_triple(3, 6)
+    s.requires_grad_()
+    c.requires_grad_()
+    w.requires_grad_()
+    hint_contrast_divergence(s, c, w, alpha=0.7, temperature=1.3).sum().backward()
+    assert c.grad is None and w.grad is None
+    q = torch.softmax(s.detach() / 1.3, -1)
+    tilted = q * (torch.softmax(c.detach() / 1.3, -1) / torch.softmax(w.detach() / 1.3, -1)) ** 0.7
+    r = tilted / tilted.sum(-1, keepdim=True)
+    torch.testing.assert_close(s.grad, (q - r) / 1.3)
+
+
+def test_hint_contrast_bad_arguments():
+    s, c, w = logits_triple(2, 4)
+    with pytest.raises(ValueError, match="alpha"):
+        hint_contrast_divergence(s, c, w, alpha=0.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        hint_contrast_divergence(s, c, w[:, :3])
+    with pytest.raises(ValueError, match="clip"):
+        hint_contrast_divergence(s, c, w, clip=0.0)
+
+
+def unchunked_contrast(student, correct, wrong, head, mask, truncate=None, **kw):
+    s_BTV, c_BTV, w_BTV = head(student), head(correct).detach(), head(wrong).detach()
+    if truncate is not None:
+        ref_BTV = s_BTV.detach()
+        s_BTV, c_BTV, w_BTV = (truncate_logits(x, *truncate, reference=ref_BTV, temperature=kw["temperature"])
+                               for x in (s_BTV, c_BTV, w_BTV))
+    div_BT = hint_contrast_divergence(s_BTV, c_BTV, w_BTV, **kw) * mask
+    return div_BT.sum(), div_BT
+
+
+CONTRAST_SETTINGS = [
+    {"alpha": 1.0, "temperature": 1.0},
+    {"alpha": 0.5, "temperature": 1.1, "clip": 0.1},
+    {"alpha": 2.0, "temperature": 0.9, "truncate": (6, 0.9)},
+]
+
+
+@pytest.mark.parametrize("setting", CONTRAST_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("frozen_head", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_chunked_hint_contrast_equals_unchunked(setting, frozen_head, chunk_size):
+    head, student, teacher, mask = chunk_inputs()
+    wrong = (teacher.detach() + 0.5 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(3),
+                                                  dtype=torch.float64)).requires_grad_()
+    head.weight.requires_grad_(not frozen_head)
+    params = [student] if frozen_head else [student, head.weight]
+    want_sum, want_BT = unchunked_contrast(student, teacher, wrong, head, mask, **setting)
+    want_grads = torch.autograd.grad(want_sum, params)
+    got_sum, got_BT = chunked_divergence(student, teacher, head, mask, kind="hint_contrast",
+                                         wrong_teacher_hidden_BTH=wrong, chunk_size=chunk_size, **setting)
+    torch.testing.assert_close(got_sum, want_sum)
+    torch.testing.assert_close(got_BT, want_BT.detach())
+    got_sum.backward()
+    for param, want in zip(params, want_grads):
+        torch.testing.assert_close(param.grad, want)
+    assert teacher.grad is None and wrong.grad is None
+
+
+def test_chunked_hint_contrast_saves_no_vocabulary_sized_tensor_and_vanishes_for_equal_teachers():
+    head, student, teacher, mask = chunk_inputs()
+    saved_shapes = []
+
+    def pack(x):
+        saved_shapes.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss_sum, per_token_BT = chunked_divergence(student, teacher, head, mask, kind="hint_contrast",
+                                                    wrong_teacher_hidden_BTH=teacher.detach().clone(), chunk_size=4)
+    assert not [s for s in saved_shapes if s and s[-1] == V]
+    assert loss_sum.item() == 0.0 and torch.equal(per_token_BT, torch.zeros(B, T, dtype=torch.float64))
+
+
+def test_chunked_hint_contrast_bad_arguments():
+    head, student, teacher, mask = chunk_inputs()
+    with pytest.raises(ValueError, match="needs wrong_teacher_hidden_BTH"):
+        chunked_divergence(student, teacher, head, mask, kind="hint_contrast")
+    with pytest.raises(ValueError, match="hint_contrast' only"):
+        chunked_divergence(student, teacher, head, mask, kind="forward_kl", wrong_teacher_hidden_BTH=teacher)
+    with pytest.raises(ValueError, match="top-k"):
+        chunked_divergence(student, teacher, head, mask, kind="hint_contrast", wrong_teacher_hidden_BTH=teacher,
+                           top_k_support=3)
+    with pytest.raises(ValueError, match="wrong teacher hidden states differ"):
+        chunked_divergence(student, teacher, head, mask, kind="hint_contrast",
+                           wrong_teacher_hidden_BTH=teacher[:, :5])

@@ -5,7 +5,8 @@ import pytest
 import torch
 from _numerics import tolerance
 
-from opsd_kit.prompts import PromptBuilder, PromptTooLongError, build_batch
+from opsd_kit.config import load_profile
+from opsd_kit.prompts import PromptBuilder, PromptTooLongError, build_batch, build_prompts, shuffled_hints
 
 
 def problem(solution="First 2 + 2 = 4, so the answer is \\boxed{4}.", question="What is 2 + 2?", pid="p0"):
@@ -95,3 +96,69 @@ def test_overridable_templates_are_checked(tiny_tokenizer):
     assert "S: First" in tiny_tokenizer.decode(b.teacher_ids(problem()))
     with pytest.raises(ValueError, match="solution"):
         PromptBuilder(tiny_tokenizer, teacher_template="{question}")
+
+
+def test_teacher_hint_override_replaces_the_solution_and_is_truncated_like_it(tiny_tokenizer):
+    b = PromptBuilder(tiny_tokenizer, max_prompt_tokens=600)
+    p = problem()
+    other = "Other problem: 5 - 2 = 3, so \\boxed{3}."
+    text = tiny_tokenizer.decode(b.teacher_ids(p, other))
+    assert other in text and p.solution not in text and p.question in text
+    long = "step. " * 400 + "\\boxed{3}"
+    ids = b.teacher_ids(p, long)
+    text = tiny_tokenizer.decode(ids)
+    assert len(ids) <= 600 and "[...]" in text and "step. step." in text and p.solution not in text
+    assert b.stats == {"teacher_prompts": 2, "teacher_truncated": 1}
+
+
+def test_build_prompts_from_a_config_and_from_an_old_config_json(tiny_tokenizer):
+    cfg = load_profile("tiny", instruction="End with ANSWER: n.",
+                       teacher_template="{question}\nHint: {solution}\n{instruction}")
+    p = problem()
+    b = build_prompts(cfg, tiny_tokenizer)
+    student = tiny_tokenizer.decode(b.student_ids(p))
+    assert "End with ANSWER: n." in student and "\\boxed{}" not in student
+    assert "Hint: First" in tiny_tokenizer.decode(b.teacher_ids(p))
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("student_template", "teacher_template", "instruction")}
+    default = PromptBuilder(tiny_tokenizer, max_prompt_tokens=cfg.max_prompt_tokens)
+    assert build_prompts(old, tiny_tokenizer).teacher_ids(p) == default.teacher_ids(p)
+    assert build_prompts(old, tiny_tokenizer).student_ids(p) == default.student_ids(p)
+
+
+def problems_with_answers(answers):
+    return [SimpleNamespace(id=f"p{i}", question=f"q{i}", solution=f"solution {i}: \\boxed{{{a}}}", answer=a,
+                            source="test") for i, a in enumerate(answers)]
+
+
+def donors(problems, hints):
+    """problem id -> the problem whose solution it was given (solutions here are unique)."""
+    by_solution = {p.solution: p for p in problems}
+    return {pid: by_solution[solution] for pid, solution in hints.items()}
+
+
+@pytest.mark.parametrize("answers", [[str(i) for i in range(9)], ["1", "1", "2", "2", "3", "3", "3"],
+                                     ["7", "7", " 8", "8 "]])
+def test_shuffled_hints_are_a_seeded_derangement_with_different_answers(answers):
+    probs = problems_with_answers(answers)
+    hints = shuffled_hints(probs, seed=3)
+    assert hints == shuffled_hints(list(probs), seed=3)  # deterministic given the seed
+    assert any(shuffled_hints(probs, seed) != hints for seed in range(4, 12))  # and the seed matters
+    given = donors(probs, hints)
+    assert sorted(d.id for d in given.values()) == sorted(p.id for p in probs)  # each solution used once
+    for p in probs:
+        assert given[p.id].id != p.id
+        assert given[p.id].answer.strip() != p.answer.strip()
+
+
+def test_shuffled_hints_share_an_answer_only_when_unavoidable():
+    probs = problems_with_answers(["1"] * 5 + ["2", "3"])  # 5 of 7 share an answer: 2 * 5 - 7 = 3 must
+    given = donors(probs, shuffled_hints(probs, seed=0))
+    assert all(given[p.id].id != p.id for p in probs)
+    assert sum(given[p.id].answer == p.answer for p in probs) == 3
+
+
+def test_shuffled_hints_need_two_different_answers():
+    with pytest.raises(ValueError, match="only 1 problem \\('p0'\\)"):
+        shuffled_hints(problems_with_answers(["4"]), seed=0)
+    with pytest.raises(ValueError, match="all 3 problems, problem 'p0' among them, have the answer '4'"):
+        shuffled_hints(problems_with_answers(["4", "4", " 4"]), seed=0)

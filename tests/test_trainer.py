@@ -152,3 +152,54 @@ def test_opsd_steps_on_a_fixed_batch_reduce_the_divergence(tmp_path):
         trainer.optimizer.zero_grad()
         losses.append(total)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def teacher_prompt_rows(batch) -> list[list[int]]:
+    """Each row's prompt ids (the left-padded part before the completion)."""
+    p = batch.prompt_width
+    return [row[:p][mask[:p].bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask)]
+
+
+def test_shuffled_hint_run_gives_each_teacher_another_problems_solution_for_the_whole_run(tmp_path):
+    from opsd_kit.prompts import build_prompts, shuffled_hints
+
+    trainer = Trainer(tiny(tmp_path, teacher_hint="shuffled", instruction="Answer with one number."))
+    alg, cfg = trainer.algorithm, trainer.config
+    hints = shuffled_hints(trainer.problems, cfg.seed)
+    assert trainer.shuffled_hints == hints
+    builder = build_prompts(cfg, trainer.policy.tokenizer)  # a fresh builder: the expected ids
+    by_solution = {p.solution: p for p in trainer.problems}
+    for p in trainer.problems:
+        other = by_solution[hints[p.id]]
+        assert other.id != p.id and other.answer != p.answer
+        assert alg.teacher_prompt(p) == builder.teacher_ids(p, other.solution) != builder.teacher_ids(p)
+        assert "Answer with one number." in trainer.policy.tokenizer.decode(alg.student_prompt(p))
+    for step in (0, 1):  # the batches of every step hold the same wrong hint per problem
+        micro, _ = alg.prepare(step)
+        rows = [r for mb in micro for r in teacher_prompt_rows(mb.teacher)]
+        problems = trainer.step_problems(step)
+        assert rows == [builder.teacher_ids(p, hints[p.id]) for p in problems]
+        assert all(mb.wrong_teacher is None for mb in micro)
+
+
+def test_hint_contrast_steps_change_lora_and_not_base(tmp_path):
+    from opsd_kit.prompts import build_prompts
+
+    trainer = Trainer(load_profile("tiny", "opsd", run_dir=str(tmp_path / "r"), max_steps=2,
+                                   divergence="hint_contrast", progress=False))
+    builder = build_prompts(trainer.config, trainer.policy.tokenizer)
+    micro, _ = trainer.algorithm.prepare(0)
+    rows = [r for mb in micro for r in teacher_prompt_rows(mb.wrong_teacher)]
+    problems = trainer.step_problems(0)
+    assert rows == [builder.teacher_ids(p, trainer.shuffled_hints[p.id]) for p in problems]
+    assert [r for mb in micro for r in teacher_prompt_rows(mb.teacher)] == [builder.teacher_ids(p) for p in problems]
+    for mb in micro:
+        assert torch.equal(mb.wrong_teacher.completion_ids, mb.student.completion_ids)
+    lora_before = trainer.policy.lora_state_dict()
+    base_before = base_weights(trainer.policy)
+    result = trainer.train()
+    lora_after = trainer.policy.lora_state_dict()
+    assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
+    for name, value in base_weights(trainer.policy).items():
+        assert torch.equal(value, base_before[name]), name
+    assert result.last_metrics["loss/divergence_mean"] > 0

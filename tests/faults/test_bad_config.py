@@ -33,6 +33,12 @@ BAD = [
     ({"temperature": 0}, ["temperature=0", "> 0"]),
     ({"trackers": ["mlflow"]}, ["trackers", "'mlflow'", "tensorboard", "wandb"]),
     ({"max_nonfinite_steps": 0}, ["max_nonfinite_steps", ">= 1"]),
+    ({"teacher_template": "{question}\n{instruction}"}, ["teacher_template", "{solution}"]),
+    ({"student_template": "{instruction}"}, ["student_template", "{question}"]),
+    ({"teacher_template": "{question} {solution} \\boxed{}"}, ["teacher_template", "'{{'"]),
+    ({"teacher_hint": "wrong"}, ["teacher_hint='wrong'", "reference", "shuffled"]),
+    ({"divergence": "hint_contrast", "teacher_hint": "shuffled"}, ["hint_contrast", "teacher_hint='reference'"]),
+    ({"contrast_alpha": 0.0}, ["contrast_alpha=0.0", "> 0"]),
 ]
 
 
@@ -142,3 +148,20 @@ def test_duplicate_problem_ids_passed_directly_are_refused(tmp_path, no_model_lo
     twice = [SimpleNamespace(id="same", question="1+1?", solution="2", answer="2", source="x")] * 2
     with pytest.raises(ConfigError, match="'same' appears 2 times"):
         Trainer(load_profile("tiny", run_dir=str(tmp_path)), problems=twice)
+
+
+@pytest.mark.parametrize("overrides, key", [({"teacher_hint": "shuffled"}, "teacher_hint='shuffled'"),
+                                            ({"divergence": "hint_contrast"}, "divergence='hint_contrast'")])
+def test_a_wrong_hint_needs_two_different_answers_before_the_model_loads(tmp_path, overrides, key, no_model_loads):
+    same = [SimpleNamespace(id=f"p{i}", question=f"{i} + 0?", solution="\\boxed{4}", answer="4", source="x")
+            for i in range(3)]
+    with pytest.raises(ConfigError, match="problem 'p0'") as info:
+        Trainer(tiny_config(tmp_path, **overrides), problems=same)
+    assert key in str(info.value) and "different answers" in str(info.value)
+    with pytest.raises(ConfigError, match=r"only 1 problem \('p0'\)"):
+        Trainer(tiny_config(tmp_path, **overrides), problems=same[:1])
+
+
+def test_a_shuffled_hint_is_for_opsd_only(no_model_loads):
+    with pytest.raises(ConfigError, match="teacher_hint='shuffled'.*algorithm='sft'"):
+        load_profile("tiny", "sft", teacher_hint="shuffled")

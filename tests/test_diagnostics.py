@@ -1,0 +1,79 @@
+"""Signal or style: the answer-token split on hand-made tokens, and the wrong-hint divergence on
+the tiny model."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from opsd_kit.diagnostics import answer_token_split
+
+
+def test_answer_spread_over_several_tokens():
+    tokens = ["The", " sum", " is", " \\boxed{", "12", "3", "}"]
+    values = [1.0, 1.0, 1.0, 2.0, 4.0, 6.0, 1.0]
+    got = answer_token_split(tokens, values, "123")
+    assert got["answer_tokens"] == 2
+    assert got["answer_share"] == pytest.approx(10.0 / 16.0)
+    assert got["answer_mean"] == pytest.approx(5.0)
+    assert got["other_mean"] == pytest.approx(6.0 / 5)
+
+
+def test_a_token_that_straddles_the_answer_counts():
+    tokens = ["so it is -", "1", "2", " apples"]  # the answer "-12" starts inside the first token
+    got = answer_token_split(tokens, [3.0, 1.0, 1.0, 5.0], None)  # no box: the last number
+    assert got["answer_tokens"] == 3
+    assert got["answer_share"] == pytest.approx(0.5)
+    assert got["other_mean"] == pytest.approx(5.0)
+
+
+def test_absent_answer():
+    got = answer_token_split(["no", " answer", " here"], [1.0, 2.0, 3.0], "99")
+    assert got["answer_tokens"] == 0 and got["answer_share"] == 0.0
+    assert math.isnan(got["answer_mean"]) and got["other_mean"] == pytest.approx(2.0)
+    nothing = answer_token_split(["no", " number"], [1.0, 1.0], None)
+    assert nothing["answer_tokens"] == 0 and math.isnan(nothing["answer_mean"])
+
+
+def test_the_last_occurrence_counts():
+    tokens = ["7", " + 0 = ", "7", "."]
+    got = answer_token_split(tokens, [10.0, 1.0, 2.0, 1.0], "7")
+    assert got["answer_tokens"] == 1 and got["answer_mean"] == pytest.approx(2.0)
+    # without an explicit answer, the last boxed answer is found, also at its last occurrence
+    boxed = answer_token_split(["4 + 0 = 4", ", so \\boxed{", "4", "} and 5"], [9.0, 1.0, 3.0, 1.0], None)
+    assert boxed["answer_tokens"] == 1 and boxed["answer_mean"] == pytest.approx(3.0)
+
+
+def test_split_needs_one_value_per_token():
+    with pytest.raises(ValueError, match="2 tokens but 3 values"):
+        answer_token_split(["a", "b"], [1.0, 2.0, 3.0], "a")
+
+
+def test_wrong_hint_divergence_and_answer_split_on_the_tiny_model():
+    from opsd_kit.diagnostics import divergence_by_answer_tokens, teacher_student_gap, token_divergences
+    from opsd_kit.policy import LoraSettings, Policy
+    from opsd_kit.prompts import PromptBuilder, shuffled_hints
+    from opsd_kit.rollout import GenerationSettings
+
+    policy = Policy.from_pretrained("tiny", lora=LoraSettings(r=4, alpha=8))
+    builder = PromptBuilder(policy.tokenizer)
+    problems = [SimpleNamespace(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i), source="test",
+                                solution=f"{i} + {i} = {2 * i}, so \\boxed{{{2 * i}}}.") for i in range(1, 4)]
+    texts = [f"I think {2 * i} is it: \\boxed{{{2 * i}}}" for i in range(1, 4)]
+    completions = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    correct = token_divergences(policy, builder, problems, completions)
+    own = token_divergences(policy, builder, problems, completions, hints={p.id: p.solution for p in problems})
+    wrong = token_divergences(policy, builder, problems, completions, hints=shuffled_hints(problems, 0))
+    assert own == correct and wrong != correct
+    assert [len(v) for v in wrong] == [len(c) for c in completions]
+
+    table = divergence_by_answer_tokens(policy, builder, problems, completions, texts)
+    assert list(table["problem_id"]) == ["p1", "p2", "p3"] and list(table["answer"]) == ["2", "4", "6"]
+    assert table["total"].tolist() == pytest.approx([sum(v) for v in correct])
+    assert (table["answer_tokens"] >= 1).all() and (table["answer_share"] > 0).all()
+
+    gap = teacher_student_gap(policy, problems, builder=builder, seed=0,
+                              settings=GenerationSettings(max_new_tokens=6, temperature=1.0, n=1))
+    assert gap["gap/divergence_mean_shuffled"] > 0
+    assert gap["gap/style_fraction"] == pytest.approx(gap["gap/divergence_mean_shuffled"] / gap["gap/divergence_mean"])
