@@ -122,7 +122,8 @@ class TrainConfig:
     kl_coef: float = 0.0
     """GRPO KL penalty to the reference (adapter-off) model; 0 as in the paper."""
     grading_mode: str = "strict"
-    """Reward and rollout-correctness grading: 'strict' (boxed answers) or 'lenient'."""
+    """Reward and rollout-correctness grading: 'strict' (the last boxed answer only) or 'lenient'
+    (also '####', 'the answer is', else the last number); see opsd_kit.evaluate."""
 
     # -- optimisation ----------------------------------------------------------------------
     learning_rate: float = 5e-6
