@@ -73,7 +73,6 @@ def test_nonfinite_step_is_skipped_counted_and_the_run_continues(tmp_path, how):
     assert [r["train/skipped_nonfinite"] for r in rows] == [0, 1, 0, 0]
     bad = rows[1]["loss/total"] if how != "nan_grad" else rows[1]["train/grad_norm"]
     assert isinstance(bad, str) and not math.isfinite(float(bad))  # logged as "nan"/"inf", still valid JSON
-    assert sum(r["train/skipped_nonfinite"] for r in rows) == 1
     state = load_trainer_state(latest_checkpoint(result.run_dir))
     assert state["scheduler"]["last_epoch"] == 3, "the schedule did not advance on the skipped step"
 
