@@ -98,7 +98,7 @@ class TrainConfig:
     """Temperature dividing both logits in the loss; None uses the rollout temperature (paper)."""
     loss_support: str = "full"
     """'full': the loss uses the untruncated distributions; 'truncated': both are restricted to
-    the rollout's top-k/top-p support of the student (OPSD_NOTES pitfall 5)."""
+    the rollout's top-k/top-p support of the student (docs/algorithm.md, Pitfalls, 5)."""
     distill_topk: int = 20
     """k for divergence='topk'."""
     sampled_token_clamp: float | None = 5.0

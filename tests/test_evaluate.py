@@ -143,7 +143,7 @@ def test_pass_at_k_rejects_bad_arguments(n, c, k):
         pass_at_k(n, c, k)
 
 
-# -- time bounds off the main thread (pitfall 6) ------------------------------------------------
+# -- time bounds off the main thread (docs/algorithm.md, Pitfalls, 6) ---------------------------
 def test_grade_many_from_a_worker_thread():
     out = {}
 

@@ -110,7 +110,7 @@ def mask_padded_vocabulary(trainer, value=-math.inf):
     """Give the model's padded vocabulary entries (ids past the tokenizer's) a -inf logit."""
     n = len(trainer.policy.tokenizer)
     head = trainer.policy.head
-    assert head.out_features > n, "the tiny model's logits dim exceeds its tokenizer (pitfall 4)"
+    assert head.out_features > n, "the tiny model's logits dim exceeds its tokenizer (docs/algorithm.md, Pitfalls, 4)"
 
     def hook(module, inputs, output):
         output = output.clone()
