@@ -91,7 +91,8 @@ def test_loss_is_normalised_over_the_whole_step_not_per_micro_batch(tmp_path):
         # tokens of the step (4 problems x (prompt + completion)) through the model's layers
         cfg = trainer.config
         tokens = cfg.problems_per_step * (cfg.max_prompt_tokens + cfg.max_new_tokens)
-        tol = tolerance(torch.float32, tokens, scale=float(b.abs().max()), depth=trainer.policy.config.num_hidden_layers)
+        tol = tolerance(torch.float32, tokens, scale=float(b.abs().max()),
+                        depth=trainer.policy.config.num_hidden_layers)
         torch.testing.assert_close(a, b, **tol)
 
 
