@@ -36,14 +36,14 @@ _TOKEN = re.compile(r"[^\s${}]+")
 _PHRASE = re.compile(r"final\s+answer\s*(?:is\b)?\s*[:：]?|the\s+answer\s+is\b\s*[:：]?", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?", re.ASCII)
 _SPAN = 300
-"""Characters read after a ``####`` or an answer phrase."""
+"""Characters read after a ``####``, an answer phrase or a brace-less ``\\boxed``."""
 
 
 def matching_brace(text: str, open_index: int) -> int | None:
     r"""Index of the ``}`` closing the ``{`` at ``open_index``, or None when it is never closed.
 
     Escaped braces do not count: in ``{\{1,2\}}`` the group closes at the last character.
-    Linear in the length of the group.
+    Linear in the length of the text after ``open_index``.
 
     >>> matching_brace(r"{a{b}c}d", 0), matching_brace(r"{\}", 0), matching_brace(r"{\\}", 0)
     (6, None, 3)
