@@ -20,7 +20,8 @@ _LAZY = {
     # losses
     "per_token_divergence": "losses", "sampled_token_loss": "losses",
     "topk_divergence": "losses", "chunked_divergence": "losses",
-    # evaluation
+    # answers and evaluation
+    "extract_boxed": "answers", "extract_marked": "answers",
     "extract_answer": "evaluate", "is_correct": "evaluate", "pass_at_k": "evaluate",
     "evaluate_model": "evaluate", "grade_many": "evaluate", "EvalResult": "evaluate",
     # rollouts

@@ -96,7 +96,8 @@ class Algorithm:
         return self._vllm_engine
 
     def grade(self, rollouts, problems) -> list[float]:
-        """1.0 where a rollout's final answer matches the problem's answer, else 0.0."""
+        """1.0 where a rollout's answer, read in ``config.grading_mode`` ("strict": its last box only),
+        matches the problem's answer, else 0.0 (the GRPO reward and ``rollout/correct``)."""
         from .evaluate import grade_many
 
         golds = [problems[i].answer for i in rollouts.prompt_index]

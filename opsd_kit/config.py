@@ -137,7 +137,7 @@ class TrainConfig:
     """Temperature dividing both logits in the loss; None uses the rollout temperature (paper)."""
     loss_support: str = "full"
     """'full': the loss uses the untruncated distributions; 'truncated': both are restricted to
-    the rollout's top-k/top-p support of the student (OPSD_NOTES pitfall 5)."""
+    the rollout's top-k/top-p support of the student (docs/algorithm.md, Pitfalls, 5)."""
     distill_topk: int = 20
     """k for divergence='topk'."""
     sampled_token_clamp: float | None = 5.0
@@ -161,7 +161,8 @@ class TrainConfig:
     kl_coef: float = 0.0
     """GRPO KL penalty to the reference (adapter-off) model; 0 as in the paper."""
     grading_mode: str = "strict"
-    """Reward and rollout-correctness grading: 'strict' (boxed answers) or 'lenient'."""
+    """Reward and rollout-correctness grading: 'strict' (the last boxed answer only) or 'lenient'
+    (also '####', 'the answer is', else the last number); see opsd_kit.evaluate."""
 
     # -- RLSD ------------------------------------------------------------------------------
     rlsd_lambda: float = 0.5

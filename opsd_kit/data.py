@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from opsd_kit.answers import extract_boxed, extract_hashes
+
 FIELDS = ("id", "question", "solution", "answer", "source")
 
 #: Source columns tried, in order, for a field the caller did not map.
@@ -121,27 +123,6 @@ class LoadReport:
 # --------------------------------------------------------------------------- answers
 
 
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last ``\boxed{...}`` or ``\fbox{...}`` in ``text`` (nested braces kept).
-
-    The brace-less form ``\boxed 2`` gives ``2``. None when there is no complete box.
-    """
-    start = max((text.rfind(command), command) for command in ("\\boxed", "\\fbox"))
-    if start[0] < 0:
-        return None
-    rest = text[start[0] + len(start[1]) :]
-    if not rest.startswith("{"):
-        bare = re.match(r"\s+([^\s$]+)", rest)
-        return bare.group(1) if bare else None
-    depth = 0
-    for j, char in enumerate(rest):
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth == 0:
-            return rest[1:j].strip() or None
-    return None
-
-
-_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$")
 _GSM8K_CALC = re.compile(r"<<[^<>]*>>")
 
 
@@ -152,10 +133,9 @@ def _gsm8k_answer(solution: str) -> tuple[str, str] | None:
     ``The answer is \boxed{N}`` so the reference ends in the format the kit asks for.
     """
     lines = solution.rstrip().splitlines()
-    match = _GSM8K_FINAL.match(lines[-1].strip()) if lines else None
-    if not match:
+    if not lines or not lines[-1].lstrip().startswith("####"):
         return None
-    answer = match.group(1).replace(",", "").strip()
+    answer = (extract_hashes(lines[-1]) or "").replace(",", "").strip()
     if not answer:
         return None
     body = _GSM8K_CALC.sub("", "\n".join(lines[:-1])).rstrip()
@@ -167,7 +147,7 @@ def _derive_answer(solution: str, answer_from: str) -> tuple[str, str, str] | No
     if answer_from in ("auto", "gsm8k") and (answer_from == "gsm8k" or "####" in solution):
         found = _gsm8k_answer(solution)
         return (found[0], found[1], "answer from ####") if found else None
-    boxed = last_boxed(solution)
+    boxed = extract_boxed(solution)
     return (boxed, solution, "answer from \\boxed") if boxed else None
 
 
@@ -392,8 +372,9 @@ def load_problems(
     ``id`` defaults to ``f"{source}-{row}"``; ``source`` defaults to the file stem or dataset id.
 
     ``answer_from``: ``"auto"`` uses the answer column when there is one, else derives the answer
-    from the solution (GSM8K ``#### N``, else the last ``\boxed{}``); ``"gsm8k"``/``"boxed"``
-    always derive that way; ``None`` requires an answer column. GSM8K solutions lose their
+    from the solution (GSM8K ``#### N``, else the last ``\boxed{}``, read by `opsd_kit.answers`
+    as the grader reads it: an empty last box means no answer); ``"gsm8k"``/``"boxed"`` always
+    derive that way; ``None`` requires an answer column. GSM8K solutions lose their
     ``<<...>>`` calculator annotations and end in ``\boxed{N}``.
 
     ``limit`` stops after that many kept problems. Missing columns of a table, and a ``.json``

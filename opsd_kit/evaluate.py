@@ -1,12 +1,16 @@
-"""Evaluation: answer extraction, time-bounded grading, pass@k and avg@k (OPSD_NOTES.md §3).
+"""Evaluation: time-bounded grading, pass@k and avg@k (arXiv 2601.18734, evaluation protocol).
 
-Grading follows the paper: the last ``\\boxed{}`` of a response is graded with math_verify
-against the gold answer, with a normalised string match as fallback. Two modes:
+Answers are read by `opsd_kit.answers` (the same parser derives the training answers), then
+compared with the gold answer by math_verify, with a normalised string match as fallback.
+Two modes:
 
-- ``"strict"``: only a marked final answer counts (``\\boxed{}``/``\\fbox{}``, GSM8K
-  ``#### N``, "the answer is ..." / "final answer: ..."), as in the paper;
-- ``"lenient"``: the same, falling back to the last number of the response (small models
-  often never box; both are measured by :func:`evaluate_model`).
+- ``"strict"``: the last ``\\boxed{}``/``\\fbox{}`` only, as the official OPSD evaluator grades;
+  an empty or unclosed last box, a GSM8K ``#### N`` or "the answer is 5" without a box is wrong;
+- ``"lenient"``: the marked answer (the last box, else ``#### N``, else "the answer is ..." /
+  "final answer: ..."), else the last number of the response (small models often never box).
+
+:func:`evaluate_model` measures both. ``extract_answer`` (the marked answer) and
+``last_number`` are re-exported from `opsd_kit.answers` for callers of this module.
 
 Equivalences are math_verify's: ``1/2 = \\frac{1}{2} = 0.5``, ``\\dfrac``, sets in any order,
 intervals, ``18 = 18.00 = \\$18``, ``1,234 = 1234``. A gold ``10\\%`` accepts ``10``,
@@ -14,8 +18,8 @@ intervals, ``18 = 18.00 = \\$18``, ``1,234 = 1234``. A gold ``10\\%`` accepts ``
 Unicode: NFKC maps fullwidth digits (``３``) to ASCII; other scripts' digits (Arabic-Indic
 ``٣``) are not numbers to the grader.
 
-Time bounds (pitfall 6: math_verify's own timeouts use ``signal.alarm``, main thread only,
-whole seconds, per call). :func:`grade_many` bounds every item:
+Time bounds (docs/algorithm.md, Pitfalls, 6; Math-Verify #50, #55: math_verify's own timeouts
+use ``signal.alarm``, main thread only, whole seconds, per call). :func:`grade_many` bounds every item:
 
 - in the main thread: one ``setitimer`` deadline per item (float seconds) around the whole
   extraction + parse + verify, math_verify's own timeouts off;
@@ -27,7 +31,7 @@ Before math_verify, hard caps send pathological answers (over ``MAX_ANSWER_CHARS
 nested deeper than ``MAX_NESTING``, exponent towers like ``10^{10^{10}}`` or
 ``9**9**9``, powers/factorials/binomials with numbers over ``MAX_OPERAND_DIGITS`` digits or
 mixed together) to the string match only, so hostile text is cheap. Extraction is linear
-in the text length.
+in the text length (see `opsd_kit.answers`).
 
 Heavy imports (math_verify, pandas, torch) happen inside functions.
 """
@@ -44,10 +48,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from opsd_kit.answers import (
+    MODES,
+    check_mode,
+    extract,
+    extract_boxed,
+    last_number,  # noqa: F401 - re-exported for callers
+    matching_brace,
+)
+from opsd_kit.answers import extract_marked as extract_answer  # noqa: F401 - re-exported for callers
+
 if TYPE_CHECKING:
     import pandas
 
-MODES = ("strict", "lenient")
 MAX_ANSWER_CHARS = 1000
 """Extracted answers longer than this are compared as strings only."""
 MAX_NESTING = 12
@@ -59,107 +72,6 @@ match only: ``2^{99999}`` goes to sympy, ``2^{123456}`` and ``1000000!`` do not.
 HARD_KILL_GRACE_S = 2.0
 """Extra wall time a worker process gets beyond ``timeout_s`` before it is killed."""
 _WORKER_START_TIMEOUT_S = 120.0
-
-# --------------------------------------------------------------------------------------------
-# Extraction
-# --------------------------------------------------------------------------------------------
-_BOX = re.compile(r"\\(?:boxed|fbox)(\s*)")
-_BRACE = re.compile(r"\\[{}]|[{}]")  # escaped braces (\{ \}) are literal, not groups
-_TOKEN = re.compile(r"[^\s$]+")
-_PHRASE = re.compile(r"final\s+answer\s*(?:is\b)?\s*[:：]?|the\s+answer\s+is\b\s*[:：]?", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?", re.ASCII)
-_PHRASE_SPAN = 300
-
-
-def _matching_braces(text: str) -> dict[int, int]:
-    """Map each balanced group's ``{`` position to its ``}``, in one linear pass."""
-    stack: list[int] = []
-    pairs: dict[int, int] = {}
-    for m in _BRACE.finditer(text):
-        tok = m.group()
-        if tok == "{":
-            stack.append(m.start())
-        elif tok == "}" and stack:
-            pairs[stack.pop()] = m.start()
-    return pairs
-
-
-def _boxed(text: str) -> str | None:
-    """Content of the last non-empty, closed ``\\boxed{...}``/``\\fbox{...}``/``\\boxed x``."""
-    marks = list(_BOX.finditer(text))
-    if not marks:
-        return None
-    pairs = _matching_braces(text)
-    for m in reversed(marks):
-        pos = m.end()
-        if pos < len(text) and text[pos] == "{":
-            close = pairs.get(pos)
-            content = text[pos + 1:close].strip() if close is not None else ""
-        elif m.group(1):  # "\boxed 5": one token after whitespace
-            tok = _TOKEN.match(text[pos:pos + _PHRASE_SPAN])
-            content = tok.group().rstrip(".,;") if tok else ""
-        else:  # "\boxedfoo" is not a box
-            continue
-        if content:
-            return content
-    return None
-
-
-def _tidy_phrase(rest: str) -> str | None:
-    """The answer that follows a marker: a ``$...$`` span or the rest of the sentence."""
-    rest = rest[:_PHRASE_SPAN].split("\n", 1)[0].strip().strip("*").strip()
-    if rest.startswith("$"):
-        inner = rest.lstrip("$")
-        end = inner.find("$")
-        rest = inner[:end] if end >= 0 else inner
-    else:
-        rest = re.split(r"\.\s", rest, maxsplit=1)[0]
-    rest = rest.strip().strip("*").strip().rstrip(".,;").strip()
-    return rest or None
-
-
-def extract_answer(text) -> str | None:
-    """The final answer marked in ``text``, or None.
-
-    Order: the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces; ``\\boxed 5`` too),
-    else the last GSM8K ``#### N``, else the last "the answer is ..." / "final answer: ...".
-    Linear time; never raises (a non-string gives None).
-    """
-    if not isinstance(text, str):
-        return None
-    try:
-        boxed = _boxed(text)
-        if boxed is not None:
-            return boxed
-        hashes = text.rfind("####")
-        if hashes >= 0:
-            found = _tidy_phrase(text[hashes + 4:])
-            if found:
-                return found
-        last = None
-        for last in _PHRASE.finditer(text):  # noqa: B007 - keep the last match
-            pass
-        return _tidy_phrase(text[last.end():]) if last else None
-    except Exception:  # noqa: BLE001 - extraction must never take the caller down
-        return None
-
-
-def last_number(text) -> str | None:
-    """The last number in ``text`` (ASCII digits; ``-3``, ``1,234``, ``2.5``, ``3/4``), or None."""
-    if not isinstance(text, str):
-        return None
-    found = None
-    for found in _NUMBER.finditer(text):  # noqa: B007 - keep the last match
-        pass
-    return found.group() if found else None
-
-
-def _answer_for(response, mode: str) -> str | None:
-    answer = extract_answer(response)
-    if answer is None and mode == "lenient":
-        answer = last_number(response)
-    return answer
-
 
 # --------------------------------------------------------------------------------------------
 # Grading
@@ -203,11 +115,11 @@ def _too_risky(answer: str) -> bool:
     powers = len(_POWER.findall(answer))
     if powers > MAX_POWERS or _TOWER.search(answer):
         return True
-    pairs = _matching_braces(answer)
-    for m in _POWER.finditer(answer):
+    for m in _POWER.finditer(answer):  # at most MAX_POWERS of them
         start = m.end() + len(answer[m.end():]) - len(answer[m.end():].lstrip())
         if answer[start:start + 1] in ("{", "("):
-            exponent = answer[start + 1:pairs.get(start, len(answer))]
+            close = matching_brace(answer, start) if answer[start] == "{" else None
+            exponent = answer[start + 1:len(answer) if close is None else close]
             if _POWER.search(exponent) or "!" in exponent:
                 return True  # a tower: 10^{10^{10}}, 9**(9**9)
     big_number = any(len(d) > MAX_OPERAND_DIGITS for d in _DIGITS.findall(answer))
@@ -245,11 +157,6 @@ def _answers_match(answer: str, gold: str) -> bool:
     return bool(norm) and norm == _normalize(gold)
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
 def _gold_text(gold) -> str:
     """Gold answers as text: numbers via ``str``, None or anything unprintable as ``""``."""
     if isinstance(gold, str):
@@ -263,7 +170,7 @@ def _gold_text(gold) -> str:
 def _grade(response, gold, mode: str) -> bool:
     """Unbounded grading of one response (callers bound it)."""
     gold = _gold_text(gold)
-    answer = _answer_for(response, mode)
+    answer = extract(response, mode)
     if answer is None or not gold.strip():
         return False
     return _answers_match(answer, gold)
@@ -332,7 +239,7 @@ def is_correct(response, gold, mode: str = "strict", timeout_s: float = 5.0) -> 
     by ``timeout_s``; off the main thread this starts a worker process, so batch such calls
     with :func:`grade_many`.
     """
-    _check_mode(mode)
+    check_mode(mode)
     return bool(grade_many([response], [gold], mode, timeout_s=timeout_s)[0])
 
 
@@ -362,14 +269,16 @@ class Grades(list):
 
 def grade_many(responses, golds, mode: str = "strict", timeout_s: float = 5.0,
                workers: int | None = None) -> Grades:
-    """Grade ``responses[i]`` against ``golds[i]``; every item bounded in time, never raising.
+    """Grade ``responses[i]`` against ``golds[i]`` in ``mode`` (``"strict"``: the last box only;
+    ``"lenient"``: also ``####``, "the answer is", the last number; see the module doc); every
+    item bounded in time; odd responses or golds never raise (a bad mode or lengths do).
 
     ``workers``: None picks in-process grading in the main thread and ``min(4, cpu_count)``
     grading subprocesses elsewhere; 0 forces in-process (main thread only); ``n >= 1`` forces
     ``n`` subprocesses (``python -c``, POSIX; the caller's ``__main__`` is never re-run). A
     subprocess that overruns its item is killed and replaced (counted in ``timeouts``).
     """
-    _check_mode(mode)
+    check_mode(mode)
     responses, golds = list(responses), list(golds)
     if len(responses) != len(golds):
         raise ValueError(f"grade_many: {len(responses)} responses but {len(golds)} golds")
@@ -585,6 +494,8 @@ def evaluate_model(model, tokenizer, problems, *, builder=None, settings, k: int
     avg@k (the paper's metric) is the mean over problems of each problem's accuracy over its k
     samples; ``eval/pass@1`` equals it (the unbiased pass@1 is c/n) and ``eval/pass@k`` is the
     unbiased pass@k. ``mode`` picks the headline; ``workers`` goes to :func:`grade_many`.
+    ``eval/boxed_rate`` is the fraction of samples whose last box is non-empty (those the strict
+    mode can grade); the lenient mode re-grades only the other samples.
     """
     import dataclasses
 
@@ -593,7 +504,7 @@ def evaluate_model(model, tokenizer, problems, *, builder=None, settings, k: int
     from opsd_kit import rollout
     from opsd_kit.prompts import PromptBuilder
 
-    _check_mode(mode)
+    check_mode(mode)
     problems = list(problems)
     if not problems:
         raise ValueError("evaluate_model needs at least one problem")
@@ -607,12 +518,14 @@ def evaluate_model(model, tokenizer, problems, *, builder=None, settings, k: int
     golds = [problems[i].answer for i in rollouts.prompt_index]
 
     strict = grade_many(rollouts.texts, golds, "strict", timeout_s=timeout_s, workers=workers)
-    answers_strict = [extract_answer(t) for t in rollouts.texts]
-    unmarked = [r for r, a in enumerate(answers_strict) if a is None]
+    answers_strict = [extract_boxed(t) for t in rollouts.texts]
+    answers_lenient = [extract(t, "lenient") for t in rollouts.texts]
+    # Where the last box has content, the lenient answer is that box: the strict verdict stands.
+    unboxed = [r for r, a in enumerate(answers_strict) if a is None]
     lenient = list(strict)
-    loose = grade_many([rollouts.texts[r] for r in unmarked], [golds[r] for r in unmarked], "lenient",
+    loose = grade_many([rollouts.texts[r] for r in unboxed], [golds[r] for r in unboxed], "lenient",
                        timeout_s=timeout_s, workers=workers)
-    for r, ok in zip(unmarked, loose):
+    for r, ok in zip(unboxed, loose):
         lenient[r] = ok
 
     rows_of: dict[int, list[int]] = {i: [] for i in range(len(problems))}
@@ -620,7 +533,7 @@ def evaluate_model(model, tokenizer, problems, *, builder=None, settings, k: int
     for r, pi in enumerate(rollouts.prompt_index):
         rows.append({
             "problem_id": str(problems[pi].id), "sample": len(rows_of[pi]), "response": rollouts.texts[r],
-            "answer_strict": answers_strict[r], "answer_lenient": _answer_for(rollouts.texts[r], "lenient"),
+            "answer_strict": answers_strict[r], "answer_lenient": answers_lenient[r],
             "correct_strict": bool(strict[r]), "correct_lenient": bool(lenient[r]),
             "tokens": len(rollouts.completion_ids[r]), "finished": bool(rollouts.finished[r]),
             "completion_ids": list(rollouts.completion_ids[r]),

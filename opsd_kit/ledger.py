@@ -1,6 +1,6 @@
 """The token ledger: what a run generated, read and trained on, and where its time went.
 
-Generated tokens are the paper's token-efficiency axis (OPSD_NOTES.md §3): OPSD samples one
+Generated tokens are the paper's token-efficiency axis (arXiv 2601.18734): OPSD samples one
 short rollout per problem, GRPO a group of them, SFT none.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Distillation losses for OPSD (arXiv 2601.18734, notes §2), per token and chunked.
+"""Distillation losses for OPSD (arXiv 2601.18734; docs/algorithm.md, Divergences), per token and chunked.
 
 Conventions, used everywhere in this module:
 
@@ -10,7 +10,7 @@ Conventions, used everywhere in this module:
   receives one.
 - Arithmetic is done in float32 (float64 inputs stay float64), whatever the input dtype.
 - Vocabulary entries with probability 0 contribute 0 (0 * log 0 = 0). Mask entries with a
-  large finite negative logit (``truncate_logits`` does, pitfall 10); ``-inf`` is tolerated
+  large finite negative logit (``truncate_logits`` does; docs/algorithm.md, Pitfalls, 10); ``-inf`` is tolerated
   (it is floored to the dtype's most negative finite value), but if one side puts mass where
   the other has none the divergence is infinite by definition and its gradient is not usable.
 
@@ -81,7 +81,7 @@ def _log(x: float) -> float:
 
 
 def _contributions(logp_V: torch.Tensor, logq_V: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
-    """Each vocabulary entry's term l_v of the divergence (notes §2); they sum to it.
+    """Each vocabulary entry's term l_v of the divergence (docs/algorithm.md, Divergences); they sum to it.
 
     forward_kl: P(v) (log P(v) - log Q(v)); reverse_kl: Q(v) (log Q(v) - log P(v));
     jsd: beta P(v) (log P(v) - log M(v)) + (1 - beta) Q(v) (log Q(v) - log M(v)) with
@@ -109,7 +109,7 @@ def per_token_divergence(
 
     ``kind``: ``"forward_kl"`` KL(P || Q) (the paper's v3 default), ``"reverse_kl"``
     KL(Q || P), or ``"jsd"`` the generalised Jensen-Shannon divergence
-    beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q (notes §2; 0 at
+    beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q (docs/algorithm.md, Divergences; 0 at
     beta = 0 and 1). ``clip = tau`` is the paper's v3 pointwise clipping: sum_v min(l_v, tau)
     over the entries' contributions l_v (see ``_contributions``); negative entries are not
     clipped from below, so a clipped loss can be negative, and clipped entries get no gradient.
@@ -184,12 +184,12 @@ def truncate_logits(
 ) -> torch.Tensor:
     """``logits`` with entries outside the top-k / top-p set of ``reference`` set to MASKED_LOGIT.
 
-    The kept set is what a sampler with these settings draws from (pitfall 5): top-k on
+    The kept set is what a sampler with these settings draws from (docs/algorithm.md, Pitfalls, 5): top-k on
     ``reference`` (default ``logits``; ties with the k-th value are kept, as in HF generate),
     then the nucleus of softmax(reference / temperature) restricted to that set: the
     highest-probability tokens until their mass reaches ``top_p`` (the token that crosses it
     is kept). ``temperature`` only matters for top-p; pass the sampling temperature.
-    ``top_p = 1`` or ``None`` disables the nucleus. Masking is finite (pitfall 10), in the
+    ``top_p = 1`` or ``None`` disables the nucleus. Masking is finite (docs/algorithm.md, Pitfalls, 10), in the
     dtype of ``logits``; gradients of the masked entries are 0.
 
     For a loss on the truncated distribution, truncate both roles with the student as
@@ -231,7 +231,8 @@ def topk_divergence(
     """``per_token_divergence`` with both distributions renormalised over the teacher's top-k.
 
     The k vocabulary entries with the largest teacher logits are gathered from both roles and
-    the divergence is taken over those k logits only (notes §2, "top-k variant"). [..., V] -> [...].
+    the divergence is taken over those k logits only (docs/algorithm.md, Divergences, "top-k
+    variant"). [..., V] -> [...].
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -254,7 +255,7 @@ def sampled_token_loss(
     clamp: float | None = None,
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Policy-gradient form on the sampled tokens (notes §2, "sampled-token variant").
+    """Policy-gradient form on the sampled tokens (docs/algorithm.md, Divergences, "sampled-token variant").
 
     a_n = log p_T(y_n) - log p_S(y_n), detached and optionally clamped to [-clamp, clamp]
     (rLLM uses 5); the loss is sum_n mask_n * (-a_n log p_S(y_n)) / normalizer. Minimising it

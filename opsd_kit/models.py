@@ -109,7 +109,7 @@ def build_tiny_tokenizer():
 
 def build_tiny_model(tokenizer, seed: int = 0):
     """A random Qwen2-style causal LM. Its vocabulary (logits dim) is larger than the
-    tokenizer's on purpose, as Qwen's is (OPSD_NOTES pitfall 4)."""
+    tokenizer's on purpose, as Qwen's is (docs/algorithm.md, Pitfalls, 4)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

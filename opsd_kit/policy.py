@@ -1,11 +1,11 @@
 """The trained model and its teacher: one set of weights, two roles.
 
 `Policy` holds the causal LM being trained (usually a base model with a LoRA adapter) and
-gives the teacher's computation inside ``with policy.teacher():`` (OPSD_NOTES §1):
+gives the teacher's computation inside ``with policy.teacher():`` (docs/algorithm.md, Teacher):
 
 - ``"frozen"`` (the paper's setting): the base model with the adapter switched off, so no
   second copy of the weights exists. It needs LoRA; without it the "frozen" teacher would
-  silently be the live model (pitfall 9), so that combination is refused.
+  silently be the live model (docs/algorithm.md, Pitfalls, 9), so that combination is refused.
 - ``"live"``: the current weights, without gradients.
 - ``"ema"``: an exponential moving average of the trainable weights, swapped into the
   trainable parameters for the duration of the context (call `Policy.update_ema` after
@@ -39,7 +39,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA adapter settings; the defaults are the paper's (OPSD_NOTES §3)."""
+    """LoRA adapter settings; the defaults are the paper's (arXiv 2601.18734)."""
 
     r: int = 64
     """Rank of the low-rank update."""

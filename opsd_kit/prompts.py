@@ -1,4 +1,4 @@
-"""The privileged prompt builder and contiguous batches (OPSD_NOTES.md §4, pitfalls 1-3, 8).
+"""The privileged prompt builder and contiguous batches (docs/algorithm.md, Teacher; Pitfalls, 1-3 and 8).
 
 Student: p_S(. | x) sees the problem and the instruction. Teacher: p_T(. | x, y*) sees the
 problem, the verified reference solution y* between markers, a transition asking it to

@@ -2,10 +2,10 @@
 
 `generate` runs Hugging Face ``generate`` (KV cache, left padding) over token-id prompts and
 returns the completion *ids*, exactly as sampled: the trainer feeds these same ids to both the
-student and the teacher, never a re-tokenisation of decoded text (OPSD_NOTES pitfalls 1, 2).
+student and the teacher, never a re-tokenisation of decoded text (docs/algorithm.md, Pitfalls, 1 and 2).
 
 The vLLM backend (GPU, bf16 + LoRA) is imported lazily; vLLM with a 4-bit model is refused
-(pitfall 7: vLLM cannot serve bitsandbytes QLoRA adapters).
+(docs/algorithm.md, Pitfalls, 7; TRL #3654: vLLM cannot serve bitsandbytes QLoRA adapters).
 """
 from __future__ import annotations
 

@@ -62,12 +62,13 @@ def test_sft_targets_are_the_solution_and_the_prompt_is_masked(tmp_path):
     tok = trainer.policy.tokenizer
     batch = micro[0].student
     problems = trainer.step_problems(0)
-    for i, p in enumerate(problems[: batch.input_ids.shape[0]]):
+    solutions = [tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                 for p in problems[: batch.input_ids.shape[0]]]
+    for i, solution in enumerate(solutions):
         n = int(batch.completion_mask[i].sum())
-        target = batch.completion_ids[i, :n].tolist()
-        assert target == tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        # the loss covers exactly the solution tokens: the prompt columns are not targets
-        assert micro[0].num_loss_tokens == int(batch.completion_mask.sum())
+        assert batch.completion_ids[i, :n].tolist() == solution
+    # the step normalises by the solution tokens counted from the tokenizer: no prompt token is a target
+    assert micro[0].num_loss_tokens == sum(len(solution) for solution in solutions)
     # The loss equals the hand-computed NLL of the solution tokens given the prompt.
     loss_sum, _ = sft.loss(micro[0])
     model = trainer.policy.model

@@ -6,11 +6,11 @@ import re
 
 import pytest
 
+from opsd_kit.answers import extract_boxed
 from opsd_kit.data import (
     Problem,
     check_leakage,
     dedupe_against,
-    last_boxed,
     load_builtin,
     load_problems,
     load_reasoning_gym,
@@ -84,15 +84,6 @@ def test_local_datasets_folder(tmp_path):
     assert problems[0].id == "local-0"
 
 
-def test_last_boxed_nested_fbox_and_bare():
-    assert last_boxed("a \\boxed{1} then \\boxed{\\frac{a}{b^{2}}} end") == "\\frac{a}{b^{2}}"
-    assert last_boxed("\\boxed{1} and \\fbox{x_{1}}") == "x_{1}"
-    assert last_boxed("the answer is $\\boxed 2$.") == "2"
-    assert last_boxed("\\boxed{unclosed") is None
-    assert last_boxed("\\boxed{}") is None
-    assert last_boxed("no box") is None
-
-
 def test_builtin_gsm8k_answer_and_clean_solution():
     problems, report = load_builtin("gsm8k", "test")
     assert len(problems) == 1319 and report.n_kept == 1319
@@ -107,7 +98,7 @@ def test_builtin_gsm8k_answer_and_clean_solution():
 def test_builtin_math_boxed_and_known_defects():
     test, _ = load_builtin("math", "test", limit=50, seed=3)
     assert len(test) == 50
-    assert all(p.answer and p.answer == last_boxed(p.solution) for p in test)
+    assert all(p.answer and p.answer == extract_boxed(p.solution) for p in test)
     train, report = load_builtin("math", "train")
     assert report.skipped == {"known defect": 2} and report.n_kept == 7498
     nested = [p for p in train if p.answer.count("{") >= 2]

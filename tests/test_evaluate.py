@@ -24,8 +24,9 @@ def problem(i, answer):
     (r"\boxed{\frac{\sqrt{2}}{2}}.", r"\frac{\sqrt{2}}{2}"),
     (r"\fbox{7}", "7"),
     (r"thus \boxed 5$.", "5"),
-    (r"\boxed{3} and a cut-off \boxed{\frac{1", "3"),
+    (r"\boxed{3} and a cut-off \boxed{\frac{1", None),  # the last box wins, unclosed: no answer
     (r"\boxed{} but \boxed{9}", "9"),
+    (r"\boxed{9} then \boxed{}", None),  # the last box wins, empty: no answer
     ("work\n#### 1,234\n", "1,234"),
     ("The answer is 42.", "42"),
     ("Final answer: 3.5", "3.5"),
@@ -59,8 +60,6 @@ def test_last_number():
     (r"\boxed{\$18}", "18"),
     (r"\boxed{18}", "$18$"),
     (r"\boxed{1,234}", "1234"),
-    ("#### 1234", "1,234"),
-    ("The answer is 42.", "42"),
     (r"\boxed{10}", r"10\%"),  # percent: 10, 10\% and 0.1 all accepted for a gold 10\%
     (r"\boxed{0.1}", r"10\%"),
     (r"\boxed{\text{(B)}}", r"\text{(B)}"),
@@ -78,12 +77,40 @@ def test_wrong_or_odd_grades_false(response, gold):
     assert is_correct(response, gold) is False
 
 
-def test_strict_vs_lenient():
-    assert is_correct("so we get 42", "42", mode="strict") is False
-    assert is_correct("so we get 42", "42", mode="lenient") is True
-    assert is_correct(r"\boxed{41}, or maybe 42", "42", mode="lenient") is False  # the box wins
+# strict: the last box only (the official evaluator); lenient: the marked answer, else the last number
+STRICT_VS_LENIENT = [  # response, gold, strict, lenient
+    (r"\boxed{5}", "5", True, True),
+    (r"\fbox{5}", "5", True, True),
+    (r"so $\boxed{\frac{1}{2}}$.", "0.5", True, True),
+    (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{\sqrt2}{2}", True, True),  # nested braces
+    (r"\boxed{\{2, 1\}}", r"\{1,2\}", True, True),  # escaped braces are literal
+    (r"x \boxed{a\}b}", r"a\}b", True, True),  # an escaped brace does not close the box
+    (r"\boxed{\boxed{7}}", "7", True, True),
+    (r"thus \boxed 5.", "5", True, True),
+    (r"\boxed{} but \boxed{5}", "5", True, True),
+    (r"\boxed{5} then \boxed{}", "5", False, True),  # empty last box; lenient: the last number
+    (r"\boxed{5}, cut off \boxed{\frac{1", "5", False, False),  # unclosed last box; last number 1
+    (r"\boxed{4}, or maybe 5", "5", False, False),  # the box wins in both modes
+    ("The answer is 5.", "5", False, True),
+    ("Final answer: 5", "5", False, True),
+    ("#### 5", "5", False, True),
+    ("#### 1234", "1,234", False, True),
+    ("so we get 5", "5", False, True),
+    ("no number", "5", False, False),
+]
+
+
+@pytest.mark.parametrize("response, gold, strict, lenient", STRICT_VS_LENIENT)
+def test_strict_is_the_last_box_only(response, gold, strict, lenient):
+    assert is_correct(response, gold, mode="strict") is strict
+    assert is_correct(response, gold, mode="lenient") is lenient
+
+
+def test_unknown_mode_is_refused():
     with pytest.raises(ValueError):
         is_correct("42", "42", mode="loose")
+    with pytest.raises(ValueError):
+        grade_many(["42"], ["42"], mode="loose")
 
 
 def test_numeric_gold_and_string_fallback():
@@ -116,7 +143,7 @@ def test_pass_at_k_rejects_bad_arguments(n, c, k):
         pass_at_k(n, c, k)
 
 
-# -- time bounds off the main thread (pitfall 6) ------------------------------------------------
+# -- time bounds off the main thread (docs/algorithm.md, Pitfalls, 6) ---------------------------
 def test_grade_many_from_a_worker_thread():
     out = {}
 
@@ -215,7 +242,7 @@ def test_evaluate_model_grading_end_to_end(monkeypatch, tiny_tokenizer):
 
     texts = {  # problem -> its k=4 responses
         0: [r"\boxed{\frac{1}{2}}", r"\boxed{0.5}", r"\boxed{2}", "so it is 1/2"],  # strict 2/4
-        1: [r"\boxed{7}", "no idea", "it is 3", "The answer is 3."],               # strict 1/4, lenient 2/4
+        1: [r"\boxed{7}", "no idea", "it is 3", "The answer is 3."],               # strict 0/4, lenient 2/4
         2: ["nope", "nope", "nope", r"\boxed{1}"],                                # 0/4
     }
     golds = [r"\frac{1}{2}", "3", "5"]
@@ -233,13 +260,13 @@ def test_evaluate_model_grading_end_to_end(monkeypatch, tiny_tokenizer):
     result = evaluate.evaluate_model(None, tiny_tokenizer, problems, settings=settings, progress=False)
     s = result.summary
     assert s["eval/k"] == 4
-    assert s["eval/avg@k"] == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
+    assert s["eval/avg@k"] == pytest.approx((2 / 4 + 0 + 0) / 3)
     assert s["eval/pass@1"] == pytest.approx(s["eval/avg@k"])
-    assert s["eval/pass@k"] == pytest.approx(2 / 3)
+    assert s["eval/pass@k"] == pytest.approx(1 / 3)
     assert s["eval/lenient/avg@k"] == pytest.approx((3 / 4 + 2 / 4 + 0) / 3)
-    assert s["eval/boxed_rate"] == pytest.approx(6 / 12)
+    assert s["eval/boxed_rate"] == pytest.approx(5 / 12)
     assert s["eval/truncation_rate"] == pytest.approx(3 / 12)
-    assert list(result.table["c"]) == [2, 1, 0]
+    assert list(result.table["c"]) == [2, 0, 0]
     assert list(result.table["c_lenient"]) == [3, 2, 0]
     assert result.table["first_answer"].iloc[0] == r"\frac{1}{2}"
     assert result.samples["correct"].tolist()[:4] == [True, True, False, False]

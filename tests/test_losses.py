@@ -1,4 +1,6 @@
-"""opsd_kit.losses against float64 references written here with plain loops (notes §2, §5)."""
+"""opsd_kit.losses against float64 references written here with plain loops.
+
+See docs/algorithm.md, Divergences and Pitfalls."""
 from __future__ import annotations
 
 import copy

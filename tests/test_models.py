@@ -12,7 +12,7 @@ from opsd_kit import models
 def test_tiny_is_small_and_has_more_logits_than_tokens(tiny_tokenizer, tiny_model):
     n_params = sum(p.numel() for p in tiny_model.parameters())
     assert 50_000 < n_params < 1_000_000
-    assert tiny_model.config.vocab_size > len(tiny_tokenizer)  # like Qwen (pitfall 4)
+    assert tiny_model.config.vocab_size > len(tiny_tokenizer)  # like Qwen (docs/algorithm.md, Pitfalls, 4)
     assert tiny_tokenizer.pad_token == "<|endoftext|>" != tiny_tokenizer.eos_token
     text = "héllo ∑ 42"
     assert tiny_tokenizer.decode(tiny_tokenizer(text)["input_ids"]) == text  # byte level: lossless

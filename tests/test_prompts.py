@@ -1,4 +1,4 @@
-"""Prompt builder: alignment (pitfalls 1-2), contiguity (pitfall 3), truncation (pitfall 8)."""
+"""Prompt builder: alignment, contiguity, truncation (docs/algorithm.md, Pitfalls, 1-2, 3 and 8)."""
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +19,7 @@ def test_student_and_teacher_messages(tiny_tokenizer):
     student = tiny_tokenizer.decode(b.student_ids(p))
     teacher = tiny_tokenizer.decode(b.teacher_ids(p))
     assert student.startswith("<|im_start|>user\nWhat is 2 + 2?")
-    assert student.endswith("<|im_start|>assistant\n")  # generation prompt: template kept (pitfall 1)
+    assert student.endswith("<|im_start|>assistant\n")  # generation prompt: template kept (Pitfalls, 1)
     assert "\\boxed{}" in student and p.solution not in student  # the student never sees y*
     assert p.question in teacher and p.solution in teacher
     assert teacher.index(p.question) < teacher.index("Reference Solution Begin") < teacher.index(p.solution)

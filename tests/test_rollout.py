@@ -1,5 +1,4 @@
 """Rollouts: stop tokens, trimming, and which distribution is sampled."""
-import torch
 
 from opsd_kit.rollout import GenerationSettings, _eos_ids, _trim, generate
 
@@ -50,6 +49,11 @@ def test_models_that_post_process_logits_are_refused(tiny_tokenizer):
 
     model = load_causal_lm("tiny")
     model.config.final_logit_softcapping = 30.0
+    modules = [name for name, _ in model.named_modules()]
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        Policy(model, tiny_tokenizer)
-    assert torch.is_tensor(model.lm_head.weight)
+        Policy(model, tiny_tokenizer, gradient_checkpointing=True)
+    # refused before the model was touched: no LoRA layers injected, nothing frozen, no checkpointing
+    assert [name for name, _ in model.named_modules()] == modules
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == trainable
+    assert not model.is_gradient_checkpointing

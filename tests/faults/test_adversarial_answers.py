@@ -1,4 +1,6 @@
-"""Hostile responses: grading completes, returns bools, and stays bounded per item (pitfall 6).
+"""Hostile responses: grading completes, returns bools, and stays bounded per item.
+
+See docs/algorithm.md, Pitfalls, 6 (Math-Verify #50, #55).
 
 A generated corpus (over 1,000 strings: huge exponents, exponent towers, 10k-deep braces,
 100 KB responses, unbalanced LaTeX, control characters, NUL bytes, other scripts' digits,
@@ -11,6 +13,7 @@ import itertools
 import threading
 import time
 
+from opsd_kit.answers import extract_boxed
 from opsd_kit.evaluate import HARD_KILL_GRACE_S, extract_answer, grade_many, last_number
 
 TIMEOUT_S = 2.0
@@ -54,8 +57,8 @@ def test_corpus_is_large_enough():
 def test_extraction_never_raises_and_is_fast():
     start = time.monotonic()
     for text in hostile_corpus():
-        answer = extract_answer(text)
-        assert answer is None or isinstance(answer, str)
+        for answer in (extract_boxed(text), extract_answer(text)):
+            assert answer is None or isinstance(answer, str)
         number = last_number(text)
         assert number is None or isinstance(number, str)
     assert time.monotonic() - start < 30  # linear-time extraction; quadratic would take minutes

@@ -73,7 +73,6 @@ def test_nonfinite_step_is_skipped_counted_and_the_run_continues(tmp_path, how):
     assert [r["train/skipped_nonfinite"] for r in rows] == [0, 1, 0, 0]
     bad = rows[1]["loss/total"] if how != "nan_grad" else rows[1]["train/grad_norm"]
     assert isinstance(bad, str) and not math.isfinite(float(bad))  # logged as "nan"/"inf", still valid JSON
-    assert sum(r["train/skipped_nonfinite"] for r in rows) == 1
     state = load_trainer_state(latest_checkpoint(result.run_dir))
     assert state["scheduler"]["last_epoch"] == 3, "the schedule did not advance on the skipped step"
 
@@ -111,7 +110,7 @@ def mask_padded_vocabulary(trainer, value=-math.inf):
     """Give the model's padded vocabulary entries (ids past the tokenizer's) a -inf logit."""
     n = len(trainer.policy.tokenizer)
     head = trainer.policy.head
-    assert head.out_features > n, "the tiny model's logits dim exceeds its tokenizer (pitfall 4)"
+    assert head.out_features > n, "the tiny model's logits dim exceeds its tokenizer (docs/algorithm.md, Pitfalls, 4)"
 
     def hook(module, inputs, output):
         output = output.clone()
