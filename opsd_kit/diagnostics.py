@@ -36,52 +36,64 @@ class TokenDivergence:
     kind: str
 
 
-def token_divergences(policy, builder, problems, completions: list[list[int]], *, kind: str = "forward_kl",
-                      temperature: float = 1.0, chunk_size: int = 128, batch_size: int = 8,
-                      hints: dict | None = None) -> list[list[float]]:
-    """D(p_T || p_S) at every completion token, one list per (problem, completion) pair.
+def token_divergences(policy, builder, problems, completions: list[list[int]], *, spec=None, hints: dict | None = None,
+                      wrong_hints: dict | None = None, batch_size: int = 8) -> list[list[float]]:
+    """The trained divergence at every completion token, one list per (problem, completion) pair.
 
-    ``hints`` (problem id -> solution, e.g. ``prompts.shuffled_hints``) replaces each problem's
-    reference solution in the teacher prompt: the divergence under a wrong hint. Every problem
-    must then have an entry.
+    ``spec`` is the run's `losses.DivergenceSpec` (default: forward KL at temperature 1); the
+    values are those `losses.divergence` gives the trainer for the same rows. ``hints`` (problem
+    id -> solution, e.g. ``prompts.shuffled_hints``) replaces each problem's reference solution
+    in the teacher prompt: the divergence under a wrong hint. ``wrong_hints`` gives the
+    wrong-hint teacher that ``spec.kind='hint_contrast'`` needs.
     """
     import torch
 
-    from .losses import chunked_divergence
+    from .losses import DivergenceSpec, divergence
     from .prompts import build_batch
 
+    spec = spec or DivergenceSpec()
+    if spec.needs_wrong_teacher and wrong_hints is None:
+        raise ValueError("spec.kind='hint_contrast' needs wrong_hints (problem id -> a wrong solution)")
     pad = policy.tokenizer.pad_token_id
+
+    def hidden(batch):
+        b = batch.to(policy.device)
+        return policy.backbone_hidden(b.input_ids, b.attention_mask, b.position_ids)[:, b.predicting_slice()]
+
     out: list[list[float]] = []
     for s in range(0, len(problems), batch_size):
         probs, comps = problems[s:s + batch_size], completions[s:s + batch_size]
-        student = build_batch([builder.student_ids(p) for p in probs], comps, pad).to(policy.device)
-        teacher = build_batch([builder.teacher_ids(p, None if hints is None else hints[p.id]) for p in probs],
-                              comps, pad).to(policy.device)
+        student = build_batch([builder.student_ids(p) for p in probs], comps, pad)
+        teachers = [build_batch([builder.teacher_ids(p, None if h is None else h[p.id]) for p in probs], comps, pad)
+                    for h in (hints, wrong_hints if spec.needs_wrong_teacher else None)]
         with policy.teacher():
-            h_t = policy.backbone_hidden(teacher.input_ids, teacher.attention_mask, teacher.position_ids)
+            teacher_h = hidden(teachers[0])
+            wrong_h = hidden(teachers[1]) if spec.needs_wrong_teacher else None
+        device = policy.device
         with torch.no_grad():
-            h_s = policy.backbone_hidden(student.input_ids, student.attention_mask, student.position_ids)
-            _, per_token = chunked_divergence(h_s[:, student.predicting_slice()], h_t[:, teacher.predicting_slice()],
-                                              policy.head, student.completion_mask, kind=kind,
-                                              temperature=temperature, chunk_size=chunk_size)
+            _, per_token = divergence(hidden(student), teacher_h, policy.head, student.completion_mask.to(device), spec,
+                                      targets_BT=student.completion_ids.to(device), wrong_teacher_hidden_BTH=wrong_h)
         out.extend(per_token[i, : len(c)].tolist() for i, c in enumerate(comps))
     return out
 
 
-def teacher_student_gap(policy, problems, *, builder, settings, mode: str = "lenient", seed: int = 0,
-                        kind: str = "forward_kl", progress: bool = False) -> dict:
+def teacher_student_gap(policy, problems, *, builder, settings, spec=None, mode: str = "lenient", seed: int = 0,
+                        progress: bool = False) -> dict:
     """Accuracy of student and privileged teacher on ``problems`` (k = settings.n samples each),
-    and the mean and max per-token divergence on the student's rollouts.
+    and the mean and max per-token divergence (``spec``, the run's) on the student's rollouts.
 
     ``gap/divergence_mean_shuffled`` is the mean per-token divergence on the same rollouts with
     the teacher given another problem's solution (``prompts.shuffled_hints(problems, seed)``);
     ``gap/style_fraction`` = shuffled / correct mean: near 1, the teacher's signal is mostly
     style that any hint brings; near 0, it comes from the correct solution. Both are None when
-    no two problems have different answers (no wrong hint exists) or the correct mean is 0.
+    no two problems have different answers (no wrong hint exists), the correct mean is 0, or the
+    spec is 'hint_contrast' (whose divergence already subtracts the wrong-hint teacher).
     """
     from .evaluate import evaluate_model
+    from .losses import DivergenceSpec
     from .prompts import shuffled_hints
 
+    spec = spec or DivergenceSpec()
     student = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=settings,
                              mode=mode, seed=seed, progress=progress)
     with policy.teacher():
@@ -91,15 +103,18 @@ def teacher_student_gap(policy, problems, *, builder, settings, mode: str = "len
     by_id = {str(p.id): p for p in problems}
     chosen = [by_id[i] for i in first["problem_id"]]
     completions = [list(ids) for ids in first["completion_ids"]]  # the sampled ids, never re-tokenised text
-    settings_kw = dict(kind=kind, temperature=settings.temperature or 1.0)
-    flat = [v for row in token_divergences(policy, builder, chosen, completions, **settings_kw) for v in row]
-    mean = sum(flat) / max(1, len(flat))
     try:
         wrong = shuffled_hints(problems, seed)
     except ValueError:  # every problem has the same answer: no wrong hint to compare with
-        mean_shuffled = None
-    else:
-        shuffled = token_divergences(policy, builder, chosen, completions, hints=wrong, **settings_kw)
+        wrong = None
+    if spec.needs_wrong_teacher and wrong is None:
+        raise ValueError("spec.kind='hint_contrast' needs problems with at least two different answers")
+    flat = [v for row in token_divergences(policy, builder, chosen, completions, spec=spec, wrong_hints=wrong)
+            for v in row]
+    mean = sum(flat) / max(1, len(flat))
+    mean_shuffled = None
+    if wrong is not None and not spec.needs_wrong_teacher:
+        shuffled = token_divergences(policy, builder, chosen, completions, spec=spec, hints=wrong)
         mean_shuffled = sum(v for row in shuffled for v in row) / max(1, len(flat))
     return {
         "gap/mode": mode,
@@ -115,24 +130,26 @@ def teacher_student_gap(policy, problems, *, builder, settings, mode: str = "len
         "gap/divergence_max": max(flat, default=0.0),
         "gap/divergence_mean_shuffled": mean_shuffled,
         "gap/style_fraction": mean_shuffled / mean if mean_shuffled is not None and mean > 0 else None,
-        "gap/kind": kind,
+        "gap/kind": spec.kind,
     }
 
 
-def most_disagreed_rollout(policy, builder, problem, settings, *, kind: str = "forward_kl",
-                           seed: int = 0) -> TokenDivergence:
-    """Sample one student rollout for ``problem`` and return its per-token divergence."""
+def most_disagreed_rollout(policy, builder, problem, settings, *, spec=None, seed: int = 0) -> TokenDivergence:
+    """Sample one student rollout for ``problem`` and return its per-token divergence (``spec``)."""
     import dataclasses
 
+    from .losses import DivergenceSpec
     from .rollout import generate
 
+    spec = spec or DivergenceSpec()
+    if spec.needs_wrong_teacher:  # show what the correct hint teaches on its own
+        spec = dataclasses.replace(spec, kind="forward_kl")
     one = dataclasses.replace(settings, n=1)
     rollout = generate(policy.model, policy.tokenizer, [builder.student_ids(problem)], one, seed=seed)
     ids = rollout.completion_ids[0]
-    values = token_divergences(policy, builder, [problem], [ids], kind=kind,
-                               temperature=settings.temperature or 1.0)[0]
+    values = token_divergences(policy, builder, [problem], [ids], spec=spec)[0]
     tokens = [policy.tokenizer.decode([t]) for t in ids]
-    return TokenDivergence(tokens, values, str(problem.id), kind)
+    return TokenDivergence(tokens, values, str(problem.id), spec.kind)
 
 
 def _final_answer(text: str) -> str | None:
@@ -180,7 +197,7 @@ def divergence_by_answer_tokens(policy, builder, problems, completions: list[lis
 
     ``completions`` are the sampled ids and ``texts`` their decoded text (the final answer is
     read from it: last boxed answer, else last number); ``divergence`` goes to
-    :func:`token_divergences` (``kind``, ``temperature``, ``chunk_size``, ``batch_size``,
+    :func:`token_divergences` (``spec``, the run's `losses.DivergenceSpec`; ``batch_size``;
     ``hints`` for a wrong-hint teacher). One row per rollout: ``problem_id``, ``answer``,
     ``tokens``, ``total`` (sum of the per-token divergence) and :func:`answer_token_split`'s
     fields. A high ``answer_share`` means the teacher mostly teaches the answer itself.

@@ -17,7 +17,11 @@ Conventions, used everywhere in this module:
 Normalisation: sum over completion tokens of the whole optimizer step / their count; a
 per-micro-batch mean is wrong under gradient accumulation (TRL #4719). ``chunked_divergence``
 therefore returns a *sum* over the micro-batch's completion tokens; the trainer divides by the
-step's total completion-token count. ``sampled_token_loss`` takes that count as ``normalizer``.
+step's total completion-token count. Every loss returns ``(loss_sum, per_token_BT)``: the sum,
+and the detached per-token values it summed.
+
+One spec: ``DivergenceSpec`` holds every loss setting, built once from the config; ``divergence``
+computes the OPSD loss of a micro-batch under it, for the trainer and for every diagnostic.
 
 Contrast: ``hint_contrast_divergence`` takes a second teacher, the same model with a wrong
 (shuffled) hint, and trains towards what the correct hint adds over it (its docstring has the
@@ -32,6 +36,7 @@ backward.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -249,39 +254,115 @@ def topk_divergence(
 
 
 def sampled_token_loss(
-    student_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    mask: torch.Tensor,
+    student_logprobs_BT: torch.Tensor,
+    teacher_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
     clamp: float | None = None,
-    normalizer: float | torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy-gradient form on the sampled tokens (docs/algorithm.md, Divergences, "sampled-token variant").
 
     a_n = log p_T(y_n) - log p_S(y_n), detached and optionally clamped to [-clamp, clamp]
-    (rLLM uses 5); the loss is sum_n mask_n * (-a_n log p_S(y_n)) / normalizer. Minimising it
-    raises log p_S where the teacher likes the token more than the student (a_n > 0): its
-    gradient is the single-sample estimate of the reverse-KL gradient. Its value is not a
-    divergence. ``normalizer`` defaults to the mask's token count; pass the whole optimizer
-    step's completion-token count under gradient accumulation. Padded positions contribute
-    nothing and get zero gradient, even if their log-probs are -inf.
+    (rLLM uses 5); the loss is the masked sum of -a_n log p_S(y_n). Minimising it raises
+    log p_S where the teacher likes the token more than the student (a_n > 0): its gradient is
+    the single-sample estimate of the reverse-KL gradient; its value is not a divergence.
+    Padded positions contribute nothing and get zero gradient, even if their log-probs are -inf.
+
+    Returns ``(loss_sum, per_token_BT)`` like every loss here: the differentiable masked sum (the
+    trainer divides by the step's completion-token count) and, detached, the single-sample
+    estimate of KL(p_S || p_T) at each token, log p_S(y_n) - log p_T(y_n) = -a_n unclamped (0
+    where masked): the disagreement this loss reduces.
     """
-    if student_logprobs.shape != teacher_logprobs.shape or student_logprobs.shape != mask.shape:
+    if student_logprobs_BT.shape != teacher_logprobs_BT.shape or student_logprobs_BT.shape != mask_BT.shape:
         raise ValueError(
-            f"shapes differ: student {tuple(student_logprobs.shape)}, teacher "
-            f"{tuple(teacher_logprobs.shape)}, mask {tuple(mask.shape)}"
+            f"shapes differ: student {tuple(student_logprobs_BT.shape)}, teacher "
+            f"{tuple(teacher_logprobs_BT.shape)}, mask {tuple(mask_BT.shape)}"
         )
     if clamp is not None and not clamp > 0:
         raise ValueError(f"clamp must be > 0 or None, got {clamp}")
-    if normalizer is not None and not normalizer > 0:
-        raise ValueError(f"normalizer must be > 0 or None, got {normalizer}")
-    mask = mask.bool()
-    student_logprobs = _upcast(student_logprobs)
-    advantage = torch.where(mask, _upcast(teacher_logprobs.detach()) - student_logprobs.detach(), 0.0)
-    if clamp is not None:
-        advantage = advantage.clamp(-clamp, clamp)
-    per_token = torch.where(mask, -advantage * student_logprobs, 0.0)
-    count = mask.sum().clamp(min=1) if normalizer is None else normalizer
-    return per_token.sum() / count
+    mask_BT = mask_BT.bool()
+    student_BT = _upcast(student_logprobs_BT)
+    gap_BT = torch.where(mask_BT, _upcast(teacher_logprobs_BT.detach()) - student_BT.detach(), 0.0)
+    advantage_BT = gap_BT if clamp is None else gap_BT.clamp(-clamp, clamp)
+    per_token_loss_BT = torch.where(mask_BT, -advantage_BT * student_BT, 0.0)
+    return per_token_loss_BT.sum(), -gap_BT
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """What the OPSD loss computes at each completion position. Built once from the training
+    config (`from_config`) and passed to `divergence`, by the trainer and by every diagnostic, so
+    that a diagnostic shows exactly the divergence that was trained."""
+
+    kind: str = "forward_kl"
+    """'forward_kl' KL(P||Q), 'reverse_kl' KL(Q||P), 'jsd', 'topk' (forward KL renormalised over
+    the teacher's top-k), 'sampled_token' (policy-gradient form) or 'hint_contrast'."""
+    beta: float = 0.5
+    """JSD mixing weight (kind='jsd' only)."""
+    temperature: float = 1.0
+    """Temperature dividing every role's logits."""
+    clip: float | None = None
+    """Pointwise clipping tau of each vocabulary entry's contribution (None: off)."""
+    topk: int = 20
+    """Support size for kind='topk'."""
+    truncate: tuple | None = None
+    """(top_k, top_p) of the student's sampling support to restrict every role to, or None (full)."""
+    truncate_temperature: float = 1.0
+    """Temperature of the nucleus of ``truncate`` (the sampling temperature)."""
+    clamp: float | None = None
+    """Advantage clamp of kind='sampled_token'."""
+    alpha: float = 1.0
+    """Contrast strength of kind='hint_contrast'."""
+    chunk_size: int = 128
+    """Sequence positions per chunk (bounds the logits held at once)."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "DivergenceSpec":
+        """The spec of a `TrainConfig` (its OPSD loss settings)."""
+        truncate = (cfg.top_k or None, cfg.top_p if cfg.top_p < 1 else None)
+        return cls(kind=cfg.divergence, beta=cfg.jsd_beta, temperature=cfg.effective_loss_temperature,
+                   clip=cfg.clip_tau, topk=cfg.distill_topk,
+                   truncate=truncate if cfg.loss_support == "truncated" else None,
+                   truncate_temperature=cfg.temperature, clamp=cfg.sampled_token_clamp, alpha=cfg.contrast_alpha,
+                   chunk_size=cfg.loss_chunk_size)
+
+    @property
+    def needs_wrong_teacher(self) -> bool:
+        """kind='hint_contrast' also needs the teacher with a wrong (shuffled) hint."""
+        return self.kind == HINT_CONTRAST
+
+
+def divergence(
+    student_hidden_BTH: torch.Tensor,
+    teacher_hidden_BTH: torch.Tensor,
+    head: torch.nn.Module,
+    mask_BT: torch.Tensor,
+    spec: DivergenceSpec,
+    *,
+    targets_BT: torch.Tensor | None = None,
+    wrong_teacher_hidden_BTH: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OPSD loss of a micro-batch under ``spec``, from final hidden states and the output layer.
+
+    Returns ``(loss_sum, per_token_BT)``: the differentiable masked sum over completion tokens
+    (divide by the optimizer step's completion-token count) and the detached per-token values
+    (0 where masked). ``targets_BT`` (the sampled completion ids) is needed by
+    kind='sampled_token', ``wrong_teacher_hidden_BTH`` by kind='hint_contrast'.
+    """
+    if spec.kind == "sampled_token":
+        if targets_BT is None:
+            raise ValueError("kind='sampled_token' needs targets_BT, the sampled completion ids")
+        student_BT = chunked_token_logprobs(student_hidden_BTH, head, targets_BT, temperature=spec.temperature,
+                                            chunk_size=spec.chunk_size)
+        with torch.no_grad():
+            teacher_BT = chunked_token_logprobs(teacher_hidden_BTH.detach(), head, targets_BT,
+                                                temperature=spec.temperature, chunk_size=spec.chunk_size)
+        return sampled_token_loss(student_BT, teacher_BT, mask_BT, clamp=spec.clamp)
+    return chunked_divergence(
+        student_hidden_BTH, teacher_hidden_BTH, head, mask_BT,
+        kind="forward_kl" if spec.kind == "topk" else spec.kind, beta=spec.beta, temperature=spec.temperature,
+        clip=spec.clip, top_k_support=spec.topk if spec.kind == "topk" else None, truncate=spec.truncate,
+        truncate_temperature=spec.truncate_temperature, chunk_size=spec.chunk_size,
+        wrong_teacher_hidden_BTH=wrong_teacher_hidden_BTH, alpha=spec.alpha)
 
 
 def chunked_divergence(

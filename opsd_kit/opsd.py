@@ -21,6 +21,12 @@ from .algorithm import Algorithm, MicroBatch
 class OPSD(Algorithm):
     uses_teacher_prompt = True
 
+    def __init__(self, trainer):
+        from .losses import DivergenceSpec
+
+        super().__init__(trainer)
+        self.spec = DivergenceSpec.from_config(self.config)  # the loss settings, read once
+
     def prepare(self, step: int):
         from .prompts import build_batch
 
@@ -35,7 +41,7 @@ class OPSD(Algorithm):
             student = build_batch([self.student_prompt(p) for p in chosen], completions, pad)
             teacher = build_batch([self.teacher_prompt(p) for p in chosen], completions, pad)
             wrong = (build_batch([self.wrong_teacher_prompt(p) for p in chosen], completions, pad)
-                     if self.config.divergence == "hint_contrast" else None)
+                     if self.spec.needs_wrong_teacher else None)
             self.book_prompt_tokens(*(b for b in (student, teacher, wrong) if b is not None))
             micro.append(MicroBatch(student=student, teacher=teacher, wrong_teacher=wrong,
                                     num_loss_tokens=int(student.completion_mask.sum())))
@@ -43,40 +49,23 @@ class OPSD(Algorithm):
         return micro, metrics
 
     def loss(self, mb: MicroBatch):
-        import torch
-
-        from .losses import chunked_divergence, chunked_token_logprobs, sampled_token_loss
-
-        cfg, tr = self.config, self.trainer
-        device = tr.accelerator.device
-        mask_BC = mb.student.completion_mask.to(device)
-        with tr.phase("teacher"), self.policy.teacher():  # adapter off (frozen), no grad
-            teacher_h_BCH = self.hidden(mb.teacher)
-            wrong_h_BCH = None if mb.wrong_teacher is None else self.hidden(mb.wrong_teacher)
-        with tr.phase("student"):
-            student_h_BCH = self.hidden(mb.student)
-            temperature = cfg.effective_loss_temperature
-            if cfg.divergence == "sampled_token":
-                targets_BC = mb.student.completion_ids.to(device)
-                student_lp = chunked_token_logprobs(student_h_BCH, self.policy.head, targets_BC,
-                                                    temperature=temperature, chunk_size=cfg.loss_chunk_size)
-                with torch.no_grad():
-                    teacher_lp = chunked_token_logprobs(teacher_h_BCH, self.policy.head, targets_BC,
-                                                        temperature=temperature, chunk_size=cfg.loss_chunk_size)
-                loss_sum = sampled_token_loss(student_lp, teacher_lp, mask_BC, clamp=cfg.sampled_token_clamp,
-                                              normalizer=1.0)
-                per_token = (teacher_lp - student_lp).detach() * mask_BC
-            else:
-                truncate = (cfg.top_k or None, cfg.top_p if cfg.top_p < 1 else None)
-                loss_sum, per_token = chunked_divergence(
-                    student_h_BCH, teacher_h_BCH, self.policy.head, mask_BC,
-                    kind="forward_kl" if cfg.divergence == "topk" else cfg.divergence,
-                    beta=cfg.jsd_beta, temperature=temperature, clip=cfg.clip_tau,
-                    top_k_support=cfg.distill_topk if cfg.divergence == "topk" else None,
-                    truncate=truncate if cfg.loss_support == "truncated" else None,
-                    truncate_temperature=cfg.temperature,
-                    chunk_size=cfg.loss_chunk_size, wrong_teacher_hidden_BTH=wrong_h_BCH, alpha=cfg.contrast_alpha)
-        real = per_token[mask_BC.bool()]  # completion tokens only, never padding
+        loss_sum, per_token_BC = self.divergence(mb)
+        real = per_token_BC[mb.student.completion_mask.bool().to(per_token_BC.device)]  # never padding
         metrics = {"loss/divergence_mean": float(real.mean()) if real.numel() else 0.0,
                    "loss/divergence_max": float(real.max()) if real.numel() else 0.0}
         return loss_sum, metrics
+
+    def divergence(self, mb: MicroBatch):
+        """``(loss_sum, per_token_BC)`` of a micro-batch: teacher hidden states (adapter off, no
+        grad), student hidden states, then `losses.divergence` under the run's spec."""
+        from .losses import divergence
+
+        device = self.trainer.accelerator.device
+        with self.trainer.phase("teacher"), self.policy.teacher():
+            teacher_h_BCH = self.hidden(mb.teacher)
+            wrong_h_BCH = None if mb.wrong_teacher is None else self.hidden(mb.wrong_teacher)
+        with self.trainer.phase("student"):
+            student_h_BCH = self.hidden(mb.student)
+            return divergence(student_h_BCH, teacher_h_BCH, self.policy.head, mb.student.completion_mask.to(device),
+                              self.spec, targets_BT=mb.student.completion_ids.to(device),
+                              wrong_teacher_hidden_BTH=wrong_h_BCH)

@@ -271,6 +271,53 @@ def _run_config(run_dir) -> dict:
     return json.loads((Path(run_dir) / "config.json").read_text())
 
 
+def load_run_config(run_dir):
+    """The `TrainConfig` a run folder was trained with (its ``config.json``, validated)."""
+    from .config import TrainConfig
+
+    return TrainConfig.from_dict(_run_config(run_dir))
+
+
+def answer_token_divergence(points: list[Point], results: dict, problems, *, run, n_samples: int = 32):
+    """Per evaluated model (the base and each method's final checkpoint): how much of the
+    trained divergence, frozen privileged teacher vs that model, falls on the tokens that spell
+    the final answer of its own held-out rollouts, and how much on the rest.
+
+    The divergence is ``run``'s (`losses.DivergenceSpec.from_config`; a 'hint_contrast' run is
+    shown as forward KL); the first ``n_samples`` first-sample rollouts of each evaluation are
+    used. One row per model: ``method``, ``step``, ``rollouts``, ``answer_share`` (mean over
+    rollouts of the share of the rollout's divergence on its answer tokens), ``answer_mean``
+    and ``other_mean`` (mean per-token divergence on answer tokens and on the rest), ``total``.
+    """
+    import dataclasses
+
+    import pandas as pd
+
+    from .diagnostics import divergence_by_answer_tokens
+    from .losses import DivergenceSpec
+
+    spec = DivergenceSpec.from_config(load_run_config(run))
+    if spec.needs_wrong_teacher:
+        spec = dataclasses.replace(spec, kind="forward_kl")
+    by_id = {str(p.id): p for p in problems}
+    finals = [p for p in points if p.adapter is None or p.step == max(q.step for q in points if q.method == p.method)]
+    policy, builder = load_run_policy(run)  # a fresh adapter (LoRA B = 0) is the base model exactly: base first
+    rows = []
+    for point in finals:
+        if point.adapter is not None:
+            policy.load_adapter(point.adapter)
+        samples = results[point.tag].samples
+        first = samples[samples["sample"] == 0].head(n_samples)
+        table = divergence_by_answer_tokens(policy, builder, [by_id[i] for i in first["problem_id"]],
+                                            [list(ids) for ids in first["completion_ids"]], list(first["response"]),
+                                            spec=spec)
+        rows.append({"method": point.method, "step": point.step, "rollouts": len(table),
+                     "answer_share": float(table["answer_share"].mean()),
+                     "answer_mean": float(table["answer_mean"].mean()), "other_mean": float(table["other_mean"].mean()),
+                     "total": float(table["total"].mean()), "kind": spec.kind})
+    return pd.DataFrame(rows)
+
+
 def _model_key(cfg: dict) -> tuple:
     return (cfg["model"], cfg["dtype"], cfg["quantization"], cfg["use_lora"], cfg["lora_r"], cfg["lora_alpha"],
             tuple(cfg["lora_target_modules"]))

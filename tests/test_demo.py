@@ -4,26 +4,52 @@ import json
 import pandas as pd
 import pytest
 
-from opsd_kit.demo import NOTEBOOKS, run_demo
+from opsd_kit.demo import NOTEBOOKS, plan_jobs, run_demo
 
 
 @pytest.mark.slow
 def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path):
-    summary = run_demo("tiny", tmp_path)
-    assert list(summary["notebook_seconds"]) == list(NOTEBOOKS)
-    for name in NOTEBOOKS:
-        assert (tmp_path / f"{name}.ipynb").is_file()
-    for method in ("opsd", "grpo", "sft"):
-        assert (tmp_path / method / "adapter" / "adapter_config.json").is_file()
+    summary = run_demo("tiny", tmp_path, jobs=2)
+    jobs = plan_jobs("tiny")
+    assert set(summary["notebook_seconds"]) == {"00_data_prep", *(j.method for j in jobs), NOTEBOOKS[-1]}
+    assert (tmp_path / "01_opsd_training-opsd-shuffled.ipynb").is_file()
+    for job in jobs:
+        assert (tmp_path / job.method / "adapter" / "adapter_config.json").is_file()
+    shuffled = json.loads((tmp_path / "opsd-shuffled" / "config.json").read_text())
+    assert shuffled["teacher_hint"] == "shuffled" and shuffled["algorithm"] == "opsd"
     diag = json.loads((tmp_path / "opsd" / "diagnostics.json").read_text())
     assert 0 <= diag["gap"]["gap/teacher_accuracy"] <= 1 and diag["gap"]["gap/divergence_mean"] >= 0
     points = pd.read_csv(tmp_path / "study" / "points.csv")
-    assert set(points["method"]) == {"opsd", "grpo", "sft"}
+    assert set(points["method"]) == {"base", *(j.method for j in jobs)}
+    assert len(points[points["method"] == "opsd"]) == 2  # the plan asks for two OPSD checkpoints
+    assert (points["n_eval"] == 6).all() and (points["strict/ci_low"] <= points["strict/avg@k"]).all()
     assert (points.loc[points["method"] == "sft", "generated_tokens"] == 0).all()
-    assert points.loc[points["method"] == "grpo", "generated_tokens"].max() > \
-        points.loc[points["method"] == "opsd", "generated_tokens"].max()  # G rollouts per problem vs 1
-    assert summary["mode"] == "lenient" and "tokens_to_equal_accuracy" in summary
-    assert (tmp_path / "study" / "token_efficiency.png").is_file()
+    # the summary holds, per point, both modes with intervals, and per method its paired difference vs base
+    first = summary["points"][1]
+    assert {"n_eval", "k", "generated_tokens", "train_seconds"} <= set(first)
+    assert set(first["strict"]) == set(first["lenient"]) == {"accuracy", "ci_low", "ci_high"}
+    assert set(summary["vs_base"]) == {j.method for j in jobs}
+    assert set(summary["vs_base"]["opsd"]["strict"]) == {"diff", "ci_low", "ci_high", "mcnemar_p"}
+    assert "ratio" in summary["tokens_to_equal_accuracy"]["strict"]
+    assert len(summary["answer_token_divergence"]) == 1 + len(jobs)
+    for mode in ("strict", "lenient"):
+        assert (tmp_path / "study" / f"token_efficiency_{mode}.png").is_file()
+    # a second run reuses every finished run and evaluation: only 00 and 04 run again
+    again = run_demo("tiny", tmp_path, jobs=2)
+    assert set(again["notebook_seconds"]) == {"00_data_prep", NOTEBOOKS[-1]}
+    assert again["vs_base"] == summary["vs_base"]
+
+
+def test_demo_plans_are_valid_configs(tmp_path):
+    """Every job of every plan builds a valid config, and the study extends the demo."""
+    from opsd_kit.config import load_profile
+    from opsd_kit.demo import DEMO_PLANS
+
+    for profile in DEMO_PLANS:
+        demo, study = plan_jobs(profile, "demo"), plan_jobs(profile, "study")
+        assert study[: len(demo)] == demo and len(study) > len(demo)
+        for job in study:
+            load_profile(profile, job.algorithm, run_dir=str(tmp_path / job.method), **job.overrides)
 
 
 @pytest.mark.slow

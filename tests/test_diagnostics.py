@@ -77,3 +77,35 @@ def test_wrong_hint_divergence_and_answer_split_on_the_tiny_model():
                               settings=GenerationSettings(max_new_tokens=6, temperature=1.0, n=1))
     assert gap["gap/divergence_mean_shuffled"] > 0
     assert gap["gap/style_fraction"] == pytest.approx(gap["gap/divergence_mean_shuffled"] / gap["gap/divergence_mean"])
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(divergence="forward_kl", clip_tau=0.3), dict(divergence="reverse_kl"), dict(divergence="jsd", jsd_beta=0.3),
+    dict(divergence="topk", distill_topk=5), dict(divergence="sampled_token", sampled_token_clamp=0.5),
+    dict(divergence="hint_contrast", contrast_alpha=0.7), dict(divergence="forward_kl", loss_support="truncated"),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_the_diagnostic_shows_the_divergence_the_trainer_computes(tmp_path, overrides):
+    """`token_divergences` with the run's spec gives the per-token values of the trainer's loss."""
+    import torch
+    from _numerics import tolerance
+
+    from opsd_kit.config import load_profile
+    from opsd_kit.diagnostics import token_divergences
+    from opsd_kit.trainer import Trainer
+
+    trainer = Trainer(load_profile("tiny", "opsd", run_dir=str(tmp_path / "run"), progress=False,
+                                   loss_temperature=0.7, **overrides))
+    algorithm = trainer.algorithm
+    micro, _ = algorithm.prepare(0)
+    batch = micro[0].student
+    _, trained_BC = algorithm.divergence(micro[0])
+    rows = batch.completion_ids.shape[0]
+    completions = [batch.completion_ids[i, : int(batch.completion_mask[i].sum())].tolist() for i in range(rows)]
+    shown = token_divergences(trainer.policy, algorithm.builder, trainer.step_problems(0)[:rows], completions,
+                              spec=algorithm.spec, wrong_hints=trainer.shuffled_hints)
+    vocab = trainer.policy.config.vocab_size
+    for i, values in enumerate(shown):
+        want = trained_BC[i, : len(completions[i])]
+        assert len(values) == len(completions[i]) > 0
+        torch.testing.assert_close(torch.tensor(values, dtype=want.dtype), want,
+                                   **tolerance(torch.float32, vocab, scale=float(want.abs().max()) + 1))

@@ -277,27 +277,27 @@ def test_sampled_token_loss_by_hand():
     student = torch.tensor([[-1.0, -2.0, -math.inf]], dtype=torch.float64, requires_grad=True)
     teacher = torch.tensor([[-0.5, -3.0, -math.inf]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0]])
-    # a = [0.5, -1.0]; -a * s = [0.5, -2.0]
-    loss = sampled_token_loss(student, teacher, mask)
-    assert loss.item() == pytest.approx(-0.75)
-    loss.backward()
-    assert student.grad.tolist() == [[-0.25, 0.5, 0.0]]
-    assert sampled_token_loss(student, teacher, mask, clamp=0.6).item() == pytest.approx((0.5 - 1.2) / 2)
-    assert sampled_token_loss(student, teacher, mask, normalizer=5).item() == pytest.approx(-1.5 / 5)
-    assert sampled_token_loss(student, teacher, torch.zeros_like(mask)).item() == 0.0
+    # a = t - s = [0.5, -1.0]; -a * s = [0.5, -2.0]; the sum is returned, never a mean
+    loss_sum, per_token = sampled_token_loss(student, teacher, mask)
+    assert loss_sum.item() == pytest.approx(-1.5)
+    assert per_token.tolist() == [[-0.5, 1.0, 0.0]]  # log p_S - log p_T on real tokens, 0 on padding
+    loss_sum.backward()
+    assert student.grad.tolist() == [[-0.5, 1.0, 0.0]]  # d/ds of -a s with a detached: -a
+    clamped, per_token_clamped = sampled_token_loss(student, teacher, mask, clamp=0.6)
+    assert clamped.item() == pytest.approx(0.5 - 1.2)  # a = [0.5, -0.6]
+    assert torch.equal(per_token_clamped, per_token)  # the reported disagreement is never clamped
+    assert sampled_token_loss(student, teacher, torch.zeros_like(mask))[0].item() == 0.0
 
 
 def test_sampled_token_loss_detaches_teacher_and_checks_arguments():
     student = torch.tensor([-1.0, -2.0], requires_grad=True)
     teacher = torch.tensor([-0.5, -1.0], requires_grad=True)
-    sampled_token_loss(student, teacher, torch.ones(2)).backward()
+    sampled_token_loss(student, teacher, torch.ones(2))[0].backward()
     assert teacher.grad is None
     with pytest.raises(ValueError, match="shapes differ"):
         sampled_token_loss(student, teacher, torch.ones(3))
     with pytest.raises(ValueError, match="clamp"):
         sampled_token_loss(student, teacher, torch.ones(2), clamp=0)
-    with pytest.raises(ValueError, match="normalizer"):
-        sampled_token_loss(student, teacher, torch.ones(2), normalizer=0)
 
 
 # ----------------------------------------------------------------------------- chunked
@@ -440,7 +440,7 @@ def test_chunked_low_precision_head_computes_in_float32():
     assert got_sum.dtype == got_BT.dtype == torch.float32
     # bf16 inputs: each hidden state and weight is rounded once (eps_bf16 / 2 relative), which moves each
     # logit by up to H * eps_bf16 * |h||w|; the float32 arithmetic after that is negligible.
-    head_scale = float(student.abs().max() * head.weight.abs().max())
+    head_scale = float(student.detach().abs().max() * head.weight.detach().abs().max())
     tol = tolerance(torch.bfloat16, reduction=H, scale=head_scale * int(mask.sum()))
     torch.testing.assert_close(got_sum.double(), want_sum.detach(), **tol)
 
