@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opsd_kit-installed
 PROFILE ?= cpu-demo
 RUN_DIR ?= runs/demo-$(PROFILE)
+JOBS ?= 2
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo study lint bench clean
 
 install: $(STAMP)
 
@@ -24,8 +25,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The demo: OPSD, its shuffled-hint control, GRPO and SFT, two training runs at a time, then the study.
 demo: $(STAMP)
-	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR)
+	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS)
+
+# The demo plus second seeds and the hint-contrast variant, in the same run folder: finished runs
+# and evaluations of the demo are reused.
+study: $(STAMP)
+	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan study
 
 lint: $(STAMP)
 	$(PY) -m ruff check opsd_kit tests bench

@@ -110,9 +110,11 @@ def finished_run(run_dir: Path, profile: str, job: TrainingJob) -> bool:
     return json.loads(saved.read_text()) == json.loads(json.dumps(want))
 
 
-def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel: str | None = None) -> dict:
+def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel: str | None = None,
+             progress_every: float = 60.0) -> dict:
     """Execute the plan; stop at the first failure (papermill keeps the failed notebook, with
-    its error, in the run folder). Returns and writes ``summary.json``."""
+    its error, in the run folder). Every ``progress_every`` seconds one line per running training
+    job says its step, the time per step and the time left. Returns and writes ``summary.json``."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     params = demo_parameters(profile, run_dir, plan, workers=jobs)
@@ -131,9 +133,13 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
         running = {pool.submit(_execute, TRAINING_NOTEBOOK[j.algorithm], j.method, params, run_dir, kernel): j
                    for j in todo}
         while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=progress_every, return_when=FIRST_COMPLETED)
             for future in done:
                 timings[running.pop(future).method] = future.result()  # raises the first failure
+            for job in running.values():
+                line = progress_line(run_dir / job.method, profile, job)
+                if line:
+                    print(f"[demo] {job.method}: {line}", flush=True)
     name = "04_evaluation_and_token_efficiency"
     timings[name] = _execute(name, name, params, run_dir, kernel)
     total = round(time.perf_counter() - start, 1)
@@ -145,6 +151,26 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[demo] total {total / 60:.1f} min ({total} s); summary in {run_dir / 'summary.json'}", flush=True)
     return summary
+
+
+def progress_line(run_dir: Path, profile: str, job: TrainingJob) -> str | None:
+    """'step k/N, s per step, about M min left' from a running job's metrics.jsonl (None before
+    its first step). With a rollout-token budget, the larger of the step and token fractions counts."""
+    from .config import load_profile
+
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    if not lines:
+        return None
+    last = json.loads(lines[-1])
+    cfg = load_profile(profile, job.algorithm, run_dir=str(run_dir), **job.overrides)
+    done = last["step"] / cfg.max_steps
+    if cfg.max_generated_tokens:
+        done = max(done, last["tokens/generated_total"] / cfg.max_generated_tokens)
+    per_step = last["time/elapsed"] / last["step"]
+    left = last["time/elapsed"] * (1 - done) / max(done, 1e-9)
+    return (f"step {last['step']}/{cfg.max_steps} ({100 * done:.0f}%), {per_step:.0f} s per step, "
+            f"about {left / 60:.0f} min left")
 
 
 def _execute(notebook: str, job: str, params: dict, run_dir: Path, kernel: str | None) -> float:
