@@ -40,12 +40,14 @@ class TrainingJob:
 #: Per profile: data sizes, the evaluation protocol, and the training runs of each plan.
 #: cpu-demo: OPSD and its shuffled-hint control train 24 steps; GRPO gets a rollout-token
 #: budget above OPSD's total (token-matched, GRPO favoured); SFT trains on the same problems.
+#: The study adds a second seed of OPSD and GRPO, the hint-contrast loss and RLSD (with GRPO's
+#: budget).
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny", gap_problems=2,
         demo=[TrainingJob("opsd", "opsd", points=2), TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
               TrainingJob("grpo", "grpo", points=2), TrainingJob("sft", "sft")],
-        study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1}), TrainingJob("grpo-seed1", "grpo", {"seed": 1})],
+        study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
     ),
     "cpu-demo": dict(
         train_size=256, eval_size=160, eval_profile="cpu-demo", gap_problems=8,
@@ -55,7 +57,8 @@ DEMO_PLANS = {
               TrainingJob("sft", "sft")],
         study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1}),
                TrainingJob("grpo-seed1", "grpo", {"seed": 1}),
-               TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"})],
+               TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}),
+               TrainingJob("rlsd", "rlsd")],
     ),
 }
 PLANS = ("demo", "study")
