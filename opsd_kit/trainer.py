@@ -199,9 +199,19 @@ class Trainer:
         adapter_dir = self.run_dir / "adapter"
         if self.is_main:
             self.policy.save_adapter(adapter_dir)
+            self._fill_card(adapter_dir, interrupted)
         self.accelerator.wait_for_everyone()
         return TrainResult(self.run_dir, adapter_dir, self.run_dir / "metrics.jsonl", self.step,
                            self.ledger.state_dict(), interrupted, last)
+
+    def _fill_card(self, adapter_dir: Path, interrupted: bool) -> None:
+        """Write what was trained, on what and how into the final adapter's card."""
+        from .card import training_sections, update_card
+
+        sections = training_sections(self.config, steps=self.step, ledger=self.ledger.state_dict(),
+                                     n_problems=len(self.problems), adapter_dir=adapter_dir, interrupted=interrupted)
+        for name, markdown in sections.items():
+            update_card(adapter_dir, name, markdown)
 
     def _budget_spent(self) -> bool:
         """True once the run's generated tokens reach ``max_generated_tokens``."""
