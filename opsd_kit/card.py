@@ -62,8 +62,8 @@ def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adap
     method = [f"- algorithm: `{c.algorithm}`: {_ALGORITHM_NAMES.get(c.algorithm, c.algorithm)}"]
     if c.algorithm in ("opsd", "rlsd"):
         method += [f"- divergence: `{c.divergence}`" + (f", pointwise clip tau = {c.clip_tau}" if c.clip_tau else ""),
-                   f"- teacher: `{c.teacher}` (the same model with the reference solution in its prompt; "
-                   f"hint: `{c.teacher_hint}`)"]
+                   f"- teacher: `{c.teacher}` weights of the same model, its prompt holding the problem's "
+                   f"solution (teacher_hint `{c.teacher_hint}`)"]
     method.append(f"- LoRA: r = {c.lora_r}, alpha = {c.lora_alpha}, on {', '.join(c.lora_target_modules)}; "
                   f"dtype {c.dtype}" + (f", base quantised {c.quantization}" if c.quantization else ""))
     training = [f"- optimizer steps: {steps} (max_steps {c.max_steps}" + (", interrupted)" if interrupted else ")"),

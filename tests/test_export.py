@@ -43,7 +43,8 @@ def test_merged_export_loads_in_plain_transformers_with_the_trained_logits(train
     cache = str(models.cache_dir())
     assert not any(cache in f.read_text() for f in out.glob("*.json"))
     assert (out / "generation_config.json").is_file() and (out / "README.md").is_file()
-    assert "AutoModelForCausalLM" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "AutoModelForCausalLM" in card and "library_name: transformers" in card and "algorithm: `opsd`" in card
 
 
 def test_adapter_export_names_the_public_base_and_carries_the_card(trained, tmp_path):
