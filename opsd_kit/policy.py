@@ -21,6 +21,7 @@ that repacking off on every 4-bit layer.
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from peft import PeftModel
 
 from opsd_kit import models
+from opsd_kit.card import write_card
 
 TEACHERS = ("frozen", "live", "ema")
 BACKENDS = ("hf", "unsloth")
@@ -258,9 +260,25 @@ class Policy:
         return {n: p.detach().cpu().clone() for n, p in self._trainable}
 
     def save_adapter(self, path: str | Path) -> None:
-        """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors)."""
+        """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors).
+
+        adapter_config.json names the base by its public id (`models.public_model_id`), not by a
+        cache folder of this machine, and README.md is a kit card (`opsd_kit.card`) instead of
+        peft's empty template; `models.ADAPTER_BASE_FILE` records how the base was loaded here (the kit's
+        model name, dtype, quantization) so that `opsd_kit.export` reloads exactly those weights.
+        """
         self._require_lora("save_adapter")
-        self.model.save_pretrained(str(path))
+        name_or_path = self.config.name_or_path
+        public = models.public_model_id(name_or_path)
+        self.model.save_pretrained(str(path))  # with the local base, so peft never asks the hub about it
+        adapter_config = Path(path) / "adapter_config.json"
+        adapter_config.write_text(json.dumps(dict(json.loads(adapter_config.read_text()),
+                                                  base_model_name_or_path=public), indent=2) + "\n")
+        base = {"model": models.kit_model_name(name_or_path), "base_model": public,
+                "dtype": str(self.causal_lm.dtype).removeprefix("torch."),
+                "quantization": "4bit" if self.quantized else None}
+        (Path(path) / models.ADAPTER_BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
+        write_card(path, public, model=base["model"])
 
     def load_adapter(self, path: str | Path) -> None:
         """Load adapter weights saved by `save_adapter` (or peft) into this policy's adapter.

@@ -46,7 +46,8 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None) -> TrainResult:
-    """Train with ``config``. ``problems`` (a list of Problem) overrides ``config.train_data``;
+    """Train with ``config``. ``problems`` overrides ``config.train_data``: a list of Problem, or a
+    list of dicts, a ``datasets.Dataset`` or a pandas DataFrame read by `opsd_kit.data.load_problems`;
     ``policy`` reuses an already-loaded policy (its weights are trained in place)."""
     return Trainer(config, problems=problems, policy=policy, accelerator=accelerator).train()
 
@@ -57,6 +58,7 @@ class Trainer:
         from accelerate import Accelerator
 
         from .checkpoint import seed_everything
+        from .data import as_problems
 
         # Every check of the configuration runs before the model's weights load.
         self.config = config.validate()
@@ -64,7 +66,7 @@ class Trainer:
         config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         config.check_world(self.accelerator.num_processes)
-        self.problems = problems if problems is not None else _load_train_problems(config)
+        self.problems = as_problems(problems) if problems is not None else _load_train_problems(config)
         if not self.problems:
             source = "problems=[]" if problems is not None else f"train_data={config.train_data!r}"
             raise ConfigError(f"{source} gave no problems: the dataset is empty; train_data must name a "
@@ -199,9 +201,19 @@ class Trainer:
         adapter_dir = self.run_dir / "adapter"
         if self.is_main:
             self.policy.save_adapter(adapter_dir)
+            self._fill_card(adapter_dir, interrupted)
         self.accelerator.wait_for_everyone()
         return TrainResult(self.run_dir, adapter_dir, self.run_dir / "metrics.jsonl", self.step,
                            self.ledger.state_dict(), interrupted, last)
+
+    def _fill_card(self, adapter_dir: Path, interrupted: bool) -> None:
+        """Write what was trained, on what and how into the final adapter's card."""
+        from .card import training_sections, update_card
+
+        sections = training_sections(self.config, steps=self.step, ledger=self.ledger.state_dict(),
+                                     n_problems=len(self.problems), adapter_dir=adapter_dir, interrupted=interrupted)
+        for name, markdown in sections.items():
+            update_card(adapter_dir, name, markdown)
 
     def _budget_spent(self) -> bool:
         """True once the run's generated tokens reach ``max_generated_tokens``."""
