@@ -551,8 +551,8 @@ _EVAL_PROFILES: dict[str, dict] = {
     # Seconds: exercises every path on the tiny random model.
     "tiny": dict(size=None, k=1, temperature=0.0, max_new_tokens=8, n_bootstrap=200),
     # The bundled SmolLM2 on held-out sums: greedy, a cap that lets answers finish, strict
-    # (boxed) grading as the headline. The demo holds out 160 problems (leakage-checked).
-    "cpu-demo": dict(k=1, temperature=0.0, max_new_tokens=128, mode="strict", batch_size=32),
+    # (boxed) grading as the headline. The demo holds out 144 problems (leakage-checked).
+    "cpu-demo": dict(k=1, temperature=0.0, max_new_tokens=128, mode="strict", batch_size=48),
     # The paper's protocol (v3): AIME24, AIME25 and HMMT25 with thinking on, temperature 1.0, top-p
     # 0.95 (top-k not stated: off), avg@12 (the official README reports avg@16), up to 38,912 new
     # tokens, the last \boxed{} graded strictly. The hub ids are well-known public copies of the

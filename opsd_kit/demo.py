@@ -50,7 +50,7 @@ DEMO_PLANS = {
         study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
     ),
     "cpu-demo": dict(
-        train_size=256, eval_size=160, eval_profile="cpu-demo", gap_problems=8,
+        train_size=256, eval_size=144, eval_profile="cpu-demo", gap_problems=8,
         demo=[TrainingJob("opsd", "opsd", points=2),
               TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
               TrainingJob("grpo", "grpo", points=2),
