@@ -437,6 +437,21 @@ class EvalConfig:
         return cls(**_known_keys(cls, values, "evaluation config")).validate()
 
 
+def field_docs(cls) -> dict[str, str]:
+    """``{field: docstring}`` of a config dataclass, read from its source: the string literal
+    under a field's annotated assignment (Python keeps no such docstring at runtime)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
 def _known_keys(cls, values: dict, label: str) -> dict:
     """``values`` with lists turned into tuples where the field is a tuple; an unknown key
     raises ConfigError with the closest known key."""

@@ -28,7 +28,8 @@ RESUMABLE_CHANGES = (
 )
 """Keys a resumed run may change: they do not change what is trained."""
 
-WAYS_OUT = "set resume=false overwrite=true to start over (`--set resume=false overwrite=true`), or use another run_dir"
+WAYS_OUT = ("start over with resume=False overwrite=True (`--set resume=false overwrite=true`; deletes them), "
+            "or use another run_dir")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ def plan_start(config: TrainConfig) -> RunStart:
     if config.resume is False:
         if not config.overwrite:
             raise ConfigError(f"resume=False starts over, but {run_dir} holds checkpoints (up to step {step}) "
-                              f"that it would delete; {WAYS_OUT}")
+                              "and would delete them: add overwrite=True (`--set resume=false overwrite=true`), or "
+                              "use another run_dir")
         return RunStart(discard=True)
     changes = config_changes(run_dir, config)
     if changes:
@@ -61,7 +63,7 @@ def plan_start(config: TrainConfig) -> RunStart:
             return RunStart(discard=True)
         listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
         raise ConfigError(f"{run_dir} holds checkpoints (up to step {step}) of another config ({listed}); "
-                          f"resuming would mix two runs. To keep them, {WAYS_OUT}")
+                          f"resuming would mix two runs: {WAYS_OUT}")
     if step > config.max_steps:
         raise ConfigError(f"{run_dir} holds a checkpoint of step {step}, past max_steps={config.max_steps}; "
                           f"set max_steps >= {step} to resume it, or {WAYS_OUT}")
