@@ -65,8 +65,9 @@ def run_killed_child(run_dir, algorithm, where, at, **overrides):
 
 
 def resume(run_dir, algorithm, **overrides):
-    """Resume to completion; return (trainer, result, the checkpoint restored or None)."""
-    trainer = Trainer(config(run_dir, algorithm, **{"resume": True, **overrides}))
+    """Rerun the same config (resume left unset) to completion; return (trainer, result, the
+    checkpoint restored or None)."""
+    trainer = Trainer(config(run_dir, algorithm, **overrides))
     restored = []
     restore = trainer._restore
     trainer._restore = lambda path: (restored.append(Path(path)), restore(path))
@@ -156,7 +157,7 @@ def test_starting_over_in_a_used_run_dir_needs_overwrite_and_never_resumes_the_o
     with pytest.raises(_Died):
         fresh.train()
     assert complete_checkpoints(run_dir) == [] and not (run_dir / "adapter").exists()
-    trainer, _result, restored = resume(run_dir, "sft", resume=None)
+    trainer, _result, restored = resume(run_dir, "sft")
     assert restored is None  # nothing of the old run was picked up
     assert_same_adapter(expected, trainer.policy.lora_state_dict())
     assert metric_steps(run_dir) == list(range(1, MAX_STEPS + 1))
