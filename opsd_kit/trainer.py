@@ -21,7 +21,6 @@ import math
 import signal
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,54 +162,55 @@ class Trainer:
         ledger_done = self.ledger.state_dict()  # the counts after self.step complete steps
         clock = time.perf_counter()
         caught: list[int] = []  # SIGINT or SIGTERM, raised as KeyboardInterrupt
-        with _signals_as_interrupts(caught):
-            try:
-                while self.step < cfg.max_steps and not self._budget_spent():
-                    metrics = self._optimizer_step()
-                    nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["train/skipped_nonfinite"] else 0
-                    self.step += 1
-                    now = time.perf_counter()
-                    self.ledger.wall_seconds += now - clock  # checkpoint writes count in the next step
-                    clock = now
-                    ledger_done = self.ledger.state_dict()
-                    metrics.update(step=self.step, **self.ledger.metrics())
-                    metrics["time/elapsed"] = round(self.ledger.wall_seconds, 3)
-                    logger.log(metrics)
-                    last = metrics
-                    bar.update(1)
-                    bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in ("loss/total", "train/grad_norm")
-                                     if isinstance(metrics.get(k), float)})
-                    if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        self._save()
-                        raise NonFiniteLossError(
-                            f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                            f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); checkpoint saved at step {self.step}. "
-                            "Lower learning_rate, raise max_grad_norm clipping, or use dtype='float32'")
-                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or self._budget_spent():
-                        self._save()
-                if self._budget_spent() and self.is_main and cfg.progress:
-                    print(f"Rollout-token budget reached after step {self.step}: {self.ledger.generated_tokens} "
-                          f"generated tokens >= max_generated_tokens={cfg.max_generated_tokens}.")
-            except KeyboardInterrupt:
-                interrupted, stop = True, caught[0] if caught else signal.SIGINT
+        restore_signals = _signals_as_interrupts(caught)
+        try:
+            while self.step < cfg.max_steps and not self._budget_spent():
+                metrics = self._optimizer_step()
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["train/skipped_nonfinite"] else 0
+                self.step += 1
+                now = time.perf_counter()
+                self.ledger.wall_seconds += now - clock  # checkpoint writes count in the next step
+                clock = now
+                ledger_done = self.ledger.state_dict()
+                metrics.update(step=self.step, **self.ledger.metrics())
+                metrics["time/elapsed"] = round(self.ledger.wall_seconds, 3)
+                logger.log(metrics)
+                last = metrics
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in ("loss/total", "train/grad_norm")
+                                 if isinstance(metrics.get(k), float)})
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    self._save()
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); checkpoint saved at step {self.step}. "
+                        "Lower learning_rate, raise max_grad_norm clipping, or use dtype='float32'")
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or self._budget_spent():
+                    self._save()
+            if self._budget_spent() and self.is_main and cfg.progress:
+                print(f"Rollout-token budget reached after step {self.step}: {self.ledger.generated_tokens} "
+                      f"generated tokens >= max_generated_tokens={cfg.max_generated_tokens}.")
+        except KeyboardInterrupt:
+            interrupted, stop = True, caught[0] if caught else signal.SIGINT
+            self._rewind_partial_step(ledger_done)
+            self._save()
+            if self.is_main:
+                name = signal.Signals(stop).name
+                print(f"Interrupted ({name}): checkpoint saved at step {self.step} in {self.run_dir}; "
+                      "rerun the same command to resume.")
+        except Exception as err:
+            if _is_oom(err):
                 self._rewind_partial_step(ledger_done)
                 self._save()
-                if self.is_main:
-                    name = signal.Signals(stop).name
-                    print(f"Interrupted ({name}): checkpoint saved at step {self.step} in {self.run_dir}; "
-                          "rerun the same command to resume.")
-            except Exception as err:
-                if _is_oom(err):
-                    self._rewind_partial_step(ledger_done)
-                    self._save()
-                    raise OutOfMemoryStop(
-                        f"out of memory at step {self.step + 1} ({err}). A checkpoint of step {self.step} was saved. "
-                        f"Lower micro_batch_size (now {cfg.micro_batch_size}), max_new_tokens (now "
-                        f"{cfg.max_new_tokens}) or generation_batch_size (now {cfg.generation_batch_size}), or set "
-                        "gradient_checkpointing=True, then rerun: it resumes from the checkpoint") from err
-                raise
-            finally:
-                bar.close()
+                raise OutOfMemoryStop(
+                    f"out of memory at step {self.step + 1} ({err}). A checkpoint of step {self.step} was saved. "
+                    f"Lower micro_batch_size (now {cfg.micro_batch_size}), max_new_tokens (now "
+                    f"{cfg.max_new_tokens}) or generation_batch_size (now {cfg.generation_batch_size}), or set "
+                    "gradient_checkpointing=True, then rerun: it resumes from the checkpoint") from err
+            raise
+        finally:
+            bar.close()
+            restore_signals()
         if self.is_main:
             self.policy.save_adapter(self.run_dir / "adapter")
         self.accelerator.wait_for_everyone()
@@ -335,17 +335,15 @@ def make_scheduler(optimizer, cfg: TrainConfig):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
 
 
-@contextmanager
 def _signals_as_interrupts(caught: list):
-    """Within the block, SIGINT (Ctrl-C) and SIGTERM (what schedulers send before killing a job)
-    raise KeyboardInterrupt and append their number to ``caught``. Only the first does: later ones,
-    while the checkpoint is written, are ignored. Off the main thread signals cannot be handled:
-    nothing changes there."""
+    """Make SIGINT (Ctrl-C) and SIGTERM (what schedulers send before killing a job) raise
+    KeyboardInterrupt and append their number to ``caught``; return the function that puts the
+    previous handlers back. Only the first signal raises: later ones, while the checkpoint is
+    written, are ignored. Off the main thread signals cannot be handled: nothing changes there."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        return lambda: None
 
     def handler(signum, frame):
         if not caught:
@@ -353,11 +351,12 @@ def _signals_as_interrupts(caught: list):
             raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
+
+    def restore():
         for s, old in previous.items():
             signal.signal(s, signal.SIG_DFL if old is None else old)
+
+    return restore
 
 
 def _reduce_lists(values: dict[str, list]) -> dict:
