@@ -190,7 +190,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     """'constant', 'linear' or 'cosine' decay after warmup."""
     warmup_steps: int = 0
-    """Linear warmup steps."""
+    """Linear warmup steps: the learning rate factor is step / warmup_steps from step 0 (the
+    `transformers.get_scheduler` convention; 0 at the first step), then the schedule."""
     problems_per_step: int = 32
     """Problems in one optimizer step, over all processes (paper: 32)."""
     micro_batch_size: int = 4
