@@ -16,6 +16,20 @@ class MicroBatch:
     wrong_teacher: "object" = None  # prompts.Batch: [wrong-hint teacher prompt ++ same completion] (hint_contrast)
     tensors: dict = field(default_factory=dict)
 
+    ROLES = ("student", "teacher", "wrong_teacher")
+
+    def state_dict(self) -> dict:
+        """Tensors and plain containers only (checkpoints load with ``weights_only=True``)."""
+        roles = {r: None if getattr(self, r) is None else vars(getattr(self, r)).copy() for r in self.ROLES}
+        return {**roles, "num_loss_tokens": self.num_loss_tokens, "tensors": dict(self.tensors)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "MicroBatch":
+        from .prompts import Batch
+
+        roles = {r: None if state[r] is None else Batch(**state[r]) for r in cls.ROLES}
+        return cls(num_loss_tokens=state["num_loss_tokens"], tensors=dict(state["tensors"]), **roles)
+
 
 class Algorithm:
     """Base class. Subclasses implement ``prepare(step)`` and ``loss(micro_batch)``."""

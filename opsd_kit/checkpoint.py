@@ -5,6 +5,8 @@ deletion killed half-way never leaves a marked folder with missing files behind.
 
 A checkpoint holds the adapter (peft format), the optimizer and scheduler states, each process's RNG
 and algorithm state, the token ledger, the policy's extra state (EMA weights) and the step.
+``trainer_state.pt`` holds only tensors, numbers, strings and lists/dicts/tuples of them, and is
+loaded with ``torch.load(weights_only=True)``: opening a shared checkpoint never runs code from it.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely."""
+
 
 _DONE = "COMPLETE"
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -29,7 +36,12 @@ def complete_checkpoints(run_dir) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / _DONE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path) -> int:
+    """The step of checkpoint folder ``path`` (from its name)."""
+    return int(_NAME.match(Path(path).name).group(1))
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -89,40 +101,50 @@ def _discard(path: Path) -> None:
 
 
 def load_trainer_state(path: Path) -> dict:
+    """``trainer_state.pt`` of checkpoint ``path``, loaded with ``weights_only=True``."""
+    import pickle
+
     import torch
 
-    return torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+    file = Path(path) / "trainer_state.pt"
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{file} holds objects other than tensors, numbers, strings and containers, so it was not loaded "
+            "(unpickling them could run code they carry). opsd_kit never writes such a file: it was altered or "
+            "written by an older version. Resume from a checkpoint you trust, or start over with resume=False "
+            f"overwrite=True. Detail: {str(err).splitlines()[0]}") from err
 
 
 def rng_state() -> dict:
+    """Python's, numpy's and torch's RNG states as tensors, numbers and strings."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """The fixed seeding block: python, numpy, torch (all devices)."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _fsync_dir(path: Path) -> None:

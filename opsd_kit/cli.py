@@ -1,23 +1,34 @@
-"""Command line: ``python -m opsd_kit.cli train --profile tiny --algorithm opsd --set max_steps=5``.
+"""The `opsd-kit` command (also ``python -m opsd_kit.cli``):
 
-Runs under ``accelerate launch -m opsd_kit.cli train ...`` for several processes.
+    opsd-kit train --profile tiny --algorithm opsd --set max_steps=5
+    opsd-kit eval runs/tiny-opsd --data reasoning_gym:chain_sum --eval-profile tiny
+    opsd-kit compare runs/tiny-opsd runs/tiny-grpo --data eval.jsonl --out runs/study
+    opsd-kit profiles --show tiny
+
+Runs under ``accelerate launch -m opsd_kit.cli train ...`` for several processes. A config or
+data error prints one line to stderr and exits 2; a training run stopped by Ctrl-C or SIGTERM
+exits 128 + the signal (130, 143) after its checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
-from .config import ALGORITHMS
+from .config import ALGORITHMS, ConfigError, EvalConfig, TrainConfig, eval_profile_names, profile_names
+
+MODES = ("strict", "lenient")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
     """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true, null)."""
     out = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -25,23 +36,195 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opsd_kit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train with OPSD or a baseline")
-    t.add_argument("--profile", default="tiny")
-    t.add_argument("--algorithm", default="opsd", choices=ALGORITHMS)
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opsd-kit", description="On-Policy Self-Distillation research kit.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,compare,profiles}")
 
+    def overrides(p, cls, what: str) -> None:
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help=f"{what} overrides (JSON values: 3, 1e-4, true, null). Keys: {keys}")
+
+    t = sub.add_parser("train", help="train with OPSD or a baseline",
+                       description="Train. Rerunning the same command resumes from the newest checkpoint; a run "
+                                   "folder of another config is refused (--set resume=false overwrite=true starts "
+                                   "over).")
+    t.add_argument("--profile", default="tiny", choices=profile_names())
+    t.add_argument("--algorithm", default="opsd", choices=ALGORITHMS)
+    overrides(t, TrainConfig, "training config")
+
+    e = sub.add_parser("eval", help="held-out accuracy of a run or an adapter, with 95%% intervals")
+    e.add_argument("path", help="a run folder (its final adapter, else its newest checkpoint) or an adapter folder "
+                                "inside a run folder")
+    e.add_argument("--data", default=None, help="held-out problems: a source spec (gsm8k:test, "
+                                                "reasoning_gym:chain_sum, ...) or a file; default: the protocol's")
+    e.add_argument("--eval-profile", default=None, choices=eval_profile_names(),
+                   help="evaluation protocol (default: the one of the run's profile)")
+    overrides(e, EvalConfig, "evaluation config")
+
+    c = sub.add_parser("compare", help="several runs on one held-out set: one table and one figure per mode")
+    c.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR",
+                   help="run folders; NAME defaults to the run's algorithm (opsd and grpo give the token ratio)")
+    c.add_argument("--data", required=True, help="held-out problems: a source spec or a file")
+    c.add_argument("--out", required=True, help="folder for points.csv, comparisons.csv and the figures")
+    c.add_argument("--eval-profile", default=None, choices=eval_profile_names(),
+                   help="evaluation protocol (default: the one of the first run's profile)")
+    c.add_argument("--points", type=int, default=1, help="checkpoints evaluated per run (default 1: the final)")
+    c.add_argument("--workers", type=int, default=1, help="evaluation processes")
+    overrides(c, EvalConfig, "evaluation config")
+
+    p = sub.add_parser("profiles", help="list the profiles, or show one's every setting")
+    p.add_argument("--show", default=None, choices=profile_names(), metavar="NAME",
+                   help=f"print every training setting of profile NAME with its meaning ({', '.join(profile_names())})")
+    p.add_argument("--algorithm", default="opsd", choices=ALGORITHMS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    command = {"train": _train, "eval": _eval, "compare": _compare, "profiles": _profiles}[args.command]
+    try:
+        return command(args)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"opsd-kit {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------
+def _train(args) -> int:
     from .config import load_profile
     from .trainer import train
 
-    config = load_profile(args.profile, args.algorithm, **parse_overrides(args.set))
-    result = train(config)
+    result = train(load_profile(args.profile, args.algorithm, **parse_overrides(args.set)))
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps,
                       "interrupted": result.interrupted, "ledger": result.ledger}))
+    return 128 + result.signal if result.interrupted else 0
+
+
+def _eval(args) -> int:
+    from .data import load_source
+    from .evaluate import evaluate_model
+    from .stats import accuracy_interval, bootstrap_indices
+    from .study import load_run_policy
+
+    run_dir, adapter = _locate_adapter(Path(args.path))
+    config = _eval_config(args, run_dir)
+    problems, _report = load_source(config.data, size=config.size, seed=config.seed)
+    policy, builder = load_run_policy(run_dir, adapter, student_thinking=config.student_thinking)
+    result = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=config.settings(),
+                            mode=config.mode, seed=config.seed, progress=sys.stderr.isatty())
+    indices = bootstrap_indices(len(problems), config.n_bootstrap, config.seed) if config.k > 1 else None
+    print(f"{adapter} on {config.data}: {len(problems)} problems, k = {config.k}")
+    for mode in MODES:
+        low, high = accuracy_interval(result.table[f"avg_{mode}"].to_numpy(float), config.k,
+                                      confidence=config.confidence, indices=indices)
+        print(f"{mode:>8} avg@{config.k} {result.summary[f'eval/{mode}/avg@k']:.3f}  "
+              f"{config.confidence:.0%} interval [{low:.3f}, {high:.3f}]")
     return 0
+
+
+def _compare(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .data import load_source
+    from .plots import token_efficiency
+    from .study import evaluate_points, study_points, summarize
+
+    runs = dict(_named_run(entry) for entry in args.runs)
+    if len(runs) != len(args.runs):
+        raise ConfigError(f"two runs share a name in {args.runs}; name them NAME=RUN_DIR")
+    config = _eval_config(args, Path(next(iter(runs.values()))))
+    problems, _report = load_source(config.data, size=config.size, seed=config.seed)
+    points = study_points(runs, {name: args.points for name in runs})
+    out = Path(args.out)
+    results = evaluate_points(points, problems, config, model_run=next(iter(runs.values())),
+                              out_dir=out / "evaluations", workers=args.workers)
+    summary = summarize(points, results, config)
+    summary["points"].to_csv(out / "points.csv", index=False)
+    summary["comparisons"].to_csv(out / "comparisons.csv", index=False)
+    for mode in MODES:
+        figure = token_efficiency(summary["points"], mode=mode, ratio=summary["tokens_to_equal_accuracy"][mode])
+        figure.savefig(out / f"token_efficiency_{mode}.png", dpi=120)
+    columns = ["method", "step", "generated_tokens"] + [f"{m}/{c}" for m in MODES for c in ("avg@k", "ci_low",
+                                                                                             "ci_high")]
+    print(summary["points"][columns].to_string(index=False, float_format="{:.3f}".format))
+    print(f"tables and figures in {out}")
+    return 0
+
+
+def _profiles(args) -> int:
+    from .config import field_docs, load_profile
+
+    if args.show is None:
+        print("\n".join(profile_names()))
+        return 0
+    config = load_profile(args.show, args.algorithm)
+    docs = field_docs(TrainConfig)
+    for name, value in config.to_dict().items():
+        print(f"{name} = {value!r}")
+        for line in docs.get(name, "").splitlines():
+            print(f"    {line}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def _eval_config(args, run_dir: Path) -> EvalConfig:
+    """The protocol of ``--eval-profile`` (default: the run's profile's) with ``--set`` and ``--data``."""
+    from .config import load_eval_profile
+
+    name = args.eval_profile or _run_config(run_dir).get("profile")
+    if name is None:
+        raise ConfigError(f"the run in {run_dir} was not built from a profile; choose a protocol with "
+                          f"--eval-profile ({', '.join(eval_profile_names())})")
+    overrides = parse_overrides(args.set)
+    if args.data:
+        overrides["data"] = args.data
+    config = load_eval_profile(name, **overrides)
+    if not config.data:
+        raise ConfigError(f"evaluation profile {name!r} names no held-out data; pass --data with a source spec "
+                          "or a file")
+    return config
+
+
+def _run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{run_dir} is not a run folder: {path} cannot be read ({err})") from err
+
+
+def _locate_adapter(path: Path) -> tuple[Path, Path]:
+    """``(run folder, adapter folder)`` for a run folder or an adapter folder inside one."""
+    from .checkpoint import latest_checkpoint
+
+    if (path / "adapter_config.json").is_file():
+        run_dir = next((p for p in path.resolve().parents if (p / "config.json").is_file()), None)
+        if run_dir is None:
+            raise ConfigError(f"adapter {path} is not inside a run folder (no config.json above it), so its model "
+                              "is unknown; pass the run folder it was trained in")
+        return run_dir, path
+    _run_config(path)
+    if (path / "adapter").is_dir():
+        return path, path / "adapter"
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ConfigError(f"run folder {path} holds no final adapter and no complete checkpoint yet")
+    return path, latest / "adapter"
+
+
+def _named_run(entry: str) -> tuple[str, str]:
+    """``NAME=RUN_DIR`` or ``RUN_DIR`` (named by the run's algorithm)."""
+    name, sep, run_dir = entry.partition("=")
+    if not sep:
+        run_dir = entry
+        name = _run_config(Path(run_dir)).get("algorithm", Path(run_dir).name)
+    _run_config(Path(run_dir))
+    return name, run_dir
 
 
 if __name__ == "__main__":

@@ -48,8 +48,14 @@ class TrainConfig:
     """Rollout-token budget: stop after the step at which the run's generated tokens (all
     processes) reach it, even before max_steps. None: no budget. A token-matched comparison
     gives each method the same budget."""
-    resume: bool = False
-    """Continue from the latest complete checkpoint in run_dir/checkpoints."""
+    resume: bool | None = None
+    """None = resume when run_dir holds checkpoints of the same config (else start fresh; another
+    config is refused), True = require a checkpoint to resume from (error if none), False = start
+    fresh, which needs overwrite=True when checkpoints exist. "The same config" ignores the keys
+    that do not change what is trained (`opsd_kit.rundir.RESUMABLE_CHANGES`)."""
+    overwrite: bool = False
+    """Allow a fresh run to delete run_dir's checkpoints and final adapter (resume=False, or
+    resume=None with checkpoints of another config). Nothing is ever deleted without it."""
 
     # -- model -----------------------------------------------------------------------------
     model: str = "smollm2-135m-instruct"
@@ -185,7 +191,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     """'constant', 'linear' or 'cosine' decay after warmup."""
     warmup_steps: int = 0
-    """Linear warmup steps."""
+    """Linear warmup steps: the learning rate factor is step / warmup_steps from step 0 (the
+    `transformers.get_scheduler` convention; 0 at the first step), then the schedule."""
     problems_per_step: int = 32
     """Problems in one optimizer step, over all processes (paper: 32)."""
     micro_batch_size: int = 4
@@ -277,6 +284,9 @@ class TrainConfig:
         if self.teacher_hint != "reference" and self.algorithm != "opsd":
             raise ConfigError(f"teacher_hint={self.teacher_hint!r} changes OPSD's teacher prompt; algorithm="
                               f"{self.algorithm!r} has none: use teacher_hint='reference'")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=True continues run_dir's checkpoints; overwrite=True deletes them: set one "
+                              "of them (overwrite=True with resume=False starts over)")
         if self.algorithm == "opsd" and self.kl_coef:
             raise ConfigError("kl_coef is GRPO's KL penalty; it has no meaning for algorithm='opsd'")
         return self
@@ -293,6 +303,16 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{f.name}={value!r} has type {type(value).__name__}; it must be "
                                   f"{' or '.join(names)}")
+
+    def check_trackers(self) -> None:
+        """Each tracker's package is installed (checked without importing it)."""
+        import importlib.util
+
+        for name in self.trackers:
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"trackers={tuple(self.trackers)!r} needs the {name!r} package, which is not "
+                                  f"installed: pip install {name} (or pip install 'opsd_kit[tracking]'), or drop "
+                                  f"{name!r} from trackers (metrics.jsonl is always written)")
 
     def check_world(self, world_size: int) -> int:
         """Problems each process handles per step; raise if the batch does not divide."""
@@ -417,6 +437,21 @@ class EvalConfig:
     def from_dict(cls, values: dict) -> "EvalConfig":
         """Build and validate; unknown keys are an error that suggests the closest known key."""
         return cls(**_known_keys(cls, values, "evaluation config")).validate()
+
+
+def field_docs(cls) -> dict[str, str]:
+    """``{field: docstring}`` of a config dataclass, read from its source: the string literal
+    under a field's annotated assignment (Python keeps no such docstring at runtime)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 def _known_keys(cls, values: dict, label: str) -> dict:

@@ -176,9 +176,18 @@ def progress_line(run_dir: Path, profile: str, job: TrainingJob) -> str | None:
             f"about {left / 60:.0f} min left")
 
 
-def _execute(notebook: str, job: str, params: dict, run_dir: Path, kernel: str | None) -> float:
-    import papermill
+def _papermill():
+    """papermill, which runs the notebooks; it is in the `notebooks` extra, not a core dependency."""
+    try:
+        import papermill
+    except ImportError as err:
+        raise ImportError("the demo runs the notebooks with papermill, which is not installed: "
+                          "pip install 'opsd_kit[notebooks]' (or `make install`)") from err
+    return papermill
 
+
+def _execute(notebook: str, job: str, params: dict, run_dir: Path, kernel: str | None) -> float:
+    papermill = _papermill()
     start = time.perf_counter()
     print(f"[demo] {job} ({notebook}) started", flush=True)
     out = run_dir / (f"{notebook}.ipynb" if job == notebook else f"{notebook}-{job}.ipynb")

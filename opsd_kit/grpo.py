@@ -117,7 +117,13 @@ class GRPO(Algorithm):
         return loss_sum, metrics
 
     def state_dict(self) -> dict:
-        return {"batch": self._batch}
+        """The batch of rollouts in flight (reused by the next iterations), as plain containers."""
+        if self._batch is None:
+            return {"batch": None}
+        index, micro, metrics = self._batch
+        return {"batch": {"index": index, "micro": [mb.state_dict() for mb in micro], "metrics": metrics}}
 
     def load_state_dict(self, state: dict) -> None:
-        self._batch = state.get("batch")
+        batch = state.get("batch")
+        self._batch = None if batch is None else (
+            batch["index"], [MicroBatch.from_state_dict(mb) for mb in batch["micro"]], batch["metrics"])

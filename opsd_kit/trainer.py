@@ -2,7 +2,7 @@
 
 The loop owns what every algorithm shares: seeding, data order, the policy, AdamW with gradient
 accumulation and a schedule, gradient clipping, the token ledger, metrics, checkpoints,
-resume, non-finite guards, Ctrl-C and out-of-memory handling. An algorithm (`opsd.OPSD`,
+resume, non-finite guards, Ctrl-C / SIGTERM and out-of-memory handling. An algorithm (`opsd.OPSD`,
 `grpo.GRPO`, `sft.SFT`, `rlsd.RLSD`) only says how a step's problems become micro-batches and how a
 micro-batch becomes a summed loss.
 
@@ -18,6 +18,7 @@ with `accelerator.reduce` before clipping, so every process applies the same upd
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class TrainResult:
     ledger: dict
     interrupted: bool = False
     last_metrics: dict = field(default_factory=dict)
+    signal: int | None = None
+    """The signal that stopped an interrupted run (SIGINT: Ctrl-C, SIGTERM: a scheduler); the
+    command line exits with 128 + it."""
 
 
 def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None) -> TrainResult:
@@ -56,12 +60,15 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, problems=None, policy=None, accelerator=None):
         import torch
         from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
-        from .checkpoint import seed_everything
         from .data import as_problems
+        from .rundir import plan_start
 
         # Every check of the configuration runs before the model's weights load.
         self.config = config.validate()
+        config.check_trackers()
+        self.start = plan_start(config)  # resume, start fresh, or refuse: before anything loads
         self.context_length, context_source = _context_length(config, policy)
         config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -76,7 +83,7 @@ class Trainer:
         if times > 1:
             raise ConfigError(f"problem ids must be unique: {dup!r} appears {times} times")
         self.shuffled_hints = _shuffled_hints(config, self.problems)
-        seed_everything(config.seed)
+        set_seed(config.seed)  # python, numpy, torch (all devices)
         self.run_dir = Path(config.run_dir)
         self.policy = policy or _load_policy(config, self.accelerator.device)
         self.algorithm = _make_algorithm(config, self)
@@ -85,7 +92,7 @@ class Trainer:
             raise ValueError("the policy has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        self.scheduler = make_scheduler(self.optimizer, config)
         from .ledger import TokenLedger
 
         self.ledger = TokenLedger()
@@ -127,31 +134,37 @@ class Trainer:
     def train(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        from .checkpoint import latest_checkpoint
         from .metrics import MetricsLogger
+        from .rundir import discard_previous_run
 
         cfg = self.config
-        resume_from = latest_checkpoint(self.run_dir) if cfg.resume else None
-        if resume_from is not None:
-            self._restore(resume_from)
-        elif self.is_main:  # a fresh run: an older run's checkpoints must never be resumed into it
-            from .checkpoint import remove_checkpoints
-
-            if remove_checkpoints(self.run_dir) and cfg.progress:
-                print(f"Fresh run in {self.run_dir}: removed the previous run's checkpoints "
-                      "(resume=True continues a run instead).")
+        if self.start.checkpoint is not None:
+            self._restore(self.start.checkpoint)
+            if self._finished():
+                if self.is_main:
+                    print(f"{self.run_dir} is already finished (step {self.step} of {cfg.max_steps}): nothing to "
+                          "do; raise max_steps to train further.")
+                return self._result(interrupted=False, last={})
+            if self.is_main:
+                print(f"resuming from step {self.step} of {cfg.max_steps} in {self.run_dir}")
+        elif self.start.discard and self.is_main:
+            removed = discard_previous_run(self.run_dir)
+            print(f"overwrite=True: deleted the previous run's {removed} checkpoints and final adapter in "
+                  f"{self.run_dir}; starting over.")
         self.accelerator.wait_for_everyone()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
         logger = MetricsLogger(self.run_dir / "metrics.jsonl", trackers=cfg.trackers,
-                               resume_step=self.step if resume_from else None, config=cfg.to_dict(),
+                               resume_step=self.step if self.start.checkpoint else None, config=cfg.to_dict(),
                                enabled=self.is_main)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.algorithm,
                    disable=not (cfg.progress and self.is_main))
-        nonfinite_in_a_row, last, interrupted = 0, {}, False
+        nonfinite_in_a_row, last, interrupted, stop = 0, {}, False, None
         ledger_done = self.ledger.state_dict()  # the counts after self.step complete steps
         clock = time.perf_counter()
+        caught: list[int] = []  # SIGINT or SIGTERM, raised as KeyboardInterrupt
+        restore_signals = _signals_as_interrupts(caught)
         try:
             while self.step < cfg.max_steps and not self._budget_spent():
                 metrics = self._optimizer_step()
@@ -180,12 +193,13 @@ class Trainer:
                 print(f"Rollout-token budget reached after step {self.step}: {self.ledger.generated_tokens} "
                       f"generated tokens >= max_generated_tokens={cfg.max_generated_tokens}.")
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted, stop = True, caught[0] if caught else signal.SIGINT
             self._rewind_partial_step(ledger_done)
             self._save()
             if self.is_main:
-                print(f"Interrupted: checkpoint saved at step {self.step} in {self.run_dir}; "
-                      "rerun with resume=True to continue.")
+                name = signal.Signals(stop).name
+                print(f"Interrupted ({name}): checkpoint saved at step {self.step} in {self.run_dir}; "
+                      "rerun the same command to resume.")
         except Exception as err:
             if _is_oom(err):
                 self._rewind_partial_step(ledger_done)
@@ -194,17 +208,25 @@ class Trainer:
                     f"out of memory at step {self.step + 1} ({err}). A checkpoint of step {self.step} was saved. "
                     f"Lower micro_batch_size (now {cfg.micro_batch_size}), max_new_tokens (now "
                     f"{cfg.max_new_tokens}) or generation_batch_size (now {cfg.generation_batch_size}), or set "
-                    "gradient_checkpointing=True, then resume=True") from err
+                    "gradient_checkpointing=True, then rerun: it resumes from the checkpoint") from err
             raise
         finally:
             bar.close()
-        adapter_dir = self.run_dir / "adapter"
+            restore_signals()
         if self.is_main:
-            self.policy.save_adapter(adapter_dir)
-            self._fill_card(adapter_dir, interrupted)
+            self.policy.save_adapter(self.run_dir / "adapter")
+            self._fill_card(self.run_dir / "adapter", interrupted)
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.run_dir, adapter_dir, self.run_dir / "metrics.jsonl", self.step,
-                           self.ledger.state_dict(), interrupted, last)
+        return self._result(interrupted, last, stop)
+
+    def _finished(self) -> bool:
+        """The restored run is at its end (max_steps or the token budget) and saved its final adapter."""
+        done = self.step >= self.config.max_steps or self._budget_spent()
+        return done and (self.run_dir / "adapter").is_dir()
+
+    def _result(self, interrupted: bool, last: dict, stop: int | None = None) -> TrainResult:
+        return TrainResult(self.run_dir, self.run_dir / "adapter", self.run_dir / "metrics.jsonl", self.step,
+                           self.ledger.state_dict(), interrupted, last, None if stop is None else int(stop))
 
     def _fill_card(self, adapter_dir: Path, interrupted: bool) -> None:
         """Write what was trained, on what and how into the final adapter's card."""
@@ -314,18 +336,39 @@ class Trainer:
 
 
 # -----------------------------------------------------------------------------------------
-def _schedule(cfg: TrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def make_scheduler(optimizer, cfg: TrainConfig):
+    """``cfg.lr_schedule`` after ``cfg.warmup_steps`` of linear warmup, by `transformers.get_scheduler`:
+    the factor of the learning rate at step s (0-based) is s / warmup_steps during warmup, then 1
+    (constant), 1 - p (linear) or (1 + cos(pi p)) / 2 (cosine), p = (s - warmup_steps) /
+    (max_steps - warmup_steps)."""
+    from transformers import get_scheduler
 
-    return factor
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def _signals_as_interrupts(caught: list):
+    """Make SIGINT (Ctrl-C) and SIGTERM (what schedulers send before killing a job) raise
+    KeyboardInterrupt and append their number to ``caught``; return the function that puts the
+    previous handlers back. Only the first signal raises: later ones, while the checkpoint is
+    written, are ignored. Off the main thread signals cannot be handled: nothing changes there."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        if not caught:
+            caught.append(signum)
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore():
+        for s, old in previous.items():
+            signal.signal(s, signal.SIG_DFL if old is None else old)
+
+    return restore
 
 
 def _reduce_lists(values: dict[str, list]) -> dict:

@@ -21,7 +21,7 @@ def _pins(lines):
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = _pins(project["dependencies"] + project["optional-dependencies"]["dev"]
-                   + project["optional-dependencies"]["bench"])
+                   + project["optional-dependencies"]["bench"] + project["optional-dependencies"]["notebooks"])
     env_lines = [line.strip().lstrip("- ") for line in (ROOT / "environment.yml").read_text().splitlines()]
     got = _pins(env_lines)
     assert got == wanted
@@ -32,6 +32,27 @@ def test_import_is_light():
     code = "import sys, opsd_kit; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_notebook_tools_are_an_extra():
+    """`pip install opsd_kit` installs no notebook server; `.[notebooks]` (the Makefile's install) does."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    notebook_tools = {"jupyterlab", "ipykernel", "papermill", "ipywidgets"}
+    assert not notebook_tools & set(_pins(project["dependencies"]))
+    assert notebook_tools <= set(_pins(project["optional-dependencies"]["notebooks"]))
+    assert project["scripts"]["opsd-kit"] == "opsd_kit.cli:main"
+    assert '".[dev,bench,notebooks]"' in (ROOT / "Makefile").read_text()
+
+
+def test_library_imports_without_the_notebook_tools():
+    """Importing every module works with papermill, IPython and ipywidgets unimportable."""
+    code = ("import sys; sys.modules.update(dict.fromkeys(('papermill', 'IPython', 'ipywidgets', 'jupyterlab'))); "
+            "import pkgutil, importlib, opsd_kit; "
+            "[importlib.import_module('opsd_kit.' + m.name) for m in pkgutil.iter_modules(opsd_kit.__path__)]; "
+            "from opsd_kit.demo import _papermill\n"
+            "try:\n    _papermill()\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'opsd_kit[notebooks]'" in out.stdout
 
 
 def test_gpu_extras_are_lazy():

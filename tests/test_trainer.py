@@ -1,6 +1,7 @@
 """The training loop on the tiny model: weights that should move move, frozen ones do not,
 normalisation is per optimizer step, resume is exact, ranks agree, 4-bit works on CPU."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -203,3 +204,23 @@ def test_hint_contrast_steps_change_lora_and_not_base(tmp_path):
     for name, value in base_weights(trainer.policy).items():
         assert torch.equal(value, base_before[name]), name
     assert result.last_metrics["loss/divergence_mean"] > 0
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # 10 steps, 2 of warmup, base lr 1: s / 2 during warmup, then p = (s - 2) / 8
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.0, 0.5, 1.0, 0.875, 0.5, 0.125]),
+    ("cosine", [0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 8)), 0.5, 0.5 * (1 + math.cos(7 * math.pi / 8))]),
+])
+def test_learning_rate_schedule(schedule, expected):
+    from opsd_kit.trainer import make_scheduler
+
+    config = load_profile("tiny", lr_schedule=schedule, warmup_steps=2, max_steps=10, learning_rate=1.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    scheduler = make_scheduler(optimizer, config)
+    lrs = []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert [lrs[s] for s in (0, 1, 2, 3, 6, 9)] == pytest.approx(expected)

@@ -12,6 +12,11 @@
 - ``"metrics"``: the n-th metrics line, half-written.
 
 The process exits with -SIGKILL when the point is reached (the parent checks it did).
+
+    python _train_child.py '{"cli": ["train", ...], "signal": {"name": "SIGTERM", "at_step": n}}'
+
+runs the command line instead, sending itself the signal as optimizer step ``n`` begins (a
+Ctrl-C or a scheduler's SIGTERM); the process exits with the command's exit code.
 """
 from __future__ import annotations
 
@@ -112,14 +117,32 @@ def install(trainer, where: str, at: int) -> None:
         raise SystemExit(f"unknown kill point {where!r}")
 
 
+def signal_at_step(spec: dict) -> None:
+    from opsd_kit.trainer import Trainer
+
+    number, count = signal.Signals[spec["name"]], Counter(spec["at_step"])
+    step = Trainer._optimizer_step
+
+    def signalling_step(self):
+        if count.hit():
+            os.kill(os.getpid(), number)
+        return step(self)
+
+    Trainer._optimizer_step = signalling_step
+
+
 def main() -> None:
     import torch
 
+    from opsd_kit.cli import main as cli_main
     from opsd_kit.config import load_profile
     from opsd_kit.trainer import Trainer
 
     torch.set_num_threads(1)
     spec = json.loads(sys.argv[1])
+    if "cli" in spec:
+        signal_at_step(spec["signal"])
+        sys.exit(cli_main(spec["cli"]))
     trainer = Trainer(load_profile("tiny", spec["algorithm"], **spec["overrides"]))
     install(trainer, spec["kill"]["where"], spec["kill"]["at"])
     trainer.train()

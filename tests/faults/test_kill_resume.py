@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 from _faults import assert_same_adapter, ledger_counts, tiny_config
 
-from opsd_kit.checkpoint import checkpoint_dir, complete_checkpoints, latest_checkpoint, save_checkpoint
+from opsd_kit.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+from opsd_kit.config import ConfigError
 from opsd_kit.trainer import Trainer
 
 CHILD = Path(__file__).with_name("_train_child.py")
@@ -57,8 +65,9 @@ def run_killed_child(run_dir, algorithm, where, at, **overrides):
 
 
 def resume(run_dir, algorithm, **overrides):
-    """Resume to completion; return (trainer, result, the checkpoint restored or None)."""
-    trainer = Trainer(config(run_dir, algorithm, resume=True, **overrides))
+    """Rerun the same config (resume left unset) to completion; return (trainer, result, the
+    checkpoint restored or None)."""
+    trainer = Trainer(config(run_dir, algorithm, **overrides))
     restored = []
     restore = trainer._restore
     trainer._restore = lambda path: (restored.append(Path(path)), restore(path))
@@ -133,12 +142,17 @@ class _Died(BaseException):
     """Stands in for SIGKILL in-process: nothing catches it, so nothing is saved on the way out."""
 
 
-def test_fresh_run_in_a_used_run_dir_never_resumes_the_old_runs_checkpoints(tmp_path, reference):
+def test_starting_over_in_a_used_run_dir_needs_overwrite_and_never_resumes_the_old_run(tmp_path, reference):
     expected, _ = reference("sft", max_steps=MAX_STEPS, save_every=SAVE_EVERY)
     run_dir = tmp_path / "run"
     Trainer(config(run_dir, "sft", max_steps=MAX_STEPS + 2, seed=1)).train()  # an older, longer run
     assert latest_checkpoint(run_dir).name == f"step-{MAX_STEPS + 2:06d}"
-    fresh = Trainer(config(run_dir, "sft"))  # resume=False: starts over in the same folder
+    with pytest.raises(ConfigError, match=r"seed: 1 -> 0.*resume=false overwrite=true"):
+        Trainer(config(run_dir, "sft"))  # another config: refused, nothing deleted
+    with pytest.raises(ConfigError, match="overwrite=True"):
+        Trainer(config(run_dir, "sft", resume=False))
+    assert latest_checkpoint(run_dir).name == f"step-{MAX_STEPS + 2:06d}"
+    fresh = Trainer(config(run_dir, "sft", resume=False, overwrite=True))  # starts over in the same folder
     loss, calls = fresh.algorithm.loss, []
 
     def dying_loss(mb):
@@ -150,11 +164,39 @@ def test_fresh_run_in_a_used_run_dir_never_resumes_the_old_runs_checkpoints(tmp_
     fresh.algorithm.loss = dying_loss
     with pytest.raises(_Died):
         fresh.train()
-    assert complete_checkpoints(run_dir) == []
+    assert complete_checkpoints(run_dir) == [] and not (run_dir / "adapter").exists()
     trainer, _result, restored = resume(run_dir, "sft")
     assert restored is None  # nothing of the old run was picked up
     assert_same_adapter(expected, trainer.policy.lora_state_dict())
     assert metric_steps(run_dir) == list(range(1, MAX_STEPS + 1))
+
+
+class _RunsCode:
+    """A pickled object that runs a shell command when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_tampered_trainer_state_is_refused_without_running_its_code(tmp_path):
+    import torch
+
+    run_dir = tmp_path / "run"
+    Trainer(config(run_dir, "grpo", max_steps=3, save_every=1)).train()  # mid-batch: GRPO's rollouts in flight
+    state = latest_checkpoint(run_dir) / "trainer_state.pt"
+    assert load_trainer_state(state.parent)["extra"]["per_rank"][0]["algorithm"]["batch"] is not None
+    torch.load(state, weights_only=True)  # what the kit writes loads without unpickling code
+
+    marker = tmp_path / "pwned"
+    payload = torch.load(state, weights_only=True)
+    payload["extra"]["per_rank"][0]["rng"]["python"] = _RunsCode(marker)
+    torch.save(payload, state)
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt holds objects other than tensors.*not loaded"):
+        Trainer(config(run_dir, "grpo", max_steps=4)).train()
+    assert not marker.exists(), "the pickle's code ran"
 
 
 def _tiny_state(tmp_path):

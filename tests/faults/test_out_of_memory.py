@@ -33,7 +33,7 @@ def stop_and_check(trainer, done: int) -> str:
     message = str(info.value)
     for name in SETTINGS_NAMED:
         assert name in message, message
-    assert f"checkpoint of step {done} was saved" in message and "resume=True" in message
+    assert f"checkpoint of step {done} was saved" in message and "then rerun" in message
     assert isinstance(info.value.__cause__, (torch.OutOfMemoryError, RuntimeError))
     assert latest_checkpoint(trainer.run_dir).name == f"step-{done:06d}"
     assert [r["step"] for r in metric_rows(trainer.run_dir)] == list(range(1, done + 1))

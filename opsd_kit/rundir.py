@@ -1,0 +1,94 @@
+"""Where a run starts in its run folder. The safe default never destroys work:
+
+- no complete checkpoint in ``run_dir``: a fresh run;
+- checkpoints of the same config (`RESUMABLE_CHANGES` aside): resume from the newest;
+- checkpoints of another config: refused with the differing keys, unless ``overwrite=True``;
+- ``resume=False`` over checkpoints: needs ``overwrite=True``; ``resume=True``: needs a checkpoint.
+
+`plan_start` reads small files only (the run's ``config.json`` and the checkpoint names), so it
+runs before any model loads. Nothing is deleted here: `discard_previous_run` does it, once the
+run starts.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .checkpoint import checkpoint_step, latest_checkpoint, remove_checkpoints
+from .config import ConfigError, TrainConfig
+
+RESUMABLE_CHANGES = (
+    "run_dir", "resume", "overwrite", "progress", "trackers", "save_every", "keep_checkpoints",
+    "max_steps",  # extending max_steps of a finished run resumes it
+    "max_generated_tokens",  # so does raising the rollout-token budget
+    # memory and speed only: the out-of-memory advice is to lower them and resume
+    "micro_batch_size", "gradient_checkpointing", "generation_batch_size", "loss_chunk_size",
+)
+"""Keys a resumed run may change: they do not change what is trained."""
+
+WAYS_OUT = ("start over with resume=False overwrite=True (`--set resume=false overwrite=true`; deletes them), "
+            "or use another run_dir")
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """How `Trainer.train` starts: from ``checkpoint`` (None: fresh), deleting the previous
+    run's checkpoints and final adapter first when ``discard`` is set."""
+
+    checkpoint: Path | None = None
+    discard: bool = False
+
+
+def plan_start(config: TrainConfig) -> RunStart:
+    """Decide how ``config``'s run starts in its run folder; raise ConfigError when it may not."""
+    run_dir = Path(config.run_dir)
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        if config.resume:
+            raise ConfigError(f"resume=True, but {run_dir} holds no complete checkpoint to resume from; leave "
+                              "resume unset to start fresh, or point run_dir at the run to continue")
+        return RunStart()
+    step = checkpoint_step(latest)
+    if config.resume is False:
+        if not config.overwrite:
+            raise ConfigError(f"resume=False starts over, but {run_dir} holds checkpoints (up to step {step}) "
+                              "and would delete them: add overwrite=True (`--set resume=false overwrite=true`), or "
+                              "use another run_dir")
+        return RunStart(discard=True)
+    changes = config_changes(run_dir, config)
+    if changes:
+        if config.overwrite and config.resume is None:
+            return RunStart(discard=True)
+        listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        raise ConfigError(f"{run_dir} holds checkpoints (up to step {step}) of another config ({listed}); "
+                          f"resuming would mix two runs: {WAYS_OUT}")
+    if step > config.max_steps:
+        raise ConfigError(f"{run_dir} holds a checkpoint of step {step}, past max_steps={config.max_steps}; "
+                          f"set max_steps >= {step} to resume it, or {WAYS_OUT}")
+    return RunStart(checkpoint=latest)
+
+
+def config_changes(run_dir, config: TrainConfig) -> dict:
+    """``{key: (saved value, new value)}`` for the keys outside `RESUMABLE_CHANGES` where
+    ``config`` differs from the config saved in ``run_dir`` (a key an older config.json lacks
+    counts as its default)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{run_dir} holds checkpoints but its config.json cannot be read ({err}), so whether "
+                          f"they are of this config is unknown; {WAYS_OUT}") from err
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    new = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as in the saved file
+    old = {**defaults, **saved}
+    keys = [f.name for f in fields(TrainConfig)] + sorted(set(saved) - set(new))
+    return {k: (old.get(k), new.get(k)) for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)}
+
+
+def discard_previous_run(run_dir) -> int:
+    """Delete ``run_dir``'s checkpoints and final adapter (``overwrite=True``); return how many
+    complete checkpoints there were."""
+    shutil.rmtree(Path(run_dir) / "adapter", ignore_errors=True)
+    return remove_checkpoints(run_dir)

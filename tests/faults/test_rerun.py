@@ -1,0 +1,112 @@
+"""Rerunning never destroys work: the run folder decides how a run starts, before any model loads.
+Checkpoints of the same config are resumed (keys that change nothing trained aside), another
+config is refused naming the differing keys and the ways out, and nothing is deleted without
+overwrite=True."""
+from __future__ import annotations
+
+import pytest
+from _faults import assert_same_adapter, tiny_config
+
+from opsd_kit.config import ConfigError
+from opsd_kit.rundir import RESUMABLE_CHANGES, RunStart, config_changes, plan_start
+from opsd_kit.trainer import Trainer
+
+
+def fake_run(run_dir, steps=(2,), **overrides):
+    """A run folder as a run of ``tiny_config(**overrides)`` leaves it (config and marked checkpoints)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tiny_config(run_dir, **overrides).save(run_dir / "config.json")
+    for step in steps:
+        folder = run_dir / "checkpoints" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "COMPLETE").write_text(str(step))
+    return run_dir
+
+
+def test_an_empty_run_dir_starts_fresh(tmp_path):
+    assert plan_start(tiny_config(tmp_path / "new")) == RunStart()
+
+
+def test_checkpoints_of_the_same_config_are_resumed(tmp_path):
+    run_dir = fake_run(tmp_path / "run", steps=(2, 4), max_steps=4)
+    start = plan_start(tiny_config(run_dir, max_steps=4))
+    assert start.checkpoint.name == "step-000004" and not start.discard
+    # keys that do not change what is trained may change, max_steps included (extending a finished run)
+    same = dict(max_steps=10, save_every=5, keep_checkpoints=4, progress=True, max_generated_tokens=100,
+                micro_batch_size=1, gradient_checkpointing=True)
+    assert set(same) <= set(RESUMABLE_CHANGES)
+    assert plan_start(tiny_config(run_dir, **same)).checkpoint.name == "step-000004"
+
+
+def test_another_config_is_refused_before_any_model_loads(tmp_path, no_model_loads):
+    run_dir = fake_run(tmp_path / "run")
+    with pytest.raises(ConfigError) as info:
+        Trainer(tiny_config(run_dir, learning_rate=0.01, seed=3))
+    message = str(info.value)
+    for part in ("seed: 0 -> 3", "learning_rate: 0.001 -> 0.01", "--set resume=false overwrite=true",
+                 "another run_dir", "step 2"):
+        assert part in message, message
+    assert (run_dir / "checkpoints" / "step-000002").is_dir(), "nothing was deleted"
+    assert config_changes(run_dir, tiny_config(run_dir, max_steps=50)) == {}
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    ({"resume": False}, ["resume=False", "overwrite=True", "another run_dir"]),
+    ({"resume": True, "seed": 1}, ["seed: 0 -> 1"]),
+    ({"max_steps": 1}, ["step 2", "max_steps=1", "max_steps >= 2"]),
+], ids=["fresh-needs-overwrite", "resume-true-checks-config", "past-max-steps"])
+def test_refusals_name_the_way_out(tmp_path, no_model_loads, overrides, fragments):
+    run_dir = fake_run(tmp_path / "run")
+    with pytest.raises(ConfigError) as info:
+        Trainer(tiny_config(run_dir, **overrides))
+    for part in fragments:
+        assert part in str(info.value), str(info.value)
+
+
+def test_resume_true_needs_a_checkpoint(tmp_path, no_model_loads):
+    with pytest.raises(ConfigError, match="resume=True.*no complete checkpoint"):
+        Trainer(tiny_config(tmp_path / "empty", resume=True))
+    with pytest.raises(ConfigError, match="resume=True.*overwrite=True"):
+        tiny_config(tmp_path / "empty", resume=True, overwrite=True)
+
+
+def test_overwrite_is_what_allows_starting_over(tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    assert plan_start(tiny_config(run_dir, resume=False, overwrite=True)) == RunStart(discard=True)
+    assert plan_start(tiny_config(run_dir, seed=5, overwrite=True)) == RunStart(discard=True)
+    assert plan_start(tiny_config(run_dir, overwrite=True)).checkpoint is not None  # same config: resumed
+
+
+def test_checkpoints_without_a_readable_config_are_refused(tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    (run_dir / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json cannot be read"):
+        plan_start(tiny_config(run_dir))
+
+
+def test_missing_tracker_package_fails_before_any_model_loads(tmp_path, no_model_loads):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(ConfigError, match=r"needs the 'tensorboard' package.*pip install tensorboard"):
+        Trainer(tiny_config(tmp_path / "run", trackers=("tensorboard",)))
+
+
+def test_a_finished_run_rerun_does_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    trained = Trainer(tiny_config(run_dir, "sft", max_steps=2))
+    first = trained.train()
+    weights = (run_dir / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    again = Trainer(tiny_config(run_dir, "sft", max_steps=2))
+    result = again.train()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{run_dir} is already finished (step 2 of 2): nothing to do; raise max_steps to train further."]
+    assert result.steps == 2 and not result.interrupted and result.ledger == first.ledger
+    assert (run_dir / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == weights
+    assert_same_adapter(trained.policy.lora_state_dict(), again.policy.lora_state_dict(), atol=0)  # restored
+    extended = Trainer(tiny_config(run_dir, "sft", max_steps=3)).train()  # a longer run resumes it
+    assert extended.steps == 3
+    assert capsys.readouterr().out.splitlines()[0] == f"resuming from step 2 of 3 in {run_dir}"
+
