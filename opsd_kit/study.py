@@ -74,8 +74,8 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
         if want < 1:
             raise ValueError(f"per_method[{method!r}] must be >= 1, got {want}")
         picked = {len(available) - 1}  # the final adapter always
-        for i in range(1, want):  # evenly spaced earlier ones
-            picked.add(round(i * len(available) / want) - 1)
+        for i in range(1, want):  # evenly spaced earlier ones (fewer when fewer exist)
+            picked.add(max(0, round(i * len(available) / want) - 1))
         metrics = read_metrics(Path(run_dir) / "metrics.jsonl").set_index("step")
         for index in sorted(picked):
             step, adapter = available[index]

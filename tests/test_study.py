@@ -110,3 +110,15 @@ def test_eval_profiles_validate():
         load_eval_profile("cpu-demo", max_new_token=4)
     with pytest.raises(ConfigError, match="mode"):
         load_eval_profile("cpu-demo", mode="loose")
+
+
+def test_study_points_never_repeat_a_checkpoint(tmp_path):
+    """More points asked than checkpoints exist: each checkpoint once, the final one included."""
+    from opsd_kit.study import study_points
+
+    run = tmp_path / "grpo"
+    (run / "adapter").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens/generated_total": 10, "tokens/train_total": 10,
+                                                   "time/elapsed": 1.0}) + "\n")
+    points = study_points({"grpo": str(run)}, {"grpo": 3})
+    assert [(p.method, p.step) for p in points] == [("base", 0), ("grpo", 1)]
