@@ -3,6 +3,7 @@ unless the caller asks."""
 from __future__ import annotations
 
 import html
+import textwrap
 
 
 def prompt_lengths(student_lengths, teacher_lengths, *, title: str = "", unit: str = "tokens"):
@@ -64,11 +65,9 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
         for ax, x in ((ax_tokens, "generated_tokens"), (ax_time, "train_seconds")):
             if x == "generated_tokens" and not rows[x].gt(0).any():
                 continue
-            xs = [0, *rows[x]]
-            ys = [base[column], *rows[column]]
-            err = [[base[column] - base[low], *(rows[column] - rows[low])],
-                   [base[high] - base[column], *(rows[high] - rows[column])]]
-            ax.errorbar(xs, ys, yerr=err, **style)
+            ax.plot([0, *rows[x]], [base[column], *rows[column]], color=style["color"], lw=1)  # from the base
+            err = [rows[column] - rows[low], rows[high] - rows[column]]
+            ax.errorbar(rows[x], rows[column], yerr=err, ls="none", **style)
     for ax in (ax_tokens, ax_time):
         ax.axhspan(base[low], base[high], color="grey", alpha=0.2, label="base (95% interval)")
         ax.axhline(base[column], color="grey", lw=1)
@@ -90,7 +89,7 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
                      f"to reach {ratio['target_accuracy']:.3f}")
         else:
             title = f"tokens-to-equal-accuracy undefined: {ratio.get('reason', '')}"
-    ax_tokens.set_title(title, fontsize=9)
+    ax_tokens.set_title(textwrap.fill(title, 70), fontsize=9)
     ax_time.set_title("all methods (SFT generates no rollout tokens)", fontsize=9)
     ax_tokens.legend(fontsize=8)
     ax_time.legend(fontsize=8)
