@@ -13,6 +13,7 @@ The vLLM backend (GPU, bf16 + LoRA) is imported lazily; vLLM with a 4-bit model 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -205,14 +206,21 @@ class FastEngine:
     def generate(self, prompt_ids: list[list[int]], settings: GenerationSettings, *, seed: int | None = None,
                  progress: bool = False, logprobs: bool = False) -> Rollouts:
         """`generate` with the adapter merged; the same arguments and result."""
+        with self.merged():
+            return generate(self.model, self.tokenizer, prompt_ids, settings, seed=seed, progress=progress,
+                            logprobs=logprobs)
+
+    @contextmanager
+    def merged(self):
+        """Inside, the adapter is merged into the base weights; on exit (also on an exception)
+        it is unmerged and the base weights are restored bit for bit."""
         import torch
 
         with torch.no_grad():
             saved = [w.detach().clone() for w in self._base_weights]
         self.model.merge_adapter()
         try:
-            return generate(self.model, self.tokenizer, prompt_ids, settings, seed=seed, progress=progress,
-                            logprobs=logprobs)
+            yield self.model
         finally:
             self.model.unmerge_adapter()
             with torch.no_grad():
