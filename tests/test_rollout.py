@@ -133,3 +133,16 @@ def test_fast_with_4bit_is_refused():
 
     with pytest.raises(ConfigError, match="rollout_backend='fast'.*quantization='4bit'"):
         load_profile("tiny", rollout_backend="fast", quantization="4bit")
+
+
+def test_trainer_uses_the_fast_engine(tmp_path):
+    from opsd_kit.config import load_profile
+    from opsd_kit.rollout import FastEngine
+    from opsd_kit.trainer import Trainer
+
+    trainer = Trainer(load_profile("tiny", run_dir=str(tmp_path), progress=False, max_steps=2, rollout_backend="fast"))
+    base = {n: p.detach().clone() for n, p in trainer.policy.causal_lm.named_parameters() if "lora_" not in n}
+    trainer.train()
+    assert isinstance(trainer.algorithm._fast_engine, FastEngine)
+    after = dict(trainer.policy.causal_lm.named_parameters())
+    assert all(torch.equal(base[n], after[n]) for n in base)
