@@ -111,7 +111,7 @@ def run_worker(script: Path, args: list[str], env_extra: dict | None = None, tim
 def machine() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     try:

@@ -11,8 +11,12 @@
 #   bench/step.py  4-bit  (QLoRA NF4, bf16 compute)
 #   bench/loss.py  bf16 and float32 at T=1024, V=151936, H=2048 (the output head is never
 #                  quantised, bitsandbytes skips lm_head, so the 4-bit loss is the bf16 one)
+#   bench/rollout.py  bf16: rollout_backend="fast" (LoRA merged) vs plain generate, greedy
+#                  match rate, sampled log-prob agreement, fraction of the bandwidth bound
+#   bench/memory.py   memory mode: one OPSD step at V=151936, 1024 completion tokens, gradient
+#                  checkpointing, chunked divergence vs TRL's full-logit loss (float32)
 # and writes everything under $OUT (default: bench/out-gpu): gpu_check.log (all output),
-# step_bf16.json, step_4bit.json, loss_bf16.txt, loss_fp32.txt, summary.txt.
+# step_bf16.json, step_4bit.json, loss_bf16.txt, loss_fp32.txt, rollout.json, memory.json, summary.txt.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from the repository root
 #   bash bench/gpu_check.sh --cpu-smoke  # the same flow on CPU with a small Qwen3-shaped model
@@ -33,9 +37,13 @@ START=$(date +%s)
 if [ "${1:-}" = "--cpu-smoke" ]; then
   DEVICE=cpu; MODEL=qwen3-small-random; TOK=4; PROBLEMS=2; MICRO=1; REPEATS=1
   T_STEP=900; T_LOSS=300; LOSS_ARGS="--T 64 --V 151936 --H 256 --repeats 1"
+  ROLLOUT_ARGS="--dtype float32 --prompts 2 --new-tokens 4 --repeats 1"; T_ROLLOUT=300
+  MEMORY_ARGS="--completion 64"; T_MEMORY=300
 else
   DEVICE=cuda; MODEL=qwen3-1.7b-random; TOK=128; PROBLEMS=8; MICRO=4; REPEATS=2
   T_STEP=150; T_LOSS=45; LOSS_ARGS="--T 1024 --V 151936 --H 2048 --repeats 3"
+  ROLLOUT_ARGS="--dtype bfloat16 --prompts 32 --new-tokens 128 --repeats 3"; T_ROLLOUT=120
+  MEMORY_ARGS="--hidden 2048 --layers 4 --completion 1024"; T_MEMORY=60
 fi
 
 say() { echo "$*" | tee -a "$LOG" >>"$SUMMARY"; }
@@ -106,5 +114,20 @@ for dt in bfloat16 float32; do
   tail -6 "$OUT/loss_$short.txt" | sed "s/^/[loss $short] /" >>"$SUMMARY"
   say "[loss $short] rc=$rc at $(elapsed) s"
 done
+echo "== rollout: $PY bench/rollout.py --model $MODEL --device $DEVICE $ROLLOUT_ARGS" >>"$LOG"
+timeout "$T_ROLLOUT" "$PY" bench/rollout.py --model "$MODEL" --device "$DEVICE" $ROLLOUT_ARGS \
+  --json "$OUT/rollout.json" >"$OUT/rollout.txt" 2>&1
+rc=$?
+cat "$OUT/rollout.txt" >>"$LOG"
+grep -E "^(greedy|max |fast |plain|bandwidth)" "$OUT/rollout.txt" | sed "s/^/[rollout] /" >>"$SUMMARY"
+say "[rollout] rc=$rc at $(elapsed) s"
+
+echo "== memory: $PY bench/memory.py --device $DEVICE $MEMORY_ARGS" >>"$LOG"
+timeout "$T_MEMORY" "$PY" bench/memory.py --device "$DEVICE" $MEMORY_ARGS --json "$OUT/memory.json" \
+  >"$OUT/memory.txt" 2>&1
+rc=$?
+cat "$OUT/memory.txt" >>"$LOG"
+tail -3 "$OUT/memory.txt" | sed "s/^/[memory] /" >>"$SUMMARY"
+say "[memory] rc=$rc at $(elapsed) s"
 say "== done in $(elapsed) s"
 cat "$SUMMARY"

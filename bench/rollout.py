@@ -1,16 +1,26 @@
-"""Generated tokens per second: opsd_kit's rollout engine vs plain ``model.generate``.
+"""Rollout tokens/s: opsd_kit's "fast" engine (LoRA merged while sampling) vs plain ``model.generate``.
 
-Both sample from the same policy (the model with its LoRA adapter, as during training), on the
-same chat-templated prompts (the cpu-demo task), with the same settings (temperature, top-p,
-top-k, batch) and a fixed completion length (``min_new_tokens = max_new_tokens``, pad token
-suppressed), so both produce exactly ``prompts x new_tokens`` tokens per call. The baseline is
-one plain ``model.generate`` call on the left-padded batch, the way TRL's SDFT/GRPO trainers
-call it; opsd_kit's engine is ``opsd_kit.rollout.generate`` (left padding, seeding, trimming
-after EOS, decoding the texts). Calls alternate between the two; median of ``--repeats`` after
+Both sample from the same PEFT policy (SmolLM2 with a LoRA adapter whose ``lora_B`` is set to
+seeded random values of std ``--lora-b-std``, so the adapter is not the zero update peft
+initialises and merging it really changes the weights), on the same chat-templated cpu-demo
+prompts, with the same settings and a fixed completion length (``min_new_tokens =
+max_new_tokens``, pad suppressed), so both produce ``prompts x new_tokens`` tokens per call. The
+baseline is one plain ``model.generate`` call on the left-padded batch with the adapter unmerged
+(what TRL's trainers and ``rollout_backend="hf"`` do); "fast" is the same call inside
+``opsd_kit.rollout.FastEngine.merged()`` (snapshot, merge, generate, unmerge, restore: the work
+``rollout_backend="fast"`` adds). Calls alternate fast/plain; medians of ``--repeats`` after
 ``--warmup``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/rollout.py
-    python bench/rollout.py --model qwen3-1.7b-random --device cuda --dtype bfloat16 --prompts 32 --new-tokens 256
+Also measured in the same run: the greedy match rate of ``FastEngine.generate`` vs
+``opsd_kit.rollout.generate`` (``rollout_backend="hf"``) on the same prompts (and, where rows
+part, the unmerged model's logit gap between the two tokens chosen), the largest difference
+between the log-probabilities "fast" reports for its sampled tokens and those the unmerged
+student assigns to them (one forward pass per row), the machine's memory bandwidth (a large
+``torch`` copy) and the fraction of the weight-bandwidth bound reached (weight bytes read per
+decode step / measured seconds per decode step, over that bandwidth; the per-step time is the
+call time over ``--new-tokens``, so it includes the prefill and sampling).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rollout.py --json bench/results/rollout.json
 """
 from __future__ import annotations
 
@@ -29,13 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantization", default=None, type=lambda s: None if s in ("", "none") else s)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-b-std", type=float, default=0.01, help="std of the random lora_B weights")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json")
@@ -47,77 +55,151 @@ def parse_args(argv=None):
     return args
 
 
+def memory_bandwidth(device, gib: float = 1.0, repeats: int = 5) -> dict:
+    """Bytes moved per second by ``dst.copy_(src)`` of a ``gib``-GiB float32 tensor (read + write)."""
+    import torch
+
+    n = int(gib * 2**30) // 4
+    src, dst = torch.ones(n, device=device), torch.empty(n, device=device)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"bytes_per_s": 2 * n * 4 / _common.median(times), "times": times, "gib": gib}
+
+
+def weight_bytes_per_decode_step(policy) -> int:
+    """Bytes of weights one decode step reads: every decoder weight (adapter included) and the
+    output head; the input embedding only gives one row per token."""
+    decoder = policy.causal_lm.get_decoder()
+    embed = policy.causal_lm.get_input_embeddings().weight
+    own = sum(p.numel() * p.element_size() for p in decoder.parameters() if p is not embed)
+    head = policy.head.weight
+    return own + head.numel() * head.element_size()
+
+
 def main(argv=None):
     import torch
 
     from opsd_kit.policy import LoraSettings, Policy
     from opsd_kit.prompts import PromptBuilder
-    from opsd_kit.rollout import GenerationSettings, _eos_ids, generate, left_pad
+    from opsd_kit.rollout import FastEngine, GenerationSettings, _eos_ids, generate, left_pad
 
     args = parse_args(argv)
+    machine = _common.machine()
     print("settings:", json.dumps(vars(args)))
-    print("machine:", json.dumps(_common.machine()))
-    path = _common.materialise_model(args.model, args.dtype)
-    policy = Policy.from_pretrained(path, dtype=args.dtype, quantization=args.quantization,
-                                    lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r), device=args.device)
-    tok, model = policy.tokenizer, policy.model
-    builder = PromptBuilder(tok)
-    prompts = [builder.student_ids(p) for p in _common.bench_problems(args.prompts)]
-    fixed = {"min_new_tokens": args.new_tokens, "suppress_tokens": [tok.pad_token_id]}
-    settings = GenerationSettings(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                  top_k=args.top_k, batch_size=max(1, args.prompts))
-    eos = _eos_ids(model, tok)
+    print("machine:", json.dumps(machine))
     device = torch.device(args.device)
+    path = _common.materialise_model(args.model, args.dtype)
+    policy = Policy.from_pretrained(path, dtype=args.dtype, lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
+                                    device=args.device)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * args.lora_b_std)
+    tok, model = policy.tokenizer, policy.model
+    prompts = [PromptBuilder(tok).student_ids(p) for p in _common.bench_problems(args.prompts)]
+    engine = FastEngine(model, tok)
+    eos = _eos_ids(model, tok)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def settings(temperature):
+        return GenerationSettings(max_new_tokens=args.new_tokens, temperature=temperature, batch_size=len(prompts))
 
-    def ours():
-        gen = policy.causal_lm.generation_config
-        saved = (gen.min_new_tokens, gen.suppress_tokens)
-        gen.min_new_tokens, gen.suppress_tokens = fixed["min_new_tokens"], fixed["suppress_tokens"]
-        try:
-            out = generate(model, tok, prompts, settings, seed=0)
-        finally:
-            gen.min_new_tokens, gen.suppress_tokens = saved
-        return out.num_generated_tokens
+    # greedy: "fast" vs "hf", the engines as the trainer calls them
+    greedy_fast = engine.generate(prompts, settings(0.0)).completion_ids
+    greedy_hf = generate(model, tok, prompts, settings(0.0)).completion_ids
+    rows_equal = sum(a == b for a, b in zip(greedy_fast, greedy_hf))
+    prefix = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(greedy_fast, greedy_hf)]
+    tie_gaps = []  # where rows part: the unmerged model's logit gap between the two tokens chosen
+    model.eval()
+    with torch.no_grad():
+        for pi, (a, b, k) in enumerate(zip(greedy_fast, greedy_hf, prefix)):
+            if k < min(len(a), len(b)):
+                logits_V = model(input_ids=torch.tensor([prompts[pi] + b[:k]], device=device)).logits[0, -1].float()
+                tie_gaps.append(float(logits_V[b[k]] - logits_V[a[k]]))
+    print(f"greedy: {rows_equal}/{len(prompts)} rows identical; identical prefix lengths {prefix}; "
+          f"unmerged logit gap (hf's token - fast's token) where rows part: {[f'{g:.1e}' for g in tie_gaps]}",
+          flush=True)
 
+    # sampled: the unmerged student's log-probs of the engine's tokens vs the engine's own
+    out = engine.generate(prompts, settings(args.temperature), seed=1, logprobs=True)
+    logprob_diffs = []
+    with torch.no_grad():
+        for pi, completion, sampled in zip(out.prompt_index, out.completion_ids, out.logprobs):
+            ids_T = torch.tensor([prompts[pi] + completion], device=device)
+            logits_CV = model(input_ids=ids_T).logits[0, len(prompts[pi]) - 1:-1].float() / args.temperature
+            student_C = torch.log_softmax(logits_CV, -1).gather(-1, ids_T[0, len(prompts[pi]):, None]).squeeze(-1)
+            logprob_diffs.append(float((student_C.cpu() - torch.tensor(sampled)).abs().max()))
+    model.train()
+    print(f"max |log p_unmerged - log p_fast| per row: {[f'{d:.1e}' for d in logprob_diffs]}", flush=True)
+
+    # speed: the same fixed-length generate call, unmerged (plain) and inside FastEngine.merged() (fast)
     def plain():
         ids, mask = left_pad(prompts, tok.pad_token_id)
         torch.manual_seed(0)
         model.eval()
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None,
-                                 max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
-                                 **fixed)
+            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                 temperature=args.temperature, top_p=1.0, top_k=None, max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, suppress_tokens=[tok.pad_token_id],
+                                 pad_token_id=tok.pad_token_id, eos_token_id=eos)[:, ids.shape[1]:]
         model.train()
-        return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+        return new.numel()
 
-    times = {"ours": [], "plain": []}
-    tokens = {}
+    def fast():
+        with engine.merged():
+            return plain()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times, tokens = {"fast": [], "plain": []}, {}
     for i in range(args.warmup + args.repeats):
-        for name, fn in (("ours", ours), ("plain", plain)):
+        for name, fn in (("fast", fast), ("plain", plain)):
             sync()
             t0 = time.perf_counter()
             tokens[name] = fn()
             sync()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
+                print(f"  {name} {times[name][-1]:.2f} s", flush=True)
+    bandwidth = memory_bandwidth(device)
+    weight_bytes = weight_bytes_per_decode_step(policy)
     res = {}
     for name, ts in times.items():
         t = _common.median(ts)
-        res[name] = {"median_s": t, "tokens": tokens[name], "tok_per_s": tokens[name] / t, "times": ts}
+        step_s = t / args.new_tokens
+        res[name] = {"median_s": t, "tokens": tokens[name], "tok_per_s": tokens[name] / t, "times": ts,
+                     "s_per_decode_step": step_s,
+                     "fraction_of_bandwidth_bound": weight_bytes / step_s / bandwidth["bytes_per_s"]}
         print(f"{name:5s}: {tokens[name]} tokens, median {t:.2f} s ({', '.join(f'{x:.2f}' for x in ts)}), "
-              f"{tokens[name] / t:.1f} tok/s")
-    ratio = res["ours"]["tok_per_s"] / res["plain"]["tok_per_s"]
-    print(f"ratio opsd_kit/plain generate: {ratio:.2f}x")
+              f"{tokens[name] / t:.1f} tok/s, {1e3 * step_s:.1f} ms/step, "
+              f"{100 * res[name]['fraction_of_bandwidth_bound']:.0f}% of the weight-bandwidth bound")
+    speedup = res["fast"]["tok_per_s"] / res["plain"]["tok_per_s"]
+    per_call_ratio = [p / f for f, p in zip(times["fast"], times["plain"])]
+    bound_s = weight_bytes / bandwidth["bytes_per_s"]
+    print(f"bandwidth {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s; weights per decode step {weight_bytes / 1e6:.0f} MB "
+          f"-> bound {1e3 * bound_s:.1f} ms/step; speedup fast/plain {speedup:.2f}x "
+          f"(per adjacent pair: {', '.join(f'{r:.2f}' for r in per_call_ratio)})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "machine": _common.machine(),
-                                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **res,
-                                               "ratio": ratio}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "command": " ".join(["bench/rollout.py", *(argv if argv is not None else sys.argv[1:])]),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "machine": machine,
+            "settings": vars(args), "speedup": speedup, "speedup_per_pair": per_call_ratio,
+            "greedy_match_rate": rows_equal / len(prompts), "greedy_identical_prefix": prefix,
+            "greedy_logit_gap_where_rows_part": tie_gaps, "max_logprob_diff": max(logprob_diffs),
+            "logprob_diff_per_row": logprob_diffs, "bandwidth": bandwidth, "weight_bytes_per_decode_step": weight_bytes,
+            "bound_s_per_decode_step": bound_s, **res}, indent=2))
     return 0
 
 

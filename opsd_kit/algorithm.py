@@ -93,11 +93,20 @@ class Algorithm:
             if cfg.rollout_backend == "vllm":
                 out = self._vllm().generate(self.policy, prompts, settings, seed=seed,
                                             adapter_dir=str(tr.run_dir / "vllm_adapter"))
+            elif cfg.rollout_backend == "fast":
+                out = self._fast().generate(prompts, settings, seed=seed)
             else:
                 out = generate(self.policy.model, self.tokenizer, prompts, settings, seed=seed)
         tr.ledger.generated_tokens += int(tr.reduce_sum(out.num_generated_tokens))
         tr.ledger.rollouts += int(tr.reduce_sum(len(out)))
         return out
+
+    def _fast(self):
+        if getattr(self, "_fast_engine", None) is None:
+            from .rollout import FastEngine
+
+            self._fast_engine = FastEngine(self.policy.model, self.tokenizer)
+        return self._fast_engine
 
     def _vllm(self):
         if getattr(self, "_vllm_engine", None) is None:

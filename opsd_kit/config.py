@@ -79,7 +79,8 @@ class TrainConfig:
     backend: str = "hf"
     """Model backend: 'hf' (transformers + peft) or 'unsloth' (GPU only, installed separately)."""
     rollout_backend: str = "hf"
-    """Rollout engine: 'hf' (generate with KV cache) or 'vllm' (GPU, not with 4-bit)."""
+    """Rollout engine: 'hf' (generate with KV cache), 'fast' (generate with the LoRA adapter merged
+    while sampling; not with 4-bit) or 'vllm' (GPU, not with 4-bit)."""
 
     # -- data and prompts -------------------------------------------------------------------
     train_data: str = "reasoning_gym:chain_sum"
@@ -218,7 +219,7 @@ class TrainConfig:
             "algorithm": ALGORITHMS, "divergence": DIVERGENCES, "teacher": TEACHERS,
             "lr_schedule": SCHEDULES, "dtype": ("float32", "bfloat16", "float16"),
             "quantization": (None, "4bit"), "backend": ("hf", "unsloth"),
-            "rollout_backend": ("hf", "vllm"), "loss_support": ("full", "truncated"),
+            "rollout_backend": ("hf", "fast", "vllm"), "loss_support": ("full", "truncated"),
             "grading_mode": ("strict", "lenient"), "profile": (None, *_PROFILES),
             "teacher_hint": TEACHER_HINTS,
         }
@@ -271,6 +272,12 @@ class TrainConfig:
             raise ConfigError("rollout_backend='vllm' cannot be combined with quantization='4bit' (vLLM cannot "
                               "serve bitsandbytes QLoRA; TRL #3654, unsloth #1930): use rollout_backend='hf' "
                               "or quantization=None")
+        if self.rollout_backend == "fast" and self.quantization is not None:
+            raise ConfigError("rollout_backend='fast' cannot be combined with quantization='4bit': merging LoRA into "
+                              "4-bit base weights is not exact; use rollout_backend='hf' or quantization=None")
+        if self.rollout_backend == "fast" and not self.use_lora:
+            raise ConfigError("rollout_backend='fast' merges the LoRA adapter while sampling and needs "
+                              "use_lora=True; use rollout_backend='hf'")
         if self.loss_support == "truncated" and self.divergence in ("topk", "sampled_token"):
             raise ConfigError(f"loss_support='truncated' applies to full-vocabulary divergences; divergence="
                               f"{self.divergence!r} has its own support: use loss_support='full'")

@@ -4,11 +4,16 @@
 returns the completion *ids*, exactly as sampled: the trainer feeds these same ids to both the
 student and the teacher, never a re-tokenisation of decoded text (docs/algorithm.md, Pitfalls, 1 and 2).
 
+`FastEngine` (``rollout_backend="fast"``) samples with the LoRA adapter merged into the base
+weights for the duration of the rollout (one matmul per layer instead of three), then restores
+the base weights bit for bit. A 4-bit base cannot be merged exactly, so "fast" is refused there.
+
 The vLLM backend (GPU, bf16 + LoRA) is imported lazily; vLLM with a 4-bit model is refused
 (docs/algorithm.md, Pitfalls, 7; TRL #3654: vLLM cannot serve bitsandbytes QLoRA adapters).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -55,6 +60,9 @@ class Rollouts:
     finished: list[bool]
     """True when the row ended with EOS, False when cut at ``max_new_tokens``."""
     seconds: float = 0.0
+    logprobs: list[list[float]] | None = None
+    """With ``logprobs=True``: per completion token, its log-probability under the distribution it
+    was sampled from (after temperature, top-k, top-p); aligned with ``completion_ids``."""
 
     @property
     def num_generated_tokens(self) -> int:
@@ -79,11 +87,12 @@ def left_pad(rows: list[list[int]], pad_id: int):
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, *,
-             seed: int | None = None, progress: bool = False) -> Rollouts:
+             seed: int | None = None, progress: bool = False, logprobs: bool = False) -> Rollouts:
     """Sample ``settings.n`` completions per prompt with HF ``generate``.
 
     Seeded: the same seed, model and prompts give the same completions on the same device.
-    The model is put in eval mode for sampling and restored afterwards.
+    The model is put in eval mode for sampling and restored afterwards. ``logprobs=True`` also
+    returns each sampled token's log-probability (see `Rollouts.logprobs`).
     """
     import time
 
@@ -95,7 +104,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     rows = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(settings.n)]
-    out = Rollouts([], [], [], [])
+    out = Rollouts([], [], [], [], logprobs=[] if logprobs else None)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -107,6 +116,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
     else:  # greedy: unset sampling knobs that a model's generation_config may carry
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    if logprobs:
+        kwargs.update(output_scores=True, return_dict_in_generate=True)
     try:
         starts = range(0, len(rows), settings.batch_size)
         for call, s in enumerate(tqdm(starts, desc="generate", disable=not progress, leave=False)):
@@ -116,11 +127,14 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
                 torch.manual_seed(seed * 100_003 + call)
             with torch.no_grad():
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            for (pi, _), row in zip(chunk, gen[:, ids.shape[1]:].tolist()):
+            new_ids_BN = (gen.sequences if logprobs else gen)[:, ids.shape[1]:]
+            for r, ((pi, _), row) in enumerate(zip(chunk, new_ids_BN.tolist())):
                 completion, done = _trim(row, eos_ids)
                 out.prompt_index.append(pi)
                 out.completion_ids.append(completion)
                 out.finished.append(done)
+                if logprobs:
+                    out.logprobs.append(_sampled_logprobs(gen.scores, new_ids_BN, r, len(completion)))
     finally:
         model.train(was_training)
     out.texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
@@ -134,6 +148,15 @@ _NEUTRAL = dict(repetition_penalty=1.0, min_p=None, typical_p=1.0, epsilon_cutof
                 no_repeat_ngram_size=0, min_new_tokens=None, min_length=0, bad_words_ids=None,
                 suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
                 forced_eos_token_id=None)
+
+
+def _sampled_logprobs(scores_N_BV, new_ids_BN, row: int, length: int) -> list[float]:
+    """Log-probabilities of row ``row``'s first ``length`` generated tokens under the processed
+    scores ``generate`` sampled from (one [B, V] tensor per decode step)."""
+    import torch
+
+    scores_LV = torch.stack([s[row] for s in scores_N_BV[:length]]).float()
+    return torch.log_softmax(scores_LV, -1).gather(-1, new_ids_BN[row, :length, None]).squeeze(-1).tolist()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -155,6 +178,54 @@ def _trim(row: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
         if t in eos_ids:
             return row[: j + 1], True
     return row, False
+
+
+class FastEngine:
+    """Rollouts from a LoRA policy with the adapter merged into the base weights while sampling.
+
+    Each call snapshots the base weights of the adapted layers, calls peft's ``merge_adapter()``,
+    samples with `generate`, and in a ``finally`` calls ``unmerge_adapter()`` and copies the
+    snapshot back, so the base weights (the frozen teacher) are bit-identical afterwards, also
+    when sampling raises. (``unmerge_adapter`` alone subtracts the delta again, which is exact
+    only up to float rounding, and that error would accumulate over training steps.) The
+    adapted layers are found once, at construction. Extra memory while sampling: one copy of
+    the adapted base weights.
+    """
+
+    def __init__(self, model, tokenizer):
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        if not isinstance(model, PeftModel):
+            raise ValueError("rollout_backend='fast' merges a LoRA adapter; this model has none (use 'hf')")
+        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+            check_backend("fast", "4bit")
+        self.model, self.tokenizer = model, tokenizer
+        self._base_weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
+
+    def generate(self, prompt_ids: list[list[int]], settings: GenerationSettings, *, seed: int | None = None,
+                 progress: bool = False, logprobs: bool = False) -> Rollouts:
+        """`generate` with the adapter merged; the same arguments and result."""
+        with self.merged():
+            return generate(self.model, self.tokenizer, prompt_ids, settings, seed=seed, progress=progress,
+                            logprobs=logprobs)
+
+    @contextmanager
+    def merged(self):
+        """Inside, the adapter is merged into the base weights; on exit (also on an exception)
+        it is unmerged and the base weights are restored bit for bit."""
+        import torch
+
+        with torch.no_grad():
+            saved = [w.detach().clone() for w in self._base_weights]
+        self.model.merge_adapter()
+        try:
+            yield self.model
+        finally:
+            self.model.unmerge_adapter()
+            with torch.no_grad():
+                for w, original in zip(self._base_weights, saved):
+                    w.copy_(original)
 
 
 class VLLMEngine:
@@ -205,8 +276,13 @@ class VLLMEngine:
 
 def check_backend(backend: str, quantization: str | None) -> None:
     """Refuse impossible rollout backends before any model loads."""
-    if backend not in ("hf", "vllm"):
-        raise ValueError(f"rollout_backend must be 'hf' or 'vllm', got {backend!r}")
+    if backend not in ("hf", "fast", "vllm"):
+        raise ValueError(f"rollout_backend must be 'hf', 'fast' or 'vllm', got {backend!r}")
+    if backend == "fast" and quantization is not None:
+        raise ValueError(
+            "rollout_backend='fast' cannot be combined with quantization='4bit': merging LoRA into 4-bit "
+            "base weights is not exact. Use rollout_backend='hf' with 4-bit."
+        )
     if backend == "vllm" and quantization is not None:
         raise ValueError(
             "rollout_backend='vllm' cannot be combined with quantization='4bit': vLLM cannot serve "

@@ -140,12 +140,11 @@ def test_every_profile_passes_the_context_check():
 
 
 def test_duplicate_problem_ids_passed_directly_are_refused(tmp_path, no_model_loads):
-    from types import SimpleNamespace
-
     from opsd_kit.config import ConfigError, load_profile
+    from opsd_kit.data import Problem
     from opsd_kit.trainer import Trainer
 
-    twice = [SimpleNamespace(id="same", question="1+1?", solution="2", answer="2", source="x")] * 2
+    twice = [Problem(id="same", question="1+1?", solution="2", answer="2", source="x")] * 2
     with pytest.raises(ConfigError, match="'same' appears 2 times"):
         Trainer(load_profile("tiny", run_dir=str(tmp_path)), problems=twice)
 
@@ -153,7 +152,7 @@ def test_duplicate_problem_ids_passed_directly_are_refused(tmp_path, no_model_lo
 @pytest.mark.parametrize("overrides, key", [({"teacher_hint": "shuffled"}, "teacher_hint='shuffled'"),
                                             ({"divergence": "hint_contrast"}, "divergence='hint_contrast'")])
 def test_a_wrong_hint_needs_two_different_answers_before_the_model_loads(tmp_path, overrides, key, no_model_loads):
-    same = [SimpleNamespace(id=f"p{i}", question=f"{i} + 0?", solution="\\boxed{4}", answer="4", source="x")
+    same = [Problem(id=f"p{i}", question=f"{i} + 0?", solution="\\boxed{4}", answer="4", source="x")
             for i in range(3)]
     with pytest.raises(ConfigError, match="problem 'p0'") as info:
         Trainer(tiny_config(tmp_path, **overrides), problems=same)
