@@ -220,6 +220,9 @@ def load_tokenizer(name: str, revision: str | None = None):
     path = resolve_model_path(name)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, path, revision=revision)
     tokenizer.padding_side = "left"
+    # Decoded text is for grading and display; BPE tokenizers ignore this clean-up anyway (with a
+    # warning on every decode), and where it applies it changes the text the model wrote.
+    tokenizer.clean_up_tokenization_spaces = False
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -9,6 +9,7 @@ import pytest
 from _faults import tiny_config
 
 from opsd_kit.config import ALGORITHMS, ConfigError, TrainConfig, load_profile
+from opsd_kit.data import Problem
 from opsd_kit.trainer import Trainer
 
 # (overrides, fragments the message must contain: the key and the allowed values)
@@ -140,10 +141,6 @@ def test_every_profile_passes_the_context_check():
 
 
 def test_duplicate_problem_ids_passed_directly_are_refused(tmp_path, no_model_loads):
-    from opsd_kit.config import ConfigError, load_profile
-    from opsd_kit.data import Problem
-    from opsd_kit.trainer import Trainer
-
     twice = [Problem(id="same", question="1+1?", solution="2", answer="2", source="x")] * 2
     with pytest.raises(ConfigError, match="'same' appears 2 times"):
         Trainer(load_profile("tiny", run_dir=str(tmp_path)), problems=twice)
