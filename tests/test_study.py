@@ -122,3 +122,21 @@ def test_study_points_never_repeat_a_checkpoint(tmp_path):
                                                    "time/elapsed": 1.0}) + "\n")
     points = study_points({"grpo": str(run)}, {"grpo": 3})
     assert [(p.method, p.step) for p in points] == [("base", 0), ("grpo", 1)]
+
+
+def test_report_renders_what_the_summary_says(tmp_path):
+    """The README's tables come from summary.json as it is: numbers, intervals and p-values."""
+    from opsd_kit.report import render
+
+    n = 40
+    base, opsd = [1] * 4 + [0] * 36, [1] * 16 + [0] * 24
+    points = [Point("base", 0, None), Point("opsd", 24, "a", "r", 15000, 1, 60.0)]
+    config = EvalConfig(n_bootstrap=500)
+    out = summarize(points, {"base": fake_result(base), "opsd-step24": fake_result(opsd)}, config)
+    summary = dict(to_record(out, config), profile="cpu-demo", plan="demo", total_seconds=600.0,
+                   notebook_seconds={"opsd": 500.0}, date="2026-11-29")
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    text = render(tmp_path)
+    assert "| opsd | 24 | 40.0 [" in text and "| base | 0 | 10.0 [" in text
+    assert "| opsd | base | +30.0 [" in text and f"| {mcnemar_exact(opsd, base)['p']:.1e} |" in text
+    assert "10.0 min in all" in text
