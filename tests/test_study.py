@@ -128,7 +128,6 @@ def test_report_renders_what_the_summary_says(tmp_path):
     """The README's tables come from summary.json as it is: numbers, intervals and p-values."""
     from opsd_kit.report import render
 
-    n = 40
     base, opsd = [1] * 4 + [0] * 36, [1] * 16 + [0] * 24
     points = [Point("base", 0, None), Point("opsd", 24, "a", "r", 15000, 1, 60.0)]
     config = EvalConfig(n_bootstrap=500)
