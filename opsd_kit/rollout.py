@@ -204,9 +204,7 @@ class VLLMEngine:
 
 
 def check_backend(backend: str, quantization: str | None) -> None:
-    """Refuse impossible rollout backends before any model loads."""
-    if backend not in ("hf", "vllm"):
-        raise ValueError(f"rollout_backend must be 'hf' or 'vllm', got {backend!r}")
+    """Refuse vLLM with a 4-bit model (`TrainConfig.validate` refuses it too, before any model loads)."""
     if backend == "vllm" and quantization is not None:
         raise ValueError(
             "rollout_backend='vllm' cannot be combined with quantization='4bit': vLLM cannot serve "
