@@ -20,10 +20,10 @@ _LAZY = {
     # losses
     "per_token_divergence": "losses", "sampled_token_loss": "losses",
     "topk_divergence": "losses", "chunked_divergence": "losses",
-    # answers and evaluation
+    # answers, grading and evaluation
     "extract_boxed": "answers", "extract_marked": "answers",
-    "extract_answer": "evaluate", "is_correct": "evaluate", "pass_at_k": "evaluate",
-    "evaluate_model": "evaluate", "grade_many": "evaluate", "EvalResult": "evaluate",
+    "extract_answer": "evaluate", "is_correct": "grading", "pass_at_k": "evaluate",
+    "evaluate_model": "evaluate", "grade_many": "grading", "EvalResult": "evaluate",
     # rollouts
     "GenerationSettings": "rollout", "generate": "rollout",
     # training

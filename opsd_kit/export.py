@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .card import CARD, update_card, write_card
+from .config import DTYPES
 from .models import ADAPTER_BASE_FILE, kit_model_name, load_causal_lm, load_tokenizer, public_model_id
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter", help="adapter folder (a run's adapter/ or a checkpoint's)")
     parser.add_argument("out", help="new export folder")
     parser.add_argument("--merge", action="store_true", help="merge the LoRA into the base: a full model folder")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="with --merge: load the base unquantised in this dtype (needed for 4-bit runs)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the export to this hub repo")
     args = parser.parse_args(argv)

@@ -32,11 +32,7 @@ from peft import PeftModel
 
 from opsd_kit import models
 from opsd_kit.card import write_card
-
-TEACHERS = ("frozen", "live", "ema")
-BACKENDS = ("hf", "unsloth")
-QUANTIZATIONS = (None, "4bit")
-DTYPES = ("float32", "bfloat16", "float16")
+from opsd_kit.config import BACKENDS, DTYPES, QUANTIZATIONS, TEACHERS
 
 
 @dataclass(frozen=True)
@@ -112,7 +108,6 @@ class Policy:
         self.teacher_mode = teacher
         self.ema_decay = ema_decay
         self.quantized = quantized
-        self.gradient_checkpointing = gradient_checkpointing
         self._trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._ema = self._current_trainable_fp32() if teacher == "ema" else None
 

@@ -275,9 +275,7 @@ class VLLMEngine:
 
 
 def check_backend(backend: str, quantization: str | None) -> None:
-    """Refuse impossible rollout backends before any model loads."""
-    if backend not in ("hf", "fast", "vllm"):
-        raise ValueError(f"rollout_backend must be 'hf', 'fast' or 'vllm', got {backend!r}")
+    """Refuse impossible rollout backends (`TrainConfig.validate` refuses them too, before any model loads)."""
     if backend == "fast" and quantization is not None:
         raise ValueError(
             "rollout_backend='fast' cannot be combined with quantization='4bit': merging LoRA into 4-bit "

@@ -1,4 +1,4 @@
-"""Loaders, built-in sets, reasoning-gym solutions, splits and leakage checks (opsd_kit.data)."""
+"""Loaders, built-in sets, load_source specs, splits and leakage checks (opsd_kit.data)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,6 @@ from opsd_kit.data import (
     dedupe_against,
     load_builtin,
     load_problems,
-    load_reasoning_gym,
     load_source,
     normalise_question,
     save_problems,
@@ -121,43 +120,6 @@ def test_builtin_limit_is_seeded_subset():
 def test_builtin_unknown_split():
     with pytest.raises(ValueError, match="math500"):
         load_builtin("math500", "train")
-
-
-def _chain_sum_steps_are_right(problem: Problem) -> None:
-    """Each line "a op b = c" is right, the last partial sum is the answer, and so is the question's sum."""
-    *steps, last = problem.solution.splitlines()
-    for line in steps:
-        left, result = line.split(" = ")
-        a, op, b = left.split(" ")
-        assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(result)
-    assert steps[-1].endswith(f"= {problem.answer}")
-    assert last.endswith(f"\\boxed{{{problem.answer}}}")
-    terms = problem.question.split(": ", 1)[1].rstrip(" =").split(" ")
-    total = int(terms[0]) + sum(int(n) if op == "+" else -int(n) for op, n in zip(terms[1::2], terms[2::2]))
-    assert total == int(problem.answer)
-
-
-def test_reasoning_gym_chain_sum_solutions_and_determinism():
-    problems, report = load_reasoning_gym("chain_sum", size=30, seed=7)
-    assert report.n_kept == 30 and report.n_fallback_solutions == 0
-    for p in problems:
-        _chain_sum_steps_are_right(p)
-        assert p.source == "reasoning_gym/chain_sum"
-    again, _ = load_reasoning_gym("chain_sum", size=30, seed=7)
-    other, _ = load_reasoning_gym("chain_sum", size=30, seed=8)
-    assert again == problems
-    assert [p.question for p in other] != [p.question for p in problems]
-    assert not {p.id for p in other} & {p.id for p in problems}
-
-
-def test_reasoning_gym_basic_arithmetic_and_fallback():
-    problems, report = load_reasoning_gym("basic_arithmetic", size=40, seed=0)
-    worked = [p for p in problems if "\n" in p.solution]
-    assert len(worked) == 40 - report.n_fallback_solutions and len(worked) >= 30
-    assert all(p.solution.endswith(f"\\boxed{{{p.answer}}}") for p in problems)
-    legs, report = load_reasoning_gym("leg_counting", size=3, seed=0)
-    assert report.n_fallback_solutions == 3
-    assert legs[0].solution == f"The answer is \\boxed{{{legs[0].answer}}}"
 
 
 def test_load_source_specs(tmp_path):
