@@ -131,6 +131,17 @@ def machine() -> dict:
     return info
 
 
+def write_results(path, script: str, argv, machine_info: dict, args, **figures) -> None:
+    """Write a benchmark's figures as JSON: the command, the UTC date, the machine, the settings
+    and the figures (ratios first, then the raw per-repeat numbers)."""
+    import time
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join([script, *(argv if argv is not None else sys.argv[1:])])
+    Path(path).write_text(json.dumps({"command": command, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                                      "machine": machine_info, "settings": vars(args), **figures}, indent=2))
+
+
 def median(xs):
     import statistics
 

@@ -149,11 +149,8 @@ def main(argv=None):
     print(f"peak memory growth ours/TRL: {ratio:.3f}; |loss diff| {diff:.2e} "
           f"({'equal' if diff <= LOSS_TOL else 'NOT EQUAL: comparison void'})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "command": " ".join(["bench/memory.py", *(argv if argv is not None else sys.argv[1:])]),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "machine": machine,
-            "settings": vars(args), "peak_memory_ratio": ratio, "loss_abs_diff": diff, **res}, indent=2))
+        _common.write_results(args.json, "bench/memory.py", argv, machine, args, peak_memory_ratio=ratio,
+                              loss_abs_diff=diff, **res)
     return 0 if diff <= LOSS_TOL else 1
 
 

@@ -191,15 +191,12 @@ def main(argv=None):
           f"-> bound {1e3 * bound_s:.1f} ms/step; speedup fast/plain {speedup:.2f}x "
           f"(per adjacent pair: {', '.join(f'{r:.2f}' for r in per_call_ratio)})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "command": " ".join(["bench/rollout.py", *(argv if argv is not None else sys.argv[1:])]),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "machine": machine,
-            "settings": vars(args), "speedup": speedup, "speedup_per_pair": per_call_ratio,
-            "greedy_match_rate": rows_equal / len(prompts), "greedy_identical_prefix": prefix,
-            "greedy_logit_gap_where_rows_part": tie_gaps, "max_logprob_diff": max(logprob_diffs),
-            "logprob_diff_per_row": logprob_diffs, "bandwidth": bandwidth, "weight_bytes_per_decode_step": weight_bytes,
-            "bound_s_per_decode_step": bound_s, **res}, indent=2))
+        _common.write_results(
+            args.json, "bench/rollout.py", argv, machine, args, speedup=speedup, speedup_per_pair=per_call_ratio,
+            greedy_match_rate=rows_equal / len(prompts), greedy_identical_prefix=prefix,
+            greedy_logit_gap_where_rows_part=tie_gaps, max_logprob_diff=max(logprob_diffs),
+            logprob_diff_per_row=logprob_diffs, bandwidth=bandwidth, weight_bytes_per_decode_step=weight_bytes,
+            bound_s_per_decode_step=bound_s, **res)
     return 0
 
 

@@ -374,16 +374,20 @@ def test_chunked_with_a_frozen_head_equals_unchunked(setting, chunk_size):
     assert head.weight.grad is None and teacher.grad is None
 
 
-def test_chunked_saves_no_vocabulary_sized_tensor():
-    """Only hidden-sized tensors are kept for backward: nothing with a V-sized last dim."""
-    head, student, teacher, mask = chunk_inputs()
-    saved_shapes = []
-
+def saving_shapes(saved_shapes: list):
+    """A context in which autograd records the shape of every tensor it saves for backward."""
     def pack(x):
         saved_shapes.append(tuple(x.shape))
         return x
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x)
+
+
+def test_chunked_saves_no_vocabulary_sized_tensor():
+    """Only hidden-sized tensors are kept for backward: nothing with a V-sized last dim."""
+    head, student, teacher, mask = chunk_inputs()
+    saved_shapes = []
+    with saving_shapes(saved_shapes):
         loss_sum, _ = chunked_divergence(student, teacher, head, mask, chunk_size=4)
         logprobs_BT = chunked_token_logprobs(student, head, torch.zeros(B, T, dtype=torch.long), chunk_size=4)
     assert not [s for s in saved_shapes if s and s[-1] == V]
@@ -551,12 +555,7 @@ def test_chunked_hint_contrast_equals_unchunked(setting, frozen_head, chunk_size
 def test_chunked_hint_contrast_saves_no_vocabulary_sized_tensor_and_vanishes_for_equal_teachers():
     head, student, teacher, mask = chunk_inputs()
     saved_shapes = []
-
-    def pack(x):
-        saved_shapes.append(tuple(x.shape))
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    with saving_shapes(saved_shapes):
         loss_sum, per_token_BT = chunked_divergence(student, teacher, head, mask, kind="hint_contrast",
                                                     wrong_teacher_hidden_BTH=teacher.detach().clone(), chunk_size=4)
     assert not [s for s in saved_shapes if s and s[-1] == V]
