@@ -173,8 +173,8 @@ def test_shuffled_hint_run_gives_each_teacher_another_problems_solution_for_the_
     for p in trainer.problems:
         other = by_solution[hints[p.id]]
         assert other.id != p.id and other.answer != p.answer
-        assert alg.teacher_prompt(p) == builder.teacher_ids(p, other.solution) != builder.teacher_ids(p)
-        assert "Answer with one number." in trainer.policy.tokenizer.decode(alg.student_prompt(p))
+        assert alg.prompts.teacher[p.id] == builder.teacher_ids(p, other.solution) != builder.teacher_ids(p)
+        assert "Answer with one number." in trainer.policy.tokenizer.decode(alg.prompts.student[p.id])
     for step in (0, 1):  # the batches of every step hold the same wrong hint per problem
         micro, _ = alg.prepare(step)
         rows = [r for mb in micro for r in teacher_prompt_rows(mb.teacher)]
