@@ -19,7 +19,7 @@ each step is ``Trainer._optimizer_step()``, the body of ``Trainer.train()``'s lo
 checkpoint writing).
 
 Same work: both sides get the same problems every step, the same chat-templated student prompt
-ids and the same teacher prompt ids (opsd_kit's teacher template is set to TRL's
+ids and the same teacher prompt ids (opsd_kit's ``teacher_template`` is set to TRL's
 ``"{prompt}\\n\\n{privileged_context}"`` layout for the benchmark; the ids are compared), the
 same sampling settings, and a fixed completion length: ``min_new_tokens = max_new_tokens`` with
 the pad token suppressed, so every row has exactly ``--new-tokens`` completion tokens on both
@@ -113,12 +113,10 @@ def build_ours(args, model_path, run_dir):
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, learning_rate=args.lr, max_grad_norm=1.0,
         loss_chunk_size=args.chunk_size, generation_batch_size=max(32, args.problems),
         gradient_checkpointing=args.gradient_checkpointing, divergence="forward_kl", clip_tau=None,
-        teacher="frozen", lr_schedule="constant", warmup_steps=0, weight_decay=0.0)
+        teacher="frozen", lr_schedule="constant", warmup_steps=0, weight_decay=0.0,
+        teacher_template=STUDENT_TEMPLATE + "\n\n" + PRIVILEGED)  # TRL's layout
     problems = _common.bench_problems(args.problems)
     trainer = Trainer(cfg, problems=problems)
-    alg = trainer.algorithm
-    alg.builder.teacher_template = STUDENT_TEMPLATE + "\n\n" + PRIVILEGED
-    alg._teacher_ids = {p.id: alg.builder.teacher_ids(p) for p in problems}
     gen = trainer.policy.causal_lm.generation_config
     gen.min_new_tokens = args.new_tokens  # fixed completion length: EOS suppressed until the cap
     gen.suppress_tokens = [trainer.policy.tokenizer.pad_token_id]
@@ -236,6 +234,7 @@ def worker_loss(args, model_path):
     """Both losses (and LoRA gradients) on one fixed batch of rollouts."""
     import torch
 
+    from opsd_kit.opsd import OPSDBatch
     from opsd_kit.prompts import build_batch
     from opsd_kit.rollout import GenerationSettings, generate
 
@@ -244,7 +243,7 @@ def worker_loss(args, model_path):
         trl, _, builder = build_trl(args, model_path, tmp + "/trl", 1)
     alg = ours.algorithm
     tok = ours.policy.tokenizer
-    student_ids = [alg.student_prompt(p) for p in problems]
+    student_ids = [alg.prompts.student[p.id] for p in problems]
     settings = GenerationSettings(max_new_tokens=args.new_tokens, temperature=args.temperature, batch_size=64)
     rollouts = generate(ours.policy.model, tok, student_ids, settings, seed=1234)
     completions = rollouts.completion_ids
@@ -256,7 +255,7 @@ def worker_loss(args, model_path):
     trl_student = trl._tokenize_prompts(prompts)
     ids_equal = {"student": trl_student == student_ids,
                  "teacher": trl._tokenize_prompts(trl.teacher_context_builder.select_generation_prompts(
-                     prompts, privileged)) == [alg.teacher_prompt(p) for p in problems]}
+                     prompts, privileged)) == [alg.prompts.teacher[p.id] for p in problems]}
 
     # opsd_kit: the trainer's per-step normalisation, sum over micro-batches / token count.
     total = sum(len(c) for c in completions)
@@ -264,11 +263,9 @@ def worker_loss(args, model_path):
     for s in range(0, len(problems), args.micro_batch):
         rows = range(s, min(len(problems), s + args.micro_batch))
         student = build_batch([student_ids[r] for r in rows], [completions[r] for r in rows], tok.pad_token_id)
-        teacher = build_batch([alg.teacher_prompt(problems[r]) for r in rows], [completions[r] for r in rows],
+        teacher = build_batch([alg.prompts.teacher[problems[r].id] for r in rows], [completions[r] for r in rows],
                               tok.pad_token_id)
-        from opsd_kit.algorithm import MicroBatch
-
-        loss_sum, _ = alg.loss(MicroBatch(student=student, teacher=teacher, num_loss_tokens=0))
+        loss_sum, _ = alg.loss(OPSDBatch(student=student, teacher=teacher, wrong_teacher=None, num_loss_tokens=0))
         (loss_sum / total).backward()
         ours_sum += float(loss_sum.detach())
     ours_loss = ours_sum / total

@@ -3,12 +3,20 @@ evaluator, group-relative advantages, PPO-clipped importance ratio reused for
 `num_iterations` optimizer steps, token-level normalisation, optional KL to the reference
 (adapter-off) model, off by default as in the paper.
 
-Shares the policy, rollout engine, ledger, checkpoints, logging and accelerate path with OPSD
+Shares the policy, rollout sampler, ledger, checkpoints, logging and accelerate path with OPSD
 through `Algorithm` and the trainer; only the advantage and the surrogate loss live here.
 """
 from __future__ import annotations
 
-from .algorithm import Algorithm, MicroBatch
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, ClassVar
+
+from .algorithm import Algorithm
+
+if TYPE_CHECKING:
+    import torch
+
+    from .prompts import Batch
 
 
 def group_advantages(rewards_N, group_size: int, scale: bool = True, eps: float = 1e-4):
@@ -43,10 +51,49 @@ def grpo_token_loss(logp_BC, old_logp_BC, adv, mask_BC, *, clip_eps: float, ref_
     return (per_token * mask_BC).sum()  # sum only; normalised by the step's token count
 
 
+@dataclass
+class GRPOBatch:
+    """One micro-batch of GRPO (and RLSD) rollouts, reused over the batch's ``num_iterations``
+    optimizer steps; the log-probs are computed once, without grad, when it is built."""
+
+    student: Batch
+    """[student prompt ++ rollout]."""
+    adv_B: torch.Tensor
+    """Group-relative advantage of each rollout: [B]."""
+    num_loss_tokens: int
+    old_logp_BC: torch.Tensor | None = None
+    """Log-probs of the rollout tokens under the sampling policy (num_iterations > 1), else None."""
+    ref_logp_BC: torch.Tensor | None = None
+    """Log-probs under the reference (adapter-off) model (kl_coef > 0), else None."""
+    teacher: Batch | None = None
+    """RLSD: [teacher prompt ++ the same rollout]."""
+    teacher_logp_BC: torch.Tensor | None = None
+    """RLSD: log-probs of the rollout tokens under the teacher on ``teacher``."""
+
+    BATCHES: ClassVar[tuple[str, ...]] = ("student", "teacher")
+
+    def state_dict(self) -> dict:
+        """Tensors and plain containers only (checkpoints load with ``weights_only=True``)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        for role in self.BATCHES:
+            state[role] = None if state[role] is None else vars(state[role]).copy()
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> GRPOBatch:
+        from .prompts import Batch
+
+        batches = {role: None if state[role] is None else Batch(**state[role]) for role in cls.BATCHES}
+        return cls(**{**state, **batches})
+
+
 class GRPO(Algorithm):
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self._batch: tuple[int, list[MicroBatch], dict] | None = None  # (batch index, micro-batches, metrics)
+    """GRPO's step: ``num_generations`` rollouts per problem, reused for ``num_iterations`` steps.
+    Collaborators: `Algorithm`'s (``sampler`` samples the rollouts). State: the batch in flight."""
+
+    def __init__(self, config, policy, **collaborators):
+        super().__init__(config, policy, **collaborators)
+        self._batch: tuple[int, list[GRPOBatch], dict] | None = None  # (batch index, micro-batches, metrics)
 
     def prepare(self, step: int):
         batch_index = step // self.config.num_iterations
@@ -59,7 +106,7 @@ class GRPO(Algorithm):
         import torch
 
         cfg = self.config
-        problems = self.trainer.step_problems(batch_index)
+        problems = self.step_problems(batch_index)
         rollouts = self.rollouts(problems, batch_index, n=cfg.num_generations)
         correct = self.grade(rollouts, problems)
         rewards = torch.tensor(correct, dtype=torch.float32)
@@ -73,7 +120,7 @@ class GRPO(Algorithm):
                  for rows in self.chunks(len(rollouts))]
         return micro, metrics
 
-    def _micro_batch(self, problems, completions, adv_B) -> MicroBatch:
+    def _micro_batch(self, problems, completions, adv_B) -> GRPOBatch:
         """The rows' student batch and advantages, with the log-probs the loss reuses over the
         batch's iterations computed now, without grad."""
         import torch
@@ -81,36 +128,37 @@ class GRPO(Algorithm):
         from .prompts import build_batch
 
         cfg = self.config
-        student = build_batch([self.student_prompt(p) for p in problems], completions, self.tokenizer.pad_token_id)
-        self.book_prompt_tokens(student)
-        mb = MicroBatch(student=student, num_loss_tokens=int(student.completion_mask.sum()), tensors={"adv": adv_B})
+        student = build_batch([self.prompts.student[p.id] for p in problems], completions,
+                              self.tokenizer.pad_token_id)
+        self.ledger.book_prompt_tokens(student)
+        mb = GRPOBatch(student=student, adv_B=adv_B, num_loss_tokens=int(student.completion_mask.sum()))
         with torch.no_grad():
             if cfg.num_iterations > 1:
-                mb.tensors["old_logp"] = self._logp(student).detach().cpu()
+                mb.old_logp_BC = self._logp(student).detach().cpu()
             if cfg.kl_coef:
                 with self.policy.model.disable_adapter():  # reference = the base model
-                    mb.tensors["ref_logp"] = self._logp(student).detach().cpu()
+                    mb.ref_logp_BC = self._logp(student).detach().cpu()
         return mb
 
     def _logp(self, batch):
         """log p(completion token) under the current weights at the rollout temperature: [B, C]."""
         from .losses import chunked_token_logprobs
 
-        targets = batch.completion_ids.to(self.trainer.accelerator.device)
+        targets = batch.completion_ids.to(self.device)
         return chunked_token_logprobs(self.hidden(batch), self.policy.head, targets,
                                       temperature=self.config.temperature, chunk_size=self.config.loss_chunk_size)
 
-    def advantages(self, mb: MicroBatch, old_logp_BC) -> tuple:
+    def advantages(self, mb: GRPOBatch, old_logp_BC) -> tuple:
         """``(advantages, metrics)`` for the loss, given the sampling policy's log-probs
         ``old_logp_BC``: GRPO's one advantage per sequence, [B]."""
-        return mb.tensors["adv"].to(old_logp_BC.device), {}
+        return mb.adv_B.to(old_logp_BC.device), {}
 
-    def loss(self, mb: MicroBatch):
-        cfg, device = self.config, self.trainer.accelerator.device
-        with self.trainer.phase("student"):
+    def loss(self, mb: GRPOBatch):
+        cfg, device = self.config, self.device
+        with self.ledger.phase("student"):
             logp = self._logp(mb.student)
-            old = mb.tensors["old_logp"].to(device) if "old_logp" in mb.tensors else logp.detach()
-            ref = mb.tensors["ref_logp"].to(device) if "ref_logp" in mb.tensors else None
+            old = mb.old_logp_BC.to(device) if mb.old_logp_BC is not None else logp.detach()
+            ref = mb.ref_logp_BC.to(device) if mb.ref_logp_BC is not None else None
             adv, metrics = self.advantages(mb, old)
             loss_sum = grpo_token_loss(logp, old, adv, mb.student.completion_mask.to(device),
                                        clip_eps=cfg.ratio_clip_eps, ref_logp_BC=ref, kl_coef=cfg.kl_coef)
@@ -126,4 +174,4 @@ class GRPO(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         batch = state.get("batch")
         self._batch = None if batch is None else (
-            batch["index"], [MicroBatch.from_state_dict(mb) for mb in batch["micro"]], batch["metrics"])
+            batch["index"], [GRPOBatch.from_state_dict(mb) for mb in batch["micro"]], batch["metrics"])

@@ -15,22 +15,44 @@ over it (``losses.hint_contrast_divergence``).
 """
 from __future__ import annotations
 
-from .algorithm import Algorithm, MicroBatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .algorithm import Algorithm
+
+if TYPE_CHECKING:
+    from .prompts import Batch
+
+
+@dataclass
+class OPSDBatch:
+    """One micro-batch of OPSD: the same completions under three contexts."""
+
+    student: Batch
+    """[student prompt ++ completion]."""
+    teacher: Batch
+    """[teacher prompt ++ the same completion]."""
+    wrong_teacher: Batch | None
+    """[wrong-hint teacher prompt ++ the same completion] (divergence='hint_contrast'), else None."""
+    num_loss_tokens: int
 
 
 class OPSD(Algorithm):
+    """OPSD's step: one rollout per problem, the divergence of the student from the teacher on it.
+    Collaborators: `Algorithm`'s (``sampler`` samples the rollouts)."""
+
     uses_teacher_prompt = True
 
-    def __init__(self, trainer):
+    def __init__(self, config, policy, **collaborators):
         from .losses import DivergenceSpec
 
-        super().__init__(trainer)
-        self.spec = DivergenceSpec.from_config(self.config)  # the loss settings, read once
+        super().__init__(config, policy, **collaborators)
+        self.spec = DivergenceSpec.from_config(config)  # the loss settings, read once
 
-    def prepare(self, step: int):
+    def prepare(self, step: int) -> tuple[list[OPSDBatch], dict]:
         from .prompts import build_batch
 
-        problems = self.trainer.step_problems(step)
+        problems = self.step_problems(step)
         rollouts = self.rollouts(problems, step, n=1)
         metrics = self.rollout_metrics(rollouts, self.grade(rollouts, problems))
         pad = self.tokenizer.pad_token_id
@@ -38,33 +60,33 @@ class OPSD(Algorithm):
         for rows in self.chunks(len(rollouts)):
             completions = [rollouts.completion_ids[r] for r in rows]
             chosen = [problems[rollouts.prompt_index[r]] for r in rows]
-            student = build_batch([self.student_prompt(p) for p in chosen], completions, pad)
-            teacher = build_batch([self.teacher_prompt(p) for p in chosen], completions, pad)
-            wrong = (build_batch([self.wrong_teacher_prompt(p) for p in chosen], completions, pad)
+            student = build_batch([self.prompts.student[p.id] for p in chosen], completions, pad)
+            teacher = build_batch([self.prompts.teacher[p.id] for p in chosen], completions, pad)
+            wrong = (build_batch([self.prompts.wrong_teacher[p.id] for p in chosen], completions, pad)
                      if self.spec.needs_wrong_teacher else None)
-            self.book_prompt_tokens(*(b for b in (student, teacher, wrong) if b is not None))
-            micro.append(MicroBatch(student=student, teacher=teacher, wrong_teacher=wrong,
-                                    num_loss_tokens=int(student.completion_mask.sum())))
-        metrics["prompt/teacher_truncated_total"] = self.builder.stats["teacher_truncated"]
+            self.ledger.book_prompt_tokens(*(b for b in (student, teacher, wrong) if b is not None))
+            micro.append(OPSDBatch(student=student, teacher=teacher, wrong_teacher=wrong,
+                                   num_loss_tokens=int(student.completion_mask.sum())))
+        metrics["prompt/teacher_truncated_total"] = self.prompts.teacher_truncated
         return micro, metrics
 
-    def loss(self, mb: MicroBatch):
+    def loss(self, mb: OPSDBatch):
         loss_sum, per_token_BC = self.divergence(mb)
         real = per_token_BC[mb.student.completion_mask.bool().to(per_token_BC.device)]  # never padding
         metrics = {"loss/divergence_mean": float(real.mean()) if real.numel() else 0.0,
                    "loss/divergence_max": float(real.max()) if real.numel() else 0.0}
         return loss_sum, metrics
 
-    def divergence(self, mb: MicroBatch):
+    def divergence(self, mb: OPSDBatch):
         """``(loss_sum, per_token_BC)`` of a micro-batch: teacher hidden states (adapter off, no
         grad), student hidden states, then `losses.divergence` under the run's spec."""
         from .losses import divergence
 
-        device = self.trainer.accelerator.device
-        with self.trainer.phase("teacher"), self.policy.teacher():
+        device = self.device
+        with self.ledger.phase("teacher"), self.policy.teacher():
             teacher_h_BCH = self.hidden(mb.teacher)
             wrong_h_BCH = None if mb.wrong_teacher is None else self.hidden(mb.wrong_teacher)
-        with self.trainer.phase("student"):
+        with self.ledger.phase("student"):
             student_h_BCH = self.hidden(mb.student)
             return divergence(student_h_BCH, teacher_h_BCH, self.policy.head, mb.student.completion_mask.to(device),
                               self.spec, targets_BT=mb.student.completion_ids.to(device),

@@ -25,6 +25,7 @@ import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import peft
 import torch
@@ -33,6 +34,9 @@ from peft import PeftModel
 from opsd_kit import models
 from opsd_kit.card import write_card
 from opsd_kit.config import BACKENDS, DTYPES, QUANTIZATIONS, TEACHERS
+
+if TYPE_CHECKING:
+    from opsd_kit.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,21 @@ class Policy:
 
 # ----------------------------------------------------------------------------------------
 # helpers
+#: The TrainConfig fields that fix a policy's weights and adapter layout: runs that agree on
+#: them can share one loaded model and swap adapters (`opsd_kit.study`).
+MODEL_FIELDS = ("model", "dtype", "quantization", "use_lora", "lora_r", "lora_alpha", "lora_target_modules")
+
+
+def build_policy(cfg: TrainConfig, device: str | None = None) -> Policy:
+    """The policy a run trains, built from its config: the one place a config becomes a model.
+    ``device``: ``None`` picks CUDA when available."""
+    lora = (LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         target_modules=tuple(cfg.lora_target_modules)) if cfg.use_lora else None)
+    return Policy.from_pretrained(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, lora=lora,
+                                  gradient_checkpointing=cfg.gradient_checkpointing, teacher=cfg.teacher,
+                                  ema_decay=cfg.ema_decay, backend=cfg.backend, device=device, seed=cfg.seed)
+
+
 def _check_choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

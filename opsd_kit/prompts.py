@@ -166,6 +166,45 @@ def build_prompts(config, tokenizer) -> PromptBuilder:
                          max_prompt_tokens=values.get("max_prompt_tokens"))
 
 
+@dataclass
+class PromptCache:
+    """Every training problem's prompt ids, tokenised once (over-long prompts fail before training).
+
+    ``teacher`` and ``wrong_teacher`` are empty when the algorithm has no teacher prompt, or no
+    wrong-hint teacher (``divergence='hint_contrast'`` only)."""
+
+    builder: PromptBuilder
+    """The builder that rendered them (its ``stats`` count shortened teacher prompts)."""
+    student: dict[str, list[int]]
+    """Problem id -> student prompt ids."""
+    teacher: dict[str, list[int]]
+    """Problem id -> teacher prompt ids (with the reference solution, or the shuffled hint)."""
+    wrong_teacher: dict[str, list[int]]
+    """Problem id -> teacher prompt ids with another problem's solution as the hint."""
+
+    @classmethod
+    def build(cls, config, tokenizer, problems, *, teacher: bool, wrong_hints: dict[str, str] | None = None):
+        """The cache of a run's ``problems`` under ``config`` (a TrainConfig). ``teacher``: build the
+        teacher prompts; ``wrong_hints`` (`shuffled_hints`): the teacher's hint when
+        ``config.teacher_hint == 'shuffled'``, and the wrong teacher's when ``config.divergence ==
+        'hint_contrast'``."""
+        builder = build_prompts(config, tokenizer)
+        cache = cls(builder, {}, {}, {})
+        for p in problems:
+            cache.student[p.id] = builder.student_ids(p)
+            if teacher:
+                hint = wrong_hints[p.id] if config.teacher_hint == "shuffled" else None
+                cache.teacher[p.id] = builder.teacher_ids(p, hint)
+                if config.divergence == "hint_contrast":
+                    cache.wrong_teacher[p.id] = builder.teacher_ids(p, wrong_hints[p.id])
+        return cache
+
+    @property
+    def teacher_truncated(self) -> int:
+        """How many teacher prompts were shortened to fit ``max_prompt_tokens``."""
+        return self.builder.stats["teacher_truncated"]
+
+
 def _answer_key(answer) -> str:
     """The answer as compared by :func:`shuffled_hints`: its text with whitespace collapsed."""
     return " ".join(str(answer).split())

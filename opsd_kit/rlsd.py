@@ -16,8 +16,7 @@ surrogate and its normalisation are GRPO's (`opsd_kit.grpo`); only the advantage
 """
 from __future__ import annotations
 
-from .algorithm import MicroBatch
-from .grpo import GRPO
+from .grpo import GRPO, GRPOBatch
 
 
 def rlsd_lambda_at(step: int, *, lam0: float, decay_steps: int) -> float:
@@ -44,6 +43,8 @@ def rlsd_token_advantages(adv_B, teacher_logp_BC, student_logp_BC, mask_BC, *, l
 
 
 class RLSD(GRPO):
+    """GRPO with teacher-weighted token advantages. Collaborators: `Algorithm`'s."""
+
     uses_teacher_prompt = True
 
     def prepare(self, step: int):
@@ -51,24 +52,25 @@ class RLSD(GRPO):
         self._lambda = rlsd_lambda_at(step, lam0=cfg.rlsd_lambda, decay_steps=cfg.rlsd_decay_steps)
         micro, metrics = super().prepare(step)
         return micro, dict(metrics, **{"rlsd/lambda": self._lambda,
-                                       "prompt/teacher_truncated_total": self.builder.stats["teacher_truncated"]})
+                                       "prompt/teacher_truncated_total": self.prompts.teacher_truncated})
 
-    def _micro_batch(self, problems, completions, adv_B) -> MicroBatch:
+    def _micro_batch(self, problems, completions, adv_B) -> GRPOBatch:
         """GRPO's micro-batch plus the teacher batch [teacher prompt ++ the same completion] and
         the teacher's log-probs of the completion tokens, computed once per batch of rollouts."""
         from .prompts import build_batch
 
         mb = super()._micro_batch(problems, completions, adv_B)
-        mb.teacher = build_batch([self.teacher_prompt(p) for p in problems], completions, self.tokenizer.pad_token_id)
-        self.book_prompt_tokens(mb.teacher)
-        with self.trainer.phase("teacher"), self.policy.teacher():  # adapter off (frozen teacher), no grad
-            mb.tensors["teacher_logp"] = self._logp(mb.teacher).cpu()
+        mb.teacher = build_batch([self.prompts.teacher[p.id] for p in problems], completions,
+                                 self.tokenizer.pad_token_id)
+        self.ledger.book_prompt_tokens(mb.teacher)
+        with self.ledger.phase("teacher"), self.policy.teacher():  # adapter off (frozen teacher), no grad
+            mb.teacher_logp_BC = self._logp(mb.teacher).cpu()
         return mb
 
-    def advantages(self, mb: MicroBatch, old_logp_BC) -> tuple:
+    def advantages(self, mb: GRPOBatch, old_logp_BC) -> tuple:
         """RLSD's token advantages at this step's lambda, [B, C], and the mean token weight."""
         device = old_logp_BC.device
         mask_BC = mb.student.completion_mask.to(device)
-        adv_BC, weight_BC = rlsd_token_advantages(mb.tensors["adv"].to(device), mb.tensors["teacher_logp"].to(device),
+        adv_BC, weight_BC = rlsd_token_advantages(mb.adv_B.to(device), mb.teacher_logp_BC.to(device),
                                                   old_logp_BC, mask_BC, lam=self._lambda, eps=self.config.rlsd_eps)
         return adv_BC, {"rlsd/weight_mean": float(weight_BC.sum() / mask_BC.sum().clamp(min=1))}

@@ -287,3 +287,46 @@ def check_backend(backend: str, quantization: str | None) -> None:
             "bitsandbytes QLoRA adapters (TRL #3654, unsloth #1930). Use rollout_backend='hf' with "
             "4-bit, or quantization=None (bf16) with vLLM."
         )
+
+
+class RolloutSampler:
+    """A training run's rollouts from the current student: the backend, the seeds, the vLLM engine.
+
+    Args:
+        policy: the `policy.Policy` being trained (its ``model`` and ``tokenizer`` sample with
+            ``backend='hf'``; vLLM serves its adapter, saved to ``adapter_dir`` before each call).
+        backend: ``"hf"`` (HF generate), ``"fast"`` (`FastEngine`: the LoRA merged while sampling)
+            or ``"vllm"``; `TrainConfig.validate` checks it.
+        seed: the run's seed.
+        num_processes / process_index: this process's place in the run; each samples its own stream.
+        adapter_dir: where the vLLM backend saves the adapter it serves.
+        engine: `VLLMEngine` keyword arguments; the engine starts at the first vLLM call.
+    """
+
+    def __init__(self, policy, *, backend: str, seed: int, num_processes: int = 1, process_index: int = 0,
+                 adapter_dir: str = "vllm_adapter", engine: dict | None = None):
+        self.policy = policy
+        self.backend = backend
+        self.seed = seed
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.adapter_dir = adapter_dir
+        self.engine_kwargs = engine or {}
+        self._engine: VLLMEngine | FastEngine | None = None
+
+    def step_seed(self, step: int) -> int:
+        """The sampling seed of ``step`` on this process: a different stream per step and process."""
+        return (self.seed * 1_000_003 + step) * self.num_processes + self.process_index
+
+    def sample(self, prompt_ids: list[list[int]], settings: GenerationSettings, step: int) -> Rollouts:
+        """``settings.n`` completions per prompt for optimizer step (or GRPO batch) ``step``."""
+        seed = self.step_seed(step)
+        if self.backend == "vllm":
+            if self._engine is None:
+                self._engine = VLLMEngine(**self.engine_kwargs)
+            return self._engine.generate(self.policy, prompt_ids, settings, seed=seed, adapter_dir=self.adapter_dir)
+        if self.backend == "fast":
+            if self._engine is None:
+                self._engine = FastEngine(self.policy.model, self.policy.tokenizer)
+            return self._engine.generate(prompt_ids, settings, seed=seed)
+        return generate(self.policy.model, self.policy.tokenizer, prompt_ids, settings, seed=seed)

@@ -7,54 +7,73 @@ Targets are capped by ``max_target_tokens`` (None: no cap), never by the rollout
 """
 from __future__ import annotations
 
-from .algorithm import Algorithm, MicroBatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .algorithm import Algorithm
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .data import Problem
+    from .prompts import Batch
+
+
+@dataclass
+class SFTBatch:
+    """One micro-batch of SFT: [student prompt ++ reference solution], the solution the target."""
+
+    student: Batch
+    num_loss_tokens: int
 
 
 class SFT(Algorithm):
-    def __init__(self, trainer):
-        super().__init__(trainer)
+    """SFT's step: the NLL of the step's reference solutions. Collaborators: `Algorithm`'s (no
+    sampler), plus every training problem (``problems``, tokenised once as targets) and the
+    model's ``context_length`` (None: unknown)."""
+
+    def __init__(self, config, policy, *, problems: list[Problem], context_length: int | None, **collaborators):
+        super().__init__(config, policy, **collaborators)
         eos = self.tokenizer.eos_token_id
         cap = self.config.max_target_tokens
         self.truncated = 0
         self._targets: dict[str, list[int]] = {}
-        for p in trainer.problems:
+        for p in problems:
             ids = self.tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [eos]
             if cap is not None and len(ids) > cap:
                 self.truncated += 1
                 ids = ids[:cap]
             self._targets[p.id] = ids
         if cap is None:
-            self._check_uncapped_targets(trainer.context_length)
+            self._check_uncapped_targets(problems, context_length)
 
-    def _check_uncapped_targets(self, context_length: int | None) -> None:
+    def _check_uncapped_targets(self, problems: list[Problem], context_length: int | None) -> None:
         """Without a cap, every prompt + target must fit the model's context (unknown: no check)."""
-        over = [p.id for p in self.trainer.problems if context_length is not None
-                and len(self.student_prompt(p)) + len(self._targets[p.id]) > context_length]
+        over = [p.id for p in problems if context_length is not None
+                and len(self.prompts.student[p.id]) + len(self._targets[p.id]) > context_length]
         if over:
             raise ConfigError(
                 f"max_target_tokens=None: {len(over)} reference solutions (first: {over[0]!r}) do not fit the "
                 f"model's context of {context_length} tokens after their prompt; set max_target_tokens to at most "
                 f"{context_length - self.config.max_prompt_tokens} to cut them")
 
-    def prepare(self, step: int):
+    def prepare(self, step: int) -> tuple[list[SFTBatch], dict]:
         from .prompts import build_batch
 
-        problems = self.trainer.step_problems(step)
+        problems = self.step_problems(step)
         micro = []
         for rows in self.chunks(len(problems)):
             chosen = [problems[r] for r in rows]
-            batch = build_batch([self.student_prompt(p) for p in chosen], [self._targets[p.id] for p in chosen],
+            batch = build_batch([self.prompts.student[p.id] for p in chosen], [self._targets[p.id] for p in chosen],
                                 self.tokenizer.pad_token_id)
-            self.book_prompt_tokens(batch)
-            micro.append(MicroBatch(student=batch, num_loss_tokens=int(batch.completion_mask.sum())))
+            self.ledger.book_prompt_tokens(batch)
+            micro.append(SFTBatch(student=batch, num_loss_tokens=int(batch.completion_mask.sum())))
         return micro, {"sft/solutions_truncated": self.truncated}
 
-    def loss(self, mb: MicroBatch):
+    def loss(self, mb: SFTBatch):
         from .losses import chunked_token_logprobs
 
-        device = self.trainer.accelerator.device
-        with self.trainer.phase("student"):
+        device = self.device
+        with self.ledger.phase("student"):
             targets = mb.student.completion_ids.to(device)
             logp = chunked_token_logprobs(self.hidden(mb.student), self.policy.head, targets,
                                           temperature=1.0, chunk_size=self.config.loss_chunk_size)

@@ -319,8 +319,10 @@ def answer_token_divergence(points: list[Point], results: dict, problems, *, run
 
 
 def _model_key(cfg: dict) -> tuple:
-    return (cfg["model"], cfg["dtype"], cfg["quantization"], cfg["use_lora"], cfg["lora_r"], cfg["lora_alpha"],
-            tuple(cfg["lora_target_modules"]))
+    """A run's `policy.MODEL_FIELDS`: equal keys share one loaded model."""
+    from .policy import MODEL_FIELDS
+
+    return tuple(tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in MODEL_FIELDS)
 
 
 def _evaluation_key(point: Point, eval_config, problem_dicts: list) -> dict:
@@ -346,19 +348,19 @@ def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
     ``student_thinking`` overrides the run's student thinking switch (an evaluation protocol
     may differ from training: the paper trains with thinking off and evaluates with it on).
     """
-    from .policy import LoraSettings, Policy
+    from dataclasses import replace
+
+    from .policy import build_policy
     from .prompts import build_prompts
 
-    cfg = _run_config(run_dir)
-    if not cfg["use_lora"]:
+    cfg = load_run_config(run_dir)
+    if not cfg.use_lora:
         raise ValueError("the study compares LoRA adapters; a run with use_lora=False has none")
-    lora = LoraSettings(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
-                        target_modules=tuple(cfg["lora_target_modules"]))
-    policy = Policy.from_pretrained(cfg["model"], dtype=cfg["dtype"], quantization=cfg["quantization"], lora=lora,
-                                    teacher="frozen", seed=cfg["seed"])
+    # Evaluation only: no EMA copy, no activation recomputation, the transformers backend.
+    policy = build_policy(replace(cfg, teacher="frozen", gradient_checkpointing=False, backend="hf"))
     if student_thinking != "from run":
-        cfg = dict(cfg, student_thinking=student_thinking)
-    builder = build_prompts(cfg, policy.tokenizer)  # an older config.json without templates: the defaults
+        cfg = replace(cfg, student_thinking=student_thinking)
+    builder = build_prompts(cfg, policy.tokenizer)
     if adapter is not None:
         policy.load_adapter(adapter)
     return policy, builder

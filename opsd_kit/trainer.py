@@ -85,19 +85,45 @@ class Trainer:
         self.shuffled_hints = _shuffled_hints(config, self.problems)
         set_seed(config.seed)  # python, numpy, torch (all devices)
         self.run_dir = Path(config.run_dir)
-        self.policy = policy or _load_policy(config, self.accelerator.device)
-        self.algorithm = _make_algorithm(config, self)
+        if policy is None:
+            from .policy import build_policy
+
+            policy = build_policy(config, self.accelerator.device)
+        self.policy = policy
+        from .ledger import TokenLedger
+
+        self.ledger = TokenLedger()
+        self.ledger.reduce_sum = self.reduce_sum
+        self.ledger.sync = torch.cuda.synchronize if self.accelerator.device.type == "cuda" else None
+        self.algorithm = self._make_algorithm()
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, config)
-        from .ledger import TokenLedger
-
-        self.ledger = TokenLedger()
         self.step = 0
-        self._sync = torch.cuda.synchronize if self.accelerator.device.type == "cuda" else None
+
+    def _make_algorithm(self):
+        """The run's algorithm, given exactly the collaborators it uses."""
+        from .prompts import PromptCache
+
+        cfg = self.config
+        cls = algorithm_class(cfg.algorithm)
+        prompts = PromptCache.build(cfg, self.policy.tokenizer, self.problems, teacher=cls.uses_teacher_prompt,
+                                    wrong_hints=self.shuffled_hints)
+        collaborators = dict(prompts=prompts, ledger=self.ledger, device=self.accelerator.device,
+                             step_problems=self.step_problems)
+        if cfg.algorithm == "sft":
+            return cls(cfg, self.policy, problems=self.problems, context_length=self.context_length, **collaborators)
+        from .rollout import RolloutSampler
+
+        sampler = RolloutSampler(
+            self.policy, backend=cfg.rollout_backend, seed=cfg.seed, num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index, adapter_dir=str(self.run_dir / "vllm_adapter"),
+            engine=dict(model_name=cfg.model, quantization=cfg.quantization, dtype=cfg.dtype,
+                        max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, max_lora_rank=cfg.lora_r))
+        return cls(cfg, self.policy, sampler=sampler, **collaborators)
 
     # -------------------------------------------------------------------------------------
     @property
@@ -117,9 +143,6 @@ class Trainer:
             picked.append(self.problems[int(order[offset])])
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         return picked[rank::world]
-
-    def phase(self, name: str):
-        return self.ledger.phase(name, self._sync)
 
     def reduce_sum(self, value: float) -> float:
         """Sum a number over processes."""
@@ -256,12 +279,12 @@ class Trainer:
         extra: dict[str, list] = {}
         for mb in micro_batches:
             loss_sum, mb_metrics = self.algorithm.loss(mb)
-            with self.phase("backward"):
+            with self.ledger.phase("backward"):
                 (loss_sum / max(total_tokens, 1.0)).backward()
             loss_sum_local += float(loss_sum.detach())
             for k, v in mb_metrics.items():
                 extra.setdefault(k, []).append(v)
-        with self.phase("optimizer"):
+        with self.ledger.phase("optimizer"):
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -291,11 +314,9 @@ class Trainer:
     def _rewind_partial_step(self, ledger_done: dict) -> None:
         """Forget a step stopped half-way (its gradients and the tokens it booked), so that the
         checkpoint is the state after ``self.step`` complete steps and a resume recounts nothing."""
-        from .ledger import TokenLedger
-
         self.optimizer.zero_grad(set_to_none=True)
         seconds, wall = self.ledger.seconds, self.ledger.wall_seconds  # time spent is real; counts rewind
-        self.ledger = TokenLedger.from_state_dict(ledger_done)
+        self.ledger.load_state_dict(ledger_done)
         self.ledger.seconds, self.ledger.wall_seconds = seconds, wall
 
     # -------------------------------------------------------------------------------------
@@ -317,14 +338,13 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         from .checkpoint import load_trainer_state, set_rng_state
-        from .ledger import TokenLedger
 
         state = load_trainer_state(path)
         self.policy.load_adapter(path / "adapter")
         self.policy.load_extra_state(state["policy_extra"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.ledger = TokenLedger.from_state_dict(state["ledger"])
+        self.ledger.load_state_dict(state["ledger"])
         per_rank = state["extra"]["per_rank"]
         if len(per_rank) != self.accelerator.num_processes:
             raise ValueError(f"checkpoint {path} was written by {len(per_rank)} processes; resume it with as many "
@@ -428,29 +448,20 @@ def _shuffled_hints(cfg: TrainConfig, problems) -> dict | None:
         raise ConfigError(f"{key} needs a wrong hint for every training problem: {err}") from err
 
 
-def _load_policy(cfg: TrainConfig, device):
-    from .policy import LoraSettings, Policy
-
-    lora = (LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                         target_modules=tuple(cfg.lora_target_modules)) if cfg.use_lora else None)
-    return Policy.from_pretrained(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, lora=lora,
-                                  gradient_checkpointing=cfg.gradient_checkpointing, teacher=cfg.teacher,
-                                  ema_decay=cfg.ema_decay, backend=cfg.backend, device=device, seed=cfg.seed)
-
-
-def _make_algorithm(cfg: TrainConfig, trainer: Trainer):
-    if cfg.algorithm == "opsd":
+def algorithm_class(name: str):
+    """The `algorithm.Algorithm` subclass of ``TrainConfig.algorithm`` ``name``."""
+    if name == "opsd":
         from .opsd import OPSD
 
-        return OPSD(trainer)
-    if cfg.algorithm == "grpo":
+        return OPSD
+    if name == "grpo":
         from .grpo import GRPO
 
-        return GRPO(trainer)
-    if cfg.algorithm == "rlsd":
+        return GRPO
+    if name == "rlsd":
         from .rlsd import RLSD
 
-        return RLSD(trainer)
+        return RLSD
     from .sft import SFT
 
-    return SFT(trainer)
+    return SFT

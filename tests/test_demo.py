@@ -63,3 +63,17 @@ def test_notebook_01_runs_alone_with_only_the_profile_set(tmp_path):
                                parameters={"profile": "tiny"}, cwd=str(tmp_path), progress_bar=False)
     diag = json.loads((tmp_path / "runs" / "opsd" / "diagnostics.json").read_text())
     assert set(diag["before_after"]) == {"mode", "student_before", "student_after", "teacher"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook, run", [("02_grpo_baseline", "grpo"), ("03_sft_baseline", "sft")])
+def test_baseline_notebook_runs_alone_with_only_the_profile_set(tmp_path, notebook, run):
+    """`papermill notebooks/02_grpo_baseline.ipynb out.ipynb -p profile tiny` (and 03), from any folder."""
+    import papermill
+
+    from opsd_kit.demo import notebook_dir
+
+    papermill.execute_notebook(str(notebook_dir() / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"profile": "tiny"}, cwd=str(tmp_path), progress_bar=False)
+    assert (tmp_path / "runs" / run / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "runs" / run / "training_curves.png").is_file()

@@ -101,7 +101,7 @@ def test_the_diagnostic_shows_the_divergence_the_trainer_computes(tmp_path, over
     _, trained_BC = algorithm.divergence(micro[0])
     rows = batch.completion_ids.shape[0]
     completions = [batch.completion_ids[i, : int(batch.completion_mask[i].sum())].tolist() for i in range(rows)]
-    shown = token_divergences(trainer.policy, algorithm.builder, trainer.step_problems(0)[:rows], completions,
+    shown = token_divergences(trainer.policy, algorithm.prompts.builder, trainer.step_problems(0)[:rows], completions,
                               spec=algorithm.spec, wrong_hints=trainer.shuffled_hints)
     vocab = trainer.policy.config.vocab_size
     for i, values in enumerate(shown):

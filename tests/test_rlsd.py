@@ -77,10 +77,10 @@ def test_teacher_logprobs_are_the_adapter_off_model_on_the_teacher_prompt(tmp_pa
     rlsd, policy, cfg = trainer.algorithm, trainer.policy, trainer.config
     micro, metrics = rlsd.prepare(0)
     assert metrics["rlsd/lambda"] == 0.5
-    teacher_prompts = {tuple(rlsd.teacher_prompt(p)) for p in trainer.step_problems(0)}
+    teacher_prompts = {tuple(rlsd.prompts.teacher[p.id]) for p in trainer.step_problems(0)}
     layers, vocab = policy.model.config.num_hidden_layers, policy.model.config.vocab_size
     for mb in micro:
-        teacher_BC = mb.tensors["teacher_logp"]
+        teacher_BC = mb.teacher_logp_BC
         torch.testing.assert_close(mb.teacher.completion_ids, mb.student.completion_ids)  # the same tokens
         with torch.no_grad():
             with policy.teacher():
@@ -99,15 +99,15 @@ def test_loss_uses_the_token_advantages(tmp_path):
     trainer = _rlsd_trainer(tmp_path)
     rlsd = trainer.algorithm
     micro, _ = rlsd.prepare(0)
-    mb = next(m for m in micro if m.tensors["adv"].abs().sum() > 0)
+    mb = next(m for m in micro if m.adv_B.abs().sum() > 0)
     mask_BC = mb.student.completion_mask
-    adv_BC, _ = rlsd_token_advantages(mb.tensors["adv"], mb.tensors["teacher_logp"], mb.tensors["old_logp"],
+    adv_BC, _ = rlsd_token_advantages(mb.adv_B, mb.teacher_logp_BC, mb.old_logp_BC,
                                       mask_BC, lam=0.5, eps=trainer.config.rlsd_eps)
     loss_sum, metrics = rlsd.loss(mb)
     # First iteration: the importance ratio is 1, so the loss is -sum_t A_t over real tokens.
     tol = tolerance(torch.float32, int(mask_BC.sum()), scale=float(adv_BC.abs().sum()))
     torch.testing.assert_close(loss_sum.detach(), -adv_BC.sum(), **tol)
-    grpo_loss = -(mb.tensors["adv"][:, None] * mask_BC).sum()
+    grpo_loss = -(mb.adv_B[:, None] * mask_BC).sum()
     assert not torch.isclose(loss_sum.detach(), grpo_loss)  # not GRPO's sequence advantage
     assert 0.8 <= metrics["rlsd/weight_mean"] <= 1.2
 

@@ -112,6 +112,43 @@ def test_resume_reaches_the_same_adapter(tmp_path, algorithm):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("algorithm", ["opsd", "grpo", "rlsd", "sft"])
+def test_an_algorithm_built_from_its_collaborators_alone_gives_the_trainers_step(tmp_path, algorithm):
+    """The algorithm touches only what it is given: one built by hand from its collaborators (a
+    fresh ledger, a fresh prompt cache, a fresh sampler) gives the trainer's algorithm's first step
+    exactly, micro-batches, losses and booked tokens; and GRPO's batch in flight survives a
+    weights-only checkpoint round trip."""
+    from opsd_kit.ledger import TokenLedger
+    from opsd_kit.prompts import PromptCache
+    from opsd_kit.rollout import RolloutSampler
+    from opsd_kit.trainer import algorithm_class
+
+    trainer = Trainer(tiny(tmp_path, algorithm))
+    cfg, policy = trainer.config, trainer.policy
+    cls = algorithm_class(algorithm)
+    ledger = TokenLedger()
+    collaborators = dict(prompts=PromptCache.build(cfg, policy.tokenizer, trainer.problems,
+                                                   teacher=cls.uses_teacher_prompt),
+                         ledger=ledger, device=torch.device("cpu"), step_problems=trainer.step_problems)
+    if algorithm == "sft":
+        collaborators.update(problems=trainer.problems, context_length=None)
+    else:
+        collaborators["sampler"] = RolloutSampler(policy, backend="hf", seed=cfg.seed)
+    by_hand = cls(cfg, policy, **collaborators)
+
+    def first_step(alg):
+        micro, metrics = alg.prepare(0)
+        return [float(alg.loss(mb)[0].detach()) for mb in micro], metrics
+
+    assert first_step(by_hand) == first_step(trainer.algorithm)
+    assert ledger.state_dict() == {**trainer.ledger.state_dict(), "seconds": ledger.seconds}
+    if algorithm in ("grpo", "rlsd"):
+        path = tmp_path / "state.pt"
+        torch.save(trainer.algorithm.state_dict(), path)
+        by_hand.load_state_dict(torch.load(path, weights_only=True))
+        assert first_step(by_hand) == first_step(trainer.algorithm)
+
+
 def test_four_bit_lora_opsd_step_on_cpu(tmp_path):
     trainer = Trainer(tiny(tmp_path, quantization="4bit", max_steps=1))
     assert any("Linear4bit" in type(m).__name__ for m in trainer.policy.model.modules())
@@ -173,8 +210,8 @@ def test_shuffled_hint_run_gives_each_teacher_another_problems_solution_for_the_
     for p in trainer.problems:
         other = by_solution[hints[p.id]]
         assert other.id != p.id and other.answer != p.answer
-        assert alg.teacher_prompt(p) == builder.teacher_ids(p, other.solution) != builder.teacher_ids(p)
-        assert "Answer with one number." in trainer.policy.tokenizer.decode(alg.student_prompt(p))
+        assert alg.prompts.teacher[p.id] == builder.teacher_ids(p, other.solution) != builder.teacher_ids(p)
+        assert "Answer with one number." in trainer.policy.tokenizer.decode(alg.prompts.student[p.id])
     for step in (0, 1):  # the batches of every step hold the same wrong hint per problem
         micro, _ = alg.prepare(step)
         rows = [r for mb in micro for r in teacher_prompt_rows(mb.teacher)]

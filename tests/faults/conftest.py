@@ -34,12 +34,11 @@ def no_model_loads(monkeypatch):
 
     import opsd_kit.models
     import opsd_kit.policy
-    import opsd_kit.trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the configuration was checked")
 
     monkeypatch.setattr(opsd_kit.models, "load_causal_lm", refuse)
     monkeypatch.setattr(opsd_kit.policy.Policy, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr(opsd_kit.trainer, "_load_policy", refuse)
+    monkeypatch.setattr(opsd_kit.policy, "build_policy", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
