@@ -146,6 +146,6 @@ def test_trainer_uses_the_fast_engine(tmp_path):
     trainer = Trainer(load_profile("tiny", run_dir=str(tmp_path), progress=False, max_steps=2, rollout_backend="fast"))
     base = {n: p.detach().clone() for n, p in trainer.policy.causal_lm.named_parameters() if "lora_" not in n}
     trainer.train()
-    assert isinstance(trainer.algorithm._fast_engine, FastEngine)
+    assert isinstance(trainer.algorithm.sampler._engine, FastEngine)
     after = dict(trainer.policy.causal_lm.named_parameters())
     assert all(torch.equal(base[n], after[n]) for n in base)
