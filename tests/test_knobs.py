@@ -79,23 +79,23 @@ def test_grpo_scale_rewards_and_ratio_clip_eps(tmp_path, monkeypatch, scale_rewa
 
     monkeypatch.setattr(rollout, "generate", fake_generate)
     micro, _ = trainer.algorithm.prepare(0)
-    adv = torch.cat([mb.tensors["adv"] for mb in micro])
+    adv = torch.cat([mb.adv_B for mb in micro])
     rewards = torch.tensor([1.0 if j == 0 else 0.0 for _ in problems for j in range(group)])
     torch.testing.assert_close(adv, group_advantages(rewards, group, scale=scale_rewards))
     assert not torch.allclose(adv, group_advantages(rewards, group, scale=not scale_rewards))
 
     mb = micro[0]
-    logp = mb.tensors["old_logp"]  # the current weights' log-probs (nothing trained since)
+    logp = mb.old_logp_BC  # the current weights' log-probs (nothing trained since)
     offsets = torch.full_like(logp, 0.5)
     offsets[:, 1::2] = -0.5  # ratios e^{-0.5} and e^{0.5}: outside any of these clip ranges
     old = logp + offsets
-    mb.tensors["old_logp"] = old
+    mb.old_logp_BC = old
     with torch.no_grad():
         loss, _ = trainer.algorithm.loss(mb)
     mask = mb.student.completion_mask
-    want = grpo_token_loss(logp, old, mb.tensors["adv"], mask, clip_eps=ratio_clip_eps)
+    want = grpo_token_loss(logp, old, mb.adv_B, mask, clip_eps=ratio_clip_eps)
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
-    assert not torch.isclose(want, grpo_token_loss(logp, old, mb.tensors["adv"], mask, clip_eps=0.2))
+    assert not torch.isclose(want, grpo_token_loss(logp, old, mb.adv_B, mask, clip_eps=0.2))
 
 
 # -- the optimizer and the LoRA adapter the trainer builds --------------------------------------
