@@ -25,11 +25,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The demo: OPSD, its shuffled-hint control, GRPO and SFT, two training runs at a time, then the study.
+# The demo: OPSD, GRPO and SFT, two training runs at a time (the base model evaluated on the first free
+# core), then the study notebook.
 demo: $(STAMP)
 	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS)
 
-# The demo plus second seeds and the hint-contrast variant, in the same run folder: finished runs
+# The demo plus the shuffled-hint control, second seeds, the hint-contrast variant and RLSD, in the same
+# run folder: finished runs
 # and evaluations of the demo are reused.
 study: $(STAMP)
 	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan study

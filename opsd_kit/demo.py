@@ -1,10 +1,11 @@
 """The main job: notebooks 00 to 04 under papermill, into one run folder.
 
 ``python -m opsd_kit.demo --profile cpu-demo --run-dir runs/demo`` (what ``make demo`` runs):
-notebook 00 writes the leakage-checked splits; the training notebooks (OPSD, the
-shuffled-hint OPSD control, GRPO, SFT) run next, ``--jobs`` of them at a time (each in its
-own kernel, one torch thread); notebook 04 evaluates and compares them. ``--plan study``
-(``make study``) adds second seeds and the further variants in the same run folder: a
+notebook 00 writes the leakage-checked splits; the training notebooks (OPSD, GRPO, SFT)
+run next, ``--jobs`` of them at a time (each in its own kernel, one torch thread), and the base
+model's evaluation joins that queue last, so it runs on the first free core; notebook 04
+evaluates the trained checkpoints and compares them. ``--plan study`` (``make study``) adds the
+shuffled-hint control, second seeds and the further variants in the same run folder: a
 training job whose folder already holds a finished run of the same configuration is
 reused, not run again, and so are evaluations already made under the same protocol.
 The run folder gets the executed notebooks, each run, the study and ``summary.json``.
@@ -38,30 +39,33 @@ class TrainingJob:
 
 
 #: Per profile: data sizes, the evaluation protocol, and the training runs of each plan.
-#: cpu-demo: OPSD and its shuffled-hint control train 24 steps; GRPO gets a rollout-token
-#: budget above OPSD's total (token-matched, GRPO favoured); SFT trains on the same problems.
-#: The study adds a second seed of OPSD and GRPO, the hint-contrast loss and RLSD (with GRPO's
-#: budget).
+#: cpu-demo: OPSD trains 24 steps; GRPO gets a rollout-token budget above OPSD's total
+#: (token-matched, GRPO favoured); SFT trains on the same problems. The study adds the
+#: shuffled-hint OPSD control, a second seed of OPSD and GRPO, the hint-contrast loss, RLSD
+#: (with GRPO's budget) and OPSD's mid-run checkpoint (``study_points``), which do not fit the
+#: demo's 40 minutes on a 2-core CPU. The tiny profile keeps the control in its demo, so that
+#: every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny", gap_problems=2,
         demo=[TrainingJob("opsd", "opsd", points=2), TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
               TrainingJob("grpo", "grpo", points=2), TrainingJob("sft", "sft")],
         study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
+        study_points={"opsd-seed1": 2},
     ),
     "cpu-demo": dict(
         train_size=256, eval_size=144, eval_profile="cpu-demo", gap_problems=8,
-        demo=[TrainingJob("opsd", "opsd", points=2),
-              TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
-              TrainingJob("grpo", "grpo", points=2),
-              TrainingJob("sft", "sft")],
-        study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1}),
+        demo=[TrainingJob("opsd", "opsd"), TrainingJob("grpo", "grpo"), TrainingJob("sft", "sft")],
+        study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
+               TrainingJob("opsd-seed1", "opsd", {"seed": 1}),
                TrainingJob("grpo-seed1", "grpo", {"seed": 1}),
                TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}),
                TrainingJob("rlsd", "rlsd")],
+        study_points={"opsd": 2},
     ),
 }
 PLANS = ("demo", "study")
+BASE_EVALUATION = "base-evaluation"
 
 
 def notebook_dir() -> Path:
@@ -97,7 +101,8 @@ def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: in
             params[job.method]["algorithm"] = "rlsd"
     params["04_evaluation_and_token_efficiency"] = dict(
         files, profile=profile, eval_profile=spec["eval_profile"], out_dir=str(run_dir / "study"),
-        runs={j.method: str(run_dir / j.method) for j in jobs}, points={j.method: j.points for j in jobs},
+        runs={j.method: str(run_dir / j.method) for j in jobs},
+        points={j.method: j.points for j in jobs} | (spec.get("study_points", {}) if plan == "study" else {}),
         workers=workers)
     return params
 
@@ -135,12 +140,15 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         running = {pool.submit(_execute, TRAINING_NOTEBOOK[j.algorithm], j.method, params, run_dir, kernel): j
                    for j in todo}
+        # queued last, so it starts when a training job has finished (and a run folder names the model)
+        running[pool.submit(_evaluate_base, params[NOTEBOOKS[-1]])] = BASE_EVALUATION
         while running:
             done, _ = wait(running, timeout=progress_every, return_when=FIRST_COMPLETED)
             for future in done:
-                timings[running.pop(future).method] = future.result()  # raises the first failure
+                job = running.pop(future)
+                timings[getattr(job, "method", job)] = future.result()  # raises the first failure
             for job in running.values():
-                line = progress_line(run_dir / job.method, profile, job)
+                line = progress_line(run_dir / job.method, profile, job) if job != BASE_EVALUATION else None
                 if line:
                     print(f"[demo] {job.method}: {line}", flush=True)
     name = "04_evaluation_and_token_efficiency"
@@ -184,6 +192,33 @@ def _papermill():
         raise ImportError("the demo runs the notebooks with papermill, which is not installed: "
                           "pip install 'opsd_kit[notebooks]' (or `make install`)") from err
     return papermill
+
+
+def _evaluate_base(params: dict) -> float:
+    """The base model's evaluation under notebook 04's protocol and problems, in its own process
+    (grading needs a main thread); 04 then finds it saved under the same key and reuses it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    start = time.perf_counter()
+    print(f"[demo] {BASE_EVALUATION} started", flush=True)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_evaluate_base_in_process, params).result()
+    seconds = round(time.perf_counter() - start, 1)
+    print(f"[demo] {BASE_EVALUATION} done in {seconds} s", flush=True)
+    return seconds
+
+
+def _evaluate_base_in_process(params: dict) -> None:
+    from . import study
+    from .config import load_eval_profile
+    from .data import load_source
+
+    eval_config = load_eval_profile(params["eval_profile"])
+    problems, _ = load_source(params["eval_file"], size=None, seed=eval_config.seed)
+    model_run = next(d for d in params["runs"].values() if (Path(d) / "config.json").is_file())
+    study.evaluate_points([study.Point("base", 0, None)], problems, eval_config, model_run=model_run,
+                          out_dir=Path(params["out_dir"]) / "evaluations")
 
 
 def _execute(notebook: str, job: str, params: dict, run_dir: Path, kernel: str | None) -> float:

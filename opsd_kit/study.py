@@ -109,24 +109,32 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
         key = _evaluation_key(point, eval_config, problem_dicts)
         if _saved_key(out_dir / point.tag) != key:
             todo.append((point.tag, point.adapter, key))
-    if todo:
-        shares = [todo[i::workers] for i in range(min(workers, len(todo)))]
-        args = [(str(model_run), share, problem_dicts, eval_config.to_dict(), str(out_dir), progress)
-                for share in shares]
-        if len(shares) == 1:
-            _evaluate_share(*args[0])
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
-                for future in [pool.submit(_evaluate_share, *a) for a in args]:
-                    future.result()
+    _in_workers(_evaluate_share, todo, workers, str(model_run), problem_dicts, eval_config.to_dict(), str(out_dir),
+                progress)
     return {point.tag: EvalResult.load(out_dir / point.tag) for point in points}
 
 
-def _evaluate_share(model_run: str, jobs: list, problem_dicts: list, eval_values: dict, out_dir: str,
-                    progress: bool) -> None:
+def _in_workers(work, jobs: list, workers: int, *args) -> list:
+    """``work(share, *args)`` over ``workers`` shares of ``jobs``: in this process for one share,
+    else in spawned processes (one model and one torch thread each; grading, which needs a main
+    thread, runs in each one's). ``work`` returns one result per job of its share; the results
+    come back in the order of ``jobs``."""
+    shares = [jobs[i::workers] for i in range(min(max(1, workers), len(jobs)))]
+    if len(shares) <= 1:
+        return list(work(jobs, *args)) if jobs else []
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+        outputs = [f.result() for f in [pool.submit(work, share, *args) for share in shares]]
+    results = [None] * len(jobs)
+    for i, output in enumerate(outputs):
+        results[i::len(shares)] = output
+    return results
+
+
+def _evaluate_share(jobs: list, model_run: str, problem_dicts: list, eval_values: dict, out_dir: str,
+                    progress: bool) -> list:
     """Worker: load the model once, evaluate each ``(tag, adapter, key)`` and save it."""
     from contextlib import nullcontext
 
@@ -146,6 +154,7 @@ def _evaluate_share(model_run: str, jobs: list, problem_dicts: list, eval_values
                                     progress=progress)
         folder = result.save(Path(out_dir) / tag)
         (folder / "key.json").write_text(json.dumps(key, indent=2))
+    return [None] * len(jobs)
 
 
 def summarize(points: list[Point], results: dict, eval_config) -> dict:
@@ -278,44 +287,58 @@ def load_run_config(run_dir):
     return TrainConfig.from_dict(_run_config(run_dir))
 
 
-def answer_token_divergence(points: list[Point], results: dict, problems, *, run, n_samples: int = 32):
+def answer_token_divergence(points: list[Point], results: dict, problems, *, run, n_samples: int = 32,
+                            workers: int = 1):
     """Per evaluated model (the base and each method's final checkpoint): how much of the
     trained divergence, frozen privileged teacher vs that model, falls on the tokens that spell
     the final answer of its own held-out rollouts, and how much on the rest.
 
     The divergence is ``run``'s (`losses.DivergenceSpec.from_config`; a 'hint_contrast' run is
     shown as forward KL); the first ``n_samples`` first-sample rollouts of each evaluation are
-    used. One row per model: ``method``, ``step``, ``rollouts``, ``answer_share`` (mean over
-    rollouts of the share of the rollout's divergence on its answer tokens), ``answer_mean``
-    and ``other_mean`` (mean per-token divergence on answer tokens and on the rest), ``total``.
+    used; ``workers`` processes share the models. One row per model: ``method``, ``step``,
+    ``rollouts``, ``answer_share`` (mean over rollouts of the share of the rollout's divergence on
+    its answer tokens), ``answer_mean`` and ``other_mean`` (mean per-token divergence on answer
+    tokens and on the rest), ``total``.
     """
-    import dataclasses
-
     import pandas as pd
 
+    finals = [p for p in points if p.adapter is None or p.step == max(q.step for q in points if q.method == p.method)]
+    jobs = []
+    for point in finals:
+        samples = results[point.tag].samples
+        first = samples[samples["sample"] == 0].head(n_samples)
+        jobs.append((point.method, point.step, point.adapter, [str(i) for i in first["problem_id"]],
+                     [list(map(int, ids)) for ids in first["completion_ids"]], list(first["response"])))
+    return pd.DataFrame(_in_workers(_answer_split_share, jobs, workers, str(run), [p.to_dict() for p in problems]))
+
+
+def _answer_split_share(jobs: list, run: str, problem_dicts: list) -> list[dict]:
+    """Worker of `answer_token_divergence`: one row per ``(method, step, adapter, ids, completions,
+    responses)``."""
+    import dataclasses
+
+    from .data import Problem
     from .diagnostics import divergence_by_answer_tokens
     from .losses import DivergenceSpec
 
     spec = DivergenceSpec.from_config(load_run_config(run))
     if spec.needs_wrong_teacher:
         spec = dataclasses.replace(spec, kind="forward_kl")
-    by_id = {str(p.id): p for p in problems}
-    finals = [p for p in points if p.adapter is None or p.step == max(q.step for q in points if q.method == p.method)]
-    policy, builder = load_run_policy(run)  # a fresh adapter (LoRA B = 0) is the base model exactly: base first
+    by_id = {str(d["id"]): Problem(**d) for d in problem_dicts}
+    policy, builder = load_run_policy(run)  # a fresh adapter (LoRA B = 0) is the base model exactly
     rows = []
-    for point in finals:
-        if point.adapter is not None:
-            policy.load_adapter(point.adapter)
-        samples = results[point.tag].samples
-        first = samples[samples["sample"] == 0].head(n_samples)
-        table = divergence_by_answer_tokens(policy, builder, [by_id[i] for i in first["problem_id"]],
-                                            [list(ids) for ids in first["completion_ids"]], list(first["response"]),
+    for n, (method, step, adapter, ids, completions, responses) in enumerate(jobs):
+        if adapter is None and n:
+            raise ValueError("the base model must come first in a share: its adapter is the fresh one")
+        if adapter is not None:
+            policy.load_adapter(adapter)
+        table = divergence_by_answer_tokens(policy, builder, [by_id[i] for i in ids], completions, responses,
                                             spec=spec)
-        rows.append({"method": point.method, "step": point.step, "rollouts": len(table),
+        rows.append({"method": method, "step": step, "rollouts": len(table),
                      "answer_share": float(table["answer_share"].mean()),
                      "answer_mean": float(table["answer_mean"].mean()), "other_mean": float(table["other_mean"].mean()),
                      "total": float(table["total"].mean()), "kind": spec.kind})
-    return pd.DataFrame(rows)
+    return rows
 
 
 def _model_key(cfg: dict) -> tuple:

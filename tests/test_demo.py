@@ -4,14 +4,18 @@ import json
 import pandas as pd
 import pytest
 
-from opsd_kit.demo import NOTEBOOKS, plan_jobs, run_demo
+from opsd_kit.demo import BASE_EVALUATION, NOTEBOOKS, plan_jobs, run_demo
 
 
 @pytest.mark.slow
 def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path):
     summary = run_demo("tiny", tmp_path, jobs=2)
     jobs = plan_jobs("tiny")
-    assert set(summary["notebook_seconds"]) == {"00_data_prep", *(j.method for j in jobs), NOTEBOOKS[-1]}
+    assert set(summary["notebook_seconds"]) == {"00_data_prep", *(j.method for j in jobs), BASE_EVALUATION,
+                                                NOTEBOOKS[-1]}
+    # the base model was evaluated in the training queue (by the time 04 ran, nothing was left to do for it)
+    assert (tmp_path / "study" / "evaluations" / "base" / "key.json").stat().st_mtime < \
+        (tmp_path / "study" / "points.csv").stat().st_mtime
     assert (tmp_path / "01_opsd_training-opsd-shuffled.ipynb").is_file()
     for job in jobs:
         assert (tmp_path / job.method / "adapter" / "adapter_config.json").is_file()
@@ -36,7 +40,7 @@ def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path):
         assert (tmp_path / "study" / f"token_efficiency_{mode}.png").is_file()
     # a second run reuses every finished run and evaluation: only 00 and 04 run again
     again = run_demo("tiny", tmp_path, jobs=2)
-    assert set(again["notebook_seconds"]) == {"00_data_prep", NOTEBOOKS[-1]}
+    assert set(again["notebook_seconds"]) == {"00_data_prep", BASE_EVALUATION, NOTEBOOKS[-1]}
     assert again["vs_base"] == summary["vs_base"]
 
 
@@ -48,6 +52,7 @@ def test_demo_plans_are_valid_configs(tmp_path):
     for profile in DEMO_PLANS:
         demo, study = plan_jobs(profile, "demo"), plan_jobs(profile, "study")
         assert study[: len(demo)] == demo and len(study) > len(demo)
+        assert set(DEMO_PLANS[profile].get("study_points", {})) <= {j.method for j in study}
         for job in study:
             load_profile(profile, job.algorithm, run_dir=str(tmp_path / job.method), **job.overrides)
 

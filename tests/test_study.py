@@ -139,3 +139,13 @@ def test_report_renders_what_the_summary_says(tmp_path):
     assert "| opsd | 24 | 40.0 [" in text and "| base | 0 | 10.0 [" in text
     assert "| opsd | base | +30.0 [" in text and f"| {mcnemar_exact(opsd, base)['p']:.1e} |" in text
     assert "10.0 min in all" in text
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_work_split_over_workers_comes_back_in_job_order(workers):
+    """`_in_workers` deals jobs round-robin to processes; the results must line up with the jobs."""
+    from opsd_kit.study import _in_workers
+
+    jobs = [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)]
+    assert _in_workers(list, jobs, workers) == jobs
+    assert _in_workers(list, [], workers) == []
