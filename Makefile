@@ -31,8 +31,7 @@ demo: $(STAMP)
 	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS)
 
 # The demo plus the shuffled-hint control, second seeds, the hint-contrast variant and RLSD, in the same
-# run folder: finished runs
-# and evaluations of the demo are reused.
+# run folder: finished runs and evaluations of the demo are reused.
 study: $(STAMP)
 	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan study
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -42,19 +44,21 @@ class TrainingJob:
 #: cpu-demo: OPSD trains 24 steps; GRPO gets a rollout-token budget above OPSD's total
 #: (token-matched, GRPO favoured); SFT trains on the same problems. The study adds the
 #: shuffled-hint OPSD control, a second seed of OPSD and GRPO, the hint-contrast loss, RLSD
-#: (with GRPO's budget) and OPSD's mid-run checkpoint (``study_points``), which do not fit the
-#: demo's 40 minutes on a 2-core CPU. The tiny profile keeps the control in its demo, so that
-#: every notebook path runs in CI.
+#: (with GRPO's budget), OPSD's mid-run checkpoint (``study_points``) and the answer-token
+#: divergence split (``answer_split_samples`` rollouts per model, 0 when a plan has none), which
+#: do not fit the demo's 40 minutes on a 2-core CPU. The tiny profile keeps the control in its
+#: demo, so that every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny", gap_problems=2,
+        answer_split_samples={"demo": 4, "study": 4},
         demo=[TrainingJob("opsd", "opsd", points=2), TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
               TrainingJob("grpo", "grpo", points=2), TrainingJob("sft", "sft")],
         study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
         study_points={"opsd-seed1": 2},
     ),
     "cpu-demo": dict(
-        train_size=256, eval_size=144, eval_profile="cpu-demo", gap_problems=8,
+        train_size=256, eval_size=128, eval_profile="cpu-demo", gap_problems=8, answer_split_samples={"study": 16},
         demo=[TrainingJob("opsd", "opsd"), TrainingJob("grpo", "grpo"), TrainingJob("sft", "sft")],
         study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
                TrainingJob("opsd-seed1", "opsd", {"seed": 1}),
@@ -65,7 +69,14 @@ DEMO_PLANS = {
     ),
 }
 PLANS = ("demo", "study")
-BASE_EVALUATION = "base-evaluation"
+
+
+def evaluation_task(method: str) -> str:
+    """The name of the pool task that evaluates ``method``'s checkpoints ('base' for the base)."""
+    return f"{method}-evaluation"
+
+
+BASE_EVALUATION = evaluation_task("base")
 
 
 def notebook_dir() -> Path:
@@ -101,10 +112,15 @@ def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: in
             params[job.method]["algorithm"] = "rlsd"
     params["04_evaluation_and_token_efficiency"] = dict(
         files, profile=profile, eval_profile=spec["eval_profile"], out_dir=str(run_dir / "study"),
-        runs={j.method: str(run_dir / j.method) for j in jobs},
-        points={j.method: j.points for j in jobs} | (spec.get("study_points", {}) if plan == "study" else {}),
-        workers=workers)
+        runs={j.method: str(run_dir / j.method) for j in jobs}, points=plan_points(profile, plan), workers=workers,
+        answer_split_samples=spec.get("answer_split_samples", {}).get(plan, 0))
     return params
+
+
+def plan_points(profile: str, plan: str = "demo") -> dict[str, int]:
+    """How many checkpoints notebook 04 evaluates per training run of ``plan``."""
+    study_points = DEMO_PLANS[profile].get("study_points", {}) if plan == "study" else {}
+    return {j.method: study_points.get(j.method, j.points) for j in plan_jobs(profile, plan)}
 
 
 def finished_run(run_dir: Path, profile: str, job: TrainingJob) -> bool:
@@ -131,26 +147,34 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     timings: dict[str, float] = {}
     print(f"[demo] {profile} / {plan}: 00, then {len(training)} training runs ({jobs} at a time), then 04",
           flush=True)
-    timings["00_data_prep"] = _execute("00_data_prep", "00_data_prep", params, run_dir, kernel)
     todo = [j for j in training if not finished_run(run_dir / j.method, profile, j)]
     for job in training:
         if job not in todo:
             print(f"[demo] {job.method}: a finished run of the same config is in {run_dir / job.method}; reused",
                   flush=True)
+    print(f"[demo] {expected_line(profile, plan, todo, jobs, run_dir)}", flush=True)
+    timings["00_data_prep"] = _execute("00_data_prep", "00_data_prep", params, run_dir, kernel)
+    # The pool's queue, in order: the training runs, the base model's evaluation, the evaluation of
+    # each reused run; each run's evaluation joins the queue when its training ends. Notebook 04 then
+    # finds every evaluation saved under its key and only tabulates, compares and draws.
+    evaluate = params[NOTEBOOKS[-1]]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         running = {pool.submit(_execute, TRAINING_NOTEBOOK[j.algorithm], j.method, params, run_dir, kernel): j
                    for j in todo}
-        # queued last, so it starts when a training job has finished (and a run folder names the model)
-        running[pool.submit(_evaluate_base, params[NOTEBOOKS[-1]])] = BASE_EVALUATION
+        for method in ["base", *(j.method for j in training if j not in todo)]:
+            running[pool.submit(_evaluate, evaluate, method)] = evaluation_task(method)
         while running:
             done, _ = wait(running, timeout=progress_every, return_when=FIRST_COMPLETED)
             for future in done:
-                job = running.pop(future)
-                timings[getattr(job, "method", job)] = future.result()  # raises the first failure
-            for job in running.values():
-                line = progress_line(run_dir / job.method, profile, job) if job != BASE_EVALUATION else None
+                task = running.pop(future)
+                name = task.method if isinstance(task, TrainingJob) else task
+                timings[name] = future.result()  # raises the first failure
+                if isinstance(task, TrainingJob):
+                    running[pool.submit(_evaluate, evaluate, task.method)] = evaluation_task(task.method)
+            for task in running.values():
+                line = progress_line(run_dir / task.method, profile, task) if isinstance(task, TrainingJob) else None
                 if line:
-                    print(f"[demo] {job.method}: {line}", flush=True)
+                    print(f"[demo] {task.method}: {line}", flush=True)
     name = "04_evaluation_and_token_efficiency"
     timings[name] = _execute(name, name, params, run_dir, kernel)
     total = round(time.perf_counter() - start, 1)
@@ -162,6 +186,79 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[demo] total {total / 60:.1f} min ({total} s); summary in {run_dir / 'summary.json'}", flush=True)
     return summary
+
+
+#: Where the expected total printed before a run comes from: what each part took on the reference
+#: machine (two jobs at a time, one torch thread each, a fresh run folder), and what `machine_speed`
+#: measured there. Per training run its notebook; ``point``: one checkpoint's evaluation;
+#: ``split``: one model's answer-token split (16 rollouts); ``04``: the rest of notebook 04.
+#: Measured by `make demo` and `make study` (README).
+REFERENCE_MACHINE = "a 2-core AMD EPYC VM (no AVX-512)"
+REFERENCE_SPEED = 1.0
+REFERENCE_SECONDS = {
+    "cpu-demo": {},
+    "tiny": {},
+}
+
+
+def machine_speed(repeats: int = 3) -> float:
+    """Seconds (best of ``repeats``) of a fixed one-thread workload shaped like decoding the
+    bundled model: ten products of 8 hidden states with a 576 x 49,152 matrix (SmolLM2's output
+    layer), which read the matrix from memory as every decode step reads the weights."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x, w = torch.randn(8, 576, generator=generator), torch.randn(576, 49_152, generator=generator)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(10):
+                x @ w
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def expected_line(profile: str, plan: str, todo: list[TrainingJob], jobs: int, run_dir: Path) -> str:
+    """What the demo prints before it starts: the expected total, or why there is none."""
+    reference = REFERENCE_SECONDS.get(profile, {})
+    missing = [p for p in ["00_data_prep", *(j.method for j in todo), "point", "split", "04"] if p not in reference]
+    if missing:
+        return f"no expected total: no reference time for {missing} of profile {profile!r}"
+    scale = machine_speed() / REFERENCE_SPEED
+    total = expected_seconds(profile, plan, todo, jobs, run_dir, scale)
+    return (f"expected total about {total / 60:.0f} min (each part measured on {REFERENCE_MACHINE}; "
+            f"this machine measured {1 / scale:.2f}x its speed)")
+
+
+def expected_seconds(profile: str, plan: str, todo: list[TrainingJob], jobs: int, run_dir: Path,
+                     scale: float = 1.0) -> float:
+    """The expected total: `REFERENCE_SECONDS` times ``scale`` (this machine's `machine_speed`
+    over the reference machine's), with the pool's queue played out on ``jobs`` slots as
+    `run_demo` fills it (training runs, the base evaluation unless saved, reused runs' new points;
+    each run's evaluation queued when its training ends), then notebook 04."""
+    reference = REFERENCE_SECONDS[profile]
+    wanted = plan_points(profile, plan)
+    base_saved = (run_dir / "study" / "evaluations" / "base" / "key.json").is_file()
+    queue = [(0.0, reference[j.method], j) for j in todo] + [(0.0, reference["point"] * (not base_saved), None)]
+    # a reused run's demo points are saved: only the points the plan adds are new
+    queue += [(0.0, reference["point"] * (wanted[j.method] - j.points), None)
+              for j in plan_jobs(profile, plan) if j not in todo]
+    slots = [0.0] * max(1, jobs)
+    while queue:
+        submitted, seconds, job = queue.pop(0)
+        slot = slots.index(min(slots))
+        slots[slot] = max(slots[slot], submitted) + seconds
+        if job is not None:
+            queue.append((slots[slot], reference["point"] * wanted[job.method], None))
+            queue.sort(key=lambda task: task[0])  # first submitted, first served
+    split_samples = DEMO_PLANS[profile].get("answer_split_samples", {}).get(plan, 0)
+    split = math.ceil((1 + len(wanted)) / max(1, jobs)) * reference["split"] if split_samples else 0.0
+    return scale * (reference["00_data_prep"] + max(slots) + reference["04"] + split)
 
 
 def progress_line(run_dir: Path, profile: str, job: TrainingJob) -> str | None:
@@ -194,31 +291,59 @@ def _papermill():
     return papermill
 
 
-def _evaluate_base(params: dict) -> float:
-    """The base model's evaluation under notebook 04's protocol and problems, in its own process
-    (grading needs a main thread); 04 then finds it saved under the same key and reuses it."""
+def _evaluate(params: dict, method: str) -> float:
+    """Evaluate ``method``'s checkpoints (or the base model) under notebook 04's protocol, on its
+    problems and with its choice of points, in a process of its own (grading needs a main thread);
+    04 finds the results saved under the same keys and reuses them."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     start = time.perf_counter()
-    print(f"[demo] {BASE_EVALUATION} started", flush=True)
+    print(f"[demo] {evaluation_task(method)} started", flush=True)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_evaluate_base_in_process, params).result()
+        pool.submit(_evaluate_in_process, params, method).result()
     seconds = round(time.perf_counter() - start, 1)
-    print(f"[demo] {BASE_EVALUATION} done in {seconds} s", flush=True)
+    print(f"[demo] {evaluation_task(method)} done in {seconds} s", flush=True)
     return seconds
 
 
-def _evaluate_base_in_process(params: dict) -> None:
+def _evaluate_in_process(params: dict, method: str) -> None:
     from . import study
-    from .config import load_eval_profile
+    from .config import load_eval_profile, load_profile
     from .data import load_source
 
     eval_config = load_eval_profile(params["eval_profile"])
     problems, _ = load_source(params["eval_file"], size=None, seed=eval_config.seed)
-    model_run = next(d for d in params["runs"].values() if (Path(d) / "config.json").is_file())
-    study.evaluate_points([study.Point("base", 0, None)], problems, eval_config, model_run=model_run,
+    if method == "base":  # the profile names the model and prompts every run shares: a folder with its config
+        model_run = Path(params["out_dir"]) / "base-model"
+        model_run.mkdir(parents=True, exist_ok=True)
+        load_profile(params["profile"], run_dir=str(model_run)).save(model_run / "config.json")
+        points = [study.Point("base", 0, None)]
+    else:
+        model_run = params["runs"][method]
+        points = [p for p in study.study_points({method: model_run}, params["points"]) if p.adapter]
+    study.evaluate_points(points, problems, eval_config, model_run=model_run,
                           out_dir=Path(params["out_dir"]) / "evaluations")
+
+
+def _local_kernels() -> dict:
+    """On POSIX, papermill's kernels talk over local IPC sockets, each under its own name, instead
+    of TCP ports: nothing listens on the network, and ipykernel has no reason to print its
+    'running over TCP without encryption' warning into the demo's output."""
+    if os.name != "posix":
+        return {}
+    import tempfile
+    import uuid
+
+    from jupyter_client import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = os.path.join(tempfile.gettempdir(), f"opsd-kit-kernel-{uuid.uuid4().hex[:12]}")
+
+    return {"kernel_manager_class": IPCKernelManager}
 
 
 def _execute(notebook: str, job: str, params: dict, run_dir: Path, kernel: str | None) -> float:
@@ -227,7 +352,7 @@ def _execute(notebook: str, job: str, params: dict, run_dir: Path, kernel: str |
     print(f"[demo] {job} ({notebook}) started", flush=True)
     out = run_dir / (f"{notebook}.ipynb" if job == notebook else f"{notebook}-{job}.ipynb")
     papermill.execute_notebook(str(notebook_dir() / f"{notebook}.ipynb"), str(out), parameters=params[job],
-                               kernel_name=kernel, cwd=str(run_dir), progress_bar=False)
+                               kernel_name=kernel, cwd=str(run_dir), progress_bar=False, **_local_kernels())
     seconds = round(time.perf_counter() - start, 1)
     print(f"[demo] {job} done in {seconds} s", flush=True)
     return seconds

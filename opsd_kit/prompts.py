@@ -151,6 +151,18 @@ class PromptBuilder:
             keep = max(0, keep - max(1, len(ids) - limit))
 
 
+def prompt_lengths(builder: PromptBuilder, problems, *, progress: bool = True) -> tuple[list[int], list[int]]:
+    """Token counts of every problem's student and teacher prompt (what notebook 00 plots), with
+    a progress bar: a large source takes a while to tokenise twice."""
+    from tqdm.auto import tqdm
+
+    student, teacher = [], []
+    for problem in tqdm(problems, desc="prompt lengths", unit="problem", disable=not progress):
+        student.append(len(builder.student_ids(problem)))
+        teacher.append(len(builder.teacher_ids(problem)))
+    return student, teacher
+
+
 def build_prompts(config, tokenizer) -> PromptBuilder:
     """The PromptBuilder a run trains with, from its TrainConfig or its saved ``config.json`` dict.
 

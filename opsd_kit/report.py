@@ -73,6 +73,8 @@ def ratio_lines(summary: dict) -> str:
 
 def answer_split_table(summary: dict) -> str:
     rows = summary.get("answer_token_divergence") or []
+    if not rows:
+        return ""  # the plan ran no answer-token split
     lines = ["| model | rollouts | share of the divergence on answer tokens | mean on answer tokens | "
              "mean on other tokens |", "|---|---|---|---|---|"]
     for r in rows:

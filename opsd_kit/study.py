@@ -287,7 +287,7 @@ def load_run_config(run_dir):
     return TrainConfig.from_dict(_run_config(run_dir))
 
 
-def answer_token_divergence(points: list[Point], results: dict, problems, *, run, n_samples: int = 32,
+def answer_token_divergence(points: list[Point], results: dict, problems, *, run, n_samples: int = 16,
                             workers: int = 1):
     """Per evaluated model (the base and each method's final checkpoint): how much of the
     trained divergence, frozen privileged teacher vs that model, falls on the tokens that spell
@@ -295,14 +295,18 @@ def answer_token_divergence(points: list[Point], results: dict, problems, *, run
 
     The divergence is ``run``'s (`losses.DivergenceSpec.from_config`; a 'hint_contrast' run is
     shown as forward KL); the first ``n_samples`` first-sample rollouts of each evaluation are
-    used; ``workers`` processes share the models. One row per model: ``method``, ``step``,
-    ``rollouts``, ``answer_share`` (mean over rollouts of the share of the rollout's divergence on
+    used (none, and an empty table, for 0); ``workers`` processes share the models. One row per
+    model: ``method``, ``step``, ``rollouts``, ``answer_share`` (mean over rollouts of the share of the rollout's divergence on
     its answer tokens), ``answer_mean`` and ``other_mean`` (mean per-token divergence on answer
     tokens and on the rest), ``total``.
     """
     import pandas as pd
 
-    finals = [p for p in points if p.adapter is None or p.step == max(q.step for q in points if q.method == p.method)]
+    if n_samples == 0:
+        return pd.DataFrame(columns=["method", "step", "rollouts", "answer_share", "answer_mean", "other_mean",
+                                     "total", "kind"])
+    last = {p.method: max(q.step for q in points if q.method == p.method) for p in points}
+    finals = [p for p in points if p.adapter is None or p.step == last[p.method]]
     jobs = []
     for point in finals:
         samples = results[point.tag].samples

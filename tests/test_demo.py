@@ -4,18 +4,27 @@ import json
 import pandas as pd
 import pytest
 
-from opsd_kit.demo import BASE_EVALUATION, NOTEBOOKS, plan_jobs, run_demo
+from opsd_kit.demo import NOTEBOOKS, evaluation_task, plan_jobs, run_demo
 
 
 @pytest.mark.slow
-def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path):
+def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     summary = run_demo("tiny", tmp_path, jobs=2)
+    out, err = capfd.readouterr()
+    assert "[demo] expected total about" in out or "[demo] no expected total" in out
+    assert "without encryption" not in err  # the kernels talk over local sockets, not TCP
     jobs = plan_jobs("tiny")
-    assert set(summary["notebook_seconds"]) == {"00_data_prep", *(j.method for j in jobs), BASE_EVALUATION,
-                                                NOTEBOOKS[-1]}
-    # the base model was evaluated in the training queue (by the time 04 ran, nothing was left to do for it)
-    assert (tmp_path / "study" / "evaluations" / "base" / "key.json").stat().st_mtime < \
-        (tmp_path / "study" / "points.csv").stat().st_mtime
+    methods = [j.method for j in jobs]
+    evaluations = {evaluation_task(m) for m in ["base", *methods]}
+    assert set(summary["notebook_seconds"]) == {"00_data_prep", *methods, *evaluations, NOTEBOOKS[-1]}
+    # every point was evaluated in the pool's queue: notebook 04 found them all saved
+    keys = list((tmp_path / "study" / "evaluations").glob("*/key.json"))
+    assert len(keys) == 1 + 2 + 1 + 2 + 1  # base, opsd x 2, opsd-shuffled, grpo x 2, sft
+    from datetime import datetime
+
+    notebook04 = json.loads((tmp_path / "04_evaluation_and_token_efficiency.ipynb").read_text())
+    started = datetime.fromisoformat(notebook04["metadata"]["papermill"]["start_time"]).timestamp()
+    assert max(k.stat().st_mtime for k in keys) < started
     assert (tmp_path / "01_opsd_training-opsd-shuffled.ipynb").is_file()
     for job in jobs:
         assert (tmp_path / job.method / "adapter" / "adapter_config.json").is_file()
@@ -40,7 +49,7 @@ def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path):
         assert (tmp_path / "study" / f"token_efficiency_{mode}.png").is_file()
     # a second run reuses every finished run and evaluation: only 00 and 04 run again
     again = run_demo("tiny", tmp_path, jobs=2)
-    assert set(again["notebook_seconds"]) == {"00_data_prep", BASE_EVALUATION, NOTEBOOKS[-1]}
+    assert set(again["notebook_seconds"]) == {"00_data_prep", *evaluations, NOTEBOOKS[-1]}
     assert again["vs_base"] == summary["vs_base"]
 
 
@@ -82,3 +91,30 @@ def test_baseline_notebook_runs_alone_with_only_the_profile_set(tmp_path, notebo
                                parameters={"profile": "tiny"}, cwd=str(tmp_path), progress_bar=False)
     assert (tmp_path / "runs" / run / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "runs" / run / "training_curves.png").is_file()
+
+
+def test_expected_total_plays_the_queue_out_and_scales_by_machine_speed(monkeypatch, tmp_path):
+    import opsd_kit.demo as demo
+
+    reference = {"00_data_prep": 10, "opsd": 100, "opsd-shuffled": 60, "grpo": 30, "sft": 20, "point": 5, "split": 2,
+                 "04": 3}
+    monkeypatch.setitem(demo.REFERENCE_SECONDS, "tiny", reference)
+    jobs = plan_jobs("tiny")  # opsd (2 points), opsd-shuffled, grpo (2 points), sft
+    # two slots: opsd 0-100 | shuffled 0-60, grpo 60-90, sft 90-110 | base 100-105, shuffled's
+    # evaluation 105-110 | grpo's 110-120 and opsd's 110-120 | sft's 120-125. Then 04: 3, and the
+    # split of 5 models over 2 workers: 3 x 2.
+    assert demo.expected_seconds("tiny", "demo", jobs, 2, tmp_path, scale=2.0) == 2.0 * (10 + 125 + 3 + 6)
+    # everything trained and evaluated: 00, 04 and the split remain
+    (tmp_path / "study" / "evaluations" / "base").mkdir(parents=True)
+    (tmp_path / "study" / "evaluations" / "base" / "key.json").write_text("{}")
+    assert demo.expected_seconds("tiny", "demo", [], 2, tmp_path) == 10 + 3 + 6
+    monkeypatch.setattr(demo, "machine_speed", lambda: 2 * demo.REFERENCE_SPEED)
+    assert "expected total about 5 min" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
+    del reference["sft"]
+    assert "no reference time for ['sft']" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
+
+
+def test_machine_speed_is_a_short_positive_measurement():
+    from opsd_kit.demo import machine_speed
+
+    assert 0 < machine_speed(repeats=1) < 60

@@ -24,6 +24,10 @@ def test_environment_yml_matches_pyproject():
                    + project["optional-dependencies"]["bench"] + project["optional-dependencies"]["notebooks"])
     env_lines = [line.strip().lstrip("- ") for line in (ROOT / "environment.yml").read_text().splitlines()]
     got = _pins(env_lines)
+    # torch: a floor in pyproject (a runtime's own torch is kept); the pin is what `make install` puts first
+    torch_pin = re.search(r"pip install -q torch==(\S+)", (ROOT / "Makefile").read_text()).group(1)
+    assert got.pop("torch") == torch_pin
+    assert "torch" not in wanted and any(d.startswith("torch>=") for d in project["dependencies"])
     assert got == wanted
     assert "python=3.11" in (ROOT / "environment.yml").read_text()
 
