@@ -296,9 +296,9 @@ def answer_token_divergence(points: list[Point], results: dict, problems, *, run
     The divergence is ``run``'s (`losses.DivergenceSpec.from_config`; a 'hint_contrast' run is
     shown as forward KL); the first ``n_samples`` first-sample rollouts of each evaluation are
     used (none, and an empty table, for 0); ``workers`` processes share the models. One row per
-    model: ``method``, ``step``, ``rollouts``, ``answer_share`` (mean over rollouts of the share of the rollout's divergence on
-    its answer tokens), ``answer_mean`` and ``other_mean`` (mean per-token divergence on answer
-    tokens and on the rest), ``total``.
+    model: ``method``, ``step``, ``rollouts``, ``answer_share`` (mean over rollouts of the share of
+    the rollout's divergence on its answer tokens), ``answer_mean`` and ``other_mean`` (mean
+    per-token divergence on answer tokens and on the rest), ``total``.
     """
     import pandas as pd
 
