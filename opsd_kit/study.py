@@ -359,7 +359,8 @@ def _evaluation_key(point: Point, eval_config, problem_dicts: list) -> dict:
     if point.adapter is not None:
         weights = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(point.adapter).glob("*.safetensors"))))
         weights = weights.hexdigest()
-    return {"eval_config": eval_config.to_dict(), "problems_sha256": digest, "adapter_sha256": weights}
+    key = {"eval_config": eval_config.to_dict(), "problems_sha256": digest, "adapter_sha256": weights}
+    return json.loads(json.dumps(key))  # as saved in key.json (tuples become lists), so that equal keys compare equal
 
 
 def _saved_key(folder: Path) -> dict | None:

@@ -149,3 +149,17 @@ def test_work_split_over_workers_comes_back_in_job_order(workers):
     jobs = [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)]
     assert _in_workers(list, jobs, workers) == jobs
     assert _in_workers(list, [], workers) == []
+
+
+def test_evaluation_key_equals_itself_after_a_round_trip_through_key_json(tmp_path):
+    """A saved evaluation is reused only when its key.json equals the key computed now: every
+    field must survive JSON (a tuple field read back as a list once made every key differ)."""
+    from opsd_kit.data import Problem
+    from opsd_kit.study import _evaluation_key, _saved_key
+
+    problems = [Problem(id="p1", question="1+1?", answer="2", solution="\\boxed{2}", source="t").to_dict()]
+    for profile in ("tiny", "cpu-demo", "paper"):
+        key = _evaluation_key(Point("base", 0, None), load_eval_profile(profile), problems)
+        (tmp_path / "summary.json").write_text("{}")
+        (tmp_path / "key.json").write_text(json.dumps(key))
+        assert _saved_key(tmp_path) == key, profile
