@@ -7,6 +7,7 @@ STAMP := $(VENV)/.opsd_kit-installed
 PROFILE ?= cpu-demo
 RUN_DIR ?= runs/demo-$(PROFILE)
 JOBS ?= 2
+PLAN ?= study
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -30,10 +31,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS)
 
-# The demo plus the shuffled-hint control, second seeds, the hint-contrast variant and RLSD, in the same
-# run folder: finished runs and evaluations of the demo are reused.
+# The demo plus the shuffled-hint control, a second OPSD seed and the hint-contrast loss (PLAN=full:
+# also a second GRPO seed and RLSD), in the same run folder: finished runs and evaluations are reused.
 study: $(STAMP)
-	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan study
+	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan $(PLAN)
 
 lint: $(STAMP)
 	$(PY) -m ruff check opsd_kit tests bench

@@ -2,12 +2,13 @@
 
 ``python -m opsd_kit.demo --profile cpu-demo --run-dir runs/demo`` (what ``make demo`` runs):
 notebook 00 writes the leakage-checked splits; the training notebooks (OPSD, GRPO, SFT)
-run next, ``--jobs`` of them at a time (each in its own kernel, one torch thread), and the base
-model's evaluation joins that queue last, so it runs on the first free core; notebook 04
-evaluates the trained checkpoints and compares them. ``--plan study`` (``make study``) adds the
-shuffled-hint control, second seeds and the further variants in the same run folder: a
-training job whose folder already holds a finished run of the same configuration is
-reused, not run again, and so are evaluations already made under the same protocol.
+run next, ``--jobs`` of them at a time (each in its own kernel, one torch thread); the base
+model's evaluation joins that queue after them and each run's evaluation when its training
+ends; notebook 04 then tabulates, compares and draws. ``--plan study`` (``make study``) adds the
+shuffled-hint control, a second OPSD seed and the hint-contrast loss, ``--plan full`` (``make
+study PLAN=full``) a second GRPO seed and RLSD, in the same run folder: a training job whose
+folder already holds a finished run of the same configuration is reused, not run again, and so
+are evaluations already made under the same protocol.
 The run folder gets the executed notebooks, each run, the study and ``summary.json``.
 """
 from __future__ import annotations
@@ -43,32 +44,34 @@ class TrainingJob:
 #: Per profile: data sizes, the evaluation protocol, and the training runs of each plan.
 #: cpu-demo: OPSD trains 24 steps; GRPO gets a rollout-token budget above OPSD's total
 #: (token-matched, GRPO favoured); SFT trains on the same problems. The study adds the
-#: shuffled-hint OPSD control, a second seed of OPSD and GRPO, the hint-contrast loss, RLSD
-#: (with GRPO's budget), OPSD's mid-run checkpoint (``study_points``) and the answer-token
-#: divergence split (``answer_split_samples`` rollouts per model, 0 when a plan has none), which
-#: do not fit the demo's 40 minutes on a 2-core CPU. The tiny profile keeps the control in its
-#: demo, so that every notebook path runs in CI.
+#: shuffled-hint OPSD control, a second OPSD seed, the hint-contrast loss, OPSD's mid-run
+#: checkpoint (``study_points``) and the answer-token divergence split (``answer_split_samples``
+#: rollouts per model, 0 when a plan has none), which do not fit the demo's 40 minutes on a 2-core
+#: CPU; its runs are listed longest first, so that two slots finish close together. The full
+#: study adds a second GRPO seed and RLSD (with GRPO's budget and strict reward). The tiny profile
+#: keeps the control in its demo, so that every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny", gap_problems=2,
-        answer_split_samples={"demo": 4, "study": 4},
+        answer_split_samples={"demo": 4, "study": 4, "full": 4},
         demo=[TrainingJob("opsd", "opsd", points=2), TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
               TrainingJob("grpo", "grpo", points=2), TrainingJob("sft", "sft")],
-        study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
+        study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1})],
+        full=[TrainingJob("rlsd", "rlsd")],
         study_points={"opsd-seed1": 2},
     ),
     "cpu-demo": dict(
-        train_size=256, eval_size=128, eval_profile="cpu-demo", gap_problems=8, answer_split_samples={"study": 16},
+        train_size=256, eval_size=128, eval_profile="cpu-demo", gap_problems=8,
+        answer_split_samples={"study": 16, "full": 16},
         demo=[TrainingJob("opsd", "opsd"), TrainingJob("grpo", "grpo"), TrainingJob("sft", "sft")],
-        study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
+        study=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}),
                TrainingJob("opsd-seed1", "opsd", {"seed": 1}),
-               TrainingJob("grpo-seed1", "grpo", {"seed": 1}),
-               TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}),
-               TrainingJob("rlsd", "rlsd")],
+               TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"})],
+        full=[TrainingJob("grpo-seed1", "grpo", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
         study_points={"opsd": 2},
     ),
 }
-PLANS = ("demo", "study")
+PLANS = ("demo", "study", "full")
 
 
 def evaluation_task(method: str) -> str:
@@ -84,13 +87,14 @@ def notebook_dir() -> Path:
 
 
 def plan_jobs(profile: str, plan: str = "demo") -> list[TrainingJob]:
-    """The training runs of ``plan`` ('demo', or 'study' = demo plus its extra runs)."""
+    """The training runs of ``plan``: 'demo'; 'study' = demo plus its extra runs; 'full' = study
+    plus the runs that take longest."""
     if profile not in DEMO_PLANS:
         raise ValueError(f"the demo supports PROFILE in {sorted(DEMO_PLANS)}, got {profile!r}")
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     spec = DEMO_PLANS[profile]
-    return list(spec["demo"]) + (list(spec["study"]) if plan == "study" else [])
+    return [*spec["demo"], *(spec["study"] if plan != "demo" else []), *(spec["full"] if plan == "full" else [])]
 
 
 def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: int = 1) -> dict[str, dict]:
@@ -119,7 +123,7 @@ def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: in
 
 def plan_points(profile: str, plan: str = "demo") -> dict[str, int]:
     """How many checkpoints notebook 04 evaluates per training run of ``plan``."""
-    study_points = DEMO_PLANS[profile].get("study_points", {}) if plan == "study" else {}
+    study_points = DEMO_PLANS[profile].get("study_points", {}) if plan != "demo" else {}
     return {j.method: study_points.get(j.method, j.points) for j in plan_jobs(profile, plan)}
 
 

@@ -59,10 +59,12 @@ def test_demo_plans_are_valid_configs(tmp_path):
     from opsd_kit.demo import DEMO_PLANS
 
     for profile in DEMO_PLANS:
-        demo, study = plan_jobs(profile, "demo"), plan_jobs(profile, "study")
+        demo, study, full = plan_jobs(profile, "demo"), plan_jobs(profile, "study"), plan_jobs(profile, "full")
         assert study[: len(demo)] == demo and len(study) > len(demo)
+        assert full[: len(study)] == study and len(full) > len(study)
+        assert len({j.method for j in full}) == len(full)
         assert set(DEMO_PLANS[profile].get("study_points", {})) <= {j.method for j in study}
-        for job in study:
+        for job in full:
             load_profile(profile, job.algorithm, run_dir=str(tmp_path / job.method), **job.overrides)
 
 
