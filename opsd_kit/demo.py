@@ -5,8 +5,8 @@ notebook 00 writes the leakage-checked splits; the training notebooks (OPSD, GRP
 run next, ``--jobs`` of them at a time (each in its own kernel, one torch thread); the base
 model's evaluation joins that queue after them and each run's evaluation when its training
 ends; notebook 04 then tabulates, compares and draws. ``--plan study`` (``make study``) adds the
-shuffled-hint control, a second OPSD seed and the hint-contrast loss, ``--plan full`` (``make
-study PLAN=full``) a second GRPO seed and RLSD, in the same run folder: a training job whose
+shuffled-hint control and a second OPSD seed, ``--plan full`` (``make study PLAN=full``) the
+hint-contrast loss, a second GRPO seed and RLSD, in the same run folder: a training job whose
 folder already holds a finished run of the same configuration is reused, not run again, and so
 are evaluations already made under the same protocol.
 The run folder gets the executed notebooks, each run, the study and ``summary.json``.
@@ -44,12 +44,11 @@ class TrainingJob:
 #: Per profile: data sizes, the evaluation protocol, and the training runs of each plan.
 #: cpu-demo: OPSD trains 24 steps; GRPO gets a rollout-token budget above OPSD's total
 #: (token-matched, GRPO favoured); SFT trains on the same problems. The study adds the
-#: shuffled-hint OPSD control, a second OPSD seed, the hint-contrast loss, OPSD's mid-run
-#: checkpoint (``study_points``) and the answer-token divergence split (``answer_split_samples``
-#: rollouts per model, 0 when a plan has none), which do not fit the demo's 40 minutes on a 2-core
-#: CPU; its runs are listed longest first, so that two slots finish close together. The full
-#: study adds a second GRPO seed and RLSD (with GRPO's budget and strict reward). The tiny profile
-#: keeps the control in its demo, so that every notebook path runs in CI.
+#: shuffled-hint OPSD control, a second OPSD seed, OPSD's mid-run checkpoint (``study_points``)
+#: and the answer-token divergence split (``answer_split_samples`` rollouts per model, 0 when a
+#: plan has none), which do not fit the demo's 40 minutes on a 2-core CPU. The full study adds the
+#: hint-contrast loss, a second GRPO seed and RLSD (with GRPO's budget and strict reward). The tiny
+#: profile keeps the control in its demo, so that every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny", gap_problems=2,
@@ -64,10 +63,10 @@ DEMO_PLANS = {
         train_size=256, eval_size=128, eval_profile="cpu-demo", gap_problems=8,
         answer_split_samples={"study": 16, "full": 16},
         demo=[TrainingJob("opsd", "opsd"), TrainingJob("grpo", "grpo"), TrainingJob("sft", "sft")],
-        study=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}),
-               TrainingJob("opsd-seed1", "opsd", {"seed": 1}),
-               TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"})],
-        full=[TrainingJob("grpo-seed1", "grpo", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
+        study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
+               TrainingJob("opsd-seed1", "opsd", {"seed": 1})],
+        full=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}),
+              TrainingJob("grpo-seed1", "grpo", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
         study_points={"opsd": 2},
     ),
 }
