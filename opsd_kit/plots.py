@@ -76,6 +76,8 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
     ax_tokens.set_xlabel("rollout tokens generated in training (cumulative)")
     ax_time.set_xlabel("training wall-clock seconds")
     ax_tokens.set_xscale("symlog", linthresh=1000)
+    most = max(float(trained["generated_tokens"].max()) if len(trained) else 0.0, 1000.0)
+    ax_tokens.set_xticks([t for t in (0, 1e3, 1e4, 1e5, 1e6, 1e7) if t <= 10 * most])  # no 10^2 beside the 0
     title = "on-policy methods"
     if ratio is not None:
         if ratio.get("ratio") is not None:
