@@ -197,10 +197,10 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
 #: ``split``: one model's answer-token split (16 rollouts); ``04``: the rest of notebook 04.
 #: Measured by `make demo` and `make study` (README).
 REFERENCE_MACHINE = "a 2-core AMD EPYC VM (no AVX-512)"
-REFERENCE_SPEED = 0.48
-REFERENCE_SECONDS = {
-    "cpu-demo": {"00_data_prep": 13, "opsd": 1760, "grpo": 1150, "sft": 250, "opsd-shuffled": 1540,
-                 "point": 290, "split": 60, "04": 45},
+REFERENCE_SPEED = 0.59  # `machine_speed` at the start of the measured `make demo` (2026-11-29)
+REFERENCE_SECONDS = {  # that `make demo` and the `make study` after it (README)
+    "cpu-demo": {"00_data_prep": 16, "opsd": 1883, "grpo": 1267, "sft": 294, "opsd-shuffled": 2250,
+                 "opsd-seed1": 2229, "point": 400, "split": 57, "04": 45},
 }
 
 
