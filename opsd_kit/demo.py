@@ -161,11 +161,15 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     # each reused run; each run's evaluation joins the queue when its training ends. Notebook 04 then
     # finds every evaluation saved under its key and only tabulates, compares and draws.
     evaluate = params[NOTEBOOKS[-1]]
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn"))
+    with workers, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         running = {pool.submit(_execute, TRAINING_NOTEBOOK[j.algorithm], j.method, params, run_dir, kernel): j
                    for j in todo}
         for method in ["base", *(j.method for j in training if j not in todo)]:
-            running[pool.submit(_evaluate, evaluate, method)] = evaluation_task(method)
+            running[pool.submit(_evaluate, workers, evaluate, method)] = evaluation_task(method)
         while running:
             done, _ = wait(running, timeout=progress_every, return_when=FIRST_COMPLETED)
             for future in done:
@@ -173,7 +177,7 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
                 name = task.method if isinstance(task, TrainingJob) else task
                 timings[name] = future.result()  # raises the first failure
                 if isinstance(task, TrainingJob):
-                    running[pool.submit(_evaluate, evaluate, task.method)] = evaluation_task(task.method)
+                    running[pool.submit(_evaluate, workers, evaluate, task.method)] = evaluation_task(task.method)
             for task in running.values():
                 line = progress_line(run_dir / task.method, profile, task) if isinstance(task, TrainingJob) else None
                 if line:
@@ -294,17 +298,14 @@ def _papermill():
     return papermill
 
 
-def _evaluate(params: dict, method: str) -> float:
+def _evaluate(workers, params: dict, method: str) -> float:
     """Evaluate ``method``'s checkpoints (or the base model) under notebook 04's protocol, on its
-    problems and with its choice of points, in a process of its own (grading needs a main thread);
-    04 finds the results saved under the same keys and reuses them."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+    problems and with its choice of points, in one of the ``workers`` processes (they outlive a
+    task, so torch and transformers are imported once per process; grading needs their main
+    thread); 04 finds the results saved under the same keys and reuses them."""
     start = time.perf_counter()
     print(f"[demo] {evaluation_task(method)} started", flush=True)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_evaluate_in_process, params, method).result()
+    workers.submit(_evaluate_in_process, params, method).result()
     seconds = round(time.perf_counter() - start, 1)
     print(f"[demo] {evaluation_task(method)} done in {seconds} s", flush=True)
     return seconds
