@@ -78,8 +78,6 @@ def evaluation_task(method: str) -> str:
     return f"{method}-evaluation"
 
 
-BASE_EVALUATION = evaluation_task("base")
-
 
 def notebook_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "notebooks"
