@@ -62,7 +62,8 @@ class Algorithm:
         raise NotImplementedError
 
     def loss(self, mb: MicroBatch):
-        """Return ``(loss_sum, metrics)``: the SUM of per-token losses of the micro-batch."""
+        """Return ``(loss_sum, metrics)``: the SUM of per-token losses of the micro-batch, or
+        ``(None, metrics)`` when that loss and its gradient are exactly 0 (nothing to backward)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:

@@ -61,6 +61,10 @@ class GRPOBatch:
     adv_B: torch.Tensor
     """Group-relative advantage of each rollout: [B]."""
     num_loss_tokens: int
+    zero_gradient: bool = False
+    """True when every advantage is 0 and no KL term is on: the loss and its gradient are then
+    exactly 0, so no forward pass is run for it (`GRPO.loss` returns None; the trainer's zero
+    gradients give the optimizer step it would have had)."""
     old_logp_BC: torch.Tensor | None = None
     """Log-probs of the rollout tokens under the sampling policy (num_iterations > 1), else None."""
     ref_logp_BC: torch.Tensor | None = None
@@ -131,7 +135,10 @@ class GRPO(Algorithm):
         student = build_batch([self.prompts.student[p.id] for p in problems], completions,
                               self.tokenizer.pad_token_id)
         self.ledger.book_prompt_tokens(student)
-        mb = GRPOBatch(student=student, adv_B=adv_B, num_loss_tokens=int(student.completion_mask.sum()))
+        mb = GRPOBatch(student=student, adv_B=adv_B, num_loss_tokens=int(student.completion_mask.sum()),
+                       zero_gradient=self._zero_gradient(adv_B))
+        if mb.zero_gradient:
+            return mb
         with torch.no_grad():
             if cfg.num_iterations > 1:
                 mb.old_logp_BC = self._logp(student).detach().cpu()
@@ -139,6 +146,10 @@ class GRPO(Algorithm):
                 with self.policy.model.disable_adapter():  # reference = the base model
                     mb.ref_logp_BC = self._logp(student).detach().cpu()
         return mb
+
+    def _zero_gradient(self, adv_B) -> bool:
+        """Whether a micro-batch with these advantages has an exactly-zero loss and gradient."""
+        return not self.config.kl_coef and not bool(adv_B.any())
 
     def _logp(self, batch):
         """log p(completion token) under the current weights at the rollout temperature: [B, C]."""
@@ -154,7 +165,12 @@ class GRPO(Algorithm):
         return mb.adv_B.to(old_logp_BC.device), {}
 
     def loss(self, mb: GRPOBatch):
+        """The summed clipped surrogate, or ``(None, {})`` for a micro-batch whose advantages are
+        all 0 without a KL term: -ratio * 0 sums to exactly 0 and so does its gradient, so its
+        forward and backward passes are skipped (on a hard task most groups all fail early on)."""
         cfg, device = self.config, self.device
+        if mb.zero_gradient:
+            return None, {}
         with self.ledger.phase("student"):
             logp = self._logp(mb.student)
             old = mb.old_logp_BC.to(device) if mb.old_logp_BC is not None else logp.detach()

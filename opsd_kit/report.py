@@ -84,14 +84,16 @@ def answer_split_table(summary: dict) -> str:
 
 
 def gap_lines(run_dir: Path) -> str:
-    """The teacher-student gap measured before OPSD trained (notebook 01's diagnostics.json)."""
-    path = run_dir / "opsd" / "diagnostics.json"
-    if not path.is_file():
+    """The teacher-student gap measured before an OPSD run trained (the first run folder, by
+    name, whose notebook 01 wrote one to diagnostics.json)."""
+    path = next(iter(sorted(run_dir.glob("*/diagnostics.json"))), None)
+    if path is None:
         return ""
     g = json.loads(path.read_text())["gap"]
     style = "n/a" if g.get("gap/style_fraction") is None else f"{g['gap/style_fraction']:.2f}"
     shuffled = g.get("gap/divergence_mean_shuffled")
-    return (f"Before training, on {g['gap/n_problems']} held-out problems x {g['gap/k']} samples: student "
+    return (f"Before training (`{path.parent.name}`), on {g['gap/n_problems']} held-out problems x "
+            f"{g['gap/k']} samples: student "
             f"{_pct(g['gap/student_accuracy_strict'])}% strict / {_pct(g['gap/student_accuracy_lenient'])}% "
             f"lenient, privileged teacher {_pct(g['gap/teacher_accuracy_strict'])}% / "
             f"{_pct(g['gap/teacher_accuracy_lenient'])}%; mean per-token {g['gap/kind']} on the student's "

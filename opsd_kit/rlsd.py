@@ -60,6 +60,8 @@ class RLSD(GRPO):
         from .prompts import build_batch
 
         mb = super()._micro_batch(problems, completions, adv_B)
+        if mb.zero_gradient:  # every token advantage is A * (...) = 0: no teacher pass needed
+            return mb
         mb.teacher = build_batch([self.prompts.teacher[p.id] for p in problems], completions,
                                  self.tokenizer.pad_token_id)
         self.ledger.book_prompt_tokens(mb.teacher)

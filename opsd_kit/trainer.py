@@ -277,8 +277,12 @@ class Trainer:
         self.ledger.train_tokens += int(total_tokens)
         loss_sum_local = 0.0
         extra: dict[str, list] = {}
+        skipped = 0
         for mb in micro_batches:
             loss_sum, mb_metrics = self.algorithm.loss(mb)
+            if loss_sum is None:  # the algorithm says this micro-batch's loss and gradient are exactly 0
+                skipped += 1
+                continue
             with self.ledger.phase("backward"):
                 (loss_sum / max(total_tokens, 1.0)).backward()
             loss_sum_local += float(loss_sum.detach())
@@ -305,6 +309,7 @@ class Trainer:
         metrics.update({
             "loss/total": loss, "train/grad_norm": grad_norm, "train/lr": lr,
             "train/skipped_nonfinite": int(not finite), "tokens/loss_tokens": int(total_tokens),
+            "train/zero_gradient_micro_batches": skipped,
             "time/step": round(time.perf_counter() - step_start, 4),
         })
         for name, total in self.ledger.seconds.items():

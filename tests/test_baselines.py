@@ -1,4 +1,5 @@
 """GRPO and SFT against hand-computed values on toy batches."""
+import json
 import math
 
 import pytest
@@ -116,3 +117,39 @@ def test_sft_without_a_cap_refuses_targets_beyond_the_context(tmp_path):
                    source="test")
     with pytest.raises(ConfigError, match="max_target_tokens=None: 1 reference solutions .*'long'"):
         Trainer(load_profile("tiny", "sft", run_dir=str(tmp_path), progress=False), problems=[long])
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rlsd"])
+@pytest.mark.parametrize("rewarded", ["none", "first group"])
+def test_micro_batches_whose_advantages_are_all_zero_skip_their_passes_and_learn_the_same(
+        tmp_path, monkeypatch, algorithm, rewarded):
+    """Skipping a zero-advantage micro-batch's forward and backward leaves the adapter, the loss
+    and the grad norm bit-identical to running them (tiny: 4 micro-batches of one group each,
+    each batch of rollouts reused for 2 optimizer steps)."""
+    from opsd_kit.grpo import GRPO
+
+    def grade(rollouts, problems):  # no reward, or a mixed first group (its micro-batch carries a gradient)
+        return [float(rewarded == "first group" and i == 0) for i in range(len(rollouts))]
+
+    def run(name, skip):
+        if not skip:
+            monkeypatch.setattr(GRPO, "_zero_gradient", lambda self, adv_B: False)
+        trainer = Trainer(load_profile("tiny", algorithm, run_dir=str(tmp_path / name), progress=False,
+                                       max_steps=2, learning_rate=1e-2))
+        trainer.algorithm.grade = grade
+        before = trainer.policy.lora_state_dict()
+        result = trainer.train()
+        monkeypatch.undo()
+        rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+        return before, trainer.policy.lora_state_dict(), rows
+
+    before, lora, rows = run("skip", skip=True)
+    _, lora_ref, rows_ref = run("reference", skip=False)
+    expected_skips = [4, 4] if rewarded == "none" else [3, 3]
+    assert [r["train/zero_gradient_micro_batches"] for r in rows] == expected_skips
+    assert [r["train/zero_gradient_micro_batches"] for r in rows_ref] == [0, 0]
+    for key in ("loss/total", "train/grad_norm"):
+        assert [r[key] for r in rows] == [r[key] for r in rows_ref], key
+    assert all(torch.equal(lora[k], lora_ref[k]) for k in lora)
+    moved = any(not torch.equal(lora[k], before[k]) for k in lora)
+    assert moved == (rewarded == "first group")  # only the mixed group moves the adapter

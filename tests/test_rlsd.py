@@ -79,7 +79,10 @@ def test_teacher_logprobs_are_the_adapter_off_model_on_the_teacher_prompt(tmp_pa
     assert metrics["rlsd/lambda"] == 0.5
     teacher_prompts = {tuple(rlsd.prompts.teacher[p.id]) for p in trainer.step_problems(0)}
     layers, vocab = policy.model.config.num_hidden_layers, policy.model.config.vocab_size
-    for mb in micro:
+    assert all(mb.teacher is None for mb in micro if mb.zero_gradient)  # no advantage: no teacher pass
+    learning = [mb for mb in micro if not mb.zero_gradient]
+    assert learning
+    for mb in learning:
         teacher_BC = mb.teacher_logp_BC
         torch.testing.assert_close(mb.teacher.completion_ids, mb.student.completion_ids)  # the same tokens
         with torch.no_grad():
