@@ -118,7 +118,7 @@ def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: in
         if job.algorithm == "rlsd":
             params[job.method]["algorithm"] = "rlsd"
     params["04_evaluation_and_token_efficiency"] = dict(
-        files, profile=profile, eval_profile=spec["eval_profile"], out_dir=str(run_dir / "study"),
+        files, profile=profile, eval_profile=spec["eval_profile"], eval_overrides={}, out_dir=str(run_dir / "study"),
         runs={j.method: str(run_dir / j.method) for j in jobs}, points=plan_points(profile, plan), workers=workers,
         answer_split_samples=spec.get("answer_split_samples", {}).get(plan, 0))
     return params
@@ -316,21 +316,17 @@ def _evaluate(workers, params: dict, method: str) -> float:
 
 
 def _evaluate_in_process(params: dict, method: str) -> None:
+    """Notebook 04's evaluation of ``method``'s points (the profile's base model for 'base'),
+    saved where 04 finds them."""
     from transformers.utils import logging as hf_logging
 
     from . import study
-    from .config import load_eval_profile, load_profile
-    from .data import load_source
+    from .config import load_profile
 
     hf_logging.disable_progress_bar()  # the demo's terminal shows one line per task, not a weight-loading bar
-
-    eval_config = load_eval_profile(params["eval_profile"])
-    problems, _ = load_source(params["eval_file"], size=None, seed=eval_config.seed)
-    if method == "base":  # the profile names the model and prompts every run shares: a folder with its config
-        model_run = Path(params["out_dir"]) / "base-model"
-        model_run.mkdir(parents=True, exist_ok=True)
-        load_profile(params["profile"], run_dir=str(model_run)).save(model_run / "config.json")
-        points = [study.Point("base", 0, None)]
+    eval_config, problems = study.held_out(params["eval_profile"], params["eval_file"], params["eval_overrides"])
+    if method == "base":  # the profile names the model and prompts every run shares
+        model_run, points = load_profile(params["profile"]), [study.Point("base", 0, None)]
     else:
         model_run = params["runs"][method]
         points = [p for p in study.study_points({method: model_run}, params["points"]) if p.adapter]

@@ -90,7 +90,8 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
     """Evaluate every point on ``problems``; returns ``{tag: EvalResult}``.
 
     ``model_run`` is a run folder whose config names the model and LoRA settings every point
-    shares. Results are saved under ``out_dir/<tag>`` with a key of the protocol, the problems
+    shares, or that `TrainConfig` itself (e.g. a profile's, to evaluate the base model before
+    any run has written its folder). Results are saved under ``out_dir/<tag>`` with a key of the protocol, the problems
     and the adapter's weights: a point whose key matches is loaded, not evaluated again.
     ``workers`` > 1 spreads the points over that many processes (one model each, one thread
     each); grading runs in each worker's main thread.
@@ -109,8 +110,8 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
         key = _evaluation_key(point, eval_config, problem_dicts)
         if _saved_key(out_dir / point.tag) != key:
             todo.append((point.tag, point.adapter, key))
-    _in_workers(_evaluate_share, todo, workers, str(model_run), problem_dicts, eval_config.to_dict(), str(out_dir),
-                progress)
+    _in_workers(_evaluate_share, todo, workers, _run_config(model_run), problem_dicts, eval_config.to_dict(),
+                str(out_dir), progress)
     return {point.tag: EvalResult.load(out_dir / point.tag) for point in points}
 
 
@@ -133,7 +134,7 @@ def _in_workers(work, jobs: list, workers: int, *args) -> list:
     return results
 
 
-def _evaluate_share(jobs: list, model_run: str, problem_dicts: list, eval_values: dict, out_dir: str,
+def _evaluate_share(jobs: list, model_run: dict, problem_dicts: list, eval_values: dict, out_dir: str,
                     progress: bool) -> list:
     """Worker: load the model once, evaluate each ``(tag, adapter, key)`` and save it."""
     from contextlib import nullcontext
@@ -276,12 +277,31 @@ def _first_sample(result, mode: str) -> list[bool]:
     return [bool(first.loc[i, f"correct_{mode}"]) for i in result.table["id"]]
 
 
-def _run_config(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "config.json").read_text())
+def _run_config(run) -> dict:
+    """A run's config values: a run folder's ``config.json``, or a `TrainConfig` (or its dict)."""
+    if isinstance(run, dict):
+        return run
+    if hasattr(run, "to_dict"):
+        return json.loads(json.dumps(run.to_dict()))  # as config.json holds it (tuples become lists)
+    return json.loads((Path(run) / "config.json").read_text())
+
+
+def held_out(eval_profile: str, eval_file: str = "", overrides: dict | None = None):
+    """``(eval_config, problems)``: the named evaluation protocol with ``overrides``, and its
+    held-out problems: ``eval_file`` (all of it, e.g. notebook 00's split) or else the
+    protocol's own ``data`` at its ``size``, drawn with its ``seed``."""
+    from .config import load_eval_profile
+    from .data import load_source
+
+    eval_config = load_eval_profile(eval_profile, **(overrides or {}))
+    problems, _ = load_source(eval_file or eval_config.data, size=None if eval_file else eval_config.size,
+                              seed=eval_config.seed)
+    return eval_config, problems
 
 
 def load_run_config(run_dir):
-    """The `TrainConfig` a run folder was trained with (its ``config.json``, validated)."""
+    """The `TrainConfig` a run folder was trained with (its ``config.json``, validated), or the
+    `TrainConfig` given."""
     from .config import TrainConfig
 
     return TrainConfig.from_dict(_run_config(run_dir))
@@ -371,7 +391,8 @@ def _saved_key(folder: Path) -> dict | None:
 
 
 def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
-    """The policy and prompt builder a run trained with, its adapter loaded when given.
+    """The policy and prompt builder a run (a folder, or a `TrainConfig`) trained with, its
+    adapter loaded when given.
 
     ``student_thinking`` overrides the run's student thinking switch (an evaluation protocol
     may differ from training: the paper trains with thinking off and evaluates with it on).

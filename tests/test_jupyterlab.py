@@ -65,6 +65,14 @@ def jupyterlab(tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
 
 
+def _dismiss_dialogs(page) -> None:
+    """Accept any modal dialog JupyterLab opened (e.g. a kernel choice), so the menu can be used."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count():
+        dialog.locator(".jp-mod-accept").first.click()
+        dialog.first.wait_for(state="detached", timeout=30_000)
+
+
 def test_notebook_00_runs_all_cells_in_jupyterlab(jupyterlab, tmp_path):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -72,17 +80,32 @@ def test_notebook_00_runs_all_cells_in_jupyterlab(jupyterlab, tmp_path):
             page = browser.new_page()
             page.goto(f"{jupyterlab}/lab/tree/notebooks/00_data_prep.ipynb?token={TOKEN}")
             page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=120_000)
-            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=120_000)
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+            idle.wait_for(timeout=120_000)
             code_cells = page.locator(".jp-Notebook .jp-CodeCell")
             n_code = code_cells.count()
-            deadline = time.monotonic() + 300
-            while True:  # every code cell numbered ("[3]:"): none waiting ("[ ]") or running ("[*]")
-                prompts = code_cells.locator(".jp-InputPrompt").all_inner_texts()
-                if len(prompts) == n_code and all(p.strip()[1:-2].strip().isdigit() for p in prompts):
+
+            def prompts() -> list[str]:  # "[ ]:" not run, "[*]:" waiting or running, "[3]:" done
+                return [p.strip() for p in code_cells.locator(".jp-InputPrompt").all_inner_texts()]
+
+            for _ in range(3):  # a click that lands while the page is still settling starts nothing
+                _dismiss_dialogs(page)
+                page.get_by_role("menuitem", name="Run", exact=True).click()
+                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+                started = time.monotonic() + 30
+                while time.monotonic() < started and not any(p != "[ ]:" for p in prompts()):
+                    time.sleep(0.5)
+                if any(p != "[ ]:" for p in prompts()):
                     break
-                assert time.monotonic() < deadline, f"cells did not finish: {prompts}"
+                idle.wait_for(timeout=60_000)
+            deadline = time.monotonic() + 300
+            while True:  # every code cell numbered: none waiting or running
+                now = prompts()
+                if len(now) == n_code and all(p[1:-2].strip().isdigit() for p in now):
+                    break
+                if time.monotonic() > deadline:
+                    page.screenshot(path=str(tmp_path / "jupyterlab.png"), full_page=True)
+                    raise AssertionError(f"cells did not finish (screenshot {tmp_path / 'jupyterlab.png'}): {now}")
                 time.sleep(1)
             stderr = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             assert not [t for t in stderr.all_inner_texts() if "Error" in t or "Traceback" in t]

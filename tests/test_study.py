@@ -163,3 +163,26 @@ def test_evaluation_key_equals_itself_after_a_round_trip_through_key_json(tmp_pa
         (tmp_path / "summary.json").write_text("{}")
         (tmp_path / "key.json").write_text(json.dumps(key))
         assert _saved_key(tmp_path) == key, profile
+
+
+def test_base_model_evaluates_from_a_profile_config_as_from_a_run_folder(tmp_path):
+    """The demo evaluates the base model from the profile's `TrainConfig` (no run folder needed
+    yet); notebook 04 from a run folder: the same model, the same rollouts, the same key."""
+    from opsd_kit.config import load_profile
+    from opsd_kit.data import Problem
+    from opsd_kit.study import _saved_key, evaluate_points, held_out
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(Problem(id=f"p{i}", question=f"{i} + 1?", answer=str(i + 1),
+                                                    solution=f"\\boxed{{{i + 1}}}", source="t").to_dict()) + "\n"
+                                 for i in range(3)))
+    eval_config, problems = held_out("tiny", str(eval_file), {"max_new_tokens": 4})
+    assert [p.id for p in problems] == ["p0", "p1", "p2"] and eval_config.max_new_tokens == 4  # all of the file
+    config = load_profile("tiny", run_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    config.save(tmp_path / "run" / "config.json")
+    base = [Point("base", 0, None)]
+    from_config = evaluate_points(base, problems, eval_config, model_run=config, out_dir=tmp_path / "a")
+    from_folder = evaluate_points(base, problems, eval_config, model_run=tmp_path / "run", out_dir=tmp_path / "b")
+    pd.testing.assert_frame_equal(from_config["base"].samples, from_folder["base"].samples)
+    assert _saved_key(tmp_path / "a" / "base") == _saved_key(tmp_path / "b" / "base")
