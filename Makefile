@@ -31,8 +31,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS)
 
-# The demo plus the shuffled-hint control and a second OPSD seed (PLAN=full: also the hint-contrast
-# loss, a second GRPO seed and RLSD), in the same run folder: finished runs and evaluations are reused.
+# The demo plus the shuffled-hint control and second OPSD and GRPO seeds (PLAN=full: also the
+# hint-contrast loss and RLSD), in the same run folder: finished runs and evaluations are reused.
 study: $(STAMP)
 	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan $(PLAN)
 

@@ -5,8 +5,8 @@ notebook 00 writes the leakage-checked splits; the training notebooks (OPSD, GRP
 run next, ``--jobs`` of them at a time (each in its own kernel, one torch thread); the base
 model's evaluation joins that queue after them and each run's evaluation when its training
 ends; notebook 04 then tabulates, compares and draws. ``--plan study`` (``make study``) adds the
-shuffled-hint control and a second OPSD seed, ``--plan full`` (``make study PLAN=full``) the
-hint-contrast loss, a second GRPO seed and RLSD, in the same run folder: a training job whose
+shuffled-hint control and second OPSD and GRPO seeds, ``--plan full`` (``make study PLAN=full``)
+the hint-contrast loss and RLSD, in the same run folder: a training job whose
 folder already holds a finished run of the same configuration is reused, not run again, and so
 are evaluations already made under the same protocol.
 The run folder gets the executed notebooks, each run, the study and ``summary.json``.
@@ -48,12 +48,12 @@ class TrainingJob:
 #: cpu-demo: OPSD trains 24 steps; GRPO gets a rollout-token budget above OPSD's total
 #: (token-matched, GRPO favoured); SFT trains on the same problems. The study adds the
 #: shuffled-hint OPSD control, a second OPSD seed (whose notebook also measures the
-#: teacher-student gap, 3.5 minutes the demo's critical path cannot hold), OPSD's mid-run
-#: checkpoint (``study_points``) and the answer-token divergence split (``answer_split_samples``
-#: rollouts per model, 0 when a plan has none), which do not fit the demo's 40 minutes on a
-#: 2-core CPU. The full study adds the
-#: hint-contrast loss, a second GRPO seed and RLSD (with GRPO's budget and strict reward). The tiny
-#: profile keeps the control in its demo, so that every notebook path runs in CI.
+#: teacher-student gap, 3.5 minutes the demo's critical path cannot hold), a second GRPO seed,
+#: OPSD's mid-run checkpoint (``study_points``) and the answer-token divergence split
+#: (``answer_split_samples`` rollouts per model, 0 when a plan has none), which do not fit the
+#: demo's 40 minutes on a 2-core CPU. The full study adds the hint-contrast loss and RLSD (with
+#: GRPO's budget and strict reward). The tiny profile keeps the control in its demo, so that
+#: every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny",
@@ -70,9 +70,9 @@ DEMO_PLANS = {
         answer_split_samples={"study": 16, "full": 16},
         demo=[TrainingJob("opsd", "opsd"), TrainingJob("grpo", "grpo"), TrainingJob("sft", "sft")],
         study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
-               TrainingJob("opsd-seed1", "opsd", {"seed": 1}, gap_problems=8)],
-        full=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}),
-              TrainingJob("grpo-seed1", "grpo", {"seed": 1}), TrainingJob("rlsd", "rlsd")],
+               TrainingJob("opsd-seed1", "opsd", {"seed": 1}, gap_problems=8),
+               TrainingJob("grpo-seed1", "grpo", {"seed": 1})],
+        full=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}), TrainingJob("rlsd", "rlsd")],
         study_points={"opsd": 2},
     ),
 }
@@ -205,10 +205,10 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
 #: ``split``: one model's answer-token split (16 rollouts); ``04``: the rest of notebook 04.
 #: Measured by `make demo` and `make study` (README).
 REFERENCE_MACHINE = "a 2-core AMD EPYC VM (no AVX-512)"
-REFERENCE_SPEED = 0.59  # `machine_speed` at the start of the measured `make demo` (2026-11-29)
-REFERENCE_SECONDS = {  # that `make demo` and the `make study` after it (README)
-    "cpu-demo": {"00_data_prep": 16, "opsd": 1883, "grpo": 1267, "sft": 294, "opsd-shuffled": 2250,
-                 "opsd-seed1": 2229, "point": 400, "split": 57, "04": 45},
+REFERENCE_SPEED = 0.60  # `machine_speed` at the start of the measured `make demo` (2026-11-29, 23:22 UTC)
+REFERENCE_SECONDS = {  # that `make demo`, and the `make study` of the same day (README)
+    "cpu-demo": {"00_data_prep": 15, "opsd": 1639, "grpo": 690, "sft": 296, "point": 371, "04": 47,
+                 "opsd-shuffled": 2250, "opsd-seed1": 2229, "grpo-seed1": 690, "split": 57},
 }
 
 
