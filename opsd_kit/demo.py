@@ -337,7 +337,8 @@ def _evaluate_in_process(params: dict, method: str) -> None:
 def _local_kernels() -> dict:
     """On POSIX, papermill's kernels talk over local IPC sockets, each under its own name, instead
     of TCP ports: nothing listens on the network, and ipykernel has no reason to print its
-    'running over TCP without encryption' warning into the demo's output."""
+    'running over TCP without encryption' warning into the demo's output; and a finished
+    notebook's kernel is shut down without the SIGINT jupyter_client sends first."""
     if os.name != "posix":
         return {}
     import tempfile
@@ -350,6 +351,13 @@ def _local_kernels() -> dict:
             super().__init__(**kwargs)
             self.transport = "ipc"
             self.ip = os.path.join(tempfile.gettempdir(), f"opsd-kit-kernel-{uuid.uuid4().hex[:12]}")
+
+        async def _async_interrupt_kernel(self):
+            # jupyter_client sends SIGINT before every shutdown; a notebook that has finished has
+            # nothing to interrupt, and the signal only makes the kernel log "KeyboardInterrupt
+            # caught in kernel" into the demo's output. (A cell timeout still interrupts.)
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
 
     return {"kernel_manager_class": IPCKernelManager}
 

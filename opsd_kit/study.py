@@ -91,8 +91,9 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
 
     ``model_run`` is a run folder whose config names the model and LoRA settings every point
     shares, or that `TrainConfig` itself (e.g. a profile's, to evaluate the base model before
-    any run has written its folder). Results are saved under ``out_dir/<tag>`` with a key of the protocol, the problems
-    and the adapter's weights: a point whose key matches is loaded, not evaluated again.
+    any run has written its folder). Results are saved under ``out_dir/<tag>`` with a key of
+    the protocol, the problems and the adapter's weights: a point whose key matches is loaded,
+    not evaluated again.
     ``workers`` > 1 spreads the points over that many processes (one model each, one thread
     each); grading runs in each worker's main thread.
     """

@@ -120,3 +120,31 @@ def test_machine_speed_is_a_short_positive_measurement():
     from opsd_kit.demo import machine_speed
 
     assert 0 < machine_speed(repeats=1) < 60
+
+
+def test_a_finished_notebooks_kernel_is_shut_down_without_a_sigint(monkeypatch):
+    """jupyter_client interrupts every kernel before shutting it down, and a kernel that gets
+    the SIGINT mid-message logs 'KeyboardInterrupt caught in kernel' into the demo's output:
+    the demo's kernels skip that interrupt, and only that one."""
+    import asyncio
+    import os
+
+    from jupyter_client import KernelManager
+
+    from opsd_kit.demo import _local_kernels
+
+    if os.name != "posix":
+        pytest.skip("the demo's own kernel manager is POSIX-only")
+    interrupted = []
+
+    async def interrupt(self):
+        interrupted.append(self.shutting_down)
+
+    monkeypatch.setattr(KernelManager, "_async_interrupt_kernel", interrupt)
+    km = _local_kernels()["kernel_manager_class"]()
+    km.shutting_down = True
+    asyncio.run(km._async_interrupt_kernel())
+    assert interrupted == []
+    km.shutting_down = False  # e.g. a cell timeout: interrupted as jupyter_client does
+    asyncio.run(km._async_interrupt_kernel())
+    assert interrupted == [False]
