@@ -208,7 +208,7 @@ REFERENCE_MACHINE = "a 2-core AMD EPYC VM (no AVX-512)"
 REFERENCE_SPEED = 0.60  # `machine_speed` at the start of the measured `make demo` (2026-11-29, 23:22 UTC)
 REFERENCE_SECONDS = {  # that `make demo`, and the `make study` of the same day (README)
     "cpu-demo": {"00_data_prep": 15, "opsd": 1639, "grpo": 690, "sft": 296, "point": 371, "04": 47,
-                 "opsd-shuffled": 2250, "opsd-seed1": 2229, "grpo-seed1": 690, "split": 57},
+                 "opsd-shuffled": 1648, "opsd-seed1": 1831, "grpo-seed1": 631, "split": 54},
 }
 
 
