@@ -84,7 +84,6 @@ def evaluation_task(method: str) -> str:
     return f"{method}-evaluation"
 
 
-
 def notebook_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "notebooks"
 
