@@ -11,7 +11,7 @@
 #   bench/step.py  4-bit  (QLoRA NF4, bf16 compute)
 #   bench/loss.py  bf16 and float32 at T=1024, V=151936, H=2048 (the output head is never
 #                  quantised, bitsandbytes skips lm_head, so the 4-bit loss is the bf16 one)
-#   bench/rollout.py  bf16: rollout_backend="fast" (LoRA merged) vs plain generate, greedy
+#   bench/rollout.py  bf16: rollout_backend="fast" (fused decoder) vs plain generate, greedy
 #                  match rate, sampled log-prob agreement, fraction of the bandwidth bound
 #   bench/memory.py   memory mode: one OPSD step at V=151936, 1024 completion tokens, gradient
 #                  checkpointing, chunked divergence vs TRL's full-logit loss (float32)

@@ -83,8 +83,10 @@ class TrainConfig:
     backend: str = "hf"
     """Model backend: 'hf' (transformers + peft) or 'unsloth' (GPU only, installed separately)."""
     rollout_backend: str = "hf"
-    """Rollout engine: 'hf' (generate with KV cache), 'fast' (generate with the LoRA adapter merged
-    while sampling; not with 4-bit) or 'vllm' (GPU, not with 4-bit)."""
+    """Rollout engine: 'hf' (transformers' generate, the reference), 'fast' (opsd_kit's fused
+    decoder: the LoRA adapter merged into a copy of the weights before each rollout, fused
+    projections, a static KV cache; Llama/Qwen layouts, else generate with the adapter merged;
+    not with 4-bit; bench/rollout.py) or 'vllm' (GPU, not with 4-bit)."""
 
     # -- data and prompts -------------------------------------------------------------------
     train_data: str = "reasoning_gym:chain_sum"

@@ -52,16 +52,16 @@ class TrainingJob:
 #: OPSD's mid-run checkpoint (``study_points``) and the answer-token divergence split
 #: (``answer_split_samples`` rollouts per model, 0 when a plan has none), which do not fit the
 #: demo's 40 minutes on a 2-core CPU. The full study adds the hint-contrast loss and RLSD (with
-#: GRPO's budget and strict reward). The tiny profile keeps the control in its demo, so that
-#: every notebook path runs in CI.
+#: GRPO's budget and strict reward). The tiny profile's plans have the same shape (its demo
+#: runs in about a minute); tests/test_demo.py runs its study, so every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny",
-        answer_split_samples={"demo": 4, "study": 4, "full": 4},
-        demo=[TrainingJob("opsd", "opsd", points=2, gap_problems=2),
-              TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
-              TrainingJob("grpo", "grpo", points=2), TrainingJob("sft", "sft")],
-        study=[TrainingJob("opsd-seed1", "opsd", {"seed": 1})],
+        answer_split_samples={"study": 4, "full": 4},
+        demo=[TrainingJob("opsd", "opsd", points=2, gap_problems=2), TrainingJob("grpo", "grpo", points=2),
+              TrainingJob("sft", "sft")],
+        study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
+               TrainingJob("opsd-seed1", "opsd", {"seed": 1})],
         full=[TrainingJob("rlsd", "rlsd")],
         study_points={"opsd-seed1": 2},
     ),

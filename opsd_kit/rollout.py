@@ -4,9 +4,10 @@
 returns the completion *ids*, exactly as sampled: the trainer feeds these same ids to both the
 student and the teacher, never a re-tokenisation of decoded text (docs/algorithm.md, Pitfalls, 1 and 2).
 
-`FastEngine` (``rollout_backend="fast"``) samples with the LoRA adapter merged into the base
-weights for the duration of the rollout (one matmul per layer instead of three), then restores
-the base weights bit for bit. A 4-bit base cannot be merged exactly, so "fast" is refused there.
+`FastEngine` (``rollout_backend="fast"``) samples without ``generate``: the LoRA adapter merged
+into a copy of the weights, fused projections, a static KV cache (`fused_decoder`); for a model
+the fused decoder does not support, ``generate`` with the adapter merged (restored bit for bit
+after). "fast" is refused with a 4-bit base.
 
 The vLLM backend (GPU, bf16 + LoRA) is imported lazily; vLLM with a 4-bit model is refused
 (docs/algorithm.md, Pitfalls, 7; TRL #3654: vLLM cannot serve bitsandbytes QLoRA adapters).
@@ -33,6 +34,9 @@ class GenerationSettings:
     """Samples per prompt (OPSD: 1; GRPO: the group size; evaluation: k)."""
     batch_size: int = 16
     """Sequences per ``generate`` call (prompts x samples)."""
+    min_new_tokens: int = 0
+    """Stop tokens are banned before this many tokens (0: off). For fixed-length benchmarks: it
+    changes the sampled distribution, so training leaves it off."""
 
     def __post_init__(self):
         checks = {
@@ -42,6 +46,7 @@ class GenerationSettings:
             "top_k": self.top_k >= 0,
             "n": self.n >= 1,
             "batch_size": self.batch_size >= 1,
+            "min_new_tokens": 0 <= self.min_new_tokens <= self.max_new_tokens,
         }
         for key, ok in checks.items():
             if not ok:
@@ -94,6 +99,35 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
     The model is put in eval mode for sampling and restored afterwards. ``logprobs=True`` also
     returns each sampled token's log-probability (see `Rollouts.logprobs`).
     """
+    import torch
+
+    sample = settings.temperature > 0
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=_eos_ids(model, tokenizer), use_cache=True,
+                  **dict(_NEUTRAL, min_new_tokens=settings.min_new_tokens or None))
+    if sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+    else:  # greedy: unset sampling knobs that a model's generation_config may carry
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if logprobs:
+        kwargs.update(output_scores=True, return_dict_in_generate=True)
+
+    def decode(ids_BL, mask_BL):
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)
+        new_ids_BN = (gen.sequences if logprobs else gen)[:, ids_BL.shape[1]:]
+        return new_ids_BN, (_sampled_logprobs(gen.scores, new_ids_BN) if logprobs else None)
+
+    return _sample_in_batches(model, tokenizer, prompt_ids, settings, decode, seed=seed, progress=progress,
+                              logprobs=logprobs)
+
+
+def _sample_in_batches(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, decode, *,
+                       seed: int | None, progress: bool, logprobs: bool) -> Rollouts:
+    """The loop every backend but vLLM shares: ``settings.n`` rows per prompt, in calls of
+    ``settings.batch_size`` left-padded rows, each seeded (``seed * 100_003 + call``), decoded by
+    ``decode(ids_BL, mask_BL) -> (new_ids_BN, logprobs_BN | None)`` and cut after the first stop
+    token. The model is in eval mode while sampling and restored afterwards."""
     import time
 
     import torch
@@ -102,39 +136,27 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate needs a non-empty list of non-empty prompts")
     eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
     rows = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(settings.n)]
     out = Rollouts([], [], [], [], logprobs=[] if logprobs else None)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    sample = settings.temperature > 0
-    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
-                  eos_token_id=eos_ids, use_cache=True, **_NEUTRAL)
-    if sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
-    else:  # greedy: unset sampling knobs that a model's generation_config may carry
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if logprobs:
-        kwargs.update(output_scores=True, return_dict_in_generate=True)
     try:
         starts = range(0, len(rows), settings.batch_size)
         for call, s in enumerate(tqdm(starts, desc="generate", disable=not progress, leave=False)):
             chunk = rows[s:s + settings.batch_size]
-            ids, mask = left_pad([p for _, p in chunk], pad_id)
+            ids, mask = left_pad([p for _, p in chunk], tokenizer.pad_token_id)
             if seed is not None:
                 torch.manual_seed(seed * 100_003 + call)
-            with torch.no_grad():
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new_ids_BN = (gen.sequences if logprobs else gen)[:, ids.shape[1]:]
+            new_ids_BN, logprobs_BN = decode(ids.to(device), mask.to(device))
             for r, ((pi, _), row) in enumerate(zip(chunk, new_ids_BN.tolist())):
                 completion, done = _trim(row, eos_ids)
                 out.prompt_index.append(pi)
                 out.completion_ids.append(completion)
                 out.finished.append(done)
                 if logprobs:
-                    out.logprobs.append(_sampled_logprobs(gen.scores, new_ids_BN, r, len(completion)))
+                    out.logprobs.append(logprobs_BN[r, :len(completion)].tolist())
     finally:
         model.train(was_training)
     out.texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
@@ -150,13 +172,13 @@ _NEUTRAL = dict(repetition_penalty=1.0, min_p=None, typical_p=1.0, epsilon_cutof
                 forced_eos_token_id=None)
 
 
-def _sampled_logprobs(scores_N_BV, new_ids_BN, row: int, length: int) -> list[float]:
-    """Log-probabilities of row ``row``'s first ``length`` generated tokens under the processed
-    scores ``generate`` sampled from (one [B, V] tensor per decode step)."""
+def _sampled_logprobs(scores_N_BV, new_ids_BN):
+    """[B, N] log-probabilities of the generated tokens under the processed scores ``generate``
+    sampled from (one [B, V] tensor per decode step), one step at a time (no [B, N, V] tensor)."""
     import torch
 
-    scores_LV = torch.stack([s[row] for s in scores_N_BV[:length]]).float()
-    return torch.log_softmax(scores_LV, -1).gather(-1, new_ids_BN[row, :length, None]).squeeze(-1).tolist()
+    return torch.stack([torch.log_softmax(s.float(), -1).gather(-1, new_ids_BN[:, t, None]).squeeze(-1)
+                        for t, s in enumerate(scores_N_BV)], 1)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -181,34 +203,58 @@ def _trim(row: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
 
 
 class FastEngine:
-    """Rollouts from a LoRA policy with the adapter merged into the base weights while sampling.
+    """Rollouts from a LoRA policy without Hugging Face ``generate`` (``rollout_backend="fast"``).
 
-    Each call snapshots the base weights of the adapted layers, calls peft's ``merge_adapter()``,
-    samples with `generate`, and in a ``finally`` calls ``unmerge_adapter()`` and copies the
-    snapshot back, so the base weights (the frozen teacher) are bit-identical afterwards, also
-    when sampling raises. (``unmerge_adapter`` alone subtracts the delta again, which is exact
-    only up to float rounding, and that error would accumulate over training steps.) The
-    adapted layers are found once, at construction. Extra memory while sampling: one copy of
-    the adapted base weights.
+    Where `fused_decoder.FusedDecoder` supports the model (Llama, SmolLM2, Qwen2, Qwen3 with
+    plain LoRA) it samples: before every call the current adapter is merged into a copy of the
+    projections (fused, on CPU prepacked), then decoding uses a static KV cache; the model itself
+    is never written to. Otherwise (``self.fallback`` says why, with a warning) it samples with
+    `generate` inside `merged`. Either way the sampled distribution is the student's up to floating-point
+    rounding (bench/rollout.py measures greedy agreement and log-probabilities against the
+    student's own forward). Extra memory: one copy of the decoder's projection weights.
     """
 
     def __init__(self, model, tokenizer):
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
 
+        from .fused_decoder import FusedDecoder
+
         if not isinstance(model, PeftModel):
-            raise ValueError("rollout_backend='fast' merges a LoRA adapter; this model has none (use 'hf')")
+            raise ValueError("rollout_backend='fast' needs a LoRA adapter; this model has none (use 'hf')")
         if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
             check_backend("fast", "4bit")
         self.model, self.tokenizer = model, tokenizer
-        self._base_weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
+        self.fallback = FusedDecoder.unsupported(model)
+        """None when the fused decoder samples; else why `generate` with the adapter merged does."""
+        self._decoder: FusedDecoder | None = None
+        self._base_weights = []  # what `merged` snapshots and restores (the fallback only)
+        if self.fallback:
+            import warnings
+
+            self._base_weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
+            warnings.warn(f"rollout_backend='fast': the fused decoder cannot run this model ({self.fallback}); "
+                          "sampling with generate and the adapter merged instead", stacklevel=2)
 
     def generate(self, prompt_ids: list[list[int]], settings: GenerationSettings, *, seed: int | None = None,
                  progress: bool = False, logprobs: bool = False) -> Rollouts:
-        """`generate` with the adapter merged; the same arguments and result."""
-        with self.merged():
-            return generate(self.model, self.tokenizer, prompt_ids, settings, seed=seed, progress=progress,
-                            logprobs=logprobs)
+        """`generate`'s arguments and result."""
+        if self.fallback:
+            with self.merged():
+                return generate(self.model, self.tokenizer, prompt_ids, settings, seed=seed, progress=progress,
+                                logprobs=logprobs)
+        from .fused_decoder import FusedDecoder
+
+        if self._decoder is None:  # building it merges the adapter as it is now
+            self._decoder = FusedDecoder(self.model, rows_hint=settings.batch_size)
+        else:
+            self._decoder.refresh()
+        knobs = dict(max_new_tokens=settings.max_new_tokens, eos_ids=_eos_ids(self.model, self.tokenizer),
+                     pad_id=self.tokenizer.pad_token_id, temperature=settings.temperature, top_k=settings.top_k,
+                     top_p=settings.top_p, min_new_tokens=settings.min_new_tokens, logprobs=logprobs)
+        return _sample_in_batches(self.model, self.tokenizer, prompt_ids, settings,
+                                  lambda ids_BL, mask_BL: self._decoder.decode(ids_BL, mask_BL, **knobs), seed=seed,
+                                  progress=progress, logprobs=logprobs)
 
     @contextmanager
     def merged(self):
@@ -258,6 +304,7 @@ class VLLMEngine:
         self._version += 1
         params = [SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
                                  top_k=settings.top_k or -1, max_tokens=settings.max_new_tokens,
+                                 min_tokens=settings.min_new_tokens,
                                  seed=None if seed is None else seed * 100_003 + i)  # one stream per prompt
                   for i in range(len(prompt_ids))]
         prompts = [{"prompt_token_ids": p} for p in prompt_ids]
@@ -295,8 +342,8 @@ class RolloutSampler:
     Args:
         policy: the `policy.Policy` being trained (its ``model`` and ``tokenizer`` sample with
             ``backend='hf'``; vLLM serves its adapter, saved to ``adapter_dir`` before each call).
-        backend: ``"hf"`` (HF generate), ``"fast"`` (`FastEngine`: the LoRA merged while sampling)
-            or ``"vllm"``; `TrainConfig.validate` checks it.
+        backend: ``"hf"`` (HF generate), ``"fast"`` (`FastEngine`: opsd_kit's fused decoder) or
+            ``"vllm"``; `TrainConfig.validate` checks it.
         seed: the run's seed.
         num_processes / process_index: this process's place in the run; each samples its own stream.
         adapter_dir: where the vLLM backend saves the adapter it serves.

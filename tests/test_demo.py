@@ -8,18 +8,20 @@ from opsd_kit.demo import NOTEBOOKS, evaluation_task, plan_jobs, run_demo
 
 
 @pytest.mark.slow
-def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
-    summary = run_demo("tiny", tmp_path, jobs=2)
+def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
+    """The tiny study (the demo's OPSD, GRPO and SFT, plus the shuffled-hint control and a
+    second OPSD seed), so every notebook path runs."""
+    summary = run_demo("tiny", tmp_path, jobs=2, plan="study")
     out, err = capfd.readouterr()
     assert "[demo] expected total about" in out or "[demo] no expected total" in out
     assert "without encryption" not in err  # the kernels talk over local sockets, not TCP
-    jobs = plan_jobs("tiny")
+    jobs = plan_jobs("tiny", "study")
     methods = [j.method for j in jobs]
     evaluations = {evaluation_task(m) for m in ["base", *methods]}
     assert set(summary["notebook_seconds"]) == {"00_data_prep", *methods, *evaluations, NOTEBOOKS[-1]}
     # every point was evaluated in the pool's queue: notebook 04 found them all saved
     keys = list((tmp_path / "study" / "evaluations").glob("*/key.json"))
-    assert len(keys) == 1 + 2 + 1 + 2 + 1  # base, opsd x 2, opsd-shuffled, grpo x 2, sft
+    assert len(keys) == 1 + 2 + 2 + 1 + 1 + 2  # base, opsd x 2, grpo x 2, sft, opsd-shuffled, opsd-seed1 x 2
     from datetime import datetime
 
     notebook04 = json.loads((tmp_path / "04_evaluation_and_token_efficiency.ipynb").read_text())
@@ -48,7 +50,7 @@ def test_demo_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     for mode in ("strict", "lenient"):
         assert (tmp_path / "study" / f"token_efficiency_{mode}.png").is_file()
     # a second run reuses every finished run and evaluation: only 00 and 04 run again
-    again = run_demo("tiny", tmp_path, jobs=2)
+    again = run_demo("tiny", tmp_path, jobs=2, plan="study")
     assert set(again["notebook_seconds"]) == {"00_data_prep", *evaluations, NOTEBOOKS[-1]}
     assert again["vs_base"] == summary["vs_base"]
 
@@ -98,20 +100,24 @@ def test_baseline_notebook_runs_alone_with_only_the_profile_set(tmp_path, notebo
 def test_expected_total_plays_the_queue_out_and_scales_by_machine_speed(monkeypatch, tmp_path):
     import opsd_kit.demo as demo
 
-    reference = {"00_data_prep": 10, "opsd": 100, "opsd-shuffled": 60, "grpo": 30, "sft": 20, "point": 5, "split": 2,
-                 "04": 3}
+    reference = {"00_data_prep": 10, "opsd": 100, "grpo": 30, "sft": 20, "opsd-shuffled": 60, "opsd-seed1": 50,
+                 "point": 5, "split": 2, "04": 3}
     monkeypatch.setitem(demo.REFERENCE_SECONDS, "tiny", reference)
-    jobs = plan_jobs("tiny")  # opsd (2 points), opsd-shuffled, grpo (2 points), sft
-    # two slots: opsd 0-100 | shuffled 0-60, grpo 60-90, sft 90-110 | base 100-105, shuffled's
-    # evaluation 105-110 | grpo's 110-120 and opsd's 110-120 | sft's 120-125. Then 04: 3, and the
-    # split of 5 models over 2 workers: 3 x 2.
-    assert demo.expected_seconds("tiny", "demo", jobs, 2, tmp_path, scale=2.0) == 2.0 * (10 + 125 + 3 + 6)
-    # everything trained and evaluated: 00, 04 and the split remain
+    jobs = plan_jobs("tiny")  # opsd (2 points), grpo (2 points), sft
+    # two slots: opsd 0-100 | grpo 0-30, sft 30-50, base 50-55, grpo's evaluation 55-65, sft's
+    # 65-70, opsd's 100-110. Then 04: 3 (the demo has no answer-token split).
+    assert demo.expected_seconds("tiny", "demo", jobs, 2, tmp_path, scale=2.0) == 2.0 * (10 + 110 + 3)
+    # the study adds opsd-shuffled and opsd-seed1 (2 points): opsd 0-100, seed1 100-150 | grpo 0-30,
+    # sft 30-50, shuffled 50-110, base 110-115, then the evaluations of grpo, sft, opsd and
+    # shuffled 115-145, seed1's 150-160; then 04 and the split of 6 models over 2 workers: 3 x 2
+    study = plan_jobs("tiny", "study")
+    assert demo.expected_seconds("tiny", "study", study, 2, tmp_path) == 10 + 160 + 3 + 6
+    # everything trained and evaluated: 00 and 04 remain
     (tmp_path / "study" / "evaluations" / "base").mkdir(parents=True)
     (tmp_path / "study" / "evaluations" / "base" / "key.json").write_text("{}")
-    assert demo.expected_seconds("tiny", "demo", [], 2, tmp_path) == 10 + 3 + 6
+    assert demo.expected_seconds("tiny", "demo", [], 2, tmp_path) == 10 + 3
     monkeypatch.setattr(demo, "machine_speed", lambda: 2 * demo.REFERENCE_SPEED)
-    assert "expected total about 5 min" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
+    assert "expected total about 4 min" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
     del reference["sft"]
     assert "no reference time for ['sft']" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from opsd_kit.rollout import FastEngine, GenerationSettings, _eos_ids, _trim, generate
+from opsd_kit.rollout import GenerationSettings, _eos_ids, _trim, generate
 
 
 class _Tok:
@@ -61,74 +61,7 @@ def test_models_that_post_process_logits_are_refused(tiny_tokenizer):
     assert not model.is_gradient_checkpointing
 
 
-@pytest.fixture()
-def lora_policy(tiny_model, tiny_tokenizer):
-    """A tiny LoRA policy whose adapter is not a no-op (peft initialises lora_B to zero)."""
-    from opsd_kit.policy import LoraSettings, Policy
-
-    policy = Policy(tiny_model, tiny_tokenizer, lora=LoraSettings(r=4, alpha=8))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return policy
-
-
-def _weights(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-
-
-def test_fast_greedy_equals_generate(lora_policy, tiny_tokenizer):
-    settings = GenerationSettings(max_new_tokens=12, temperature=0.0, n=1)
-    hf = generate(lora_policy.model, tiny_tokenizer, PROMPTS, settings)
-    with lora_policy.model.disable_adapter():  # the adapter changes the greedy tokens, so merging matters
-        base = generate(lora_policy.model, tiny_tokenizer, PROMPTS, settings)
-    fast = FastEngine(lora_policy.model, tiny_tokenizer).generate(PROMPTS, settings)
-    assert fast.completion_ids == hf.completion_ids != base.completion_ids
-    assert fast.finished == hf.finished
-
-
-def test_fast_restores_weights_bit_for_bit(lora_policy, tiny_tokenizer, monkeypatch):
-    import opsd_kit.rollout as rollout
-
-    engine = FastEngine(lora_policy.model, tiny_tokenizer)
-    before = _weights(lora_policy.model)
-    engine.generate(PROMPTS, GenerationSettings(max_new_tokens=5, temperature=1.0), seed=0)
-    after = _weights(lora_policy.model)
-    assert all(torch.equal(before[n], after[n]) for n in before)
-
-    def fail(model, *args, **kwargs):
-        merged = _weights(model)
-        assert any(not torch.equal(before[n], merged[n]) for n in before)  # it did sample merged
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(rollout, "generate", fail)
-    with pytest.raises(RuntimeError, match="boom"):
-        engine.generate(PROMPTS, GenerationSettings(max_new_tokens=5))
-    after = _weights(lora_policy.model)
-    assert all(torch.equal(before[n], after[n]) for n in before)
-    assert not any(getattr(m, "merged", False) for m in lora_policy.model.modules())
-
-
-def test_fast_sampled_logprobs_match_the_unmerged_student(lora_policy, tiny_tokenizer):
-    temperature = 0.7
-    settings = GenerationSettings(max_new_tokens=10, temperature=temperature, n=2)
-    out = FastEngine(lora_policy.model, tiny_tokenizer).generate(PROMPTS, settings, seed=1, logprobs=True)
-    model = lora_policy.model.eval()
-    worst = 0.0
-    for pi, completion, sampled in zip(out.prompt_index, out.completion_ids, out.logprobs):
-        prompt = PROMPTS[pi]
-        with torch.no_grad():
-            logits_TV = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()
-        scores_CV = logits_TV[len(prompt) - 1:-1] / temperature
-        student_C = torch.log_softmax(scores_CV, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
-        assert len(sampled) == len(completion)
-        worst = max(worst, float((student_C - torch.tensor(sampled)).abs().max()))
-    assert worst < 1e-3
+# The "fast" engine's tokens, log-probabilities and weights: tests/test_fused_decoder.py.
 
 
 def test_fast_with_4bit_is_refused():
@@ -147,5 +80,6 @@ def test_trainer_uses_the_fast_engine(tmp_path):
     base = {n: p.detach().clone() for n, p in trainer.policy.causal_lm.named_parameters() if "lora_" not in n}
     trainer.train()
     assert isinstance(trainer.algorithm.sampler._engine, FastEngine)
+    assert trainer.algorithm.sampler._engine.fallback is None  # the fused decoder sampled
     after = dict(trainer.policy.causal_lm.named_parameters())
     assert all(torch.equal(base[n], after[n]) for n in base)
