@@ -279,13 +279,15 @@ class FusedDecoder:
 
 def _one_query_attention(q_BNQD, k_BGKD, v_BGKD, blocked_B11K) -> torch.Tensor:
     """Attention of one new query per row (decode) with plain matmuls, the N query heads in G
-    groups sharing a key/value head; ``blocked`` marks the keys a row may not see (padding). At
+    groups sharing a key/value head; ``blocked`` marks the keys a row may not see (padding); the
+    softmax in float32 whatever the dtype, as transformers' eager attention does it. At
     these sizes SDPA's CPU kernel costs more than the attention itself (about 10% of a decode
     step in bench/rollout.py)."""
     B, N, _, D = q_BNQD.shape
     G = k_BGKD.shape[1]
     scores = (q_BNQD.view(B, G, N // G, D) @ k_BGKD.transpose(-1, -2)) * D ** -0.5
-    return (scores.masked_fill(blocked_B11K, float("-inf")).softmax(-1) @ v_BGKD).view(B, N, 1, D)
+    weights = scores.masked_fill(blocked_B11K, float("-inf")).softmax(-1, dtype=torch.float32)  # as HF's eager
+    return (weights.to(v_BGKD.dtype) @ v_BGKD).view(B, N, 1, D)
 
 
 def process_scores(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
