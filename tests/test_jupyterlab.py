@@ -82,8 +82,13 @@ def test_notebook_00_runs_all_cells_in_jupyterlab(jupyterlab, tmp_path):
             page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=120_000)
             idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
             idle.wait_for(timeout=120_000)
+            # the notebook's code cells, from the file: the page attaches its cells progressively, so
+            # counting them right after the first one appears can come up short (a fresh-clone CI run did)
+            notebook = json.loads((tmp_path / "notebooks" / "00_data_prep.ipynb").read_text())
+            n_code = sum(cell["cell_type"] == "code" for cell in notebook["cells"])
+            page.wait_for_function(f"document.querySelectorAll('.jp-Notebook .jp-CodeCell').length >= {n_code}",
+                                   timeout=120_000)
             code_cells = page.locator(".jp-Notebook .jp-CodeCell")
-            n_code = code_cells.count()
 
             def prompts() -> list[str]:  # "[ ]:" not run, "[*]:" waiting or running, "[3]:" done
                 return [p.strip() for p in code_cells.locator(".jp-InputPrompt").all_inner_texts()]
