@@ -117,26 +117,28 @@ class FusedDecoder:
         reason = self.unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder: {reason}")
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2/3 and Mistral's too
+
         self.model = model
         causal_lm = _causal_lm(model)
-        cfg = self.config = causal_lm.config
+        cfg = causal_lm.config
         self.backbone = causal_lm.get_decoder()
         self.embed = causal_lm.get_input_embeddings()
         self.dtype = self.embed.weight.dtype
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        with torch.no_grad():
-            self.layers = [_Layer(input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm,
-                                  q_norm=getattr(layer.self_attn, "q_norm", None),
-                                  k_norm=getattr(layer.self_attn, "k_norm", None),
-                                  qkv=_Projection([layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                   layer.self_attn.v_proj], rows_hint),
-                                  o=_Projection([layer.self_attn.o_proj], rows_hint),
-                                  gate_up=_Projection([layer.mlp.gate_proj, layer.mlp.up_proj], rows_hint),
-                                  down=_Projection([layer.mlp.down_proj], rows_hint))
-                           for layer in self.backbone.layers]
-            self.head = _Projection([causal_lm.get_output_embeddings()], rows_hint)
+        self._rotate = apply_rotary_pos_emb
+        self.layers = [_Layer(input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm,
+                              q_norm=getattr(layer.self_attn, "q_norm", None),
+                              k_norm=getattr(layer.self_attn, "k_norm", None),
+                              qkv=_Projection([layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                               layer.self_attn.v_proj], rows_hint),
+                              o=_Projection([layer.self_attn.o_proj], rows_hint),
+                              gate_up=_Projection([layer.mlp.gate_proj, layer.mlp.up_proj], rows_hint),
+                              down=_Projection([layer.mlp.down_proj], rows_hint))
+                       for layer in self.backbone.layers]
+        self.head = _Projection([causal_lm.get_output_embeddings()], rows_hint)
         self.refresh()
 
     def _projections(self) -> list[_Projection]:
@@ -237,11 +239,11 @@ class FusedDecoder:
             new_ids_BN[:, t] = token_B
             finished_B |= torch.isin(token_B, eos_E)
             if t == max_new_tokens - 1 or bool(finished_B.all()):
-                return new_ids_BN[:, : t + 1], (logprobs_BN[:, : t + 1] if logprobs else None)
+                break
             valid_BK[:, L + t] = True
             logits_BV = self._forward(token_B[:, None], position_B1, cache, L + t, valid_BK[:, None, None, : L + t + 1])
             position_B1 = position_B1 + 1
-        raise AssertionError("unreachable")
+        return new_ids_BN[:, : t + 1], (logprobs_BN[:, : t + 1] if logprobs else None)
 
     def _empty_cache(self, B: int, total: int, device) -> torch.Tensor:
         return torch.empty(B, self.num_kv_heads, total, self.head_dim, dtype=self.dtype, device=device)
@@ -249,8 +251,6 @@ class FusedDecoder:
     def _forward(self, ids_BQ, position_BQ, cache, start: int, mask_BHQK) -> torch.Tensor:
         """Run ``Q`` new positions (from cache slot ``start`` on) through every layer; returns the
         last position's logits [B, V]."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         B, Q = ids_BQ.shape
         end = start + Q
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -263,7 +263,7 @@ class FusedDecoder:
             q, k, v = q.view(B, Q, nh, hd), k.view(B, Q, nkv, hd), v.view(B, Q, nkv, hd)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
-            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = self._rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v.transpose(1, 2)
             if Q == 1:
