@@ -83,6 +83,10 @@ class _Projection:
             except (AttributeError, RuntimeError):  # a torch build without these ops: F.linear
                 self.packed = None
 
+    def release(self) -> None:
+        """Drop the merged tensors (`refresh` builds them again)."""
+        self.weight = self.packed = self.bias = None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -109,8 +113,9 @@ class FusedDecoder:
 
     Building one merges the current adapter; call `refresh` before each later rollout (it merges
     the adapter as it is then into a new copy of the projections; memory: one copy of the
-    decoder's projection weights), then `decode` each batch. It holds no gradients and never writes to the
-    model. ``rows_hint`` is the batch size the CPU packing is tuned for.
+    decoder's projection weights), then `decode` each batch, then `release` the copy (so that
+    it is not held while the trainer computes the loss). It holds no gradients and never writes
+    to the model. ``rows_hint`` is the batch size the CPU packing is tuned for.
     """
 
     def __init__(self, model, rows_hint: int = 8):
@@ -152,6 +157,11 @@ class FusedDecoder:
             raise ValueError(f"FusedDecoder: {reason}")
         for projection in self._projections():
             projection.refresh()
+
+    def release(self) -> None:
+        """Free the merged copy of the projections until the next `refresh`."""
+        for projection in self._projections():
+            projection.release()
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -207,6 +217,8 @@ class FusedDecoder:
         """
         if max_new_tokens < 1:
             raise ValueError(f"decode needs max_new_tokens >= 1, got {max_new_tokens}")
+        if self.head.weight is None and self.head.packed is None:
+            raise RuntimeError("FusedDecoder.decode after release(): call refresh() first")
         B, L = input_ids_BL.shape
         device = input_ids_BL.device
         total = L + max_new_tokens

@@ -211,7 +211,8 @@ class FastEngine:
     is never written to. Otherwise (``self.fallback`` says why, with a warning) it samples with
     `generate` inside `merged`. Either way the sampled distribution is the student's up to floating-point
     rounding (bench/rollout.py measures greedy agreement and log-probabilities against the
-    student's own forward). Extra memory: one copy of the decoder's projection weights.
+    student's own forward). Extra memory while sampling: one copy of the decoder's projection weights,
+    released when the call returns.
     """
 
     def __init__(self, model, tokenizer):
@@ -252,9 +253,12 @@ class FastEngine:
         knobs = dict(max_new_tokens=settings.max_new_tokens, eos_ids=_eos_ids(self.model, self.tokenizer),
                      pad_id=self.tokenizer.pad_token_id, temperature=settings.temperature, top_k=settings.top_k,
                      top_p=settings.top_p, min_new_tokens=settings.min_new_tokens, logprobs=logprobs)
-        return _sample_in_batches(self.model, self.tokenizer, prompt_ids, settings,
-                                  lambda ids_BL, mask_BL: self._decoder.decode(ids_BL, mask_BL, **knobs), seed=seed,
-                                  progress=progress, logprobs=logprobs)
+        try:
+            return _sample_in_batches(self.model, self.tokenizer, prompt_ids, settings,
+                                      lambda ids_BL, mask_BL: self._decoder.decode(ids_BL, mask_BL, **knobs),
+                                      seed=seed, progress=progress, logprobs=logprobs)
+        finally:  # the merged copy is not held between rollouts (the loss's activations need the memory)
+            self._decoder.release()
 
     @contextmanager
     def merged(self):

@@ -106,6 +106,19 @@ def test_seeded_sampling_repeats(tiny_tokenizer):
     assert a == b != engine.generate(PROMPTS, settings, seed=8).completion_ids
 
 
+def test_the_merged_copy_is_released_between_rollouts(tiny_tokenizer):
+    """The copy exists only while sampling, so the loss's activations do not sit on top of it."""
+    policy = _lora_policy(_model("qwen2", tiny_tokenizer), tiny_tokenizer)
+    engine = FastEngine(policy.model, tiny_tokenizer)
+    first = engine.generate(PROMPTS, GREEDY).completion_ids
+    projections = engine._decoder._projections()
+    assert all(p.weight is None and p.packed is None and p.bias is None for p in projections)
+    with pytest.raises(RuntimeError, match="after release"):
+        engine._decoder.decode(torch.tensor([PROMPTS[0]]), torch.ones(1, len(PROMPTS[0])), max_new_tokens=2,
+                               eos_ids=[0], pad_id=0)
+    assert engine.generate(PROMPTS, GREEDY).completion_ids == first  # the next call merges it again
+
+
 def test_the_model_is_never_written_and_each_call_samples_the_current_weights(tiny_tokenizer):
     policy = _lora_policy(_model("llama", tiny_tokenizer), tiny_tokenizer)
     model = policy.model
