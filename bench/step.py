@@ -17,7 +17,9 @@ generation, both forwards, backward, clipping, optimizer and logging.
 opsd_kit side: ``opsd_kit.trainer.Trainer`` on the cpu-demo profile (overrides printed), with
 ``--rollout-backend`` (default "fast", opsd_kit's fused decoder, or "hf" with a 4-bit model;
 "hf" samples with the same ``generate`` as TRL); each step is ``Trainer._optimizer_step()``, the body of
-``Trainer.train()``'s loop (no checkpoint writing).
+``Trainer.train()``'s loop (no checkpoint writing). With "fast" the student's forward over the prompts
+runs once, before sampling, and serves the rollout and the loss (``opsd.py``); the loss check below
+runs the student the same way.
 
 Same work: both sides get the same problems every step, the same chat-templated student prompt
 ids and the same teacher prompt ids (opsd_kit's ``teacher_template`` is set to TRL's
@@ -125,8 +127,8 @@ def build_ours(args, model_path, run_dir):
     trainer = Trainer(cfg, problems=problems)
     # fixed completion length: the stop tokens banned until the cap, with either backend
     sampler, sample = trainer.algorithm.sampler, trainer.algorithm.sampler.sample
-    sampler.sample = lambda prompts, settings, step: sample(
-        prompts, dataclasses.replace(settings, min_new_tokens=args.new_tokens), step)
+    sampler.sample = lambda prompts, settings, step, **kw: sample(
+        prompts, dataclasses.replace(settings, min_new_tokens=args.new_tokens), step, **kw)
     return trainer, cfg, problems
 
 
@@ -273,7 +275,10 @@ def worker_loss(args, model_path):
         student = build_batch([student_ids[r] for r in rows], [completions[r] for r in rows], tok.pad_token_id)
         teacher = build_batch([alg.prompts.teacher[problems[r].id] for r in rows], [completions[r] for r in rows],
                               tok.pad_token_id)
-        loss_sum, _ = alg.loss(OPSDBatch(student=student, teacher=teacher, wrong_teacher=None, num_loss_tokens=0))
+        prompt_pass = (alg.student_prompt_pass([student_ids[r] for r in rows])[0] if alg.shares_prompt_pass
+                       else None)  # as the timed step runs the student: from its pass over the prompts
+        loss_sum, _ = alg.loss(OPSDBatch(student=student, teacher=teacher, wrong_teacher=None, num_loss_tokens=0,
+                                         student_prompt=prompt_pass))
         (loss_sum / total).backward()
         ours_sum += float(loss_sum.detach())
     ours_loss = ours_sum / total

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .ledger import TokenLedger
     from .policy import Policy
     from .prompts import Batch, PromptCache
-    from .rollout import Rollouts, RolloutSampler
+    from .rollout import Prefill, Rollouts, RolloutSampler
 
 
 class MicroBatch(Protocol):
@@ -73,11 +73,12 @@ class Algorithm:
         pass
 
     # -- shared helpers ------------------------------------------------------------------
-    def rollouts(self, problems: list[Problem], step: int, n: int) -> Rollouts:
-        """Sample ``n`` completions per problem from the current student; book the tokens."""
+    def rollouts(self, problems: list[Problem], step: int, n: int, prefill: Prefill | None = None) -> Rollouts:
+        """Sample ``n`` completions per problem from the current student; book the tokens.
+        ``prefill``: the student's own pass over these prompts to sample from (`rollout.Prefill`)."""
         prompts = [self.prompts.student[p.id] for p in problems]
         with self.ledger.phase("generate"):
-            out = self.sampler.sample(prompts, self.config.rollout_settings(n=n), step)
+            out = self.sampler.sample(prompts, self.config.rollout_settings(n=n), step, prefill=prefill)
         self.ledger.book_rollouts(out)
         return out
 

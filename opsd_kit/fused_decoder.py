@@ -205,11 +205,15 @@ class FusedDecoder:
     @torch.no_grad()
     def decode(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, *, max_new_tokens: int,
                eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               min_new_tokens: int = 0, logprobs: bool = False):
+               min_new_tokens: int = 0, logprobs: bool = False, prefill=None):
         """Sample (``temperature > 0``) or greedily decode up to ``max_new_tokens`` per row of a
         left-padded batch. Rows that stopped are filled with ``pad_id`` (as ``generate`` does);
         decoding ends when every row has stopped. ``min_new_tokens`` bans the stop tokens before
         that many tokens (``generate``'s ``min_new_tokens``; for fixed-length benchmarks).
+
+        ``prefill`` (a `rollout.Prefill` in this batch's layout): the prompt's key/value states and
+        next-token logits from the caller's own pass (the trainer's student forward), used instead
+        of running the prompt through the merged weights here.
 
         Returns ``(new_ids_BN, logprobs_BN)``: the generated ids and, with ``logprobs=True``,
         each one's log-probability under the processed distribution it was drawn from (None
@@ -227,10 +231,18 @@ class FusedDecoder:
         cache = [(self._empty_cache(B, total, device), self._empty_cache(B, total, device)) for _ in self.layers]
         # positions as generate computes them for left padding: 0 at each row's first real token
         position_BL = (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
-        causal_LL = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        # a padding query attends to itself as well, so no row of the mask is empty (no NaN)
-        prefill_mask = (causal_LL & valid_BK[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
-        logits_BV = self._forward(input_ids_BL, position_BL, cache, 0, prefill_mask)
+        if prefill is None:
+            causal_LL = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            # a padding query attends to itself as well, so no row of the mask is empty (no NaN)
+            prefill_mask = (causal_LL & valid_BK[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+            logits_BV = self._forward(input_ids_BL, position_BL, cache, 0, prefill_mask)
+        else:
+            if prefill.logits_BV.shape[0] != B or prefill.keys[0].shape[-2] != L:
+                raise ValueError(f"prefill for {prefill.logits_BV.shape[0]} rows x {prefill.keys[0].shape[-2]} "
+                                 f"columns, but the batch is {B} x {L}")
+            for (k_cache, v_cache), k, v in zip(cache, prefill.keys, prefill.values):
+                k_cache[:, :, :L], v_cache[:, :, :L] = k, v
+            logits_BV = prefill.logits_BV
         position_B1 = position_BL[:, -1:] + 1
         eos_E = torch.tensor(eos_ids, dtype=torch.long, device=device)
         finished_B = torch.zeros(B, dtype=torch.bool, device=device)

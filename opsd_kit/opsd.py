@@ -12,6 +12,15 @@ Controls that tell signal from style: ``teacher_hint='shuffled'`` puts another p
 solution in the teacher prompt (what is left is style); ``divergence='hint_contrast'`` adds a
 third forward pass, the teacher with that wrong hint, and trains on what the correct hint adds
 over it (``losses.hint_contrast_divergence``).
+
+One pass over the prompts: with ``rollout_backend='fast'`` the student's forward over each
+micro-batch's prompts runs before sampling (`OPSD.student_prompt_pass`); its key/value states
+start the rollout (instead of the fused decoder's own pass over the same prompts with the same
+weights), and the loss continues from them over the completion, gradients through both. The
+result equals running the whole row (up to floating-point order; tested). Off where the pass
+would not be the sampling policy's (LoRA dropout), could not keep its cache (gradient
+checkpointing), or where its graph would see the weights change before backward (the EMA
+teacher swaps its weights in): then each runs its own.
 """
 from __future__ import annotations
 
@@ -21,7 +30,19 @@ from typing import TYPE_CHECKING
 from .algorithm import Algorithm
 
 if TYPE_CHECKING:
+    import torch
+
     from .prompts import Batch
+
+
+@dataclass
+class PromptPass:
+    """The student's forward over a micro-batch's left-padded prompts, kept for the loss."""
+
+    cache: object
+    """A transformers ``DynamicCache``: every layer's key/value states, with their autograd graph."""
+    last_hidden_BH: torch.Tensor
+    """The last prompt column's final hidden state (it predicts the first completion token)."""
 
 
 @dataclass
@@ -35,6 +56,9 @@ class OPSDBatch:
     wrong_teacher: Batch | None
     """[wrong-hint teacher prompt ++ the same completion] (divergence='hint_contrast'), else None."""
     num_loss_tokens: int
+    student_prompt: PromptPass | None = None
+    """The student's pass over the prompt columns, already run (the rollout started from it);
+    None: the loss runs the student over the whole row."""
 
 
 class OPSD(Algorithm):
@@ -48,16 +72,35 @@ class OPSD(Algorithm):
 
         super().__init__(config, policy, **collaborators)
         self.spec = DivergenceSpec.from_config(config)  # the loss settings, read once
+        self.shares_prompt_pass = self.sampler is not None and self._can_share_prompt_pass(config, policy)
+        """Whether one student pass over the prompts serves the rollout and the loss (module docstring)."""
+
+    @staticmethod
+    def _can_share_prompt_pass(config, policy) -> bool:
+        if (config.rollout_backend != "fast" or config.gradient_checkpointing or config.lora_dropout
+                or config.teacher == "ema"):
+            return False
+        from .fused_decoder import FusedDecoder
+
+        return FusedDecoder.unsupported(policy.model) is None
 
     def prepare(self, step: int) -> tuple[list[OPSDBatch], dict]:
         from .prompts import build_batch
 
         problems = self.step_problems(step)
-        rollouts = self.rollouts(problems, step, n=1)
+        passes = prefill = None
+        if self.shares_prompt_pass:
+            from .rollout import Prefill
+
+            with self.ledger.phase("student"):
+                passes, parts = zip(*(self.student_prompt_pass([self.prompts.student[problems[r].id] for r in rows])
+                                      for rows in self.chunks(len(problems))))
+            prefill = Prefill.concat(parts)
+        rollouts = self.rollouts(problems, step, n=1, prefill=prefill)
         metrics = self.rollout_metrics(rollouts, self.grade(rollouts, problems))
         pad = self.tokenizer.pad_token_id
         micro = []
-        for rows in self.chunks(len(rollouts)):
+        for k, rows in enumerate(self.chunks(len(rollouts))):
             completions = [rollouts.completion_ids[r] for r in rows]
             chosen = [problems[rollouts.prompt_index[r]] for r in rows]
             student = build_batch([self.prompts.student[p.id] for p in chosen], completions, pad)
@@ -66,7 +109,8 @@ class OPSD(Algorithm):
                      if self.spec.needs_wrong_teacher else None)
             self.ledger.book_prompt_tokens(*(b for b in (student, teacher, wrong) if b is not None))
             micro.append(OPSDBatch(student=student, teacher=teacher, wrong_teacher=wrong,
-                                   num_loss_tokens=int(student.completion_mask.sum())))
+                                   num_loss_tokens=int(student.completion_mask.sum()),
+                                   student_prompt=passes[k] if passes else None))
         metrics["prompt/teacher_truncated_total"] = self.prompts.teacher_truncated
         return micro, metrics
 
@@ -87,7 +131,42 @@ class OPSD(Algorithm):
             teacher_h_BCH = self.hidden(mb.teacher)
             wrong_h_BCH = None if mb.wrong_teacher is None else self.hidden(mb.wrong_teacher)
         with self.ledger.phase("student"):
-            student_h_BCH = self.hidden(mb.student)
+            student_h_BCH = self.student_hidden(mb)
             return divergence(student_h_BCH, teacher_h_BCH, self.policy.head, mb.student.completion_mask.to(device),
                               self.spec, targets_BT=mb.student.completion_ids.to(device),
                               wrong_teacher_hidden_BTH=wrong_h_BCH)
+
+    def student_prompt_pass(self, prompt_ids: list[list[int]]):
+        """The student's forward over left-padded prompts (one micro-batch), with gradients:
+        ``(PromptPass, rollout.Prefill)``, the second detached for sampling."""
+        import torch
+        from transformers import DynamicCache
+
+        from .rollout import Prefill, left_pad
+
+        ids_BP, mask_BP = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
+        cache = DynamicCache()
+        position_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)  # as `prompts.build_batch` numbers them
+        last_BH = self.policy.backbone_hidden(ids_BP, mask_BP, position_BP, cache=cache)[:, -1]
+        with torch.no_grad():
+            sampling = Prefill([layer.keys.detach() for layer in cache.layers],
+                               [layer.values.detach() for layer in cache.layers], self.policy.head(last_BH.detach()))
+        return PromptPass(cache=cache, last_hidden_BH=last_BH), sampling
+
+    def student_hidden(self, mb: OPSDBatch):
+        """The student's hidden states at the columns that predict the completion, [B, C, H]:
+        the whole row, or (``mb.student_prompt``) the completion's columns continuing from the
+        prompt pass (the last prompt column's state predicts the first completion token)."""
+        import torch
+
+        if mb.student_prompt is None:
+            return self.hidden(mb.student)
+        b = mb.student.to(self.device)
+        P, C = b.prompt_width, b.completion_ids.shape[1]
+        first_B1H = mb.student_prompt.last_hidden_BH[:, None]
+        if C == 1:
+            return first_B1H
+        cols = slice(P, P + C - 1)  # completion tokens 0 .. C-2 predict tokens 1 .. C-1
+        rest_BCH = self.policy.backbone_hidden(b.input_ids[:, cols], b.attention_mask[:, :P + C - 1],
+                                               b.position_ids[:, cols], cache=mb.student_prompt.cache)
+        return torch.cat([first_B1H, rest_BCH], dim=1)

@@ -181,15 +181,18 @@ class Policy:
         return [p for _, p in self._trainable]
 
     def backbone_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                        position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Final hidden states ``[B, T, H]`` (after the final norm), without computing logits.
 
         Runs the decoder inside the causal LM, so whatever adapter state is active (student,
         or the teacher inside `teacher`) applies. ``self.head(hidden)`` gives the logits.
+        ``cache`` (a transformers ``DynamicCache``): the key/value states of the columns before
+        ``input_ids`` (``attention_mask`` then covers those columns too), extended in place with
+        this call's own, gradients included; None: no cache.
         """
         decoder = self.causal_lm.get_decoder()
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False)
+                      past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
     # ------------------------------------------------------------------------------------

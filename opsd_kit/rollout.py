@@ -91,6 +91,40 @@ def left_pad(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
+@dataclass
+class Prefill:
+    """The student's pass over the prompts, done by the caller, for `FastEngine` to sample from
+    instead of running its own: every layer's key and value states ``[B, G, W, D]`` in the layout
+    of ``left_pad(prompt_ids)`` (W: the longest prompt), and the next-token logits ``[B, V]``."""
+
+    keys: list
+    values: list
+    logits_BV: "torch.Tensor"  # noqa: F821
+
+    @classmethod
+    def concat(cls, parts: list["Prefill"]) -> "Prefill":
+        """Consecutive groups of rows as one, each left-padded (zeros, masked) to the widest."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(p.keys[0].shape[-2] for p in parts)
+
+        def cat(tensors_per_part):
+            return torch.cat([F.pad(t, (0, 0, width - t.shape[-2], 0)) for t in tensors_per_part])
+
+        return cls(keys=[cat(ks) for ks in zip(*(p.keys for p in parts))],
+                   values=[cat(vs) for vs in zip(*(p.values for p in parts))],
+                   logits_BV=torch.cat([p.logits_BV for p in parts]))
+
+    def rows(self, rows: range, width: int) -> "Prefill":
+        """``rows``, the last ``width`` columns (the layout of left-padding those rows alone)."""
+        def cut(t):
+            return t[rows.start:rows.stop, :, t.shape[-2] - width:]
+
+        return Prefill([cut(k) for k in self.keys], [cut(v) for v in self.values],
+                       self.logits_BV[rows.start:rows.stop])
+
+
 def generate(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings, *,
              seed: int | None = None, progress: bool = False, logprobs: bool = False) -> Rollouts:
     """Sample ``settings.n`` completions per prompt with HF ``generate``.
@@ -112,7 +146,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], settings: Generation
     if logprobs:
         kwargs.update(output_scores=True, return_dict_in_generate=True)
 
-    def decode(ids_BL, mask_BL):
+    def decode(ids_BL, mask_BL, rows):
         with torch.no_grad():
             gen = model.generate(input_ids=ids_BL, attention_mask=mask_BL, **kwargs)
         new_ids_BN = (gen.sequences if logprobs else gen)[:, ids_BL.shape[1]:]
@@ -126,7 +160,8 @@ def _sample_in_batches(model, tokenizer, prompt_ids: list[list[int]], settings: 
                        seed: int | None, progress: bool, logprobs: bool) -> Rollouts:
     """The loop every backend but vLLM shares: ``settings.n`` rows per prompt, in calls of
     ``settings.batch_size`` left-padded rows, each seeded (``seed * 100_003 + call``), decoded by
-    ``decode(ids_BL, mask_BL) -> (new_ids_BN, logprobs_BN | None)`` and cut after the first stop
+    ``decode(ids_BL, mask_BL, rows) -> (new_ids_BN, logprobs_BN | None)`` (``rows``: the call's
+    indices into the row list) and cut after the first stop
     token. The model is in eval mode while sampling and restored afterwards."""
     import time
 
@@ -149,7 +184,7 @@ def _sample_in_batches(model, tokenizer, prompt_ids: list[list[int]], settings: 
             ids, mask = left_pad([p for _, p in chunk], tokenizer.pad_token_id)
             if seed is not None:
                 torch.manual_seed(seed * 100_003 + call)
-            new_ids_BN, logprobs_BN = decode(ids.to(device), mask.to(device))
+            new_ids_BN, logprobs_BN = decode(ids.to(device), mask.to(device), range(s, s + len(chunk)))
             for r, ((pi, _), row) in enumerate(zip(chunk, new_ids_BN.tolist())):
                 completion, done = _trim(row, eos_ids)
                 out.prompt_index.append(pi)
@@ -238,8 +273,12 @@ class FastEngine:
                           "sampling with generate and the adapter merged instead", stacklevel=2)
 
     def generate(self, prompt_ids: list[list[int]], settings: GenerationSettings, *, seed: int | None = None,
-                 progress: bool = False, logprobs: bool = False) -> Rollouts:
-        """`generate`'s arguments and result."""
+                 progress: bool = False, logprobs: bool = False, prefill: Prefill | None = None) -> Rollouts:
+        """`generate`'s arguments and result. ``prefill``: the caller's own pass over the prompts
+        (one row per prompt, ``settings.n == 1``), which the decoder starts from instead of its own."""
+        if prefill is not None and (self.fallback or settings.n != 1):
+            raise ValueError("FastEngine.generate: a prefill needs the fused decoder and settings.n == 1 "
+                             f"(fallback: {self.fallback}, n={settings.n})")
         if self.fallback:
             with self.merged():
                 return generate(self.model, self.tokenizer, prompt_ids, settings, seed=seed, progress=progress,
@@ -253,10 +292,14 @@ class FastEngine:
         knobs = dict(max_new_tokens=settings.max_new_tokens, eos_ids=_eos_ids(self.model, self.tokenizer),
                      pad_id=self.tokenizer.pad_token_id, temperature=settings.temperature, top_k=settings.top_k,
                      top_p=settings.top_p, min_new_tokens=settings.min_new_tokens, logprobs=logprobs)
+
+        def decode(ids_BL, mask_BL, rows):
+            part = None if prefill is None else prefill.rows(rows, ids_BL.shape[1])
+            return self._decoder.decode(ids_BL, mask_BL, prefill=part, **knobs)
+
         try:
-            return _sample_in_batches(self.model, self.tokenizer, prompt_ids, settings,
-                                      lambda ids_BL, mask_BL: self._decoder.decode(ids_BL, mask_BL, **knobs),
-                                      seed=seed, progress=progress, logprobs=logprobs)
+            return _sample_in_batches(self.model, self.tokenizer, prompt_ids, settings, decode, seed=seed,
+                                      progress=progress, logprobs=logprobs)
         finally:  # the merged copy is not held between rollouts (the loss's activations need the memory)
             self._decoder.release()
 
@@ -369,9 +412,13 @@ class RolloutSampler:
         """The sampling seed of ``step`` on this process: a different stream per step and process."""
         return (self.seed * 1_000_003 + step) * self.num_processes + self.process_index
 
-    def sample(self, prompt_ids: list[list[int]], settings: GenerationSettings, step: int) -> Rollouts:
-        """``settings.n`` completions per prompt for optimizer step (or GRPO batch) ``step``."""
+    def sample(self, prompt_ids: list[list[int]], settings: GenerationSettings, step: int,
+               prefill: Prefill | None = None) -> Rollouts:
+        """``settings.n`` completions per prompt for optimizer step (or GRPO batch) ``step``;
+        ``prefill`` (backend 'fast' only): the student's pass over the prompts to sample from."""
         seed = self.step_seed(step)
+        if prefill is not None and self.backend != "fast":
+            raise ValueError(f"a prefill is for rollout_backend='fast', not {self.backend!r}")
         if self.backend == "vllm":
             if self._engine is None:
                 self._engine = VLLMEngine(**self.engine_kwargs)
@@ -379,5 +426,5 @@ class RolloutSampler:
         if self.backend == "fast":
             if self._engine is None:
                 self._engine = FastEngine(self.policy.model, self.policy.tokenizer)
-            return self._engine.generate(prompt_ids, settings, seed=seed)
+            return self._engine.generate(prompt_ids, settings, seed=seed, prefill=prefill)
         return generate(self.policy.model, self.policy.tokenizer, prompt_ids, settings, seed=seed)
