@@ -87,6 +87,12 @@ class TrainConfig:
     decoder: the LoRA adapter merged into a copy of the weights before each rollout, fused
     projections, a static KV cache; Llama/Qwen layouts, else generate with the adapter merged;
     not with 4-bit; bench/rollout.py) or 'vllm' (GPU, not with 4-bit)."""
+    share_prompt_pass: bool = True
+    """OPSD with rollout_backend='fast': the student's forward over the prompts runs once, before
+    sampling, and serves the rollout and the loss (one prompt forward less per step; docs/algorithm.md,
+    The algorithm). It holds every micro-batch's prompt activations from sampling until that
+    micro-batch's backward; False runs them one micro-batch at a time (less memory with many
+    micro-batches). Off by itself with dropout, gradient checkpointing or the EMA teacher."""
 
     # -- data and prompts -------------------------------------------------------------------
     train_data: str = "reasoning_gym:chain_sum"

@@ -250,8 +250,8 @@ class FusedDecoder:
         logprobs_BN = torch.zeros(B, max_new_tokens, device=device) if logprobs else None
         for t in range(max_new_tokens):
             scores_BV = logits_BV.float()
-            if t < min_new_tokens:
-                scores_BV[:, eos_E] = float("-inf")
+            if t < min_new_tokens:  # out of place: the first logits may be the caller's (a prefill)
+                scores_BV = scores_BV.index_fill(1, eos_E, float("-inf"))
             if temperature > 0:
                 scores_BV = process_scores(scores_BV, temperature, top_k, top_p)
                 token_B = draw(torch.softmax(scores_BV, -1))

@@ -17,10 +17,11 @@ One pass over the prompts: with ``rollout_backend='fast'`` the student's forward
 micro-batch's prompts runs before sampling (`OPSD.student_prompt_pass`); its key/value states
 start the rollout (instead of the fused decoder's own pass over the same prompts with the same
 weights), and the loss continues from them over the completion, gradients through both. The
-result equals running the whole row (up to floating-point order; tested). Off where the pass
-would not be the sampling policy's (LoRA dropout), could not keep its cache (gradient
-checkpointing), or where its graph would see the weights change before backward (the EMA
-teacher swaps its weights in): then each runs its own.
+result equals running the whole row (up to floating-point order; tested). It holds every
+micro-batch's prompt activations until that micro-batch's backward (``share_prompt_pass=False``
+trades the saved forward for that memory). Off by itself where the pass would not be the
+sampling policy's (dropout), could not keep its cache (gradient checkpointing), or where its
+graph would see the weights change before backward (the EMA teacher swaps its weights in).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .algorithm import Algorithm
 
 if TYPE_CHECKING:
     import torch
+    from transformers import DynamicCache
 
     from .prompts import Batch
 
@@ -39,8 +41,8 @@ if TYPE_CHECKING:
 class PromptPass:
     """The student's forward over a micro-batch's left-padded prompts, kept for the loss."""
 
-    cache: object
-    """A transformers ``DynamicCache``: every layer's key/value states, with their autograd graph."""
+    cache: DynamicCache
+    """Every layer's key/value states of the prompt columns, with their autograd graph."""
     last_hidden_BH: torch.Tensor
     """The last prompt column's final hidden state (it predicts the first completion token)."""
 
@@ -58,7 +60,8 @@ class OPSDBatch:
     num_loss_tokens: int
     student_prompt: PromptPass | None = None
     """The student's pass over the prompt columns, already run (the rollout started from it);
-    None: the loss runs the student over the whole row."""
+    the loss uses it once and drops it (its cache grows in place). None: the loss runs the student
+    over the whole row."""
 
 
 class OPSD(Algorithm):
@@ -72,17 +75,26 @@ class OPSD(Algorithm):
 
         super().__init__(config, policy, **collaborators)
         self.spec = DivergenceSpec.from_config(config)  # the loss settings, read once
-        self.shares_prompt_pass = self.sampler is not None and self._can_share_prompt_pass(config, policy)
+        self.shares_prompt_pass = self._can_share_prompt_pass()
         """Whether one student pass over the prompts serves the rollout and the loss (module docstring)."""
 
-    @staticmethod
-    def _can_share_prompt_pass(config, policy) -> bool:
-        if (config.rollout_backend != "fast" or config.gradient_checkpointing or config.lora_dropout
-                or config.teacher == "ema"):
-            return False
+    def _can_share_prompt_pass(self) -> bool:
+        """``config.share_prompt_pass``, where the fused decoder samples (backend 'fast', a model
+        it supports, transformers' modules), the pass in train mode is the sampling policy (no
+        dropout anywhere) and its graph lives until backward (no gradient checkpointing, which
+        drops the cache; no EMA teacher, which writes its weights in before backward). Read from
+        the policy itself, which need not have been built from this config."""
+        import torch
+
         from .fused_decoder import FusedDecoder
 
-        return FusedDecoder.unsupported(policy.model) is None
+        if (not self.config.share_prompt_pass or self.sampler is None or self.sampler.backend != "fast"
+                or self.config.backend != "hf" or self.policy.teacher_mode == "ema"):
+            return False
+        model, causal_lm = self.policy.model, self.policy.causal_lm
+        dropout = getattr(causal_lm.config, "attention_dropout", 0.0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        return not (dropout or causal_lm.is_gradient_checkpointing) and FusedDecoder.unsupported(model) is None
 
     def prepare(self, step: int) -> tuple[list[OPSDBatch], dict]:
         from .prompts import build_batch
@@ -142,12 +154,12 @@ class OPSD(Algorithm):
         import torch
         from transformers import DynamicCache
 
+        from .prompts import position_ids
         from .rollout import Prefill, left_pad
 
         ids_BP, mask_BP = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
         cache = DynamicCache()
-        position_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)  # as `prompts.build_batch` numbers them
-        last_BH = self.policy.backbone_hidden(ids_BP, mask_BP, position_BP, cache=cache)[:, -1]
+        last_BH = self.policy.backbone_hidden(ids_BP, mask_BP, position_ids(mask_BP), cache=cache)[:, -1]
         with torch.no_grad():
             sampling = Prefill([layer.keys.detach() for layer in cache.layers],
                                [layer.values.detach() for layer in cache.layers], self.policy.head(last_BH.detach()))
@@ -156,17 +168,19 @@ class OPSD(Algorithm):
     def student_hidden(self, mb: OPSDBatch):
         """The student's hidden states at the columns that predict the completion, [B, C, H]:
         the whole row, or (``mb.student_prompt``) the completion's columns continuing from the
-        prompt pass (the last prompt column's state predicts the first completion token)."""
+        prompt pass (the last prompt column's state predicts the first completion token), which
+        is then dropped from ``mb``: its cache now holds the completion's columns as well."""
         import torch
 
-        if mb.student_prompt is None:
+        prompt_pass, mb.student_prompt = mb.student_prompt, None
+        if prompt_pass is None:
             return self.hidden(mb.student)
         b = mb.student.to(self.device)
         P, C = b.prompt_width, b.completion_ids.shape[1]
-        first_B1H = mb.student_prompt.last_hidden_BH[:, None]
+        first_B1H = prompt_pass.last_hidden_BH[:, None]
         if C == 1:
             return first_B1H
         cols = slice(P, P + C - 1)  # completion tokens 0 .. C-2 predict tokens 1 .. C-1
         rest_BCH = self.policy.backbone_hidden(b.input_ids[:, cols], b.attention_mask[:, :P + C - 1],
-                                               b.position_ids[:, cols], cache=mb.student_prompt.cache)
+                                               b.position_ids[:, cols], cache=prompt_pass.cache)
         return torch.cat([first_B1H, rest_BCH], dim=1)

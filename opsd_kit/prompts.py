@@ -283,6 +283,12 @@ class Batch:
         return slice(self.prompt_width - 1, self.prompt_width - 1 + c)
 
 
+def position_ids(attention_mask_BT):
+    """Each column's position: 0 at a row's first real token, counting real tokens (as ``generate``
+    numbers a left-padded batch; padding columns get 0 and are masked anyway)."""
+    return (attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
+
+
 def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> Batch:
     """Build a contiguous batch of ``prompt ++ completion`` rows (see :class:`Batch`)."""
     import torch
@@ -304,6 +310,5 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
         if c:
             input_ids[i, width_p: width_p + len(c)] = torch.tensor(c, dtype=torch.long)
             completion_mask[i, : len(c)] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(input_ids, attention_mask, position_ids, input_ids[:, width_p:].clone(),
+    return Batch(input_ids, attention_mask, position_ids(attention_mask), input_ids[:, width_p:].clone(),
                  completion_mask, width_p)

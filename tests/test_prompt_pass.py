@@ -10,7 +10,9 @@ from _numerics import tolerance
 from test_fused_decoder import _assert_same_greedy
 
 from opsd_kit.config import load_profile
-from opsd_kit.rollout import FastEngine, GenerationSettings
+from opsd_kit.opsd import OPSDBatch
+from opsd_kit.prompts import build_batch
+from opsd_kit.rollout import FastEngine, GenerationSettings, Prefill
 from opsd_kit.trainer import Trainer
 
 
@@ -38,26 +40,55 @@ def _loss_and_grads(trainer, micro_batches):
     return loss, [p.grad.clone() for p in params]
 
 
+def _tolerance(trainer, scale):
+    cfg = trainer.policy.causal_lm.config
+    return tolerance(torch.float32, max(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size), scale=scale,
+                     depth=cfg.num_hidden_layers)
+
+
+def _assert_same_loss_and_grads(trainer, shared, whole):
+    shared_loss, shared_grads = _loss_and_grads(trainer, shared)
+    whole_loss, whole_grads = _loss_and_grads(trainer, whole)
+    torch.testing.assert_close(shared_loss, whole_loss, **_tolerance(trainer, abs(whole_loss)))
+    for got, want in zip(shared_grads, whole_grads):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max())))
+
+
 def test_the_loss_from_the_prompt_pass_equals_the_whole_rows(tmp_path):
+    """Prompts of different widths inside and across micro-batches (left padding), completions of
+    different lengths (right padding), a one-token completion (C = 1); gradients reach the
+    adapter through the prompt's keys and values."""
+    trainer = _trainer(tmp_path)
+    alg = trainer.algorithm
+    problems = alg.step_problems(0)
+    student = [alg.prompts.student[p.id] for p in problems]
+    teacher = [alg.prompts.teacher[p.id] for p in problems]
+    groups = [([student[0], student[1][4:]], [teacher[0], teacher[1]], [[5, 6, 7, 8, 9], [10, 11]]),
+              ([student[2][9:]], [teacher[2]], [[12]])]
+    assert len(groups[0][0][0]) != len(groups[0][0][1]) and len(groups[1][0][0]) not in map(len, groups[0][0])
+    pad = trainer.policy.tokenizer.pad_token_id
+
+    def micro_batches(shared):
+        return [OPSDBatch(student=build_batch(s, c, pad), teacher=build_batch(t, c, pad), wrong_teacher=None,
+                          num_loss_tokens=sum(map(len, c)),
+                          student_prompt=alg.student_prompt_pass(s)[0] if shared else None)
+                for s, t, c in groups]
+
+    shared = micro_batches(True)
+    _assert_same_loss_and_grads(trainer, shared, micro_batches(False))
+    assert all(mb.student_prompt is None for mb in shared)  # used once: its cache has grown
+    _assert_same_loss_and_grads(trainer, shared, micro_batches(False))  # a second loss runs the whole row
+
+
+def test_a_step_samples_from_the_prompt_pass_and_learns_what_the_whole_rows_give(tmp_path):
     trainer = _trainer(tmp_path)
     alg = trainer.algorithm
     assert alg.shares_prompt_pass
     micro_batches, _ = alg.prepare(0)
     assert all(mb.student_prompt is not None for mb in micro_batches)
-    widths = [len(alg.prompts.student[p.id]) for p in alg.step_problems(0)]
-    assert len(set(widths)) > 1  # left padding inside a micro-batch is exercised
-    assert any(mb.student.completion_ids.shape[1] > 1 for mb in micro_batches)
-    shared_loss, shared_grads = _loss_and_grads(trainer, micro_batches)
-    whole_loss, whole_grads = _loss_and_grads(
-        trainer, [dataclasses.replace(mb, student_prompt=None) for mb in micro_batches])
-    cfg = trainer.policy.causal_lm.config
-    reduction = max(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
-    torch.testing.assert_close(shared_loss, whole_loss, **tolerance(
-        torch.float32, reduction, scale=abs(whole_loss), depth=cfg.num_hidden_layers))
-    for got, want in zip(shared_grads, whole_grads):
-        assert want.abs().max() > 0
-        torch.testing.assert_close(got, want, **tolerance(
-            torch.float32, reduction, scale=float(want.abs().max()), depth=cfg.num_hidden_layers))
+    whole = [dataclasses.replace(mb, student_prompt=None) for mb in micro_batches]
+    _assert_same_loss_and_grads(trainer, micro_batches, whole)
 
 
 def test_rollouts_from_the_prompt_pass_are_the_students(tmp_path):
@@ -65,10 +96,11 @@ def test_rollouts_from_the_prompt_pass_are_the_students(tmp_path):
     alg, model, tokenizer = trainer.algorithm, trainer.policy.model, trainer.policy.tokenizer
     prompts = [alg.prompts.student[p.id] for p in alg.step_problems(0)]
     greedy = GenerationSettings(max_new_tokens=10, temperature=0.0, n=1, batch_size=3)  # calls of 3 rows: sliced
-    from opsd_kit.rollout import Prefill
-
     with torch.no_grad():
         prefill = Prefill.concat([alg.student_prompt_pass(prompts[:2])[1], alg.student_prompt_pass(prompts[2:])[1]])
+        for prompt, logits_V in zip(prompts, prefill.logits_BV):  # the student's own next-token logits
+            want_V = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+            torch.testing.assert_close(logits_V, want_V, **_tolerance(trainer, float(want_V.abs().max())))
     engine = FastEngine(model, tokenizer)
     _assert_same_greedy(model, prompts, engine.generate(prompts, greedy, prefill=prefill),
                         engine.generate(prompts, greedy))
@@ -86,6 +118,7 @@ def test_rollouts_from_the_prompt_pass_are_the_students(tmp_path):
     ({"gradient_checkpointing": True}, False),  # checkpointing drops the cache
     ({"teacher": "ema"}, False),  # the EMA teacher writes its weights in under the pass's graph
     ({"teacher": "live"}, True),
+    ({"share_prompt_pass": False}, False),
 ])
 def test_the_prompt_pass_is_shared_only_where_it_is_the_samplers(tmp_path, overrides, shared):
     trainer = _trainer(tmp_path, **overrides)
@@ -93,3 +126,11 @@ def test_the_prompt_pass_is_shared_only_where_it_is_the_samplers(tmp_path, overr
     trainer.train()  # a step, backward included, runs in every combination
     micro_batches, _ = trainer.algorithm.prepare(trainer.step)
     assert all((mb.student_prompt is not None) is shared for mb in micro_batches)
+
+
+def test_the_switch_reads_the_policy_it_trains(tmp_path):
+    """A policy need not come from the run's config: its own checkpointing turns the pass off."""
+    trainer = _trainer(tmp_path)
+    assert trainer.algorithm._can_share_prompt_pass()
+    trainer.policy.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not trainer.algorithm._can_share_prompt_pass()
