@@ -161,8 +161,8 @@ def _sample_in_batches(model, tokenizer, prompt_ids: list[list[int]], settings: 
     """The loop every backend but vLLM shares: ``settings.n`` rows per prompt, in calls of
     ``settings.batch_size`` left-padded rows, each seeded (``seed * 100_003 + call``), decoded by
     ``decode(ids_BL, mask_BL, rows) -> (new_ids_BN, logprobs_BN | None)`` (``rows``: the call's
-    indices into the row list) and cut after the first stop
-    token. The model is in eval mode while sampling and restored afterwards."""
+    indices into the row list) and cut after the first stop token. The model is in eval mode
+    while sampling and restored afterwards."""
     import time
 
     import torch
