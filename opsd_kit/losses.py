@@ -71,8 +71,9 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled(logits_V: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / temperature, upcast; -inf floored to finite."""
-    scaled_V = _upcast(logits_V) / temperature
+    """logits / temperature, upcast; -inf floored to finite (no division at temperature 1: one
+    vocabulary-sized pass less, forward and backward)."""
+    scaled_V = _upcast(logits_V) if temperature == 1 else _upcast(logits_V) / temperature
     return scaled_V.clamp(min=torch.finfo(scaled_V.dtype).min)
 
 

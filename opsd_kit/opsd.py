@@ -45,6 +45,9 @@ class PromptPass:
     """Every layer's key/value states of the prompt columns, with their autograd graph."""
     last_hidden_BH: torch.Tensor
     """The last prompt column's final hidden state (it predicts the first completion token)."""
+    mask_BP: torch.Tensor
+    """The attention mask of the cache's columns (their layout: `Policy.hidden_sharing_prefix`'s
+    where the prompts share a prefix, else left padding)."""
 
 
 @dataclass
@@ -84,17 +87,12 @@ class OPSD(Algorithm):
         dropout anywhere) and its graph lives until backward (no gradient checkpointing, which
         drops the cache; no EMA teacher, which writes its weights in before backward). Read from
         the policy itself, which need not have been built from this config."""
-        import torch
-
         from .fused_decoder import FusedDecoder
 
         if (not self.config.share_prompt_pass or self.sampler is None or self.sampler.backend != "fast"
                 or self.config.backend != "hf" or self.policy.teacher_mode == "ema"):
             return False
-        model, causal_lm = self.policy.model, self.policy.causal_lm
-        dropout = getattr(causal_lm.config, "attention_dropout", 0.0) or any(
-            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-        return not (dropout or causal_lm.is_gradient_checkpointing) and FusedDecoder.unsupported(model) is None
+        return self.policy.can_run_in_pieces(training=True) and FusedDecoder.unsupported(self.policy.model) is None
 
     def prepare(self, step: int) -> tuple[list[OPSDBatch], dict]:
         from .prompts import build_batch
@@ -150,20 +148,34 @@ class OPSD(Algorithm):
 
     def student_prompt_pass(self, prompt_ids: list[list[int]]):
         """The student's forward over left-padded prompts (one micro-batch), with gradients:
-        ``(PromptPass, rollout.Prefill)``, the second detached for sampling."""
+        ``(PromptPass, rollout.Prefill)``, the second detached for sampling (in the left-padded
+        layout). A prefix all prompts share runs once (`Policy.hidden_sharing_prefix`)."""
         import torch
         from transformers import DynamicCache
 
-        from .prompts import position_ids
+        from .prompts import left_padded_columns, position_ids, shared_prefix_length
         from .rollout import Prefill, left_pad
 
         ids_BP, mask_BP = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
-        cache = DynamicCache()
-        last_BH = self.policy.backbone_hidden(ids_BP, mask_BP, position_ids(mask_BP), cache=cache)[:, -1]
+        width, prefix = ids_BP.shape[1], shared_prefix_length(prompt_ids)
+        if prefix:
+            hidden_BWH, cache, cache_mask_BP = self.policy.hidden_sharing_prefix(
+                ids_BP, mask_BP, position_ids(mask_BP), width, prefix)
+            order_BP = left_padded_columns(mask_BP, width, prefix)
+        else:
+            cache, cache_mask_BP, order_BP = DynamicCache(), mask_BP, None
+            hidden_BWH = self.policy.backbone_hidden(ids_BP, mask_BP, position_ids(mask_BP), cache=cache)
+        last_BH = hidden_BWH[:, -1]
+
+        def left_padded(states_BGPD):
+            states_BGPD = states_BGPD.detach()
+            return states_BGPD if order_BP is None else states_BGPD.gather(
+                2, order_BP[:, None, :, None].expand_as(states_BGPD))
+
         with torch.no_grad():
-            sampling = Prefill([layer.keys.detach() for layer in cache.layers],
-                               [layer.values.detach() for layer in cache.layers], self.policy.head(last_BH.detach()))
-        return PromptPass(cache=cache, last_hidden_BH=last_BH), sampling
+            sampling = Prefill([left_padded(layer.keys) for layer in cache.layers],
+                               [left_padded(layer.values) for layer in cache.layers], self.policy.head(last_BH.detach()))
+        return PromptPass(cache=cache, last_hidden_BH=last_BH, mask_BP=cache_mask_BP), sampling
 
     def student_hidden(self, mb: OPSDBatch):
         """The student's hidden states at the columns that predict the completion, [B, C, H]:
@@ -181,6 +193,7 @@ class OPSD(Algorithm):
         if C == 1:
             return first_B1H
         cols = slice(P, P + C - 1)  # completion tokens 0 .. C-2 predict tokens 1 .. C-1
-        rest_BCH = self.policy.backbone_hidden(b.input_ids[:, cols], b.attention_mask[:, :P + C - 1],
-                                               b.position_ids[:, cols], cache=prompt_pass.cache)
+        mask_BT = torch.cat([prompt_pass.mask_BP, b.attention_mask[:, P:P + C - 1]], 1)
+        rest_BCH = self.policy.backbone_hidden(b.input_ids[:, cols], mask_BT, b.position_ids[:, cols],
+                                               cache=prompt_pass.cache)
         return torch.cat([first_B1H, rest_BCH], dim=1)

@@ -195,6 +195,47 @@ class Policy:
                       past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
+    def hidden_sharing_prefix(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+                              position_ids_BT: torch.Tensor, prompt_width: int, prefix: int):
+        """`backbone_hidden` of left-padded rows whose first ``prefix`` real tokens are the same in
+        every row (`prompts.shared_prefix_length`): those run once, as one row, and every row
+        continues from their key/value states (expanded, so gradients sum over the rows).
+
+        Returns ``(hidden_BWH, cache, cache_mask_BT)``: the final hidden states of each row's
+        other columns in the layout ``[pads | rest of the row]`` (W = T - prefix, so column
+        ``prompt_width - prefix - 1`` is every row's last prompt token), the ``DynamicCache`` of
+        all T columns in the layout ``[prefix | pads | rest]`` and its attention mask. Equal to
+        the whole rows' forward up to floating-point order where `can_run_in_pieces` holds.
+        """
+        from transformers import DynamicCache
+
+        from .prompts import columns_after_prefix
+
+        B = input_ids_BT.shape[0]
+        start = prompt_width - int(attention_mask_BT[0, :prompt_width].sum())
+        cache = DynamicCache()
+        self.backbone_hidden(input_ids_BT[:1, start:start + prefix], None,
+                             torch.arange(prefix, device=input_ids_BT.device)[None], cache=cache)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1)
+        cols_BW = columns_after_prefix(attention_mask_BT, prompt_width, prefix)
+        cache_mask_BT = torch.cat([attention_mask_BT.new_ones(B, prefix), attention_mask_BT.gather(1, cols_BW)], 1)
+        hidden_BWH = self.backbone_hidden(input_ids_BT.gather(1, cols_BW), cache_mask_BT,
+                                          position_ids_BT.gather(1, cols_BW), cache=cache)
+        return hidden_BWH, cache, cache_mask_BT
+
+    def can_run_in_pieces(self, training: bool | None = None) -> bool:
+        """Whether a forward may run in pieces over a transformers cache (some columns, then the
+        rest attending to their key/value states) and equal the one-piece forward: always in eval
+        mode; in train mode only without dropout (each piece would draw its own masks) and without
+        gradient checkpointing (its layers drop the cache). ``training``: the mode the forward will
+        run in (default: the model's current mode)."""
+        if not (self.model.training if training is None else training):
+            return True
+        dropout = getattr(self.causal_lm.config, "attention_dropout", 0.0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules())
+        return not (dropout or self.causal_lm.is_gradient_checkpointing)
+
     # ------------------------------------------------------------------------------------
     # teacher
     @contextmanager

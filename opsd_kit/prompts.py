@@ -271,11 +271,13 @@ class Batch:
     completion_ids: "torch.Tensor"  # noqa: F821  [B, C], right-padded with pad ids
     completion_mask: "torch.Tensor"  # noqa: F821  [B, C], 1 on real completion tokens
     prompt_width: int
+    shared_prefix: int = 0
+    """How many leading prompt tokens every row has in common (`shared_prefix_length`)."""
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
                                               self.completion_ids, self.completion_mask)),
-                     prompt_width=self.prompt_width)
+                     prompt_width=self.prompt_width, shared_prefix=self.shared_prefix)
 
     def predicting_slice(self) -> slice:
         """Columns whose hidden states predict the completion tokens."""
@@ -287,6 +289,41 @@ def position_ids(attention_mask_BT):
     """Each column's position: 0 at a row's first real token, counting real tokens (as ``generate``
     numbers a left-padded batch; padding columns get 0 and are masked anyway)."""
     return (attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
+
+
+def shared_prefix_length(prompt_ids: list[list[int]]) -> int:
+    """How many leading tokens all prompts have in common (a system turn, a chat header, a task's
+    fixed wording), leaving every prompt at least its last token; 0 for a single prompt. Those
+    columns can run once for all rows (`policy.Policy.hidden_sharing_prefix`)."""
+    if len(prompt_ids) < 2:
+        return 0
+    limit = min(len(p) for p in prompt_ids) - 1
+    first = prompt_ids[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompt_ids):
+        n += 1
+    return n
+
+
+def columns_after_prefix(attention_mask_BT, prompt_width: int, prefix: int):
+    """Per row, the index of every column but the row's first ``prefix`` real prompt tokens, in
+    order: ``[B, T - prefix]`` (a left-padded row ``[pads | prefix | rest]`` read as ``[pads | rest]``)."""
+    import torch
+
+    start_B1 = prompt_width - attention_mask_BT[:, :prompt_width].sum(-1, keepdim=True)  # first real column
+    j_W = torch.arange(attention_mask_BT.shape[1] - prefix, device=attention_mask_BT.device)
+    return j_W + prefix * (j_W >= start_B1)
+
+
+def left_padded_columns(attention_mask_BT, prompt_width: int, prefix: int):
+    """Per row, where each column of the left-padded layout ``[pads | prefix | rest]`` sits in the
+    layout ``[prefix | pads | rest]`` (`Policy.hidden_sharing_prefix`'s cache): ``[B, T]``, the
+    inverse of `columns_after_prefix` with the prefix put first."""
+    import torch
+
+    start_B1 = prompt_width - attention_mask_BT[:, :prompt_width].sum(-1, keepdim=True)
+    j_T = torch.arange(attention_mask_BT.shape[1], device=attention_mask_BT.device)
+    return torch.where(j_T < start_B1, prefix + j_T, torch.where(j_T < start_B1 + prefix, j_T - start_B1, j_T))
 
 
 def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> Batch:
@@ -311,4 +348,4 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
             input_ids[i, width_p: width_p + len(c)] = torch.tensor(c, dtype=torch.long)
             completion_mask[i, : len(c)] = 1
     return Batch(input_ids, attention_mask, position_ids(attention_mask), input_ids[:, width_p:].clone(),
-                 completion_mask, width_p)
+                 completion_mask, width_p, shared_prefix_length(prompt_ids))

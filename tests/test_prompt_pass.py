@@ -55,18 +55,26 @@ def _assert_same_loss_and_grads(trainer, shared, whole):
         torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max())))
 
 
+def _whole_rows(mb: OPSDBatch) -> OPSDBatch:
+    """The reference: every row run whole, no prompt pass and no shared prefix."""
+    return dataclasses.replace(mb, student_prompt=None, student=dataclasses.replace(mb.student, shared_prefix=0),
+                               teacher=dataclasses.replace(mb.teacher, shared_prefix=0))
+
+
 def test_the_loss_from_the_prompt_pass_equals_the_whole_rows(tmp_path):
-    """Prompts of different widths inside and across micro-batches (left padding), completions of
-    different lengths (right padding), a one-token completion (C = 1); gradients reach the
-    adapter through the prompt's keys and values."""
+    """Prompts of different widths inside and across micro-batches (left padding), with and
+    without a prefix all of a micro-batch's prompts share, completions of different lengths
+    (right padding), a one-token completion (C = 1); gradients reach the adapter through the
+    prompt's keys and values."""
     trainer = _trainer(tmp_path)
     alg = trainer.algorithm
     problems = alg.step_problems(0)
     student = [alg.prompts.student[p.id] for p in problems]
     teacher = [alg.prompts.teacher[p.id] for p in problems]
     groups = [([student[0], student[1][4:]], [teacher[0], teacher[1]], [[5, 6, 7, 8, 9], [10, 11]]),
+              ([student[3], student[1]], [teacher[3], teacher[1]], [[13, 14], [15, 16, 17]]),
               ([student[2][9:]], [teacher[2]], [[12]])]
-    assert len(groups[0][0][0]) != len(groups[0][0][1]) and len(groups[1][0][0]) not in map(len, groups[0][0])
+    assert len(groups[0][0][0]) != len(groups[0][0][1]) and len(groups[2][0][0]) not in map(len, groups[0][0])
     pad = trainer.policy.tokenizer.pad_token_id
 
     def micro_batches(shared):
@@ -76,9 +84,11 @@ def test_the_loss_from_the_prompt_pass_equals_the_whole_rows(tmp_path):
                 for s, t, c in groups]
 
     shared = micro_batches(True)
-    _assert_same_loss_and_grads(trainer, shared, micro_batches(False))
+    assert [mb.student.shared_prefix > 0 for mb in shared] == [False, True, False]
+    _assert_same_loss_and_grads(trainer, shared, [_whole_rows(mb) for mb in micro_batches(False)])
     assert all(mb.student_prompt is None for mb in shared)  # used once: its cache has grown
-    _assert_same_loss_and_grads(trainer, shared, micro_batches(False))  # a second loss runs the whole row
+    # a second loss runs the whole row
+    _assert_same_loss_and_grads(trainer, shared, [_whole_rows(mb) for mb in micro_batches(False)])
 
 
 def test_a_step_samples_from_the_prompt_pass_and_learns_what_the_whole_rows_give(tmp_path):
@@ -86,9 +96,8 @@ def test_a_step_samples_from_the_prompt_pass_and_learns_what_the_whole_rows_give
     alg = trainer.algorithm
     assert alg.shares_prompt_pass
     micro_batches, _ = alg.prepare(0)
-    assert all(mb.student_prompt is not None for mb in micro_batches)
-    whole = [dataclasses.replace(mb, student_prompt=None) for mb in micro_batches]
-    _assert_same_loss_and_grads(trainer, micro_batches, whole)
+    assert all(mb.student_prompt is not None and mb.student.shared_prefix > 0 for mb in micro_batches)
+    _assert_same_loss_and_grads(trainer, micro_batches, [_whole_rows(mb) for mb in micro_batches])
 
 
 def test_rollouts_from_the_prompt_pass_are_the_students(tmp_path):

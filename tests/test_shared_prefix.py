@@ -1,0 +1,137 @@
+"""A prompt prefix every row of a micro-batch shares runs once (`Policy.hidden_sharing_prefix`):
+the layout helpers, and the hidden states, loss and gradients against the whole rows' forward."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from _numerics import tolerance
+
+from opsd_kit.config import load_profile
+from opsd_kit.prompts import build_batch, columns_after_prefix, left_padded_columns, shared_prefix_length
+from opsd_kit.trainer import Trainer
+
+
+@pytest.mark.parametrize("prompts, want", [
+    ([[1, 2, 3, 4]], 0),  # one row: nothing to share
+    ([[1, 2, 3], [1, 2, 3]], 2),  # identical: every row keeps its last token
+    ([[1, 2, 3, 4, 5], [1, 2, 3]], 2),  # the shorter row keeps its last token
+    ([[1, 2, 3, 9], [1, 2, 4, 9], [1, 2, 3, 9]], 2),
+    ([[5, 2, 3], [1, 2, 3]], 0),
+    ([[1], [1, 2]], 0),
+])
+def test_shared_prefix_length(prompts, want):
+    assert shared_prefix_length(prompts) == want
+    assert build_batch(prompts, [[7]] * len(prompts), pad_id=0).shared_prefix == want
+
+
+def test_the_two_layouts_are_inverse():
+    """``[pads | prefix | rest]`` -> ``[prefix | pads | rest]`` -> back, rows of different widths."""
+    prompts = [[1, 2, 3, 10, 11], [1, 2, 3, 20], [1, 2, 3, 30, 31, 32, 33]]
+    batch = build_batch(prompts, [[40, 41], [50], [60, 61]], pad_id=0)
+    L, P = batch.shared_prefix, batch.prompt_width
+    assert L == 3
+    cols_BW = columns_after_prefix(batch.attention_mask, P, L)
+    rest_BW = batch.input_ids.gather(1, cols_BW)
+    for row, prompt in zip(rest_BW.tolist(), prompts):  # [pads | rest of the row]: the prompt ends at P - L
+        assert row[P - L - (len(prompt) - L): P - L] == prompt[L:]
+    compact_BT = torch.cat([torch.tensor([[1, 2, 3]] * 3), rest_BW], 1)
+    back_BT = compact_BT.gather(1, left_padded_columns(batch.attention_mask, P, L))
+    torch.testing.assert_close(back_BT, batch.input_ids, rtol=0, atol=0)
+
+
+def _trainer(tmp_path, **overrides):
+    trainer = Trainer(load_profile("tiny", **{"run_dir": str(tmp_path), "progress": False, **overrides}))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter, so the student differs from the teacher
+        for name, p in trainer.policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return trainer
+
+
+def _batch(trainer, role):
+    """Two prompts of different lengths with the chat header in common; completions of different lengths."""
+    alg = trainer.algorithm
+    problems = alg.step_problems(0)[:2]
+    prompts = [getattr(alg.prompts, role)[p.id] for p in problems]
+    batch = build_batch(prompts, [[5, 6, 7, 8, 9], [10, 11]], trainer.policy.tokenizer.pad_token_id)
+    assert batch.shared_prefix > 0 and len(prompts[0]) != len(prompts[1])
+    return batch
+
+
+def _tolerance(trainer, scale, tokens=0):
+    """Dot products over the hidden or MLP width through every layer; a weight's gradient (``tokens``
+    > 0) also sums over the batch's tokens and chains the backward's reductions after the forward's."""
+    cfg = trainer.policy.causal_lm.config
+    return tolerance(torch.float32, max(cfg.hidden_size, cfg.intermediate_size, tokens), scale=scale,
+                     depth=cfg.num_hidden_layers * (2 if tokens else 1))
+
+
+def test_the_teacher_with_a_shared_prefix_equals_the_whole_rows(tmp_path):
+    trainer = _trainer(tmp_path, lora_dropout=0.1)  # eval mode: dropout does not stop the teacher
+    batch = _batch(trainer, "teacher")
+    with trainer.policy.teacher():
+        shared = trainer.algorithm.hidden(batch)
+        whole = trainer.algorithm.hidden(dataclasses.replace(batch, shared_prefix=0))
+    real = batch.completion_mask.bool()
+    torch.testing.assert_close(shared[real], whole[real], **_tolerance(trainer, float(whole.abs().max())))
+
+
+def test_the_student_with_a_shared_prefix_has_the_whole_rows_gradients(tmp_path):
+    trainer = _trainer(tmp_path)
+    batch = _batch(trainer, "student")
+    mask = batch.completion_mask.bool()
+
+    def hidden_and_grads(b):
+        for p in trainer.params:
+            p.grad = None
+        hidden = trainer.algorithm.hidden(b)
+        (hidden[mask].square().mean()).backward()
+        return hidden.detach(), [p.grad.clone() for p in trainer.params]
+
+    shared, shared_grads = hidden_and_grads(batch)
+    whole, whole_grads = hidden_and_grads(dataclasses.replace(batch, shared_prefix=0))
+    torch.testing.assert_close(shared[mask], whole[mask], **_tolerance(trainer, float(whole.abs().max())))
+    for got, want in zip(shared_grads, whole_grads):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max()), batch.input_ids.numel()))
+
+
+@pytest.mark.parametrize("overrides, training, shared", [
+    ({}, True, True),
+    ({"lora_dropout": 0.1}, True, False),  # each piece would draw its own dropout masks
+    ({"lora_dropout": 0.1}, False, True),
+    ({"gradient_checkpointing": True}, True, False),  # checkpointed layers drop the cache
+    ({"gradient_checkpointing": True}, False, True),
+])
+def test_the_prefix_runs_once_only_where_that_equals_the_whole_rows(tmp_path, monkeypatch, overrides, training, shared):
+    trainer = _trainer(tmp_path, **overrides)
+    policy = trainer.policy
+    calls = []
+    run = policy.hidden_sharing_prefix
+    monkeypatch.setattr(policy, "hidden_sharing_prefix", lambda *a: calls.append(1) or run(*a))
+    policy.model.train(training)
+    trainer.algorithm.hidden(_batch(trainer, "student"))
+    assert bool(calls) is shared
+
+
+def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_layout(tmp_path, monkeypatch):
+    """The rollout's key/value states and first logits equal those of a pass over the left-padded
+    prompts without the prefix shared, on every real column."""
+    import opsd_kit.prompts
+
+    trainer = _trainer(tmp_path, rollout_backend="fast")
+    alg = trainer.algorithm
+    prompts = [alg.prompts.student[p.id] for p in alg.step_problems(0)[:3]]
+    assert shared_prefix_length(prompts) > 0 and len({len(p) for p in prompts}) > 1
+    with torch.no_grad():
+        shared = alg.student_prompt_pass(prompts)[1]
+        monkeypatch.setattr(opsd_kit.prompts, "shared_prefix_length", lambda rows: 0)
+        whole = alg.student_prompt_pass(prompts)[1]
+    width = max(map(len, prompts))
+    real_BP = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
+    for got, want in zip(shared.keys + shared.values + [shared.logits_BV], whole.keys + whole.values + [whole.logits_BV]):
+        got, want = (got, want) if got.dim() == 2 else (got.transpose(1, 2)[real_BP], want.transpose(1, 2)[real_BP])
+        torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max())))
