@@ -108,12 +108,11 @@ class Algorithm:
     def hidden(self, batch: Batch):
         """Final hidden states at the columns that predict the completion: [B, C, H]. A prompt prefix
         all rows share runs once (`Policy.hidden_sharing_prefix`) where that equals the whole rows'
-        forward (transformers' modules, `Policy.can_run_in_pieces`)."""
+        forward (`Policy.can_run_in_pieces`)."""
         b = batch.to(self.device)
-        if b.shared_prefix and self.config.backend == "hf" and self.policy.can_run_in_pieces():
+        if b.shared_prefix and self.policy.can_run_in_pieces():
             h, _, _ = self.policy.hidden_sharing_prefix(b.input_ids, b.attention_mask, b.position_ids,
                                                         b.prompt_width, b.shared_prefix)
-            first = b.prompt_width - b.shared_prefix - 1  # the last prompt column, with the prefix taken out
-            return h[:, first:first + b.completion_ids.shape[1]]
+            return h[:, b.predicting_slice(prefix_removed=True)]
         h = self.policy.backbone_hidden(b.input_ids, b.attention_mask, b.position_ids)
         return h[:, b.predicting_slice()]

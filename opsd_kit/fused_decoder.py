@@ -40,6 +40,21 @@ import torch.nn.functional as F
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def plain_attention_error(config) -> str | None:
+    """Why a model's attention is not plain causal attention over every earlier column, placed by
+    position ids alone, or None. What `FusedDecoder` implements, and what a forward run in pieces
+    over a cache with padding between the pieces relies on (`policy.Policy.can_run_in_pieces`):
+    a model type in ``SUPPORTED_MODEL_TYPES``, no sliding window (transformers places its window
+    by column, so padding columns would shift it), every layer full attention."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return f"layer_types {sorted(set(config.layer_types))} (only 'full_attention')"
+    return None
+
+
 class _Projection:
     """Linears that read the same input, as one: ``x -> cat_i((W_i + sum_a s_a B_ia A_ia) x + b_i)``.
 
@@ -172,16 +187,13 @@ class FusedDecoder:
 
         causal_lm = _causal_lm(model)
         cfg = causal_lm.config
-        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            return f"model_type {cfg.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+        error = plain_attention_error(cfg)
+        if error:
+            return error
         if getattr(cfg, "hidden_act", "silu") != "silu":
             return f"hidden_act {cfg.hidden_act!r} (only 'silu')"
         if getattr(cfg, "mlp_bias", False):
             return "MLP biases"
-        if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and cfg.sliding_window):
-            return "sliding-window attention"
-        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
-            return f"layer_types {sorted(set(cfg.layer_types))} (only 'full_attention')"
         if getattr(causal_lm, "is_loaded_in_4bit", False) or getattr(causal_lm, "is_loaded_in_8bit", False):
             return "a quantized base"
         head, embed = causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()

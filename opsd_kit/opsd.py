@@ -90,7 +90,7 @@ class OPSD(Algorithm):
         from .fused_decoder import FusedDecoder
 
         if (not self.config.share_prompt_pass or self.sampler is None or self.sampler.backend != "fast"
-                or self.config.backend != "hf" or self.policy.teacher_mode == "ema"):
+                or self.policy.teacher_mode == "ema"):
             return False
         return self.policy.can_run_in_pieces(training=True) and FusedDecoder.unsupported(self.policy.model) is None
 
@@ -174,7 +174,8 @@ class OPSD(Algorithm):
 
         with torch.no_grad():
             sampling = Prefill([left_padded(layer.keys) for layer in cache.layers],
-                               [left_padded(layer.values) for layer in cache.layers], self.policy.head(last_BH.detach()))
+                               [left_padded(layer.values) for layer in cache.layers],
+                               self.policy.head(last_BH.detach()))
         return PromptPass(cache=cache, last_hidden_BH=last_BH, mask_BP=cache_mask_BP), sampling
 
     def student_hidden(self, mb: OPSDBatch):

@@ -112,6 +112,9 @@ class Policy:
         self.teacher_mode = teacher
         self.ema_decay = ema_decay
         self.quantized = quantized
+        self.backend = "hf"
+        """Whose modules run the model: "hf" (transformers + peft), or "unsloth" (`from_pretrained`
+        sets it)."""
         self._trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._ema = self._current_trainable_fp32() if teacher == "ema" else None
 
@@ -141,8 +144,9 @@ class Policy:
             if adapter is not None:
                 raise ValueError("adapter= is not supported with backend='unsloth'; use backend='hf'")
             model = _load_unsloth(model_name, dtype, quantization, lora, gradient_checkpointing, device, seed)
-            return cls(model, models.load_tokenizer(model_name), teacher=teacher, ema_decay=ema_decay,
-                       seed=seed)
+            policy = cls(model, models.load_tokenizer(model_name), teacher=teacher, ema_decay=ema_decay, seed=seed)
+            policy.backend = "unsloth"
+            return policy
         tokenizer = models.load_tokenizer(model_name)
         if quantization == "4bit":
             model = models.load_causal_lm(model_name, dtype=dtype, quantization="4bit",
@@ -205,14 +209,15 @@ class Policy:
         other columns in the layout ``[pads | rest of the row]`` (W = T - prefix, so column
         ``prompt_width - prefix - 1`` is every row's last prompt token), the ``DynamicCache`` of
         all T columns in the layout ``[prefix | pads | rest]`` and its attention mask. Equal to
-        the whole rows' forward up to floating-point order where `can_run_in_pieces` holds.
+        the whole rows' forward up to floating-point order where `can_run_in_pieces` holds (callers
+        check it).
         """
         from transformers import DynamicCache
 
-        from .prompts import columns_after_prefix
+        from .prompts import columns_after_prefix, first_real_column
 
         B = input_ids_BT.shape[0]
-        start = prompt_width - int(attention_mask_BT[0, :prompt_width].sum())
+        start = int(first_real_column(attention_mask_BT[:1], prompt_width))
         cache = DynamicCache()
         self.backbone_hidden(input_ids_BT[:1, start:start + prefix], None,
                              torch.arange(prefix, device=input_ids_BT.device)[None], cache=cache)
@@ -226,10 +231,16 @@ class Policy:
 
     def can_run_in_pieces(self, training: bool | None = None) -> bool:
         """Whether a forward may run in pieces over a transformers cache (some columns, then the
-        rest attending to their key/value states) and equal the one-piece forward: always in eval
-        mode; in train mode only without dropout (each piece would draw its own masks) and without
-        gradient checkpointing (its layers drop the cache). ``training``: the mode the forward will
-        run in (default: the model's current mode)."""
+        rest attending to their key/value states, padding columns between them) and equal the
+        one-piece forward: transformers' modules with plain causal attention placed by position ids
+        (`fused_decoder.plain_attention_error`: no sliding window, no other layer types); in train
+        mode also no dropout (each piece would draw its own masks) and no gradient checkpointing
+        (its layers drop the cache). ``training``: the mode the forward will run in (default: the
+        model's current mode)."""
+        from .fused_decoder import plain_attention_error
+
+        if self.backend != "hf" or plain_attention_error(self.causal_lm.config) is not None:
+            return False
         if not (self.model.training if training is None else training):
             return True
         dropout = getattr(self.causal_lm.config, "attention_dropout", 0.0) or any(

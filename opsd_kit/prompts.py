@@ -279,10 +279,12 @@ class Batch:
                                               self.completion_ids, self.completion_mask)),
                      prompt_width=self.prompt_width, shared_prefix=self.shared_prefix)
 
-    def predicting_slice(self) -> slice:
-        """Columns whose hidden states predict the completion tokens."""
+    def predicting_slice(self, prefix_removed: bool = False) -> slice:
+        """Columns whose hidden states predict the completion tokens; ``prefix_removed``: in the
+        rows without their shared prefix (`columns_after_prefix`)."""
         c = self.completion_ids.shape[1]
-        return slice(self.prompt_width - 1, self.prompt_width - 1 + c)
+        last_prompt = self.prompt_width - 1 - (self.shared_prefix if prefix_removed else 0)
+        return slice(last_prompt, last_prompt + c)
 
 
 def position_ids(attention_mask_BT):
@@ -305,12 +307,17 @@ def shared_prefix_length(prompt_ids: list[list[int]]) -> int:
     return n
 
 
+def first_real_column(attention_mask_BT, prompt_width: int):
+    """Each left-padded row's first real column: ``[B, 1]``."""
+    return prompt_width - attention_mask_BT[:, :prompt_width].sum(-1, keepdim=True)
+
+
 def columns_after_prefix(attention_mask_BT, prompt_width: int, prefix: int):
     """Per row, the index of every column but the row's first ``prefix`` real prompt tokens, in
     order: ``[B, T - prefix]`` (a left-padded row ``[pads | prefix | rest]`` read as ``[pads | rest]``)."""
     import torch
 
-    start_B1 = prompt_width - attention_mask_BT[:, :prompt_width].sum(-1, keepdim=True)  # first real column
+    start_B1 = first_real_column(attention_mask_BT, prompt_width)
     j_W = torch.arange(attention_mask_BT.shape[1] - prefix, device=attention_mask_BT.device)
     return j_W + prefix * (j_W >= start_B1)
 
@@ -321,7 +328,7 @@ def left_padded_columns(attention_mask_BT, prompt_width: int, prefix: int):
     inverse of `columns_after_prefix` with the prefix put first."""
     import torch
 
-    start_B1 = prompt_width - attention_mask_BT[:, :prompt_width].sum(-1, keepdim=True)
+    start_B1 = first_real_column(attention_mask_BT, prompt_width)
     j_T = torch.arange(attention_mask_BT.shape[1], device=attention_mask_BT.device)
     return torch.where(j_T < start_B1, prefix + j_T, torch.where(j_T < start_B1 + prefix, j_T - start_B1, j_T))
 

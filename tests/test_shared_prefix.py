@@ -7,10 +7,9 @@ import dataclasses
 import pytest
 import torch
 from _numerics import tolerance
+from test_prompt_pass import _trainer  # the tiny profile with a trained-looking adapter, "fast" rollouts
 
-from opsd_kit.config import load_profile
 from opsd_kit.prompts import build_batch, columns_after_prefix, left_padded_columns, shared_prefix_length
-from opsd_kit.trainer import Trainer
 
 
 @pytest.mark.parametrize("prompts, want", [
@@ -41,16 +40,6 @@ def test_the_two_layouts_are_inverse():
     torch.testing.assert_close(back_BT, batch.input_ids, rtol=0, atol=0)
 
 
-def _trainer(tmp_path, **overrides):
-    trainer = Trainer(load_profile("tiny", **{"run_dir": str(tmp_path), "progress": False, **overrides}))
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter, so the student differs from the teacher
-        for name, p in trainer.policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return trainer
-
-
 def _batch(trainer, role):
     """Two prompts of different lengths with the chat header in common; completions of different lengths."""
     alg = trainer.algorithm
@@ -65,7 +54,7 @@ def _tolerance(trainer, scale, tokens=0):
     """Dot products over the hidden or MLP width through every layer; a weight's gradient (``tokens``
     > 0) also sums over the batch's tokens and chains the backward's reductions after the forward's."""
     cfg = trainer.policy.causal_lm.config
-    return tolerance(torch.float32, max(cfg.hidden_size, cfg.intermediate_size, tokens), scale=scale,
+    return tolerance(trainer.policy.causal_lm.dtype, max(cfg.hidden_size, cfg.intermediate_size, tokens), scale=scale,
                      depth=cfg.num_hidden_layers * (2 if tokens else 1))
 
 
@@ -99,22 +88,38 @@ def test_the_student_with_a_shared_prefix_has_the_whole_rows_gradients(tmp_path)
         torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max()), batch.input_ids.numel()))
 
 
-@pytest.mark.parametrize("overrides, training, shared", [
-    ({}, True, True),
-    ({"lora_dropout": 0.1}, True, False),  # each piece would draw its own dropout masks
-    ({"lora_dropout": 0.1}, False, True),
-    ({"gradient_checkpointing": True}, True, False),  # checkpointed layers drop the cache
-    ({"gradient_checkpointing": True}, False, True),
+@pytest.mark.parametrize("overrides, model_config, training, shared", [
+    ({}, {}, True, True),
+    ({"lora_dropout": 0.1}, {}, True, False),  # each piece would draw its own dropout masks
+    ({"lora_dropout": 0.1}, {}, False, True),
+    ({"gradient_checkpointing": True}, {}, True, False),  # checkpointed layers drop the cache
+    ({"gradient_checkpointing": True}, {}, False, True),
+    # transformers places a sliding window by column: the padding between the pieces would shift it
+    ({}, {"use_sliding_window": True, "sliding_window": 6}, False, False),
+    ({}, {"layer_types": ["sliding_attention", "full_attention"]}, False, False),
+    ({}, {"model_type": "gemma3_text"}, False, False),
 ])
-def test_the_prefix_runs_once_only_where_that_equals_the_whole_rows(tmp_path, monkeypatch, overrides, training, shared):
+def test_the_prefix_runs_once_only_where_that_equals_the_whole_rows(tmp_path, monkeypatch, overrides, model_config,
+                                                                     training, shared):
     trainer = _trainer(tmp_path, **overrides)
     policy = trainer.policy
+    for key, value in model_config.items():  # what the switch reads (the tiny model itself stays as it is)
+        monkeypatch.setattr(policy.causal_lm.config, key, value, raising=False)
     calls = []
     run = policy.hidden_sharing_prefix
     monkeypatch.setattr(policy, "hidden_sharing_prefix", lambda *a: calls.append(1) or run(*a))
     policy.model.train(training)
-    trainer.algorithm.hidden(_batch(trainer, "student"))
-    assert bool(calls) is shared
+    assert policy.can_run_in_pieces() is shared
+    if not model_config:  # a changed config would not describe the model that runs
+        trainer.algorithm.hidden(_batch(trainer, "student"))
+        assert bool(calls) is shared
+
+
+def test_a_model_loaded_through_unsloth_runs_whole_rows(tmp_path):
+    trainer = _trainer(tmp_path)
+    assert trainer.policy.can_run_in_pieces()
+    trainer.policy.backend = "unsloth"  # set by Policy.from_pretrained(backend="unsloth") (CUDA only)
+    assert not trainer.policy.can_run_in_pieces() and not trainer.algorithm._can_share_prompt_pass()
 
 
 def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_layout(tmp_path, monkeypatch):
@@ -122,7 +127,7 @@ def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_
     prompts without the prefix shared, on every real column."""
     import opsd_kit.prompts
 
-    trainer = _trainer(tmp_path, rollout_backend="fast")
+    trainer = _trainer(tmp_path)
     alg = trainer.algorithm
     prompts = [alg.prompts.student[p.id] for p in alg.step_problems(0)[:3]]
     assert shared_prefix_length(prompts) > 0 and len({len(p) for p in prompts}) > 1
@@ -132,6 +137,10 @@ def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_
         whole = alg.student_prompt_pass(prompts)[1]
     width = max(map(len, prompts))
     real_BP = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
-    for got, want in zip(shared.keys + shared.values + [shared.logits_BV], whole.keys + whole.values + [whole.logits_BV]):
-        got, want = (got, want) if got.dim() == 2 else (got.transpose(1, 2)[real_BP], want.transpose(1, 2)[real_BP])
+    def parts(prefill):
+        return [*prefill.keys, *prefill.values, prefill.logits_BV]
+
+    for got, want in zip(parts(shared), parts(whole)):
+        if got.dim() == 4:  # [B, G, P, D]: the real columns only
+            got, want = got.transpose(1, 2)[real_BP], want.transpose(1, 2)[real_BP]
         torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max())))
