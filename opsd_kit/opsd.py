@@ -151,26 +151,19 @@ class OPSD(Algorithm):
         ``(PromptPass, rollout.Prefill)``, the second detached for sampling (in the left-padded
         layout). A prefix all prompts share runs once (`Policy.hidden_sharing_prefix`)."""
         import torch
-        from transformers import DynamicCache
 
         from .prompts import left_padded_columns, position_ids, shared_prefix_length
         from .rollout import Prefill, left_pad
 
         ids_BP, mask_BP = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
         width, prefix = ids_BP.shape[1], shared_prefix_length(prompt_ids)
-        if prefix:
-            hidden_BWH, cache, cache_mask_BP = self.policy.hidden_sharing_prefix(
-                ids_BP, mask_BP, position_ids(mask_BP), width, prefix)
-            order_BP = left_padded_columns(mask_BP, width, prefix)
-        else:
-            cache, cache_mask_BP, order_BP = DynamicCache(), mask_BP, None
-            hidden_BWH = self.policy.backbone_hidden(ids_BP, mask_BP, position_ids(mask_BP), cache=cache)
+        hidden_BWH, cache, cache_mask_BP = self.policy.hidden_sharing_prefix(
+            ids_BP, mask_BP, position_ids(mask_BP), width, prefix)
         last_BH = hidden_BWH[:, -1]
+        order_BP = left_padded_columns(mask_BP, width, prefix)  # the identity without a prefix
 
         def left_padded(states_BGPD):
-            states_BGPD = states_BGPD.detach()
-            return states_BGPD if order_BP is None else states_BGPD.gather(
-                2, order_BP[:, None, :, None].expand_as(states_BGPD))
+            return states_BGPD.detach().gather(2, order_BP[:, None, :, None].expand_as(states_BGPD))
 
         with torch.no_grad():
             sampling = Prefill([left_padded(layer.keys) for layer in cache.layers],

@@ -210,7 +210,7 @@ class Policy:
         ``prompt_width - prefix - 1`` is every row's last prompt token), the ``DynamicCache`` of
         all T columns in the layout ``[prefix | pads | rest]`` and its attention mask. Equal to
         the whole rows' forward up to floating-point order where `can_run_in_pieces` holds (callers
-        check it).
+        check it). ``prefix = 0``: one forward of the rows as they are, into the cache.
         """
         from transformers import DynamicCache
 
@@ -219,10 +219,11 @@ class Policy:
         B = input_ids_BT.shape[0]
         start = int(first_real_column(attention_mask_BT[:1], prompt_width))
         cache = DynamicCache()
-        self.backbone_hidden(input_ids_BT[:1, start:start + prefix], None,
-                             torch.arange(prefix, device=input_ids_BT.device)[None], cache=cache)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1)
+        if prefix:
+            self.backbone_hidden(input_ids_BT[:1, start:start + prefix], None,
+                                 torch.arange(prefix, device=input_ids_BT.device)[None], cache=cache)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1)
         cols_BW = columns_after_prefix(attention_mask_BT, prompt_width, prefix)
         cache_mask_BT = torch.cat([attention_mask_BT.new_ones(B, prefix), attention_mask_BT.gather(1, cols_BW)], 1)
         hidden_BWH = self.backbone_hidden(input_ids_BT.gather(1, cols_BW), cache_mask_BT,

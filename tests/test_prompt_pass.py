@@ -40,19 +40,24 @@ def _loss_and_grads(trainer, micro_batches):
     return loss, [p.grad.clone() for p in params]
 
 
-def _tolerance(trainer, scale):
+def _tolerance(trainer, scale, tokens=0):
+    """Dot products over the hidden, MLP or vocabulary width through every layer; a weight's
+    gradient (``tokens`` > 0) also sums over the batch's tokens and chains the backward's
+    reductions after the forward's."""
     cfg = trainer.policy.causal_lm.config
-    return tolerance(torch.float32, max(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size), scale=scale,
-                     depth=cfg.num_hidden_layers)
+    return tolerance(trainer.policy.causal_lm.dtype,
+                     max(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, tokens), scale=scale,
+                     depth=cfg.num_hidden_layers * (2 if tokens else 1))
 
 
 def _assert_same_loss_and_grads(trainer, shared, whole):
     shared_loss, shared_grads = _loss_and_grads(trainer, shared)
     whole_loss, whole_grads = _loss_and_grads(trainer, whole)
     torch.testing.assert_close(shared_loss, whole_loss, **_tolerance(trainer, abs(whole_loss)))
+    tokens = sum(mb.student.input_ids.numel() for mb in whole)
     for got, want in zip(shared_grads, whole_grads):
         assert want.abs().max() > 0
-        torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max())))
+        torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max()), tokens))
 
 
 def _whole_rows(mb: OPSDBatch) -> OPSDBatch:

@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from _numerics import tolerance
-from test_prompt_pass import _trainer  # the tiny profile with a trained-looking adapter, "fast" rollouts
+from test_prompt_pass import _tolerance, _trainer  # the tiny profile, a trained-looking adapter, "fast" rollouts
 
 from opsd_kit.prompts import build_batch, columns_after_prefix, left_padded_columns, shared_prefix_length
 
@@ -48,14 +47,6 @@ def _batch(trainer, role):
     batch = build_batch(prompts, [[5, 6, 7, 8, 9], [10, 11]], trainer.policy.tokenizer.pad_token_id)
     assert batch.shared_prefix > 0 and len(prompts[0]) != len(prompts[1])
     return batch
-
-
-def _tolerance(trainer, scale, tokens=0):
-    """Dot products over the hidden or MLP width through every layer; a weight's gradient (``tokens``
-    > 0) also sums over the batch's tokens and chains the backward's reductions after the forward's."""
-    cfg = trainer.policy.causal_lm.config
-    return tolerance(trainer.policy.causal_lm.dtype, max(cfg.hidden_size, cfg.intermediate_size, tokens), scale=scale,
-                     depth=cfg.num_hidden_layers * (2 if tokens else 1))
 
 
 def test_the_teacher_with_a_shared_prefix_equals_the_whole_rows(tmp_path):
