@@ -29,12 +29,12 @@ test: $(STAMP)
 # The demo: OPSD, GRPO and SFT, two training runs at a time (the base model evaluated on the first free
 # core), then the study notebook.
 demo: $(STAMP)
-	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS)
+	$(PY) -m opsd_kit.apps.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS)
 
 # The demo plus the shuffled-hint control and second OPSD and GRPO seeds (PLAN=full: also the
 # hint-contrast loss and RLSD), in the same run folder: finished runs and evaluations are reused.
 study: $(STAMP)
-	$(PY) -m opsd_kit.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan $(PLAN)
+	$(PY) -m opsd_kit.apps.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan $(PLAN)
 
 lint: $(STAMP)
 	$(PY) -m ruff check opsd_kit tests bench

@@ -202,13 +202,13 @@ def bench_problems(n: int, source: str = "reasoning_gym:chain_sum?max_terms=2&ma
     import importlib.util
 
     if importlib.util.find_spec("reasoning_gym") is not None:
-        from opsd_kit.data import load_source
+        from opsd_kit.data.sources import load_source
 
         problems, _ = load_source(source, size=max(n, 8), seed=seed)
         return list(problems)[:n]
     import random
 
-    from opsd_kit.data import Problem
+    from opsd_kit.data.problems import Problem
 
     rng = random.Random(seed)
     out = []

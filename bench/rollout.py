@@ -1,4 +1,4 @@
-"""Rollout tokens/s: opsd_kit's "fast" engine (``opsd_kit.fused_decoder``) vs plain ``model.generate``.
+"""Rollout tokens/s: opsd_kit's "fast" engine (``opsd_kit.rollout.fused_decoder``) vs plain ``model.generate``.
 
 Both sample from the same PEFT policy (SmolLM2 with a LoRA adapter whose ``lora_B`` is set to
 seeded random values of std ``--lora-b-std``, so the adapter is not the zero update peft
@@ -15,7 +15,7 @@ timed on its own and charged to a ``--run-steps``-call run: ``speedup`` = plain 
 calls / (setup + fast time of that many calls); ``speedup_per_call`` leaves the setup out.
 
 Also measured in the same run: the greedy match rate of ``FastEngine.generate`` vs
-``opsd_kit.rollout.generate`` (``rollout_backend="hf"``) on the same prompts (and, where rows
+``opsd_kit.rollout.hf.generate`` (``rollout_backend="hf"``) on the same prompts (and, where rows
 part, the unmerged model's logit gap between the two tokens chosen), the largest difference
 between the log-probabilities "fast" reports for its sampled tokens and those the unmerged
 student assigns to them (one forward pass per row), the machine's memory bandwidth (a large
@@ -93,7 +93,8 @@ def main(argv=None):
 
     from opsd_kit.policy import LoraSettings, Policy
     from opsd_kit.prompts import PromptBuilder
-    from opsd_kit.rollout import FastEngine, GenerationSettings, _eos_ids, generate, left_pad
+    from opsd_kit.rollout.fast import FastEngine
+    from opsd_kit.rollout.hf import GenerationSettings, _eos_ids, generate, left_pad
 
     args = parse_args(argv)
     machine = _common.machine()

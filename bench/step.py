@@ -243,9 +243,9 @@ def worker_loss(args, model_path):
     """Both losses (and LoRA gradients) on one fixed batch of rollouts."""
     import torch
 
-    from opsd_kit.opsd import OPSDBatch
+    from opsd_kit.algorithms.opsd import OPSDBatch
     from opsd_kit.prompts import build_batch
-    from opsd_kit.rollout import GenerationSettings, generate
+    from opsd_kit.rollout.hf import GenerationSettings, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         ours, _cfg, problems = build_ours(args, model_path, tmp + "/ours")

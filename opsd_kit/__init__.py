@@ -13,19 +13,19 @@ _LAZY = {
     # models
     "resolve_model_path": "models", "load_causal_lm": "models", "load_tokenizer": "models",
     # data
-    "Problem": "data", "load_problems": "data", "load_builtin": "data",
-    "split_problems": "data", "check_leakage": "data",
+    "Problem": "data.problems", "load_problems": "data.problems", "load_builtin": "data.sources",
+    "load_source": "data.sources", "split_problems": "data.splits", "check_leakage": "data.splits",
     # prompts
     "PromptBuilder": "prompts", "build_batch": "prompts",
     # losses
     "per_token_divergence": "losses", "sampled_token_loss": "losses",
     "topk_divergence": "losses", "chunked_divergence": "losses",
     # answers, grading and evaluation
-    "extract_boxed": "answers", "extract_marked": "answers",
-    "extract_answer": "evaluate", "is_correct": "grading", "pass_at_k": "evaluate",
-    "evaluate_model": "evaluate", "grade_many": "grading", "EvalResult": "evaluate",
+    "extract_boxed": "data.answers", "extract_marked": "data.answers",
+    "is_correct": "evaluation.grading", "grade_many": "evaluation.grading",
+    "pass_at_k": "evaluation.evaluate", "evaluate_model": "evaluation.evaluate", "EvalResult": "evaluation.evaluate",
     # rollouts
-    "GenerationSettings": "rollout", "generate": "rollout",
+    "GenerationSettings": "rollout.hf", "generate": "rollout.hf",
     # training
     "TrainConfig": "config", "load_profile": "config",
     "Policy": "policy", "LoraSettings": "policy", "train": "trainer", "Trainer": "trainer",

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .prompts import INSTRUCTION, STUDENT_TEMPLATE, TEACHER_TEMPLATE, template_error
+from opsd_kit.prompts import INSTRUCTION, STUDENT_TEMPLATE, TEACHER_TEMPLATE, template_error
 
 ALGORITHMS = ("opsd", "grpo", "sft", "rlsd")
 GROUP_ALGORITHMS = ("grpo", "rlsd")  # sample num_generations rollouts per problem, group-relative advantages
@@ -38,7 +38,7 @@ class TrainConfig:
     # -- run -------------------------------------------------------------------------------
     algorithm: str = "opsd"
     """Which trainer: 'opsd' (on-policy self-distillation), 'grpo' or 'sft' (baselines), or
-    'rlsd' (GRPO with the privileged teacher's token-level credit, `opsd_kit.rlsd`)."""
+    'rlsd' (GRPO with the privileged teacher's token-level credit, `opsd_kit.algorithms.rlsd`)."""
     profile: str | None = None
     """Which profile built this config (set by `load_profile`; None: built by hand). It picks
     the evaluation protocol that goes with the run (`eval_protocol_for`)."""
@@ -56,7 +56,7 @@ class TrainConfig:
     """None = resume when run_dir holds checkpoints of the same config (else start fresh; another
     config is refused), True = require a checkpoint to resume from (error if none), False = start
     fresh, which needs overwrite=True when checkpoints exist. "The same config" ignores the keys
-    that do not change what is trained (`opsd_kit.rundir.RESUMABLE_CHANGES`)."""
+    that do not change what is trained (`opsd_kit.run.rundir.RESUMABLE_CHANGES`)."""
     overwrite: bool = False
     """Allow a fresh run to delete run_dir's checkpoints and final adapter (resume=False, or
     resume=None with checkpoints of another config). Nothing is ever deleted without it."""
@@ -96,7 +96,7 @@ class TrainConfig:
 
     # -- data and prompts -------------------------------------------------------------------
     train_data: str = "reasoning_gym:chain_sum"
-    """Training problems: a source spec understood by opsd_kit.data.load_source, or a file."""
+    """Training problems: a source spec understood by opsd_kit.data.sources.load_source, or a file."""
     train_size: int = 512
     """How many training problems to load."""
     max_prompt_tokens: int = 1024
@@ -181,7 +181,7 @@ class TrainConfig:
     """GRPO KL penalty to the reference (adapter-off) model; 0 as in the paper."""
     grading_mode: str = "strict"
     """Reward and rollout-correctness grading: 'strict' (the last boxed answer only) or 'lenient'
-    (also '####', 'the answer is', else the last number); see opsd_kit.evaluate."""
+    (also '####', 'the answer is', else the last number); see opsd_kit.evaluation.evaluate."""
 
     # -- RLSD ------------------------------------------------------------------------------
     rlsd_lambda: float = 0.5
@@ -348,7 +348,7 @@ class TrainConfig:
         """The longest sequence a step builds (a prompt of max_prompt_tokens followed by a
         completion of max_new_tokens, or for SFT a target of max_target_tokens) must fit the
         model's context; ``None`` skips the check. SFT without a target cap checks the prompt
-        here and each target once tokenised (`opsd_kit.sft`)."""
+        here and each target once tokenised (`opsd_kit.algorithms.sft`)."""
         key = "max_target_tokens" if self.algorithm == "sft" else "max_new_tokens"
         lengths = {"max_prompt_tokens": self.max_prompt_tokens, key: getattr(self, key)}
         lengths = {k: v for k, v in lengths.items() if v is not None}
@@ -360,7 +360,7 @@ class TrainConfig:
 
     def rollout_settings(self, n: int = 1, max_new_tokens: int | None = None):
         """The rollout sampling settings, with ``n`` samples per prompt."""
-        from .rollout import GenerationSettings
+        from opsd_kit.rollout.hf import GenerationSettings
 
         return GenerationSettings(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
                                   top_p=self.top_p, top_k=self.top_k, n=n, batch_size=self.generation_batch_size)
@@ -388,7 +388,7 @@ class EvalConfig:
     drawn. Profiles (`load_eval_profile`) name the protocols: `tiny`, `cpu-demo`, `paper`."""
 
     data: str = ""
-    """Held-out source: a spec for `opsd_kit.data.load_source` or a file; "" means the caller
+    """Held-out source: a spec for `opsd_kit.data.sources.load_source` or a file; "" means the caller
     passes the problems (the demo passes notebook 00's leakage-checked `eval.jsonl`)."""
     size: int | None = None
     """How many held-out problems to load from `data` (None: all)."""
@@ -443,7 +443,7 @@ class EvalConfig:
 
     def settings(self):
         """The generation settings of this protocol (n = k samples per problem)."""
-        from .rollout import GenerationSettings
+        from opsd_kit.rollout.hf import GenerationSettings
 
         return GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                   top_p=self.top_p, top_k=self.top_k, n=self.k, batch_size=self.batch_size)

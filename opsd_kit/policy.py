@@ -32,8 +32,8 @@ import torch
 from peft import PeftModel
 
 from opsd_kit import models
-from opsd_kit.card import write_card
 from opsd_kit.config import BACKENDS, DTYPES, QUANTIZATIONS, TEACHERS
+from opsd_kit.run.card import write_card
 
 if TYPE_CHECKING:
     from opsd_kit.config import TrainConfig
@@ -214,7 +214,7 @@ class Policy:
         """
         from transformers import DynamicCache
 
-        from .prompts import columns_after_prefix, first_real_column
+        from opsd_kit.prompts import columns_after_prefix, first_real_column
 
         B = input_ids_BT.shape[0]
         start = int(first_real_column(attention_mask_BT[:1], prompt_width))
@@ -238,7 +238,7 @@ class Policy:
         mode also no dropout (each piece would draw its own masks) and no gradient checkpointing
         (its layers drop the cache). ``training``: the mode the forward will run in (default: the
         model's current mode)."""
-        from .fused_decoder import plain_attention_error
+        from opsd_kit.rollout.fused_decoder import plain_attention_error
 
         if self.backend != "hf" or plain_attention_error(self.causal_lm.config) is not None:
             return False
@@ -318,9 +318,9 @@ class Policy:
         """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors).
 
         adapter_config.json names the base by its public id (`models.public_model_id`), not by a
-        cache folder of this machine, and README.md is a kit card (`opsd_kit.card`) instead of
+        cache folder of this machine, and README.md is a kit card (`opsd_kit.run.card`) instead of
         peft's empty template; `models.ADAPTER_BASE_FILE` records how the base was loaded here (the kit's
-        model name, dtype, quantization) so that `opsd_kit.export` reloads exactly those weights.
+        model name, dtype, quantization) so that `opsd_kit.apps.export` reloads exactly those weights.
         """
         self._require_lora("save_adapter")
         name_or_path = self.config.name_or_path
@@ -364,7 +364,7 @@ class Policy:
 # ----------------------------------------------------------------------------------------
 # helpers
 #: The TrainConfig fields that fix a policy's weights and adapter layout: runs that agree on
-#: them can share one loaded model and swap adapters (`opsd_kit.study`).
+#: them can share one loaded model and swap adapters (`opsd_kit.evaluation.study`).
 MODEL_FIELDS = ("model", "dtype", "quantization", "use_lora", "lora_r", "lora_alpha", "lora_target_modules")
 
 

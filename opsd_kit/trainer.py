@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from opsd_kit.config import ConfigError, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,7 +51,7 @@ class TrainResult:
 
 def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None) -> TrainResult:
     """Train with ``config``. ``problems`` overrides ``config.train_data``: a list of Problem, or a
-    list of dicts, a ``datasets.Dataset`` or a pandas DataFrame read by `opsd_kit.data.load_problems`;
+    list of dicts, a ``datasets.Dataset`` or a pandas DataFrame read by `opsd_kit.data.problems.load_problems`;
     ``policy`` reuses an already-loaded policy (its weights are trained in place)."""
     return Trainer(config, problems=problems, policy=policy, accelerator=accelerator).train()
 
@@ -62,8 +62,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from .data import as_problems
-        from .rundir import plan_start
+        from opsd_kit.data.problems import as_problems
+        from opsd_kit.run.rundir import plan_start
 
         # Every check of the configuration runs before the model's weights load.
         self.config = config.validate()
@@ -86,11 +86,11 @@ class Trainer:
         set_seed(config.seed)  # python, numpy, torch (all devices)
         self.run_dir = Path(config.run_dir)
         if policy is None:
-            from .policy import build_policy
+            from opsd_kit.policy import build_policy
 
             policy = build_policy(config, self.accelerator.device)
         self.policy = policy
-        from .ledger import TokenLedger
+        from opsd_kit.run.ledger import TokenLedger
 
         self.ledger = TokenLedger()
         self.ledger.reduce_sum = self.reduce_sum
@@ -106,7 +106,7 @@ class Trainer:
 
     def _make_algorithm(self):
         """The run's algorithm, given exactly the collaborators it uses."""
-        from .prompts import PromptCache
+        from opsd_kit.prompts import PromptCache
 
         cfg = self.config
         cls = algorithm_class(cfg.algorithm)
@@ -116,7 +116,7 @@ class Trainer:
                              step_problems=self.step_problems)
         if cfg.algorithm == "sft":
             return cls(cfg, self.policy, problems=self.problems, context_length=self.context_length, **collaborators)
-        from .rollout import RolloutSampler
+        from opsd_kit.rollout.sampler import RolloutSampler
 
         sampler = RolloutSampler(
             self.policy, backend=cfg.rollout_backend, seed=cfg.seed, num_processes=self.accelerator.num_processes,
@@ -157,8 +157,8 @@ class Trainer:
     def train(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        from .metrics import MetricsLogger
-        from .rundir import discard_previous_run
+        from opsd_kit.run.metrics import MetricsLogger
+        from opsd_kit.run.rundir import discard_previous_run
 
         cfg = self.config
         if self.start.checkpoint is not None:
@@ -253,7 +253,7 @@ class Trainer:
 
     def _fill_card(self, adapter_dir: Path, interrupted: bool) -> None:
         """Write what was trained, on what and how into the final adapter's card."""
-        from .card import training_sections, update_card
+        from opsd_kit.run.card import training_sections, update_card
 
         sections = training_sections(self.config, steps=self.step, ledger=self.ledger.state_dict(),
                                      n_problems=len(self.problems), adapter_dir=adapter_dir, interrupted=interrupted)
@@ -326,7 +326,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------
     def _save(self) -> None:
-        from .checkpoint import rng_state, save_checkpoint
+        from opsd_kit.run.checkpoint import rng_state, save_checkpoint
 
         # Each process's own algorithm state (GRPO's batch in flight) and RNG, gathered to the main one.
         per_rank = [{"algorithm": self.algorithm.state_dict(), "rng": rng_state()}]
@@ -342,7 +342,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _restore(self, path: Path) -> None:
-        from .checkpoint import load_trainer_state, set_rng_state
+        from opsd_kit.run.checkpoint import load_trainer_state, set_rng_state
 
         state = load_trainer_state(path)
         self.policy.load_adapter(path / "adapter")
@@ -417,7 +417,7 @@ def _context_length(cfg: TrainConfig, policy=None) -> tuple[int | None, str]:
     else:
         from transformers import AutoConfig
 
-        from .models import resolve_model_path
+        from opsd_kit.models import resolve_model_path
 
         try:
             model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model))
@@ -432,7 +432,7 @@ def _context_length(cfg: TrainConfig, policy=None) -> tuple[int | None, str]:
 
 
 def _load_train_problems(cfg: TrainConfig):
-    from .data import load_source
+    from opsd_kit.data.sources import load_source
 
     problems, _report = load_source(cfg.train_data, size=cfg.train_size, seed=cfg.seed)
     return problems
@@ -444,7 +444,7 @@ def _shuffled_hints(cfg: TrainConfig, problems) -> dict | None:
     Built before the model loads, so problems that allow no wrong hint fail early."""
     if cfg.algorithm != "opsd" or (cfg.teacher_hint == "reference" and cfg.divergence != "hint_contrast"):
         return None
-    from .prompts import shuffled_hints
+    from opsd_kit.prompts import shuffled_hints
 
     try:
         return shuffled_hints(problems, cfg.seed)
@@ -456,17 +456,17 @@ def _shuffled_hints(cfg: TrainConfig, problems) -> dict | None:
 def algorithm_class(name: str):
     """The `algorithm.Algorithm` subclass of ``TrainConfig.algorithm`` ``name``."""
     if name == "opsd":
-        from .opsd import OPSD
+        from opsd_kit.algorithms.opsd import OPSD
 
         return OPSD
     if name == "grpo":
-        from .grpo import GRPO
+        from opsd_kit.algorithms.grpo import GRPO
 
         return GRPO
     if name == "rlsd":
-        from .rlsd import RLSD
+        from opsd_kit.algorithms.rlsd import RLSD
 
         return RLSD
-    from .sft import SFT
+    from opsd_kit.algorithms.sft import SFT
 
     return SFT

@@ -1,4 +1,4 @@
-"""opsd_kit.answers: the one answer parser of data loading and grading."""
+"""opsd_kit.data.answers: the one answer parser of data loading and grading."""
 from __future__ import annotations
 
 import doctest
@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from opsd_kit import answers, evaluate
-from opsd_kit.answers import extract, extract_boxed, extract_hashes, extract_marked, last_number
-from opsd_kit.data import load_problems
+from opsd_kit.data import answers
+from opsd_kit.data.answers import extract, extract_boxed, extract_hashes, extract_marked, last_number
+from opsd_kit.data.problems import load_problems
+from opsd_kit.evaluation import evaluate
 
 
 def test_docstring_examples():

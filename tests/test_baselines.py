@@ -6,8 +6,8 @@ import pytest
 import torch
 from _numerics import tolerance
 
+from opsd_kit.algorithms.grpo import group_advantages, grpo_token_loss
 from opsd_kit.config import load_profile
-from opsd_kit.grpo import group_advantages, grpo_token_loss
 from opsd_kit.trainer import Trainer
 
 
@@ -111,7 +111,7 @@ def test_sft_targets_are_cut_at_max_target_tokens(tmp_path):
 
 def test_sft_without_a_cap_refuses_targets_beyond_the_context(tmp_path):
     from opsd_kit.config import ConfigError
-    from opsd_kit.data import Problem
+    from opsd_kit.data.problems import Problem
 
     long = Problem(id="long", question="1 + 1?", solution="two " * 2100 + "\\boxed{2}", answer="2",
                    source="test")
@@ -126,7 +126,7 @@ def test_micro_batches_whose_advantages_are_all_zero_skip_their_passes_and_learn
     """Skipping a zero-advantage micro-batch's forward and backward leaves the adapter, the loss
     and the grad norm bit-identical to running them (tiny: 4 micro-batches of one group each,
     each batch of rollouts reused for 2 optimizer steps)."""
-    from opsd_kit.grpo import GRPO
+    from opsd_kit.algorithms.grpo import GRPO
 
     def grade(rollouts, problems):  # no reward, or a mixed first group (its micro-batch carries a gradient)
         return [float(rewarded == "first group" and i == 0) for i in range(len(rollouts))]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from opsd_kit.cli import main
+from opsd_kit.apps.cli import main
 
 EVAL = ["--eval-profile", "tiny", "--data", "reasoning_gym:chain_sum", "--set", "size=6"]
 

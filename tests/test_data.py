@@ -6,18 +6,10 @@ import re
 
 import pytest
 
-from opsd_kit.answers import extract_boxed
-from opsd_kit.data import (
-    Problem,
-    check_leakage,
-    dedupe_against,
-    load_builtin,
-    load_problems,
-    load_source,
-    normalise_question,
-    save_problems,
-    split_problems,
-)
+from opsd_kit.data.answers import extract_boxed
+from opsd_kit.data.problems import Problem, load_problems, save_problems
+from opsd_kit.data.sources import load_builtin, load_source
+from opsd_kit.data.splits import check_leakage, dedupe_against, normalise_question, split_problems
 
 ROWS = [
     {"problem": "What is 1+1?", "solution": "1+1 = \\boxed{2}", "level": "1"},

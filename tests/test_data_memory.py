@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from opsd_kit.config import load_profile
-from opsd_kit.data import DataError, Problem, as_problems, load_problems, load_source
+from opsd_kit.data.problems import DataError, Problem, as_problems, load_problems
+from opsd_kit.data.sources import load_source
 from opsd_kit.trainer import train
 
 ROWS = [

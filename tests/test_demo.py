@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from opsd_kit.demo import NOTEBOOKS, evaluation_task, plan_jobs, run_demo
+from opsd_kit.apps.demo import NOTEBOOKS, evaluation_task, plan_jobs, run_demo
 
 
 @pytest.mark.slow
@@ -57,8 +57,8 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
 
 def test_demo_plans_are_valid_configs(tmp_path):
     """Every job of every plan builds a valid config, and the study extends the demo."""
+    from opsd_kit.apps.demo import DEMO_PLANS
     from opsd_kit.config import load_profile
-    from opsd_kit.demo import DEMO_PLANS
 
     for profile in DEMO_PLANS:
         demo, study, full = plan_jobs(profile, "demo"), plan_jobs(profile, "study"), plan_jobs(profile, "full")
@@ -75,7 +75,7 @@ def test_notebook_01_runs_alone_with_only_the_profile_set(tmp_path):
     """`papermill notebooks/01_opsd_training.ipynb out.ipynb -p profile tiny`, from any folder."""
     import papermill
 
-    from opsd_kit.demo import notebook_dir
+    from opsd_kit.apps.demo import notebook_dir
 
     papermill.execute_notebook(str(notebook_dir() / "01_opsd_training.ipynb"), str(tmp_path / "out.ipynb"),
                                parameters={"profile": "tiny"}, cwd=str(tmp_path), progress_bar=False)
@@ -89,7 +89,7 @@ def test_baseline_notebook_runs_alone_with_only_the_profile_set(tmp_path, notebo
     """`papermill notebooks/02_grpo_baseline.ipynb out.ipynb -p profile tiny` (and 03), from any folder."""
     import papermill
 
-    from opsd_kit.demo import notebook_dir
+    from opsd_kit.apps.demo import notebook_dir
 
     papermill.execute_notebook(str(notebook_dir() / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb"),
                                parameters={"profile": "tiny"}, cwd=str(tmp_path), progress_bar=False)
@@ -98,7 +98,7 @@ def test_baseline_notebook_runs_alone_with_only_the_profile_set(tmp_path, notebo
 
 
 def test_expected_total_plays_the_queue_out_and_scales_by_machine_speed(monkeypatch, tmp_path):
-    import opsd_kit.demo as demo
+    import opsd_kit.apps.demo as demo
 
     reference = {"00_data_prep": 10, "opsd": 100, "grpo": 30, "sft": 20, "opsd-shuffled": 60, "opsd-seed1": 50,
                  "point": 5, "split": 2, "04": 3}
@@ -123,7 +123,7 @@ def test_expected_total_plays_the_queue_out_and_scales_by_machine_speed(monkeypa
 
 
 def test_machine_speed_is_a_short_positive_measurement():
-    from opsd_kit.demo import machine_speed
+    from opsd_kit.apps.demo import machine_speed
 
     assert 0 < machine_speed(repeats=1) < 60
 
@@ -137,7 +137,7 @@ def test_a_finished_notebooks_kernel_is_shut_down_without_a_sigint(monkeypatch):
 
     from jupyter_client import KernelManager
 
-    from opsd_kit.demo import _local_kernels
+    from opsd_kit.apps.demo import _local_kernels
 
     if os.name != "posix":
         pytest.skip("the demo's own kernel manager is POSIX-only")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from opsd_kit.diagnostics import answer_token_split
+from opsd_kit.evaluation.diagnostics import answer_token_split
 
 
 def test_answer_spread_over_several_tokens():
@@ -51,10 +51,10 @@ def test_split_needs_one_value_per_token():
 
 
 def test_wrong_hint_divergence_and_answer_split_on_the_tiny_model():
-    from opsd_kit.diagnostics import divergence_by_answer_tokens, teacher_student_gap, token_divergences
+    from opsd_kit.evaluation.diagnostics import divergence_by_answer_tokens, teacher_student_gap, token_divergences
     from opsd_kit.policy import LoraSettings, Policy
     from opsd_kit.prompts import PromptBuilder, shuffled_hints
-    from opsd_kit.rollout import GenerationSettings
+    from opsd_kit.rollout.hf import GenerationSettings
 
     policy = Policy.from_pretrained("tiny", lora=LoraSettings(r=4, alpha=8))
     builder = PromptBuilder(policy.tokenizer)
@@ -90,7 +90,7 @@ def test_the_diagnostic_shows_the_divergence_the_trainer_computes(tmp_path, over
     from _numerics import tolerance
 
     from opsd_kit.config import load_profile
-    from opsd_kit.diagnostics import token_divergences
+    from opsd_kit.evaluation.diagnostics import token_divergences
     from opsd_kit.trainer import Trainer
 
     trainer = Trainer(load_profile("tiny", "opsd", run_dir=str(tmp_path / "run"), progress=False,

@@ -44,7 +44,7 @@ def test_notebook_tools_are_an_extra():
     notebook_tools = {"jupyterlab", "ipykernel", "papermill", "ipywidgets"}
     assert not notebook_tools & set(_pins(project["dependencies"]))
     assert notebook_tools <= set(_pins(project["optional-dependencies"]["notebooks"]))
-    assert project["scripts"]["opsd-kit"] == "opsd_kit.cli:main"
+    assert project["scripts"]["opsd-kit"] == "opsd_kit.apps.cli:main"
     assert '".[dev,bench,notebooks]"' in (ROOT / "Makefile").read_text()
 
 
@@ -52,15 +52,15 @@ def test_library_imports_without_the_notebook_tools():
     """Importing every module works with papermill, IPython and ipywidgets unimportable."""
     code = ("import sys; sys.modules.update(dict.fromkeys(('papermill', 'IPython', 'ipywidgets', 'jupyterlab'))); "
             "import pkgutil, importlib, opsd_kit; "
-            "[importlib.import_module('opsd_kit.' + m.name) for m in pkgutil.iter_modules(opsd_kit.__path__)]; "
-            "from opsd_kit.demo import _papermill\n"
+            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(opsd_kit.__path__, 'opsd_kit.')]; "
+            "from opsd_kit.apps.demo import _papermill\n"
             "try:\n    _papermill()\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'opsd_kit[notebooks]'" in out.stdout
 
 
 def test_gpu_extras_are_lazy():
-    code = ("import sys, opsd_kit.rollout, opsd_kit.policy, opsd_kit.trainer; "
+    code = ("import sys, opsd_kit.rollout.sampler, opsd_kit.policy, opsd_kit.trainer; "
             "print([m for m in ('vllm', 'unsloth') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

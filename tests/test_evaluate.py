@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from opsd_kit import evaluate
-from opsd_kit.evaluate import EvalResult, pass_at_k
+from opsd_kit.evaluation import evaluate
+from opsd_kit.evaluation.evaluate import EvalResult, pass_at_k
 
 
 def problem(i, answer):
@@ -42,7 +42,7 @@ SUMMARY_KEYS = {"eval/avg@k", "eval/pass@1", "eval/pass@k", "eval/mean_response_
 
 
 def test_evaluate_model_on_tiny_model(tiny_model, tiny_tokenizer, tmp_path):
-    from opsd_kit.rollout import GenerationSettings
+    from opsd_kit.rollout.hf import GenerationSettings
 
     problems = [problem(i, str(i)) for i in range(3)]
     settings = GenerationSettings(max_new_tokens=8, temperature=1.0, n=1, batch_size=8)
@@ -72,8 +72,8 @@ def evaluate_model_tiny(model, tokenizer, problems, settings):
 
 def test_evaluate_model_grading_end_to_end(monkeypatch, tiny_tokenizer):
     """A fake generator with known texts: avg@k, pass@k and both modes computed end to end."""
-    from opsd_kit import rollout
-    from opsd_kit.rollout import GenerationSettings, Rollouts
+    from opsd_kit.rollout import hf as rollout
+    from opsd_kit.rollout.hf import GenerationSettings, Rollouts
 
     texts = {  # problem -> its k=4 responses
         0: [r"\boxed{\frac{1}{2}}", r"\boxed{0.5}", r"\boxed{2}", "so it is 1/2"],  # strict 2/4
@@ -114,8 +114,8 @@ def test_evaluate_model_grading_end_to_end(monkeypatch, tiny_tokenizer):
 
 def test_steps_compose_to_evaluate_model(monkeypatch, tiny_tokenizer):
     """sample_responses -> grade_responses -> tabulate, called one by one, give evaluate_model's result."""
-    from opsd_kit import rollout
-    from opsd_kit.rollout import GenerationSettings, Rollouts
+    from opsd_kit.rollout import hf as rollout
+    from opsd_kit.rollout.hf import GenerationSettings, Rollouts
 
     texts = [r"\boxed{2}", "it is 2", r"\boxed{3}", "The answer is 4."]
     made = Rollouts(prompt_index=[0, 0, 1, 1], completion_ids=[[1, 2], [1], [3], [4, 5, 6]], texts=texts,
@@ -144,7 +144,8 @@ def test_steps_compose_to_evaluate_model(monkeypatch, tiny_tokenizer):
 
 
 def test_grading_names_are_re_exported():
-    from opsd_kit import answers, grading
+    from opsd_kit.data import answers
+    from opsd_kit.evaluation import grading
 
     assert evaluate.is_correct is grading.is_correct and evaluate.grade_many is grading.grade_many
     assert evaluate.extract_answer is answers.extract_marked and evaluate.last_number is answers.last_number

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from opsd_kit import models
-from opsd_kit.card import update_card
+from opsd_kit.apps.export import export, main
 from opsd_kit.config import load_profile
-from opsd_kit.export import export, main
+from opsd_kit.run.card import update_card
 from opsd_kit.trainer import Trainer
 
 

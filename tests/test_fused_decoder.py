@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opsd_kit.fused_decoder import FusedDecoder, draw, process_scores
-from opsd_kit.rollout import FastEngine, GenerationSettings, generate
+from opsd_kit.rollout.fast import FastEngine
+from opsd_kit.rollout.fused_decoder import FusedDecoder, draw, process_scores
+from opsd_kit.rollout.hf import GenerationSettings, generate
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]  # different lengths: left padding in every batch
 GREEDY = GenerationSettings(max_new_tokens=10, temperature=0.0, n=1, batch_size=2)
@@ -213,7 +214,7 @@ def test_unsupported_models_say_why(tiny_model, tiny_tokenizer):
 def test_an_unsupported_model_falls_back_to_generate_with_the_adapter_merged(tiny_tokenizer, monkeypatch):
     """The fallback samples the merged model and restores the base weights bit for bit, also
     when sampling raises (``unmerge_adapter`` alone would leave rounding errors in the teacher)."""
-    import opsd_kit.rollout as rollout
+    import opsd_kit.rollout.hf as rollout
 
     policy = _lora_policy(_model("qwen2", tiny_tokenizer), tiny_tokenizer)
     monkeypatch.setattr(FusedDecoder, "unsupported", staticmethod(lambda model: "a reason the test gives"))

@@ -5,10 +5,10 @@ import threading
 
 import pytest
 
-from opsd_kit import grading
-from opsd_kit.answers import extract_marked as extract_answer
-from opsd_kit.answers import last_number
-from opsd_kit.grading import grade_many, is_correct
+from opsd_kit.data.answers import extract_marked as extract_answer
+from opsd_kit.data.answers import last_number
+from opsd_kit.evaluation import grading
+from opsd_kit.evaluation.grading import grade_many, is_correct
 
 
 # -- extraction ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def _free_port() -> int:
 @pytest.fixture
 def jupyterlab(tmp_path):
     """A JupyterLab server on a free local port over ``tmp_path``; stopped by its PID."""
-    from opsd_kit.demo import notebook_dir
+    from opsd_kit.apps.demo import notebook_dir
 
     (tmp_path / "notebooks").mkdir()
     shutil.copy(notebook_dir() / "00_data_prep.ipynb", tmp_path / "notebooks")

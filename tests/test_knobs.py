@@ -60,8 +60,8 @@ def test_sampled_token_clamp(monkeypatch):
 @pytest.mark.parametrize("scale_rewards, ratio_clip_eps", [(True, 0.05), (False, 0.3)])
 def test_grpo_scale_rewards_and_ratio_clip_eps(tmp_path, monkeypatch, scale_rewards, ratio_clip_eps):
     """Hand-made rollouts (one right answer per group of two) through GRPO's advantages and loss."""
-    from opsd_kit import rollout
-    from opsd_kit.grpo import group_advantages, grpo_token_loss
+    from opsd_kit.algorithms.grpo import group_advantages, grpo_token_loss
+    from opsd_kit.rollout import hf as rollout
     from opsd_kit.trainer import Trainer
 
     cfg = load_profile("tiny", "grpo", run_dir=str(tmp_path / "run"), progress=False, lora_dropout=0.0,

@@ -49,9 +49,9 @@ def test_bad_names_and_settings():
 
 @pytest.mark.slow
 def test_bundled_smollm2_answers_a_gsm8k_question_offline():
-    from opsd_kit.data import load_builtin
+    from opsd_kit.data.sources import load_builtin
     from opsd_kit.prompts import PromptBuilder
-    from opsd_kit.rollout import GenerationSettings, generate
+    from opsd_kit.rollout.hf import GenerationSettings, generate
 
     tokenizer = models.load_tokenizer(models.BUNDLED)
     model = models.load_causal_lm(models.BUNDLED)

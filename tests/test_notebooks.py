@@ -7,8 +7,8 @@ from importlib import metadata
 
 import pytest
 
-from opsd_kit.demo import NOTEBOOKS, notebook_dir
-from opsd_kit.notebook import as_mapping, assigned_names, setup_run
+from opsd_kit.apps.demo import NOTEBOOKS, notebook_dir
+from opsd_kit.apps.notebook import as_mapping, assigned_names, setup_run
 
 
 def _run(notebook, tmp_path, **parameters):

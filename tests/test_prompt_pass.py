@@ -9,10 +9,11 @@ import torch
 from _numerics import tolerance
 from test_fused_decoder import _assert_same_greedy
 
+from opsd_kit.algorithms.opsd import OPSDBatch
 from opsd_kit.config import load_profile
-from opsd_kit.opsd import OPSDBatch
 from opsd_kit.prompts import build_batch
-from opsd_kit.rollout import FastEngine, GenerationSettings, Prefill
+from opsd_kit.rollout.fast import FastEngine, Prefill
+from opsd_kit.rollout.hf import GenerationSettings
 from opsd_kit.trainer import Trainer
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from _numerics import tolerance
 
+from opsd_kit.algorithms.rlsd import rlsd_lambda_at, rlsd_token_advantages
 from opsd_kit.config import load_profile
-from opsd_kit.rlsd import rlsd_lambda_at, rlsd_token_advantages
 from opsd_kit.trainer import Trainer
 
 ADV_B = torch.tensor([2.0, -1.0, 0.0])

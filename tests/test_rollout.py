@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from opsd_kit.rollout import GenerationSettings, _eos_ids, _trim, generate
+from opsd_kit.rollout.hf import GenerationSettings, _eos_ids, _trim, generate
 
 
 class _Tok:
@@ -73,7 +73,7 @@ def test_fast_with_4bit_is_refused():
 
 def test_trainer_uses_the_fast_engine(tmp_path):
     from opsd_kit.config import load_profile
-    from opsd_kit.rollout import FastEngine
+    from opsd_kit.rollout.fast import FastEngine
     from opsd_kit.trainer import Trainer
 
     trainer = Trainer(load_profile("tiny", run_dir=str(tmp_path), progress=False, max_steps=2, rollout_backend="fast"))

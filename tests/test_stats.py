@@ -1,4 +1,4 @@
-"""opsd_kit.stats against values computed by hand (closed forms written out here)."""
+"""opsd_kit.evaluation.stats against values computed by hand (closed forms written out here)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from opsd_kit.stats import (
+from opsd_kit.evaluation.stats import (
     accuracy_interval,
     bootstrap_indices,
     mcnemar_exact,

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from opsd_kit.config import EvalConfig, load_eval_profile
-from opsd_kit.evaluate import EvalResult
-from opsd_kit.stats import mcnemar_exact, wilson_interval
-from opsd_kit.study import Point, summarize, to_record, tokens_to_equal_accuracy
+from opsd_kit.evaluation.evaluate import EvalResult
+from opsd_kit.evaluation.stats import mcnemar_exact, wilson_interval
+from opsd_kit.evaluation.study import Point, summarize, to_record, tokens_to_equal_accuracy
 
 
 def fake_result(strict: list[int], lenient: list[int] | None = None) -> EvalResult:
@@ -114,7 +114,7 @@ def test_eval_profiles_validate():
 
 def test_study_points_never_repeat_a_checkpoint(tmp_path):
     """More points asked than checkpoints exist: each checkpoint once, the final one included."""
-    from opsd_kit.study import study_points
+    from opsd_kit.evaluation.study import study_points
 
     run = tmp_path / "grpo"
     (run / "adapter").mkdir(parents=True)
@@ -126,7 +126,7 @@ def test_study_points_never_repeat_a_checkpoint(tmp_path):
 
 def test_report_renders_what_the_summary_says(tmp_path):
     """The README's tables come from summary.json as it is: numbers, intervals and p-values."""
-    from opsd_kit.report import render
+    from opsd_kit.evaluation.report import render
 
     base, opsd = [1] * 4 + [0] * 36, [1] * 16 + [0] * 24
     points = [Point("base", 0, None), Point("opsd", 24, "a", "r", 15000, 1, 60.0)]
@@ -144,7 +144,7 @@ def test_report_renders_what_the_summary_says(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2, 3, 8])
 def test_work_split_over_workers_comes_back_in_job_order(workers):
     """`_in_workers` deals jobs round-robin to processes; the results must line up with the jobs."""
-    from opsd_kit.study import _in_workers
+    from opsd_kit.evaluation.study import _in_workers
 
     jobs = [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)]
     assert _in_workers(list, jobs, workers) == jobs
@@ -154,8 +154,8 @@ def test_work_split_over_workers_comes_back_in_job_order(workers):
 def test_evaluation_key_equals_itself_after_a_round_trip_through_key_json(tmp_path):
     """A saved evaluation is reused only when its key.json equals the key computed now: every
     field must survive JSON (a tuple field read back as a list once made every key differ)."""
-    from opsd_kit.data import Problem
-    from opsd_kit.study import _evaluation_key, _saved_key
+    from opsd_kit.data.problems import Problem
+    from opsd_kit.evaluation.study import _evaluation_key, _saved_key
 
     problems = [Problem(id="p1", question="1+1?", answer="2", solution="\\boxed{2}", source="t").to_dict()]
     for profile in ("tiny", "cpu-demo", "paper"):
@@ -169,8 +169,8 @@ def test_base_model_evaluates_from_a_profile_config_as_from_a_run_folder(tmp_pat
     """The demo evaluates the base model from the profile's `TrainConfig` (no run folder needed
     yet); notebook 04 from a run folder: the same model, the same rollouts, the same key."""
     from opsd_kit.config import load_profile
-    from opsd_kit.data import Problem
-    from opsd_kit.study import _saved_key, evaluate_points, held_out
+    from opsd_kit.data.problems import Problem
+    from opsd_kit.evaluation.study import _saved_key, evaluate_points, held_out
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(Problem(id=f"p{i}", question=f"{i} + 1?", answer=str(i + 1),

@@ -1,12 +1,12 @@
-"""Task synthesis (opsd_kit.tasks): the safe arithmetic evaluator and reasoning-gym solutions."""
+"""Task synthesis (opsd_kit.data.tasks): the safe arithmetic evaluator and reasoning-gym solutions."""
 from __future__ import annotations
 
 from fractions import Fraction
 
 import pytest
 
-from opsd_kit.data import Problem
-from opsd_kit.tasks import _synthesise_solution, _worked_arithmetic, load_reasoning_gym
+from opsd_kit.data.problems import Problem
+from opsd_kit.data.tasks import _synthesise_solution, _worked_arithmetic, load_reasoning_gym
 
 
 def test_worked_arithmetic_is_exact_and_step_by_step():

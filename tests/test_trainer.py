@@ -118,9 +118,9 @@ def test_an_algorithm_built_from_its_collaborators_alone_gives_the_trainers_step
     fresh ledger, a fresh prompt cache, a fresh sampler) gives the trainer's algorithm's first step
     exactly, micro-batches, losses and booked tokens; and GRPO's batch in flight survives a
     weights-only checkpoint round trip."""
-    from opsd_kit.ledger import TokenLedger
     from opsd_kit.prompts import PromptCache
-    from opsd_kit.rollout import RolloutSampler
+    from opsd_kit.rollout.sampler import RolloutSampler
+    from opsd_kit.run.ledger import TokenLedger
     from opsd_kit.trainer import algorithm_class
 
     trainer = Trainer(tiny(tmp_path, algorithm))

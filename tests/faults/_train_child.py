@@ -50,7 +50,7 @@ class Counter:
 def install(trainer, where: str, at: int) -> None:
     import torch
 
-    from opsd_kit import checkpoint, metrics
+    from opsd_kit.run import checkpoint, metrics
 
     count = Counter(at)
     if where == "loss":
@@ -134,7 +134,7 @@ def signal_at_step(spec: dict) -> None:
 def main() -> None:
     import torch
 
-    from opsd_kit.cli import main as cli_main
+    from opsd_kit.apps.cli import main as cli_main
     from opsd_kit.config import load_profile
     from opsd_kit.trainer import Trainer
 

@@ -13,9 +13,9 @@ import itertools
 import threading
 import time
 
-from opsd_kit.answers import extract_boxed
-from opsd_kit.evaluate import extract_answer, grade_many, last_number
-from opsd_kit.grading import HARD_KILL_GRACE_S
+from opsd_kit.data.answers import extract_boxed
+from opsd_kit.evaluation.evaluate import extract_answer, grade_many, last_number
+from opsd_kit.evaluation.grading import HARD_KILL_GRACE_S
 
 TIMEOUT_S = 2.0
 GOLDS = ["42", r"\frac{1}{2}", r"\{1,2\}", "(0,1]", "10^{10}"]

@@ -9,7 +9,7 @@ import pytest
 from _faults import tiny_config
 
 from opsd_kit.config import ALGORITHMS, ConfigError, TrainConfig, load_profile
-from opsd_kit.data import Problem
+from opsd_kit.data.problems import Problem
 from opsd_kit.trainer import Trainer
 
 # (overrides, fragments the message must contain: the key and the allowed values)
@@ -70,7 +70,7 @@ def test_trainer_revalidates_a_config_changed_after_loading(tmp_path, overrides,
 
 
 def test_unknown_key_from_the_command_line_and_from_a_file(no_model_loads, capsys):
-    from opsd_kit.cli import main
+    from opsd_kit.apps.cli import main
 
     assert main(["train", "--profile", "tiny", "--set", "max_step=3"]) == 2  # one line on stderr, no traceback
     assert "unknown config key 'max_step'; did you mean 'max_steps'" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from opsd_kit.data import DataError, load_problems
+from opsd_kit.data.problems import DataError, load_problems
 
 GOOD = {"id": "a", "question": "What is 2+2?", "solution": "2+2 = \\boxed{4}"}
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from _faults import assert_same_adapter, ledger_counts, metric_rows, tiny_config
 
-from opsd_kit.checkpoint import latest_checkpoint
-from opsd_kit.cli import main
+from opsd_kit.apps.cli import main
+from opsd_kit.run.checkpoint import latest_checkpoint
 from opsd_kit.trainer import Trainer
 
 CHILD = Path(__file__).with_name("_train_child.py")
@@ -72,11 +72,11 @@ def test_keyboard_interrupt_in_the_loss_saves_and_returns_cleanly(tmp_path, refe
 
 
 def test_keyboard_interrupt_during_rollouts(tmp_path, reference, monkeypatch):
-    import opsd_kit.rollout
+    import opsd_kit.rollout.hf
 
     run_dir = tmp_path / "run"
     trainer = Trainer(tiny_config(run_dir, "opsd", **SETTINGS))
-    monkeypatch.setattr(opsd_kit.rollout, "generate", interrupt_on_call(opsd_kit.rollout.generate, 2))
+    monkeypatch.setattr(opsd_kit.rollout.hf, "generate", interrupt_on_call(opsd_kit.rollout.hf.generate, 2))
     result = trainer.train()
     assert result.interrupted and result.steps == 1
     monkeypatch.undo()

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from _faults import assert_same_adapter, ledger_counts, tiny_config
 
-from opsd_kit.checkpoint import (
+from opsd_kit.config import ConfigError
+from opsd_kit.run.checkpoint import (
     CheckpointError,
     checkpoint_dir,
     complete_checkpoints,
@@ -28,7 +29,6 @@ from opsd_kit.checkpoint import (
     load_trainer_state,
     save_checkpoint,
 )
-from opsd_kit.config import ConfigError
 from opsd_kit.trainer import Trainer
 
 CHILD = Path(__file__).with_name("_train_child.py")
@@ -208,7 +208,7 @@ def _tiny_state(tmp_path):
 def test_checkpoint_replaced_or_pruned_half_way_is_never_loaded(tmp_path, monkeypatch):
     """Deleting a checkpoint folder (replacing a same-step copy, or pruning an old one) that dies
     half-way must not leave a folder with a COMPLETE marker and missing files under a loadable name."""
-    import opsd_kit.checkpoint as ckpt
+    import opsd_kit.run.checkpoint as ckpt
 
     state = _tiny_state(tmp_path)
     run_dir = tmp_path / "run"

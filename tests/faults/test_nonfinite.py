@@ -10,7 +10,7 @@ import pytest
 import torch
 from _faults import assert_same_adapter, metric_rows, tiny_config
 
-from opsd_kit.checkpoint import latest_checkpoint, load_trainer_state
+from opsd_kit.run.checkpoint import latest_checkpoint, load_trainer_state
 from opsd_kit.trainer import NonFiniteLossError, Trainer
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _faults import assert_same_adapter, ledger_counts, metric_rows, tiny_config
 
-from opsd_kit.checkpoint import latest_checkpoint
+from opsd_kit.run.checkpoint import latest_checkpoint
 from opsd_kit.trainer import OutOfMemoryStop, Trainer
 
 MAX_STEPS, SAVE_EVERY = 4, 2
@@ -52,10 +52,10 @@ def resume_same(run_dir, algorithm, reference):
 
 
 def test_oom_during_rollouts_saves_and_stops(tmp_path, reference, monkeypatch):
-    import opsd_kit.rollout
+    import opsd_kit.rollout.hf
 
     trainer = Trainer(tiny_config(tmp_path / "run", "opsd", **SETTINGS))
-    monkeypatch.setattr(opsd_kit.rollout, "generate", oom_on_call(opsd_kit.rollout.generate, 3))
+    monkeypatch.setattr(opsd_kit.rollout.hf, "generate", oom_on_call(opsd_kit.rollout.hf.generate, 3))
     message = stop_and_check(trainer, done=2)
     assert "now 8" in message and "now 12" in message  # the current values of the tiny profile
     monkeypatch.undo()

@@ -8,7 +8,7 @@ import pytest
 from _faults import assert_same_adapter, tiny_config
 
 from opsd_kit.config import ConfigError
-from opsd_kit.rundir import RESUMABLE_CHANGES, RunStart, config_changes, plan_start
+from opsd_kit.run.rundir import RESUMABLE_CHANGES, RunStart, config_changes, plan_start
 from opsd_kit.trainer import Trainer
 
 

@@ -1,6 +1,6 @@
 """Markdown tables of a demo or study run, from its ``summary.json`` (what the README shows).
 
-``python -m opsd_kit.report runs/demo-cpu-demo`` prints them; nothing is recomputed, so the
+``python -m opsd_kit.evaluation.report runs/demo-cpu-demo`` prints them; nothing is recomputed, so the
 tables say exactly what the run measured.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def render(run_dir) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m opsd_kit.report RUN_DIR (a folder holding summary.json)", file=sys.stderr)
+        print("usage: python -m opsd_kit.evaluation.report RUN_DIR (a folder holding summary.json)", file=sys.stderr)
         return 2
     print(render(argv[0]), end="")
     return 0

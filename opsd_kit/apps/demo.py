@@ -1,6 +1,6 @@
 """The main job: notebooks 00 to 04 under papermill, into one run folder.
 
-``python -m opsd_kit.demo --profile cpu-demo --run-dir runs/demo`` (what ``make demo`` runs):
+``python -m opsd_kit.apps.demo --profile cpu-demo --run-dir runs/demo`` (what ``make demo`` runs):
 notebook 00 writes the leakage-checked splits; the training notebooks (OPSD, GRPO, SFT)
 run next, ``--jobs`` of them at a time (each in its own kernel, one torch thread); the base
 model's evaluation joins that queue after them and each run's evaluation when its training
@@ -101,7 +101,7 @@ def plan_jobs(profile: str, plan: str = "demo") -> list[TrainingJob]:
 
 def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: int = 1) -> dict[str, dict]:
     """Papermill parameters per job name: '00_data_prep', one per training run, '04_...'."""
-    from .config import load_profile
+    from opsd_kit.config import load_profile
 
     spec, jobs = DEMO_PLANS.get(profile), plan_jobs(profile, plan)
     cfg = load_profile(profile)
@@ -131,7 +131,7 @@ def plan_points(profile: str, plan: str = "demo") -> dict[str, int]:
 
 def finished_run(run_dir: Path, profile: str, job: TrainingJob) -> bool:
     """True when ``run_dir`` holds a final adapter trained with exactly this job's config."""
-    from .config import load_profile
+    from opsd_kit.config import load_profile
 
     saved = run_dir / "config.json"
     if not (saved.is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()):
@@ -274,7 +274,7 @@ def expected_seconds(profile: str, plan: str, todo: list[TrainingJob], jobs: int
 def progress_line(run_dir: Path, profile: str, job: TrainingJob) -> str | None:
     """'step k/N, s per step, about M min left' from a running job's metrics.jsonl (None before
     its first step). With a rollout-token budget, the larger of the step and token fractions counts."""
-    from .config import load_profile
+    from opsd_kit.config import load_profile
 
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
@@ -319,8 +319,8 @@ def _evaluate_in_process(params: dict, method: str) -> None:
     saved where 04 finds them."""
     from transformers.utils import logging as hf_logging
 
-    from . import study
-    from .config import load_profile
+    from opsd_kit.config import load_profile
+    from opsd_kit.evaluation import study
 
     hf_logging.disable_progress_bar()  # the demo's terminal shows one line per task, not a weight-loading bar
     eval_config, problems = study.held_out(params["eval_profile"], params["eval_file"], params["eval_overrides"])

@@ -2,7 +2,7 @@ r"""Answer extraction: the one parser behind training data, grading, rewards and
 
 Everything that reads a final answer out of text goes through here: `opsd_kit.data` derives a
 training problem's answer from its reference solution with :func:`extract_boxed`, and
-`opsd_kit.evaluate` (evaluation, the GRPO reward, the teacher-student gap) grades what
+`opsd_kit.evaluation.evaluate` (evaluation, the GRPO reward, the teacher-student gap) grades what
 :func:`extract` returns. So the answer a problem is trained towards and the answer the grader
 reads are found by the same rules.
 

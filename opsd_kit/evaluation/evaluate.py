@@ -6,7 +6,7 @@
 - :func:`grade_responses`: responses + golds -> both modes' answers and verdicts (`Verdicts`);
 - :func:`tabulate`: -> `EvalResult` (summary metrics, per-problem and per-sample tables).
 
-Grading itself (modes, equivalences, time bounds) lives in `opsd_kit.grading`; ``is_correct``,
+Grading itself (modes, equivalences, time bounds) lives in `opsd_kit.evaluation.grading`; ``is_correct``,
 ``grade_many``, ``extract_answer`` (the marked answer) and ``last_number`` are re-exported
 here for callers of this module.
 
@@ -20,20 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from opsd_kit.answers import (
+from opsd_kit.data.answers import (
     MODES,
     check_mode,
     extract,
     extract_boxed,
-    last_number,  # noqa: F401 - re-exported for callers
+    # noqa: F401 - re-exported for callers,
 )
-from opsd_kit.answers import extract_marked as extract_answer  # noqa: F401 - re-exported for callers
-from opsd_kit.grading import Grades, grade_many, is_correct  # noqa: F401 - is_correct re-exported
+from opsd_kit.data.answers import extract_marked as extract_answer  # noqa: F401 - re-exported for callers
+from opsd_kit.evaluation.grading import Grades, grade_many, is_correct  # noqa: F401 - is_correct re-exported
 
 if TYPE_CHECKING:
     import pandas
 
-    from opsd_kit.rollout import Rollouts
+    from opsd_kit.rollout.hf import Rollouts
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -113,14 +113,14 @@ def sample_responses(model, tokenizer, problems, *, settings, k: int | None = No
     """``k`` (default ``settings.n``) sampled responses per problem, from its student prompt."""
     import dataclasses
 
-    from opsd_kit import rollout
     from opsd_kit.prompts import PromptBuilder
+    from opsd_kit.rollout import hf
 
     if k is not None and k != settings.n:
         settings = dataclasses.replace(settings, n=k)
     builder = builder or PromptBuilder(tokenizer)
     prompts = [builder.student_ids(p) for p in problems]
-    return rollout.generate(model, tokenizer, prompts, settings, seed=seed, progress=progress)
+    return hf.generate(model, tokenizer, prompts, settings, seed=seed, progress=progress)
 
 
 def grade_responses(texts, golds, *, timeout_s: float = 5.0, workers: int | None = None) -> Verdicts:

@@ -12,11 +12,11 @@ with lambda decayed linearly from lambda_0 (`rlsd_lambda`) to 0 over `rlsd_decay
 optimizer steps, after which RLSD is GRPO. Both log-probs are at the rollout temperature, the
 student's from the policy that sampled y, the teacher's from `Policy.teacher()` (the frozen
 base model: the adapter switched off). Rollouts, rewards, group advantages, the clipped
-surrogate and its normalisation are GRPO's (`opsd_kit.grpo`); only the advantage changes.
+surrogate and its normalisation are GRPO's (`opsd_kit.algorithms.grpo`); only the advantage changes.
 """
 from __future__ import annotations
 
-from .grpo import GRPO, GRPOBatch
+from opsd_kit.algorithms.grpo import GRPO, GRPOBatch
 
 
 def rlsd_lambda_at(step: int, *, lam0: float, decay_steps: int) -> float:
@@ -57,7 +57,7 @@ class RLSD(GRPO):
     def _micro_batch(self, problems, completions, adv_B) -> GRPOBatch:
         """GRPO's micro-batch plus the teacher batch [teacher prompt ++ the same completion] and
         the teacher's log-probs of the completion tokens, computed once per batch of rollouts."""
-        from .prompts import build_batch
+        from opsd_kit.prompts import build_batch
 
         mb = super()._micro_batch(problems, completions, adv_B)
         if mb.zero_gradient:  # every token advantage is A * (...) = 0: no teacher pass needed

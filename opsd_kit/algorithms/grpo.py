@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
-from .algorithm import Algorithm
+from opsd_kit.algorithms.base import Algorithm
 
 if TYPE_CHECKING:
     import torch
 
-    from .prompts import Batch
+    from opsd_kit.prompts import Batch
 
 
 def group_advantages(rewards_N, group_size: int, scale: bool = True, eps: float = 1e-4):
@@ -34,7 +34,7 @@ def grpo_token_loss(logp_BC, old_logp_BC, adv, mask_BC, *, clip_eps: float, ref_
     """SUM over unmasked tokens of the negated PPO-clipped surrogate (+ kl_coef * k3 KL).
 
     ``adv``: one advantage per sequence, [B] (GRPO), or one per token, [B, C] (RLSD,
-    `opsd_kit.rlsd.rlsd_token_advantages`).
+    `opsd_kit.algorithms.rlsd.rlsd_token_advantages`).
 
     The trainer divides this sum by the number of completion tokens of the whole optimizer
     step (token-level normalisation: every token weighs the same, long answers are not
@@ -85,7 +85,7 @@ class GRPOBatch:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> GRPOBatch:
-        from .prompts import Batch
+        from opsd_kit.prompts import Batch
 
         batches = {role: None if state[role] is None else Batch(**state[role]) for role in cls.BATCHES}
         return cls(**{**state, **batches})
@@ -129,7 +129,7 @@ class GRPO(Algorithm):
         batch's iterations computed now, without grad."""
         import torch
 
-        from .prompts import build_batch
+        from opsd_kit.prompts import build_batch
 
         cfg = self.config
         student = build_batch([self.prompts.student[p.id] for p in problems], completions,
@@ -153,7 +153,7 @@ class GRPO(Algorithm):
 
     def _logp(self, batch):
         """log p(completion token) under the current weights at the rollout temperature: [B, C]."""
-        from .losses import chunked_token_logprobs
+        from opsd_kit.losses import chunked_token_logprobs
 
         targets = batch.completion_ids.to(self.device)
         return chunked_token_logprobs(self.hidden(batch), self.policy.head, targets,

@@ -28,13 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .algorithm import Algorithm
+from opsd_kit.algorithms.base import Algorithm
 
 if TYPE_CHECKING:
     import torch
     from transformers import DynamicCache
 
-    from .prompts import Batch
+    from opsd_kit.prompts import Batch
 
 
 @dataclass
@@ -74,7 +74,7 @@ class OPSD(Algorithm):
     uses_teacher_prompt = True
 
     def __init__(self, config, policy, **collaborators):
-        from .losses import DivergenceSpec
+        from opsd_kit.losses import DivergenceSpec
 
         super().__init__(config, policy, **collaborators)
         self.spec = DivergenceSpec.from_config(config)  # the loss settings, read once
@@ -87,7 +87,7 @@ class OPSD(Algorithm):
         dropout anywhere) and its graph lives until backward (no gradient checkpointing, which
         drops the cache; no EMA teacher, which writes its weights in before backward). Read from
         the policy itself, which need not have been built from this config."""
-        from .fused_decoder import FusedDecoder
+        from opsd_kit.rollout.fused_decoder import FusedDecoder
 
         if (not self.config.share_prompt_pass or self.sampler is None or self.sampler.backend != "fast"
                 or self.policy.teacher_mode == "ema"):
@@ -95,12 +95,12 @@ class OPSD(Algorithm):
         return self.policy.can_run_in_pieces(training=True) and FusedDecoder.unsupported(self.policy.model) is None
 
     def prepare(self, step: int) -> tuple[list[OPSDBatch], dict]:
-        from .prompts import build_batch
+        from opsd_kit.prompts import build_batch
 
         problems = self.step_problems(step)
         passes = prefill = None
         if self.shares_prompt_pass:
-            from .rollout import Prefill
+            from opsd_kit.rollout.fast import Prefill
 
             with self.ledger.phase("student"):
                 passes, parts = zip(*(self.student_prompt_pass([self.prompts.student[problems[r].id] for r in rows])
@@ -134,7 +134,7 @@ class OPSD(Algorithm):
     def divergence(self, mb: OPSDBatch):
         """``(loss_sum, per_token_BC)`` of a micro-batch: teacher hidden states (adapter off, no
         grad), student hidden states, then `losses.divergence` under the run's spec."""
-        from .losses import divergence
+        from opsd_kit.losses import divergence
 
         device = self.device
         with self.ledger.phase("teacher"), self.policy.teacher():
@@ -152,8 +152,9 @@ class OPSD(Algorithm):
         layout). A prefix all prompts share runs once (`Policy.hidden_sharing_prefix`)."""
         import torch
 
-        from .prompts import left_padded_columns, position_ids, shared_prefix_length
-        from .rollout import Prefill, left_pad
+        from opsd_kit.prompts import left_padded_columns, position_ids, shared_prefix_length
+        from opsd_kit.rollout.fast import Prefill
+        from opsd_kit.rollout.hf import left_pad
 
         ids_BP, mask_BP = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
         width, prefix = ids_BP.shape[1], shared_prefix_length(prompt_ids)

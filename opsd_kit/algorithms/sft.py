@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .algorithm import Algorithm
-from .config import ConfigError
+from opsd_kit.algorithms.base import Algorithm
+from opsd_kit.config import ConfigError
 
 if TYPE_CHECKING:
-    from .data import Problem
-    from .prompts import Batch
+    from opsd_kit.data.problems import Problem
+    from opsd_kit.prompts import Batch
 
 
 @dataclass
@@ -57,7 +57,7 @@ class SFT(Algorithm):
                 f"{context_length - self.config.max_prompt_tokens} to cut them")
 
     def prepare(self, step: int) -> tuple[list[SFTBatch], dict]:
-        from .prompts import build_batch
+        from opsd_kit.prompts import build_batch
 
         problems = self.step_problems(step)
         micro = []
@@ -70,7 +70,7 @@ class SFT(Algorithm):
         return micro, {"sft/solutions_truncated": self.truncated}
 
     def loss(self, mb: SFTBatch):
-        from .losses import chunked_token_logprobs
+        from opsd_kit.losses import chunked_token_logprobs
 
         device = self.device
         with self.ledger.phase("student"):

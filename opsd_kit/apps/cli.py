@@ -1,11 +1,11 @@
-"""The `opsd-kit` command (also ``python -m opsd_kit.cli``):
+"""The `opsd-kit` command (also ``python -m opsd_kit.apps.cli``):
 
     opsd-kit train --profile tiny --algorithm opsd --set max_steps=5
     opsd-kit eval runs/tiny-opsd --data reasoning_gym:chain_sum --eval-profile tiny
     opsd-kit compare runs/tiny-opsd runs/tiny-grpo --data eval.jsonl --out runs/study
     opsd-kit profiles --show tiny
 
-Runs under ``accelerate launch -m opsd_kit.cli train ...`` for several processes. A config or
+Runs under ``accelerate launch -m opsd_kit.apps.cli train ...`` for several processes. A config or
 data error prints one line to stderr and exits 2; a training run stopped by Ctrl-C or SIGTERM
 exits 128 + the signal (130, 143) after its checkpoint.
 """
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ALGORITHMS, ConfigError, EvalConfig, TrainConfig, eval_profile_names, profile_names
+from opsd_kit.config import ALGORITHMS, ConfigError, EvalConfig, TrainConfig, eval_profile_names, profile_names
 
 MODES = ("strict", "lenient")
 
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
+    from opsd_kit.data.problems import DataError
+    from opsd_kit.run.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     command = {"train": _train, "eval": _eval, "compare": _compare, "profiles": _profiles}[args.command]
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------------
 def _train(args) -> int:
-    from .config import load_profile
-    from .trainer import train
+    from opsd_kit.config import load_profile
+    from opsd_kit.trainer import train
 
     result = train(load_profile(args.profile, args.algorithm, **parse_overrides(args.set)))
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps,
@@ -105,10 +105,10 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .data import load_source
-    from .evaluate import evaluate_model
-    from .stats import accuracy_interval, bootstrap_indices
-    from .study import load_run_policy
+    from opsd_kit.data.sources import load_source
+    from opsd_kit.evaluation.evaluate import evaluate_model
+    from opsd_kit.evaluation.stats import accuracy_interval, bootstrap_indices
+    from opsd_kit.evaluation.study import load_run_policy
 
     run_dir, adapter = _locate_adapter(Path(args.path))
     config = _eval_config(args, run_dir)
@@ -130,9 +130,9 @@ def _compare(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from .data import load_source
-    from .plots import token_efficiency
-    from .study import evaluate_points, study_points, summarize
+    from opsd_kit.data.sources import load_source
+    from opsd_kit.evaluation.plots import token_efficiency
+    from opsd_kit.evaluation.study import evaluate_points, study_points, summarize
 
     runs = dict(_named_run(entry) for entry in args.runs)
     if len(runs) != len(args.runs):
@@ -157,7 +157,7 @@ def _compare(args) -> int:
 
 
 def _profiles(args) -> int:
-    from .config import field_docs, load_profile
+    from opsd_kit.config import field_docs, load_profile
 
     if args.show is None:
         print("\n".join(profile_names()))
@@ -174,7 +174,7 @@ def _profiles(args) -> int:
 # ---------------------------------------------------------------------------------------------
 def _eval_config(args, run_dir: Path) -> EvalConfig:
     """The protocol of ``--eval-profile`` (default: the run's profile's) with ``--set`` and ``--data``."""
-    from .config import load_eval_profile
+    from opsd_kit.config import load_eval_profile
 
     name = args.eval_profile or _run_config(run_dir).get("profile")
     if name is None:
@@ -200,7 +200,7 @@ def _run_config(run_dir: Path) -> dict:
 
 def _locate_adapter(path: Path) -> tuple[Path, Path]:
     """``(run folder, adapter folder)`` for a run folder or an adapter folder inside one."""
-    from .checkpoint import latest_checkpoint
+    from opsd_kit.run.checkpoint import latest_checkpoint
 
     if (path / "adapter_config.json").is_file():
         run_dir = next((p for p in path.resolve().parents if (p / "config.json").is_file()), None)

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from .config import TrainConfig
-    from .data import Problem
-    from .ledger import TokenLedger
-    from .policy import Policy
-    from .prompts import Batch, PromptCache
-    from .rollout import Prefill, Rollouts, RolloutSampler
+    from opsd_kit.config import TrainConfig
+    from opsd_kit.data.problems import Problem
+    from opsd_kit.policy import Policy
+    from opsd_kit.prompts import Batch, PromptCache
+    from opsd_kit.rollout.fast import Prefill
+    from opsd_kit.rollout.hf import Rollouts
+    from opsd_kit.rollout.sampler import RolloutSampler
+    from opsd_kit.run.ledger import TokenLedger
 
 
 class MicroBatch(Protocol):
@@ -85,7 +87,7 @@ class Algorithm:
     def grade(self, rollouts: Rollouts, problems: list[Problem]) -> list[float]:
         """1.0 where a rollout's answer, read in ``config.grading_mode`` ("strict": its last box only),
         matches the problem's answer, else 0.0 (the GRPO reward and ``rollout/correct``)."""
-        from .evaluate import grade_many
+        from opsd_kit.evaluation.evaluate import grade_many
 
         golds = [problems[i].answer for i in rollouts.prompt_index]
         return [float(c) for c in grade_many(rollouts.texts, golds, mode=self.config.grading_mode)]

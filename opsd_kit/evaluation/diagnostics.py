@@ -48,8 +48,8 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
     """
     import torch
 
-    from .losses import DivergenceSpec, divergence
-    from .prompts import build_batch
+    from opsd_kit.losses import DivergenceSpec, divergence
+    from opsd_kit.prompts import build_batch
 
     spec = spec or DivergenceSpec()
     if spec.needs_wrong_teacher and wrong_hints is None:
@@ -89,9 +89,9 @@ def teacher_student_gap(policy, problems, *, builder, settings, spec=None, mode:
     no two problems have different answers (no wrong hint exists), the correct mean is 0, or the
     spec is 'hint_contrast' (whose divergence already subtracts the wrong-hint teacher).
     """
-    from .evaluate import evaluate_model
-    from .losses import DivergenceSpec
-    from .prompts import shuffled_hints
+    from opsd_kit.evaluation.evaluate import evaluate_model
+    from opsd_kit.losses import DivergenceSpec
+    from opsd_kit.prompts import shuffled_hints
 
     spec = spec or DivergenceSpec()
     student = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=settings,
@@ -138,8 +138,8 @@ def most_disagreed_rollout(policy, builder, problem, settings, *, spec=None, see
     """Sample one student rollout for ``problem`` and return its per-token divergence (``spec``)."""
     import dataclasses
 
-    from .losses import DivergenceSpec
-    from .rollout import generate
+    from opsd_kit.losses import DivergenceSpec
+    from opsd_kit.rollout.hf import generate
 
     spec = spec or DivergenceSpec()
     if spec.needs_wrong_teacher:  # show what the correct hint teaches on its own
@@ -155,7 +155,7 @@ def most_disagreed_rollout(policy, builder, problem, settings, *, spec=None, see
 def _final_answer(text: str) -> str | None:
     """The answer the lenient grader reads: the last boxed answer (``evaluate.extract_answer``),
     else the last number in ``text``."""
-    from .evaluate import extract_answer, last_number
+    from opsd_kit.evaluation.evaluate import extract_answer, last_number
 
     return extract_answer(text) or last_number(text)
 

@@ -45,10 +45,10 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
     """Held-out accuracy (with its 95% interval) against the rollout tokens a method generated
     in training, and against training wall time.
 
-    ``points``: the point table of `opsd_kit.study.summarize` (one row per method and step,
+    ``points``: the point table of `opsd_kit.evaluation.study.summarize` (one row per method and step,
     ``<mode>/avg@k``, ``<mode>/ci_low``, ``<mode>/ci_high``). The base model is a band (its
     interval) on both panels. Methods that generate nothing (SFT) appear on the time panel
-    only. ``ratio``: `opsd_kit.study.tokens_to_equal_accuracy` for this mode, drawn as the
+    only. ``ratio``: `opsd_kit.evaluation.study.tokens_to_equal_accuracy` for this mode, drawn as the
     target accuracy and the two token counts, with its interval in the title of the panel.
     """
     import matplotlib.pyplot as plt

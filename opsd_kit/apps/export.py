@@ -1,6 +1,6 @@
 """Take a trained adapter elsewhere: a clean adapter folder, or a merged full model.
 
-``python -m opsd_kit.export ADAPTER OUT [--merge] [--dtype bfloat16] [--push-to-hub ID]``
+``python -m opsd_kit.apps.export ADAPTER OUT [--merge] [--dtype bfloat16] [--push-to-hub ID]``
 
 - ``merge=False``: OUT holds the adapter weights, adapter_config.json naming the base by its
   public id (`opsd_kit.models.public_model_id`, never a cache folder) and the card (README.md).
@@ -20,9 +20,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from .card import CARD, update_card, write_card
-from .config import DTYPES
-from .models import ADAPTER_BASE_FILE, kit_model_name, load_causal_lm, load_tokenizer, public_model_id
+from opsd_kit.config import DTYPES
+from opsd_kit.models import ADAPTER_BASE_FILE, kit_model_name, load_causal_lm, load_tokenizer, public_model_id
+from opsd_kit.run.card import CARD, update_card, write_card
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -119,8 +119,8 @@ def _copy_card(adapter_dir: Path, out_dir: Path, base: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m opsd_kit.export ADAPTER OUT [--merge] [--dtype D] [--push-to-hub ID]``."""
-    parser = argparse.ArgumentParser(prog="python -m opsd_kit.export", description=__doc__.splitlines()[0])
+    """``python -m opsd_kit.apps.export ADAPTER OUT [--merge] [--dtype D] [--push-to-hub ID]``."""
+    parser = argparse.ArgumentParser(prog="python -m opsd_kit.apps.export", description=__doc__.splitlines()[0])
     parser.add_argument("adapter", help="adapter folder (a run's adapter/ or a checkpoint's)")
     parser.add_argument("out", help="new export folder")
     parser.add_argument("--merge", action="store_true", help="merge the LoRA into the base: a full model folder")
