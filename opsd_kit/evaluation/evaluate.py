@@ -25,7 +25,7 @@ from opsd_kit.data.answers import (
     check_mode,
     extract,
     extract_boxed,
-    # noqa: F401 - re-exported for callers,
+    last_number,  # noqa: F401 - re-exported for callers
 )
 from opsd_kit.data.answers import extract_marked as extract_answer  # noqa: F401 - re-exported for callers
 from opsd_kit.evaluation.grading import Grades, grade_many, is_correct  # noqa: F401 - is_correct re-exported
