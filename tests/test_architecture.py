@@ -84,3 +84,15 @@ def test_an_upward_lazy_import_and_a_cycle_are_found(tmp_path):
     assert architecture.find_cycle(graph) in (
         ["opsd_kit.data.problems", "opsd_kit.trainer", "opsd_kit.data.problems"],
         ["opsd_kit.trainer", "opsd_kit.data.problems", "opsd_kit.trainer"])
+
+
+def test_one_function_one_name():
+    """No module of the kit imports one of the kit's names under another name."""
+    import ast
+
+    renamed = []
+    for module, path in architecture.modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("opsd_kit"):
+                renamed += [f"{module}: {a.name} as {a.asname}" for a in node.names if a.asname not in (None, a.name)]
+    assert renamed == []
