@@ -60,10 +60,11 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def test_lazy_and_type_checking_imports_count(tmp_path):
+def test_lazy_type_checking_and_relative_imports_count(tmp_path):
     root = _package(tmp_path, {
         "data/__init__.py": "",
         "data/answers.py": "",
+        "data/problems.py": "from .answers import extract\nfrom . import answers\n",
         "losses.py": "",
         "config.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from opsd_kit.losses import x\n",
         "trainer.py": "def f():\n    from opsd_kit.data import answers\n    import opsd_kit.config\n",
@@ -71,6 +72,7 @@ def test_lazy_and_type_checking_imports_count(tmp_path):
     graph = architecture.import_graph(root)
     assert graph["opsd_kit.config"] == {"opsd_kit.losses"}
     assert graph["opsd_kit.trainer"] == {"opsd_kit.data.answers", "opsd_kit.config"}
+    assert graph["opsd_kit.data.problems"] == {"opsd_kit.data.answers"}  # relative imports resolve too
 
 
 def test_an_upward_lazy_import_and_a_cycle_are_found(tmp_path):
