@@ -505,7 +505,7 @@ _PROFILES: dict[str, dict] = {
     # The bundled SmolLM2-135M on two-term sums of 1-2 digit numbers, where the privileged
     # teacher is far better than the student (notebook 01 measures the gap). 24 OPSD steps of
     # 8 rollouts with room to finish an answer (96 tokens); GRPO's reward grades boxed answers
-    # (strict), the mode the study reports first. About 15 minutes a run on one CPU core.
+    # (strict), the mode the study reports first.
     "cpu-demo": dict(model="smollm2-135m-instruct", train_data="reasoning_gym:chain_sum?max_terms=2&max_digits=2",
                      train_size=256, max_steps=24, problems_per_step=8, micro_batch_size=4, max_new_tokens=96,
                      max_prompt_tokens=512, temperature=0.6, top_p=1.0, top_k=0, lora_r=16, lora_alpha=32,

@@ -11,7 +11,7 @@ number of loss tokens of the whole optimizer step over all processes, and sums g
 processes. The step's gradient is therefore the gradient of (sum over all the step's tokens)
 / (their count), whatever the micro-batch size or process count (TRL #4719).
 
-Distribution: `accelerate launch -m opsd_kit.train ...` runs one process per device. Each
+Distribution: `accelerate launch -m opsd_kit.apps.cli train ...` runs one process per device. Each
 process takes its share of the step's problems; gradients of the trainable weights are summed
 with `accelerator.reduce` before clipping, so every process applies the same update.
 """

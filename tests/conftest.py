@@ -31,3 +31,26 @@ def tiny_model():
     from opsd_kit.models import load_causal_lm
 
     return load_causal_lm("tiny")
+
+
+@pytest.fixture()
+def fast_trainer():
+    """``fast_trainer(run_dir, **overrides)``: a `Trainer` on the tiny profile with "fast" rollouts
+    of 10 tokens and a trained-looking adapter (``lora_B`` drawn with a fixed seed, so gradients
+    also flow through the prompt's keys and values)."""
+    def make(run_dir, **overrides):
+        import torch
+
+        from opsd_kit.config import load_profile
+        from opsd_kit.trainer import Trainer
+
+        cfg = dict(run_dir=str(run_dir), progress=False, rollout_backend="fast", max_new_tokens=10)
+        trainer = Trainer(load_profile("tiny", **{**cfg, **overrides}))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in trainer.policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        return trainer
+
+    return make

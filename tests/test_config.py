@@ -39,19 +39,52 @@ def test_profiles_validate(name, algorithm):
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # a saved config.json rebuilds the same config
 
 
-def test_paper_profile_matches_the_published_setting():
-    cfg = load_profile("paper")
-    assert (cfg.model, cfg.dtype, cfg.quantization) == ("Qwen/Qwen3-1.7B", "bfloat16", None)  # bf16, not quantised
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.use_lora, cfg.teacher) == (64, 128, True, "frozen")
-    assert set(cfg.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj"}
-    assert (cfg.train_data, cfg.problems_per_step, cfg.max_steps) == ("siyanzhao/Openthoughts_math_30k_opsd", 32, 100)
-    assert (cfg.save_every, cfg.keep_checkpoints) == (25, 4)  # the best of every 25-step checkpoint can be chosen
-    assert (cfg.learning_rate, cfg.max_grad_norm) == (2e-4, 1.0)  # scripts/run_opsd_1b.sh; TRL's default norm
-    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens) == (1.1, 0.95, 20, 1024)
-    assert (cfg.divergence, cfg.clip_tau) == ("forward_kl", 0.05)
-    assert (cfg.student_thinking, cfg.teacher_thinking) == (False, True)
-    assert cfg.effective_loss_temperature == 1.1
+#: The source tags of the `paper` profile's comments in config.py (its "Sources:" line).
+PAPER_SOURCE_TAGS = ("v3", "1b.sh", "kit", "TRL", "official")
+
+
+def _paper_profile_comments() -> dict[str, str]:
+    """Each key of the `paper` profile in config.py -> its comments: on the key's lines, or the
+    comment lines just above it."""
+    import ast
+    import inspect
+    import io
+    import tokenize
+
+    import opsd_kit.config as module
+
+    source = inspect.getsource(module)
+    comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    call = next(v for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Dict)
+                for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "paper")
+    out = {}
+    for kw in call.keywords:
+        lines = list(range(kw.lineno, kw.end_lineno + 1))
+        above = kw.lineno - 1
+        while above in comments and source.splitlines()[above - 1].lstrip().startswith("#"):
+            lines.append(above)
+            above -= 1
+        out[kw.arg] = " ".join(comments[n] for n in sorted(lines) if n in comments)
+    return out
+
+
+def test_every_paper_profile_value_names_its_source():
+    comments = _paper_profile_comments()
+    assert comments and set(comments) <= set(load_profile("paper").to_dict())  # keys are config fields
+    unsourced = [key for key, text in comments.items() if not any(tag in text for tag in PAPER_SOURCE_TAGS)]
+    assert unsourced == [], f"paper profile values without a source comment ({PAPER_SOURCE_TAGS}): {unsourced}"
+
+
+def test_paper_profile_is_the_published_run_in_bf16_with_every_checkpoint_kept():
+    cfg, qlora = load_profile("paper"), load_profile("paper-qlora")
+    assert cfg.dtype == "bfloat16" and cfg.quantization is None  # paper-qlora is the 4-bit variant, and only that
+    differing = {k for k, v in cfg.to_dict().items() if qlora.to_dict()[k] != v}
+    assert differing == {"profile", "run_dir", "quantization"} and qlora.quantization == "4bit"
+    assert cfg.use_lora and cfg.teacher == "frozen"  # the teacher is the initial model: the adapter off
+    assert cfg.effective_loss_temperature == cfg.temperature  # both roles' logits at the rollout temperature
+    # the best of the checkpoints every save_every steps can be chosen: none is deleted
+    assert cfg.max_steps % cfg.save_every == 0 and cfg.keep_checkpoints >= cfg.max_steps // cfg.save_every
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rlsd"])
@@ -138,8 +171,12 @@ def test_rlsd_frozen_teacher_needs_the_adapter():
 
 
 def test_live_teacher_without_lora_is_an_explicit_choice():
-    cfg = load_profile("tiny", use_lora=False, teacher="live")
-    assert cfg.teacher == "live"
+    """Without LoRA the default frozen teacher is refused, naming the way out; the live teacher,
+    chosen explicitly, validates."""
+    assert load_profile("tiny").teacher == "frozen"
+    with pytest.raises(ConfigError, match="choose teacher='live' explicitly"):
+        load_profile("tiny", use_lora=False)
+    load_profile("tiny", use_lora=False, teacher="live").validate()
 
 
 def test_batch_must_divide_over_processes():

@@ -13,7 +13,11 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     second OPSD seed), so every notebook path runs."""
     summary = run_demo("tiny", tmp_path, jobs=2, plan="study")
     out, err = capfd.readouterr()
-    assert "[demo] expected total about" in out or "[demo] no expected total" in out
+    import opsd_kit.apps.demo as demo
+
+    # the line the reference times decide: a total where demo_times.json has the tiny profile
+    expected = "[demo] expected total about" if "tiny" in demo.REFERENCE_SECONDS else "[demo] no expected total"
+    assert expected in out
     assert "without encryption" not in err  # the kernels talk over local sockets, not TCP
     jobs = plan_jobs("tiny", "study")
     methods = [j.method for j in jobs]
@@ -154,3 +158,20 @@ def test_a_finished_notebooks_kernel_is_shut_down_without_a_sigint(monkeypatch):
     km.shutting_down = False  # e.g. a cell timeout: interrupted as jupyter_client does
     asyncio.run(km._async_interrupt_kernel())
     assert interrupted == [False]
+
+
+def test_reference_times_cover_the_cpu_demo_and_ship_with_the_package():
+    """The cpu-demo demo and study always print an expected total: demo_times.json has a time for
+    every part they run, and pyproject ships the file in the wheel."""
+    from pathlib import Path
+
+    import tomllib
+
+    import opsd_kit.apps.demo as demo
+
+    for plan in ("demo", "study"):
+        parts = ["00_data_prep", *(j.method for j in plan_jobs("cpu-demo", plan)), "point", "split", "04"]
+        assert [p for p in parts if p not in demo.REFERENCE_SECONDS["cpu-demo"]] == []
+    assert demo.REFERENCE_SPEED > 0 and demo.REFERENCE_MACHINE
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "demo_times.json" in pyproject["tool"]["setuptools"]["package-data"]["opsd_kit.apps"]

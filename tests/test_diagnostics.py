@@ -73,10 +73,16 @@ def test_wrong_hint_divergence_and_answer_split_on_the_tiny_model():
     assert table["total"].tolist() == pytest.approx([sum(v) for v in correct])
     assert (table["answer_tokens"] >= 1).all() and (table["answer_share"] > 0).all()
 
-    gap = teacher_student_gap(policy, problems, builder=builder, seed=0,
-                              settings=GenerationSettings(max_new_tokens=6, temperature=1.0, n=1))
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0, n=1)
+    gap = teacher_student_gap(policy, problems, builder=builder, seed=0, settings=settings)
     assert gap["gap/divergence_mean_shuffled"] > 0
-    assert gap["gap/style_fraction"] == pytest.approx(gap["gap/divergence_mean_shuffled"] / gap["gap/divergence_mean"])
+    assert gap["gap/style_fraction"] != pytest.approx(1.0)  # another problem's solution is another teacher
+    # A wrong hint that reads exactly like the right one gives the same teacher: all of the signal
+    # is "style", the fraction is 1 (and the accuracies and rollouts do not change).
+    same_text = [SimpleNamespace(**{**vars(p), "solution": "Add the two numbers."}) for p in problems]
+    alike = teacher_student_gap(policy, same_text, builder=builder, seed=0, settings=settings)
+    assert alike["gap/style_fraction"] == pytest.approx(1.0, rel=1e-6)
+    assert alike["gap/divergence_mean_shuffled"] == pytest.approx(alike["gap/divergence_mean"], rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides", [

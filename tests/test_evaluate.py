@@ -148,4 +148,4 @@ def test_grading_names_are_re_exported():
     from opsd_kit.evaluation import grading
 
     assert evaluate.is_correct is grading.is_correct and evaluate.grade_many is grading.grade_many
-    assert evaluate.extract_answer is answers.extract_marked and evaluate.last_number is answers.last_number
+    assert evaluate.last_number is answers.last_number

@@ -5,8 +5,7 @@ import threading
 
 import pytest
 
-from opsd_kit.data.answers import extract_marked as extract_answer
-from opsd_kit.data.answers import last_number
+from opsd_kit.data.answers import extract_marked, last_number
 from opsd_kit.evaluation import grading
 from opsd_kit.evaluation.grading import grade_many, is_correct
 
@@ -32,8 +31,8 @@ from opsd_kit.evaluation.grading import grade_many, is_correct
     (None, None),
     (42, None),
 ])
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+def test_extract_marked(text, expected):
+    assert extract_marked(text) == expected
 
 
 def test_last_number():

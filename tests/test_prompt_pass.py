@@ -6,26 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from _numerics import tolerance
-from test_fused_decoder import _assert_same_greedy
+from _numerics import assert_same_greedy, trainer_tolerance
 
 from opsd_kit.algorithms.opsd import OPSDBatch
-from opsd_kit.config import load_profile
 from opsd_kit.prompts import build_batch
 from opsd_kit.rollout.fast import FastEngine, Prefill
 from opsd_kit.rollout.hf import GenerationSettings
-from opsd_kit.trainer import Trainer
-
-
-def _trainer(tmp_path, **overrides):
-    cfg = dict(run_dir=str(tmp_path), progress=False, rollout_backend="fast", max_new_tokens=10)
-    trainer = Trainer(load_profile("tiny", **{**cfg, **overrides}))
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter: gradients also flow through the prompt's keys/values
-        for name, p in trainer.policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return trainer
 
 
 def _loss_and_grads(trainer, micro_batches):
@@ -41,24 +27,14 @@ def _loss_and_grads(trainer, micro_batches):
     return loss, [p.grad.clone() for p in params]
 
 
-def _tolerance(trainer, scale, tokens=0):
-    """Dot products over the hidden, MLP or vocabulary width through every layer; a weight's
-    gradient (``tokens`` > 0) also sums over the batch's tokens and chains the backward's
-    reductions after the forward's."""
-    cfg = trainer.policy.causal_lm.config
-    return tolerance(trainer.policy.causal_lm.dtype,
-                     max(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, tokens), scale=scale,
-                     depth=cfg.num_hidden_layers * (2 if tokens else 1))
-
-
 def _assert_same_loss_and_grads(trainer, shared, whole):
     shared_loss, shared_grads = _loss_and_grads(trainer, shared)
     whole_loss, whole_grads = _loss_and_grads(trainer, whole)
-    torch.testing.assert_close(shared_loss, whole_loss, **_tolerance(trainer, abs(whole_loss)))
+    torch.testing.assert_close(shared_loss, whole_loss, **trainer_tolerance(trainer, abs(whole_loss)))
     tokens = sum(mb.student.input_ids.numel() for mb in whole)
     for got, want in zip(shared_grads, whole_grads):
         assert want.abs().max() > 0
-        torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max()), tokens))
+        torch.testing.assert_close(got, want, **trainer_tolerance(trainer, float(want.abs().max()), tokens))
 
 
 def _whole_rows(mb: OPSDBatch) -> OPSDBatch:
@@ -67,12 +43,12 @@ def _whole_rows(mb: OPSDBatch) -> OPSDBatch:
                                teacher=dataclasses.replace(mb.teacher, shared_prefix=0))
 
 
-def test_the_loss_from_the_prompt_pass_equals_the_whole_rows(tmp_path):
+def test_the_loss_from_the_prompt_pass_equals_the_whole_rows(fast_trainer, tmp_path):
     """Prompts of different widths inside and across micro-batches (left padding), with and
     without a prefix all of a micro-batch's prompts share, completions of different lengths
     (right padding), a one-token completion (C = 1); gradients reach the adapter through the
     prompt's keys and values."""
-    trainer = _trainer(tmp_path)
+    trainer = fast_trainer(tmp_path)
     alg = trainer.algorithm
     problems = alg.step_problems(0)
     student = [alg.prompts.student[p.id] for p in problems]
@@ -97,8 +73,8 @@ def test_the_loss_from_the_prompt_pass_equals_the_whole_rows(tmp_path):
     _assert_same_loss_and_grads(trainer, shared, [_whole_rows(mb) for mb in micro_batches(False)])
 
 
-def test_a_step_samples_from_the_prompt_pass_and_learns_what_the_whole_rows_give(tmp_path):
-    trainer = _trainer(tmp_path)
+def test_a_step_samples_from_the_prompt_pass_and_learns_what_the_whole_rows_give(fast_trainer, tmp_path):
+    trainer = fast_trainer(tmp_path)
     alg = trainer.algorithm
     assert alg.shares_prompt_pass
     micro_batches, _ = alg.prepare(0)
@@ -106,8 +82,8 @@ def test_a_step_samples_from_the_prompt_pass_and_learns_what_the_whole_rows_give
     _assert_same_loss_and_grads(trainer, micro_batches, [_whole_rows(mb) for mb in micro_batches])
 
 
-def test_rollouts_from_the_prompt_pass_are_the_students(tmp_path):
-    trainer = _trainer(tmp_path)
+def test_rollouts_from_the_prompt_pass_are_the_students(fast_trainer, tmp_path):
+    trainer = fast_trainer(tmp_path)
     alg, model, tokenizer = trainer.algorithm, trainer.policy.model, trainer.policy.tokenizer
     prompts = [alg.prompts.student[p.id] for p in alg.step_problems(0)]
     greedy = GenerationSettings(max_new_tokens=10, temperature=0.0, n=1, batch_size=3)  # calls of 3 rows: sliced
@@ -115,9 +91,9 @@ def test_rollouts_from_the_prompt_pass_are_the_students(tmp_path):
         prefill = Prefill.concat([alg.student_prompt_pass(prompts[:2])[1], alg.student_prompt_pass(prompts[2:])[1]])
         for prompt, logits_V in zip(prompts, prefill.logits_BV):  # the student's own next-token logits
             want_V = model(input_ids=torch.tensor([prompt])).logits[0, -1]
-            torch.testing.assert_close(logits_V, want_V, **_tolerance(trainer, float(want_V.abs().max())))
+            torch.testing.assert_close(logits_V, want_V, **trainer_tolerance(trainer, float(want_V.abs().max())))
     engine = FastEngine(model, tokenizer)
-    _assert_same_greedy(model, prompts, engine.generate(prompts, greedy, prefill=prefill),
+    assert_same_greedy(model, prompts, engine.generate(prompts, greedy, prefill=prefill),
                         engine.generate(prompts, greedy))
     with pytest.raises(ValueError, match="settings.n == 1"):
         engine.generate(prompts, dataclasses.replace(greedy, n=2), prefill=prefill)
@@ -135,17 +111,17 @@ def test_rollouts_from_the_prompt_pass_are_the_students(tmp_path):
     ({"teacher": "live"}, True),
     ({"share_prompt_pass": False}, False),
 ])
-def test_the_prompt_pass_is_shared_only_where_it_is_the_samplers(tmp_path, overrides, shared):
-    trainer = _trainer(tmp_path, **overrides)
+def test_the_prompt_pass_is_shared_only_where_it_is_the_samplers(fast_trainer, tmp_path, overrides, shared):
+    trainer = fast_trainer(tmp_path, **overrides)
     assert trainer.algorithm.shares_prompt_pass is shared
     trainer.train()  # a step, backward included, runs in every combination
     micro_batches, _ = trainer.algorithm.prepare(trainer.step)
     assert all((mb.student_prompt is not None) is shared for mb in micro_batches)
 
 
-def test_the_switch_reads_the_policy_it_trains(tmp_path):
+def test_the_switch_reads_the_policy_it_trains(fast_trainer, tmp_path):
     """A policy need not come from the run's config: its own checkpointing turns the pass off."""
-    trainer = _trainer(tmp_path)
+    trainer = fast_trainer(tmp_path)
     assert trainer.algorithm._can_share_prompt_pass()
     trainer.policy.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert not trainer.algorithm._can_share_prompt_pass()

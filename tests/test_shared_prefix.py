@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_prompt_pass import _tolerance, _trainer  # the tiny profile, a trained-looking adapter, "fast" rollouts
+from _numerics import trainer_tolerance
 
 from opsd_kit.prompts import build_batch, columns_after_prefix, left_padded_columns, shared_prefix_length
 
@@ -49,18 +49,18 @@ def _batch(trainer, role):
     return batch
 
 
-def test_the_teacher_with_a_shared_prefix_equals_the_whole_rows(tmp_path):
-    trainer = _trainer(tmp_path, lora_dropout=0.1)  # eval mode: dropout does not stop the teacher
+def test_the_teacher_with_a_shared_prefix_equals_the_whole_rows(fast_trainer, tmp_path):
+    trainer = fast_trainer(tmp_path, lora_dropout=0.1)  # eval mode: dropout does not stop the teacher
     batch = _batch(trainer, "teacher")
     with trainer.policy.teacher():
         shared = trainer.algorithm.hidden(batch)
         whole = trainer.algorithm.hidden(dataclasses.replace(batch, shared_prefix=0))
     real = batch.completion_mask.bool()
-    torch.testing.assert_close(shared[real], whole[real], **_tolerance(trainer, float(whole.abs().max())))
+    torch.testing.assert_close(shared[real], whole[real], **trainer_tolerance(trainer, float(whole.abs().max())))
 
 
-def test_the_student_with_a_shared_prefix_has_the_whole_rows_gradients(tmp_path):
-    trainer = _trainer(tmp_path)
+def test_the_student_with_a_shared_prefix_has_the_whole_rows_gradients(fast_trainer, tmp_path):
+    trainer = fast_trainer(tmp_path)
     batch = _batch(trainer, "student")
     mask = batch.completion_mask.bool()
 
@@ -73,10 +73,11 @@ def test_the_student_with_a_shared_prefix_has_the_whole_rows_gradients(tmp_path)
 
     shared, shared_grads = hidden_and_grads(batch)
     whole, whole_grads = hidden_and_grads(dataclasses.replace(batch, shared_prefix=0))
-    torch.testing.assert_close(shared[mask], whole[mask], **_tolerance(trainer, float(whole.abs().max())))
+    torch.testing.assert_close(shared[mask], whole[mask], **trainer_tolerance(trainer, float(whole.abs().max())))
     for got, want in zip(shared_grads, whole_grads):
         assert want.abs().max() > 0
-        torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max()), batch.input_ids.numel()))
+        tol = trainer_tolerance(trainer, float(want.abs().max()), batch.input_ids.numel())
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("overrides, model_config, training, shared", [
@@ -90,9 +91,9 @@ def test_the_student_with_a_shared_prefix_has_the_whole_rows_gradients(tmp_path)
     ({}, {"layer_types": ["sliding_attention", "full_attention"]}, False, False),
     ({}, {"model_type": "gemma3_text"}, False, False),
 ])
-def test_the_prefix_runs_once_only_where_that_equals_the_whole_rows(tmp_path, monkeypatch, overrides, model_config,
-                                                                     training, shared):
-    trainer = _trainer(tmp_path, **overrides)
+def test_the_prefix_runs_once_only_where_that_equals_the_whole_rows(fast_trainer, tmp_path, monkeypatch, overrides,
+                                                                    model_config, training, shared):
+    trainer = fast_trainer(tmp_path, **overrides)
     policy = trainer.policy
     for key, value in model_config.items():  # what the switch reads (the tiny model itself stays as it is)
         monkeypatch.setattr(policy.causal_lm.config, key, value, raising=False)
@@ -106,19 +107,20 @@ def test_the_prefix_runs_once_only_where_that_equals_the_whole_rows(tmp_path, mo
         assert bool(calls) is shared
 
 
-def test_a_model_loaded_through_unsloth_runs_whole_rows(tmp_path):
-    trainer = _trainer(tmp_path)
+def test_a_model_loaded_through_unsloth_runs_whole_rows(fast_trainer, tmp_path):
+    trainer = fast_trainer(tmp_path)
     assert trainer.policy.can_run_in_pieces()
     trainer.policy.backend = "unsloth"  # set by Policy.from_pretrained(backend="unsloth") (CUDA only)
     assert not trainer.policy.can_run_in_pieces() and not trainer.algorithm._can_share_prompt_pass()
 
 
-def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_layout(tmp_path, monkeypatch):
+def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_layout(fast_trainer, tmp_path,
+                                                                                       monkeypatch):
     """The rollout's key/value states and first logits equal those of a pass over the left-padded
     prompts without the prefix shared, on every real column."""
     import opsd_kit.prompts
 
-    trainer = _trainer(tmp_path)
+    trainer = fast_trainer(tmp_path)
     alg = trainer.algorithm
     prompts = [alg.prompts.student[p.id] for p in alg.step_problems(0)[:3]]
     assert shared_prefix_length(prompts) > 0 and len({len(p) for p in prompts}) > 1
@@ -134,4 +136,4 @@ def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_
     for got, want in zip(parts(shared), parts(whole)):
         if got.dim() == 4:  # [B, G, P, D]: the real columns only
             got, want = got.transpose(1, 2)[real_BP], want.transpose(1, 2)[real_BP]
-        torch.testing.assert_close(got, want, **_tolerance(trainer, float(want.abs().max())))
+        torch.testing.assert_close(got, want, **trainer_tolerance(trainer, float(want.abs().max())))

@@ -125,7 +125,7 @@ def test_study_points_never_repeat_a_checkpoint(tmp_path):
 
 
 def test_report_renders_what_the_summary_says(tmp_path):
-    """The README's tables come from summary.json as it is: numbers, intervals and p-values."""
+    """docs/results.md's tables come from summary.json as it is: numbers, intervals and p-values."""
     from opsd_kit.evaluation.report import render
 
     base, opsd = [1] * 4 + [0] * 36, [1] * 16 + [0] * 24

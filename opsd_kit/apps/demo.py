@@ -48,12 +48,12 @@ class TrainingJob:
 #: cpu-demo: OPSD trains 24 steps; GRPO gets a rollout-token budget above OPSD's total
 #: (token-matched, GRPO favoured); SFT trains on the same problems. The study adds the
 #: shuffled-hint OPSD control, a second OPSD seed (whose notebook also measures the
-#: teacher-student gap, 3.5 minutes the demo's critical path cannot hold), a second GRPO seed,
-#: OPSD's mid-run checkpoint (``study_points``) and the answer-token divergence split
-#: (``answer_split_samples`` rollouts per model, 0 when a plan has none), which do not fit the
-#: demo's 40 minutes on a 2-core CPU. The full study adds the hint-contrast loss and RLSD (with
-#: GRPO's budget and strict reward). The tiny profile's plans have the same shape (its demo
-#: runs in about a minute); tests/test_demo.py runs its study, so every notebook path runs in CI.
+#: teacher-student gap, kept off the demo's critical path), a second GRPO seed, OPSD's mid-run
+#: checkpoint (``study_points``) and the answer-token divergence split (``answer_split_samples``
+#: rollouts per model, 0 when a plan has none), which the demo leaves out to stay short on a
+#: 2-core CPU. The full study adds the hint-contrast loss and RLSD (with GRPO's budget and strict
+#: reward). The tiny profile's plans have the same shape; tests/test_demo.py runs its study, so
+#: every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny",
@@ -198,17 +198,16 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     return summary
 
 
-#: Where the expected total printed before a run comes from: what each part took on the reference
-#: machine (two jobs at a time, one torch thread each, a fresh run folder), and what `machine_speed`
-#: measured there. Per training run its notebook; ``point``: one checkpoint's evaluation;
-#: ``split``: one model's answer-token split (16 rollouts); ``04``: the rest of notebook 04.
-#: Measured by `make demo` and `make study` (README).
-REFERENCE_MACHINE = "a 2-core AMD EPYC VM (no AVX-512)"
-REFERENCE_SPEED = 0.60  # `machine_speed` at the start of the measured `make demo` (2026-11-29, 23:22 UTC)
-REFERENCE_SECONDS = {  # that `make demo`, and the `make study` of the same day (README)
-    "cpu-demo": {"00_data_prep": 15, "opsd": 1639, "grpo": 690, "sft": 296, "point": 371, "04": 47,
-                 "opsd-shuffled": 1648, "opsd-seed1": 1831, "grpo-seed1": 631, "split": 54},
-}
+#: Where the expected total printed before a run comes from: demo_times.json (package data) holds
+#: the reference machine's name, what `machine_speed` measured there, and what each part took
+#: there per profile (two jobs at a time, one torch thread each, a fresh run folder). Per training
+#: run its notebook; ``point``: one checkpoint's evaluation; ``split``: one model's answer-token
+#: split; ``04``: the rest of notebook 04. They come from the `make demo` and `make study` runs
+#: of docs/results.md.
+_REFERENCE = json.loads((Path(__file__).with_name("demo_times.json")).read_text())
+REFERENCE_MACHINE: str = _REFERENCE["machine"]
+REFERENCE_SPEED: float = _REFERENCE["machine_speed_seconds"]
+REFERENCE_SECONDS: dict[str, dict[str, float]] = _REFERENCE["seconds"]
 
 
 def machine_speed(repeats: int = 5) -> float:

@@ -89,7 +89,7 @@ def _export_merged(adapter_dir: Path, out_dir: Path, base: dict, dtype: str | No
     merged.save_pretrained(out_dir)
     load_tokenizer(base["model"]).save_pretrained(out_dir)
     _copy_card(adapter_dir, out_dir, base)
-    card = out_dir / CARD  # a full model now, not a peft adapter
+    card = out_dir / CARD  # the card of a full model, not of a peft adapter
     card.write_text(card.read_text().replace("library_name: peft\n", "library_name: transformers\n", 1))
     update_card(out_dir, "Usage", f"The LoRA adapter merged into {base['base_model']} (a full model):\n\n```python\n"
                 f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"

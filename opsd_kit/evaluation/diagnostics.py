@@ -153,11 +153,11 @@ def most_disagreed_rollout(policy, builder, problem, settings, *, spec=None, see
 
 
 def _final_answer(text: str) -> str | None:
-    """The answer the lenient grader reads: the last boxed answer (``evaluate.extract_answer``),
-    else the last number in ``text``."""
-    from opsd_kit.evaluation.evaluate import extract_answer, last_number
+    """The answer the lenient grader reads (`opsd_kit.data.answers.extract` in lenient mode): the
+    marked answer, else the last number in ``text``."""
+    from opsd_kit.data.answers import extract
 
-    return extract_answer(text) or last_number(text)
+    return extract(text, "lenient")
 
 
 def answer_token_split(tokens: list[str], values: list[float], answer: str | None = None) -> dict:

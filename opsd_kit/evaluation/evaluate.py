@@ -6,9 +6,9 @@
 - :func:`grade_responses`: responses + golds -> both modes' answers and verdicts (`Verdicts`);
 - :func:`tabulate`: -> `EvalResult` (summary metrics, per-problem and per-sample tables).
 
-Grading itself (modes, equivalences, time bounds) lives in `opsd_kit.evaluation.grading`; ``is_correct``,
-``grade_many``, ``extract_answer`` (the marked answer) and ``last_number`` are re-exported
-here for callers of this module.
+Grading itself (modes, equivalences, time bounds) lives in `opsd_kit.evaluation.grading` and answer
+extraction in `opsd_kit.data.answers`; ``is_correct``, ``grade_many`` and ``last_number`` are
+re-exported here for callers of this module.
 
 pandas and torch are imported inside functions.
 """
@@ -27,7 +27,6 @@ from opsd_kit.data.answers import (
     extract_boxed,
     last_number,  # noqa: F401 - re-exported for callers
 )
-from opsd_kit.data.answers import extract_marked as extract_answer  # noqa: F401 - re-exported for callers
 from opsd_kit.evaluation.grading import Grades, grade_many, is_correct  # noqa: F401 - is_correct re-exported
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Markdown tables of a demo or study run, from its ``summary.json`` (what the README shows).
+"""Markdown tables of a demo or study run, from its ``summary.json`` (what docs/results.md shows).
 
 ``python -m opsd_kit.evaluation.report runs/demo-cpu-demo`` prints them; nothing is recomputed, so the
 tables say exactly what the run measured.

@@ -1,18 +1,18 @@
 """The "fast" rollout engine's decoder: plain tensors, fused projections, a static KV cache.
 
-Sampling a 135M-parameter model at batch 8 on one CPU core with Hugging Face ``generate``
-spends its decode step on matmuls that read every weight from memory, on three extra ops per
-LoRA-adapted linear (210 of them in SmolLM2), on SDPA's kernel for a single query, on a KV cache
-that grows by concatenation, and on Python dispatch through some 600 modules (bench/RESULTS.md,
-section 6, measures each). This module decodes with plain tensors instead:
+Sampling a small model at a small batch with Hugging Face ``generate`` spends its decode step
+on matmuls that read every weight from memory, on three extra ops per LoRA-adapted linear, on
+SDPA's kernel for a single query, on a KV cache that grows by concatenation, and on Python
+dispatch through every module (bench/RESULTS.md, section 6, measures each). This module decodes
+with plain tensors instead:
 
 - before every rollout (`FusedDecoder.refresh`: the adapter changes every optimizer step) the
   LoRA adapter is merged into *new* weight tensors, ``W + s B A`` (the model is never written
   to, so the frozen teacher cannot drift), and q, k, v become one matmul (their weights
-  concatenated), and so do gate and up (a LoRA side path instead cost 30 ms of a 190 ms
-  decode step in the benchmark; the merge costs 0.5 s per call);
+  concatenated), and so do gate and up: one merge per rollout instead of a LoRA side path in
+  every decode step;
 - on CPU in float32 the merged weights are prepacked for oneDNN (as inductor's CPU freezing
-  does), which at decode sizes runs about 1.3x faster than ``F.linear``;
+  does), which at decode sizes runs faster than ``F.linear`` (bench/RESULTS.md, section 6);
 - the KV cache is allocated once per batch, at its final size, and written in place;
 - the final norm and the output head run on the last position only, and the one new query of a
   decode step attends with plain matmuls;
@@ -349,8 +349,7 @@ def draw(probs_BV: torch.Tensor) -> torch.Tensor:
     drawn: its interval of the cumulative sum is empty. The sum runs in float64, so the tail of
     a 150k-entry vocabulary keeps its intervals (in float32 a token of probability under ~3e-8
     past the sum's midpoint would round to an empty one). One uniform per row instead of
-    ``torch.multinomial``'s exponential per vocabulary entry (about 10 ms a step at B = 8,
-    V = 49,152 on one CPU core)."""
+    ``torch.multinomial``'s exponential per vocabulary entry."""
     cdf_BV = probs_BV.double().cumsum(-1)
     u_B1 = torch.rand(probs_BV.shape[0], 1, device=probs_BV.device, dtype=cdf_BV.dtype) * cdf_BV[:, -1:]
     return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(1).clamp_(max=probs_BV.shape[-1] - 1)

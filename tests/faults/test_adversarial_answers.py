@@ -13,8 +13,8 @@ import itertools
 import threading
 import time
 
-from opsd_kit.data.answers import extract_boxed
-from opsd_kit.evaluation.evaluate import extract_answer, grade_many, last_number
+from opsd_kit.data.answers import extract_boxed, extract_marked
+from opsd_kit.evaluation.evaluate import grade_many, last_number
 from opsd_kit.evaluation.grading import HARD_KILL_GRACE_S
 
 TIMEOUT_S = 2.0
@@ -58,7 +58,7 @@ def test_corpus_is_large_enough():
 def test_extraction_never_raises_and_is_fast():
     start = time.monotonic()
     for text in hostile_corpus():
-        for answer in (extract_boxed(text), extract_answer(text)):
+        for answer in (extract_boxed(text), extract_marked(text)):
             assert answer is None or isinstance(answer, str)
         number = last_number(text)
         assert number is None or isinstance(number, str)
