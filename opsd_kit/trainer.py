@@ -166,8 +166,11 @@ class Trainer:
             self._restore(self.start.checkpoint)
             if self._finished():
                 if self.is_main:
+                    further = ("raise max_steps to train further" if cfg.lr_schedule == "constant" else
+                               f"its {cfg.lr_schedule} schedule ended there: train longer from the start in "
+                               "another run_dir")
                     print(f"{self.run_dir} is already finished (step {self.step} of {cfg.max_steps}): nothing to "
-                          "do; raise max_steps to train further.")
+                          f"do; {further}.")
                 return self._result(interrupted=False, last={})
             if self.is_main:
                 print(f"resuming from step {self.step} of {cfg.max_steps} in {self.run_dir}")
