@@ -47,7 +47,12 @@ class TrainConfig:
     seed: int = 0
     """Seeds python, numpy and torch; rollout seeds and problem order derive from it."""
     max_steps: int = 100
-    """Optimizer steps (paper: 100 for OPSD, 500 for GRPO)."""
+    """Optimizer steps (paper: 100 for OPSD, 500 for GRPO). A resumed run may change it (to
+    extend a finished run) when the learning rates of the steps it took do not depend on it,
+    so that it trains exactly as a fresh run of the new max_steps: lr_schedule='constant', or
+    a linear or cosine run still in warmup (at most warmup_steps + 1 steps taken). A linear or
+    cosine run past warmup is refused with the ways out: its rate decayed toward the old
+    max_steps and would jump to the new schedule's (`opsd_kit.run.rundir.max_steps_change_error`)."""
     max_generated_tokens: int | None = None
     """Rollout-token budget: stop after the step at which the run's generated tokens (all
     processes) reach it, even before max_steps. None: no budget. A token-matched comparison

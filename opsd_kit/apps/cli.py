@@ -5,9 +5,10 @@
     opsd-kit compare runs/tiny-opsd runs/tiny-grpo --data eval.jsonl --out runs/study
     opsd-kit profiles --show tiny
 
-Runs under ``accelerate launch -m opsd_kit.apps.cli train ...`` for several processes. A config or
-data error prints one line to stderr and exits 2; a training run stopped by Ctrl-C or SIGTERM
-exits 128 + the signal (130, 143) after its checkpoint.
+Runs under ``accelerate launch -m opsd_kit.apps.cli train ...`` for several processes. A config,
+data or model-name error (a row whose prompt cannot fit ``max_prompt_tokens`` included: it is
+found when the data loads, before the model does) prints one line to stderr and exits 2; a
+training run stopped by Ctrl-C or SIGTERM exits 128 + the signal (130, 143) after its checkpoint.
 """
 from __future__ import annotations
 
@@ -82,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from opsd_kit.data.problems import DataError
+    from opsd_kit.models import ModelNotAvailableError
+    from opsd_kit.prompts import PromptTooLongError
     from opsd_kit.run.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     command = {"train": _train, "eval": _eval, "compare": _compare, "profiles": _profiles}[args.command]
     try:
         return command(args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, ModelNotAvailableError, PromptTooLongError) as err:
         print(f"opsd-kit {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
@@ -108,11 +111,12 @@ def _eval(args) -> int:
     from opsd_kit.data.sources import load_source
     from opsd_kit.evaluation.evaluate import evaluate_model
     from opsd_kit.evaluation.stats import accuracy_interval, bootstrap_indices
-    from opsd_kit.evaluation.study import load_run_policy
+    from opsd_kit.evaluation.study import eval_prompt_check, load_run_policy
 
     run_dir, adapter = _locate_adapter(Path(args.path))
     config = _eval_config(args, run_dir)
-    problems, _report = load_source(config.data, size=config.size, seed=config.seed)
+    check = eval_prompt_check(run_dir, student_thinking=config.student_thinking)
+    problems, _report = load_source(config.data, size=config.size, seed=config.seed, check=check)
     policy, builder = load_run_policy(run_dir, adapter, student_thinking=config.student_thinking)
     result = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=config.settings(),
                             mode=config.mode, seed=config.seed, progress=sys.stderr.isatty())
@@ -132,13 +136,14 @@ def _compare(args) -> int:
     matplotlib.use("Agg")
     from opsd_kit.data.sources import load_source
     from opsd_kit.evaluation.plots import token_efficiency
-    from opsd_kit.evaluation.study import evaluate_points, study_points, summarize
+    from opsd_kit.evaluation.study import eval_prompt_check, evaluate_points, study_points, summarize
 
     runs = dict(_named_run(entry) for entry in args.runs)
     if len(runs) != len(args.runs):
         raise ConfigError(f"two runs share a name in {args.runs}; name them NAME=RUN_DIR")
     config = _eval_config(args, Path(next(iter(runs.values()))))
-    problems, _report = load_source(config.data, size=config.size, seed=config.seed)
+    check = eval_prompt_check(next(iter(runs.values())), student_thinking=config.student_thinking)
+    problems, _report = load_source(config.data, size=config.size, seed=config.seed, check=check)
     points = study_points(runs, {name: args.points for name in runs})
     out = Path(args.out)
     results = evaluate_points(points, problems, config, model_run=next(iter(runs.values())),

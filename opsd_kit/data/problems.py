@@ -18,7 +18,14 @@ also sees the solution. Every loader here returns ``(problems, LoadReport)``:
 Every row is checked before anything heavy runs. A bad row (missing or empty field, no
 derivable answer, duplicate id, undecodable bytes or JSON) raises `DataError` naming the
 file, the 0-based row and the field; with ``on_invalid="skip"`` it is skipped and counted in
-the report instead, never dropped silently.
+the report instead, never dropped silently. A caller's ``check`` (e.g. a prompt builder's
+`opsd_kit.prompts.PromptBuilder.length_error`: a prompt over ``max_prompt_tokens``) refuses
+rows the same way, with the reason "prompt too long".
+
+Rows that load but look wrong are kept and counted as warnings in the report: an ``answer``
+column that disagrees with the last ``\\boxed{}`` of the row's own solution (the answer
+column is used), an answer "NaN". Columns of the source that no `Problem` field reads are
+listed in ``report.unused_columns``.
 
 pandas and datasets are imported inside the functions that need them.
 
@@ -94,6 +101,13 @@ class LoadReport:
     columns: dict[str, str | None] = field(default_factory=dict)
     """The source column each `Problem` field was read from (first kept row); None: derived
     (answer from the solution), numbered (id) or the loader's label (source)."""
+    warnings: dict[str, int] = field(default_factory=dict)
+    """Kept rows that look wrong: reason -> count ("answer disagrees with the solution",
+    "answer is NaN")."""
+    warning_examples: list[str] = field(default_factory=list)
+    """The first few warnings, each naming the source, row and field."""
+    unused_columns: list[str] = field(default_factory=list)
+    """Columns of the source (keys of its rows) that no `Problem` field was read from."""
 
     @property
     def n_skipped(self) -> int:
@@ -112,6 +126,11 @@ class LoadReport:
     def _derive(self, how: str) -> None:
         self.derived[how] = self.derived.get(how, 0) + 1
 
+    def _warn(self, warning: DataError) -> None:
+        self.warnings[warning.reason] = self.warnings.get(warning.reason, 0) + 1
+        if len(self.warning_examples) < _N_EXAMPLES:
+            self.warning_examples.append(str(warning))
+
     def __str__(self) -> str:
         lines = [f"{self.source}: read {self.n_read}, kept {self.n_kept}, skipped {self.n_skipped}"]
         if self.columns:
@@ -120,6 +139,10 @@ class LoadReport:
         lines += [f"  skipped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
         lines += [f"  derived ({how}): {n}" for how, n in sorted(self.derived.items())]
         lines += [f"  e.g. {example}" for example in self.examples]
+        if self.unused_columns:
+            lines.append(f"  unused columns (no field reads them): {', '.join(map(repr, self.unused_columns))}")
+        lines += [f"  warning ({reason}): {n}" for reason, n in sorted(self.warnings.items())]
+        lines += [f"  e.g. {example}" for example in self.warning_examples]
         return "\n".join(lines)
 
 
@@ -152,6 +175,37 @@ def _derive_answer(solution: str, answer_from: str) -> tuple[str, str, str] | No
         return (found[0], found[1], "answer from ####") if found else None
     boxed = extract_boxed(solution)
     return (boxed, solution, "answer from \\boxed") if boxed else None
+
+
+_ANSWER_NOISE = re.compile(r"\\[,!;: ]|\\left|\\right|\$|\s+")
+
+
+def _answer_key(answer: str) -> str:
+    """``answer`` with spacing, ``$`` and ``\\left``/``\\right`` removed, ``\\dfrac`` as
+    ``\\frac``, thousands commas (also ``{,}``) and a trailing period dropped: two answers with
+    equal keys are the same answer. A loose check for warnings, not the grader."""
+    key = _ANSWER_NOISE.sub("", answer).replace("{,}", ",").rstrip(".")
+    key = key.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", key):
+        key = key.replace(",", "")
+    try:
+        return repr(float(key))
+    except ValueError:
+        return key
+
+
+def _answer_warnings(problem: "Problem", where: str, row: int, answer_column: str) -> list[DataError]:
+    """Warnings (as DataErrors, never raised) for an answer read from ``answer_column``."""
+    out = []
+    if problem.answer.lower() == "nan":
+        out.append(DataError(where, row, "answer", "answer is NaN",
+                             f"column {answer_column!r} holds {problem.answer!r}; kept as the answer"))
+    boxed = extract_boxed(problem.solution)
+    if boxed is not None and _answer_key(boxed) != _answer_key(problem.answer):
+        out.append(DataError(where, row, "answer", "answer disagrees with the solution",
+                             f"column {answer_column!r} holds {problem.answer!r}, the last \\boxed{{}} of the "
+                             f"solution {boxed!r}; the answer column is used"))
+    return out
 
 
 # --------------------------------------------------------------------------- reading rows
@@ -222,7 +276,10 @@ def _read_csv(path: Path, where: str):
         bad = None
     except UnicodeDecodeError as e:
         bad = e
-    frame = pd.read_csv(io.StringIO(raw.decode("utf-8", errors="replace")), dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(io.StringIO(raw.decode("utf-8", errors="replace")), dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as e:  # a row with more cells than the header: every row after it is suspect
+        raise DataError(where, None, None, "invalid CSV", " ".join(str(e).split())) from e
 
     def rows():
         for row, record in enumerate(frame.to_dict("records")):
@@ -347,9 +404,9 @@ def _message_text(messages: list, column: str, problem_field: str, where: str, r
     return contents[-1]
 
 
-def _problem(record: Mapping, row: int, where: str, label: str, fields, answer_from, seen) -> tuple:
-    """Build one Problem from a record, or raise DataError. Returns (problem, how the answer
-    came, the column each field was read from)."""
+def _problem(record: Mapping, row: int, where: str, label: str, fields, answer_from, seen, check=None) -> tuple:
+    """Build one Problem from a record, or raise DataError (also when ``check`` gives a reason).
+    Returns (problem, how the answer came, the column each field was read from)."""
     keys = record.keys()
     for name in ("question", "solution"):
         if _resolve(name, fields, keys) is None:
@@ -374,14 +431,19 @@ def _problem(record: Mapping, row: int, where: str, label: str, fields, answer_f
     source = _text(record, source_column, "source", where, row) if source_column else label
     if problem_id in seen:
         raise DataError(where, row, "id", "duplicate id", f"{problem_id!r} already used by row {seen[problem_id]}")
+    problem = Problem(problem_id, question, solution, answer, source)
+    reason = check(problem) if check is not None else None
+    if reason:
+        raise DataError(where, row, "question", "prompt too long", reason)
     seen[problem_id] = row
     columns = {"question": _resolve("question", fields, keys), "solution": _resolve("solution", fields, keys),
                "answer": None if how else answer_column, "id": id_column, "source": source_column}
-    return Problem(problem_id, question, solution, answer, source), how, columns
+    return problem, how, columns
 
 
-def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, report=None):
-    """Validate rows into Problems; raise on the first bad row or skip and count it."""
+def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, report=None, check=None):
+    """Validate rows into Problems; raise on the first bad row or skip and count it. ``check``:
+    a function of a Problem giving why it cannot be used (a refusal, "prompt too long"), or None."""
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
     if answer_from not in ("auto", "gsm8k", "boxed", None):
@@ -395,12 +457,15 @@ def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, 
     seen: dict[str, int] = {}
     if columns is not None:  # a table: a missing column would fail every row, so raise in either mode
         _check_mapped_columns(columns, fields, answer_from, where)
+    keys = dict.fromkeys(columns or ())  # every column seen, in order
     for row, record in rows:
         report.n_read += 1
+        if isinstance(record, Mapping):
+            keys.update(dict.fromkeys(record))
         try:
             if isinstance(record, DataError):
                 raise record
-            problem, how, columns = _problem(record, row, where, label, fields, answer_from, seen)
+            problem, how, used = _problem(record, row, where, label, fields, answer_from, seen, check)
         except DataError as error:
             if on_invalid == "raise":
                 raise
@@ -408,10 +473,15 @@ def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, 
             continue
         if how:
             report._derive(how)
-        report.columns = report.columns or columns
+        elif used["answer"] is not None:
+            for warning in _answer_warnings(problem, where, row, used["answer"]):
+                report._warn(warning)
+        report.columns = report.columns or used
         problems.append(problem)
         if limit is not None and len(problems) >= limit:
             break
+    read = set(report.columns.values()) | {c for c in fields.values() if c is not None}
+    report.unused_columns = [str(k) for k in keys if k not in read]
     report.n_kept = len(problems)
     return problems, report
 
@@ -437,6 +507,7 @@ def load_problems(
     on_invalid: str = "raise",
     answer_from: str | None = "auto",
     limit: int | None = None,
+    check=None,
 ) -> tuple[list[Problem], LoadReport]:
     r"""Load problems from a file, a local ``datasets`` folder, a hub dataset id, or data in memory:
     a ``datasets.Dataset`` (a ``DatasetDict`` with ``split=``), a pandas DataFrame or a list of dicts.
@@ -457,12 +528,15 @@ def load_problems(
 
     ``limit`` stops after that many kept problems. Missing columns of a table, and a ``.json``
     list that does not decode or parse, raise in either mode, since skipping would drop every row.
+    ``check``: a function of a `Problem` giving why it cannot be used, or None (e.g.
+    `opsd_kit.prompts.PromptBuilder.length_error`); a row it refuses is a bad row ("prompt too
+    long", field "question").
     """
     where, label, columns, rows = _read_memory(path_or_name, split) or _read_named(path_or_name, split)
     label = source or label
     if source is not None:  # an explicit source overrides any source column
         fields = {**(fields or {}), "source": None}
-    return _build(columns, rows, where, label, fields, answer_from, on_invalid, limit)
+    return _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, check=check)
 
 
 def save_problems(problems: Iterable[Problem], path) -> Path:
@@ -474,9 +548,15 @@ def save_problems(problems: Iterable[Problem], path) -> Path:
     return path
 
 
-def as_problems(data) -> list[Problem]:
+def as_problems(data, check=None) -> list[Problem]:
     """``data`` as a list of Problem: a list of Problem as is, anything else through `load_problems`
-    (a list of dicts, a Dataset, a DataFrame, a file or a hub id), raising on a bad row."""
+    (a list of dicts, a Dataset, a DataFrame, a file or a hub id), raising on a bad row (and on
+    a problem ``check`` refuses, see `load_problems`)."""
     if isinstance(data, (list, tuple)) and all(isinstance(p, Problem) for p in data):
+        where = _IN_MEMORY["list"][0]
+        for row, problem in enumerate(data):
+            reason = check(problem) if check is not None else None
+            if reason:
+                raise DataError(where, row, "question", "prompt too long", f"problem {problem.id!r}: {reason}")
         return list(data)
-    return load_problems(data)[0]
+    return load_problems(data, check=check)[0]

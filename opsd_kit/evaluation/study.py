@@ -391,6 +391,23 @@ def _saved_key(folder: Path) -> dict | None:
         return None
 
 
+def eval_prompt_check(run_dir, *, student_thinking="from run"):
+    """The function that refuses a held-out problem whose student prompt cannot fit the run's
+    ``max_prompt_tokens`` (`opsd_kit.prompts.PromptBuilder.length_error`), as `load_run_policy`'s
+    builder renders it, on the run's tokenizer alone: pass it as ``check`` to
+    `opsd_kit.data.sources.load_source` so an over-long problem fails before any model loads."""
+    from dataclasses import replace
+    from functools import partial
+
+    from opsd_kit.models import load_tokenizer
+    from opsd_kit.prompts import build_prompts
+
+    cfg = load_run_config(run_dir)
+    if student_thinking != "from run":
+        cfg = replace(cfg, student_thinking=student_thinking)
+    return partial(build_prompts(cfg, load_tokenizer(cfg.model)).length_error, teacher=False)
+
+
 def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
     """The policy and prompt builder a run (a folder, or a `TrainConfig`) trained with, its
     adapter loaded when given.

@@ -3,7 +3,10 @@
 - no complete checkpoint in ``run_dir``: a fresh run;
 - checkpoints of the same config (`RESUMABLE_CHANGES` aside): resume from the newest;
 - checkpoints of another config: refused with the differing keys, unless ``overwrite=True``;
-- ``resume=False`` over checkpoints: needs ``overwrite=True``; ``resume=True``: needs a checkpoint.
+- ``resume=False`` over checkpoints: needs ``overwrite=True``; ``resume=True``: needs a checkpoint;
+- another ``max_steps`` (extending a finished run, or shortening one): resumed when the learning
+  rates of the steps already taken do not depend on it, so the run trains exactly as a fresh
+  run of the new ``max_steps`` would (`max_steps_change_error`); refused otherwise.
 
 `plan_start` reads small files only (the run's ``config.json`` and the checkpoint names), so it
 runs before any model loads. Nothing is deleted here: `discard_previous_run` does it, once the
@@ -21,7 +24,7 @@ from opsd_kit.run.checkpoint import checkpoint_step, latest_checkpoint, remove_c
 
 RESUMABLE_CHANGES = (
     "run_dir", "resume", "overwrite", "progress", "trackers", "save_every", "keep_checkpoints",
-    "max_steps",  # extending max_steps of a finished run resumes it
+    "max_steps",  # extending a finished run resumes it, where its schedule allows (max_steps_change_error)
     "max_generated_tokens",  # so does raising the rollout-token budget
     # memory and speed only: the out-of-memory advice is to lower them and resume
     "micro_batch_size", "gradient_checkpointing", "generation_batch_size", "loss_chunk_size",
@@ -67,19 +70,48 @@ def plan_start(config: TrainConfig) -> RunStart:
     if step > config.max_steps:
         raise ConfigError(f"{run_dir} holds a checkpoint of step {step}, past max_steps={config.max_steps}; "
                           f"set max_steps >= {step} to resume it, or {WAYS_OUT}")
+    error = max_steps_change_error(config, _saved_config(run_dir).get("max_steps"), step)
+    if error:
+        raise ConfigError(f"{run_dir}: {error}")
     return RunStart(checkpoint=latest)
+
+
+def max_steps_change_error(config: TrainConfig, saved_max_steps: int | None, step: int) -> str | None:
+    """Why a run that took ``step`` optimizer steps planned for ``saved_max_steps`` cannot go on
+    to ``config.max_steps``, or None when it can.
+
+    It can when the learning rates it already used do not depend on max_steps, so that going on
+    gives exactly a fresh run of the new max_steps (the one its config.json then describes):
+    ``lr_schedule='constant'``, or a run still in warmup. The factor at step s (0-based,
+    `opsd_kit.trainer.make_scheduler`) is s / warmup_steps for s < warmup_steps and 1 at
+    s = warmup_steps whatever max_steps is, so steps 0..step-1 agree when step <= warmup_steps + 1.
+    A linear or cosine run past that decayed toward its old max_steps: resumed with another, its
+    rate would jump to the new schedule's (a finished cosine run from about 0 back up)."""
+    if saved_max_steps is None or saved_max_steps == config.max_steps:
+        return None
+    if config.lr_schedule == "constant" or step <= config.warmup_steps + 1:
+        return None
+    return (f"its {step} steps followed a {config.lr_schedule!r} learning-rate schedule planned for "
+            f"max_steps={saved_max_steps}; going on to max_steps={config.max_steps} would switch to another "
+            f"schedule midway (its rate jumps), which no fresh run of either length has. Keep "
+            f"max_steps={saved_max_steps} to resume, or train {config.max_steps} steps from the start: "
+            f"{WAYS_OUT} (lr_schedule='constant' runs can be extended)")
+
+
+def _saved_config(run_dir) -> dict:
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{run_dir} holds checkpoints but its config.json cannot be read ({err}), so whether "
+                          f"they are of this config is unknown; {WAYS_OUT}") from err
 
 
 def config_changes(run_dir, config: TrainConfig) -> dict:
     """``{key: (saved value, new value)}`` for the keys outside `RESUMABLE_CHANGES` where
     ``config`` differs from the config saved in ``run_dir`` (a key an older config.json lacks
     counts as its default)."""
-    path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{run_dir} holds checkpoints but its config.json cannot be read ({err}), so whether "
-                          f"they are of this config is unknown; {WAYS_OUT}") from err
+    saved = _saved_config(run_dir)
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))
     new = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as in the saved file
     old = {**defaults, **saved}

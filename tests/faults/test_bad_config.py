@@ -161,3 +161,28 @@ def test_a_wrong_hint_needs_two_different_answers_before_the_model_loads(tmp_pat
 def test_a_shuffled_hint_is_for_opsd_only(no_model_loads):
     with pytest.raises(ConfigError, match="teacher_hint='shuffled'.*algorithm='sft'"):
         load_profile("tiny", "sft", teacher_hint="shuffled")
+
+
+@pytest.mark.parametrize("model, fragment", [
+    ("/nonexistent", "model '/nonexistent': no such folder"),
+    ("./models/mine", "model './models/mine': no such folder"),
+    ("org/name/extra", "no such folder"),
+    ("org/two words", "neither a folder nor a hub id"),
+])
+def test_a_model_that_names_nothing_is_one_line_before_any_data_or_model_loads(tmp_path, model, fragment,
+                                                                               no_model_loads, capsys):
+    from opsd_kit.apps.cli import main
+
+    assert main(["train", "--profile", "tiny", "--set", f"model={model}", f"run_dir={tmp_path / 'run'}",
+                 "train_data=/no/such/data.jsonl"]) == 2  # the model is named before the data is read
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert fragment in err and "a local folder holding config.json" in err and "'org/name'" in err
+    assert "huggingface-cli" not in err
+
+
+def test_a_folder_without_a_model_is_named(tmp_path, no_model_loads):
+    from opsd_kit.models import ModelNotAvailableError
+
+    with pytest.raises(ModelNotAvailableError, match=r"holds no config.json, so no model"):
+        Trainer(tiny_config(tmp_path / "run", model=str(tmp_path)))

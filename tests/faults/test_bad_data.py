@@ -142,3 +142,111 @@ def test_trainer_given_bad_train_data_fails_with_the_data_error_before_the_model
     with pytest.raises(DataError) as info:
         Trainer(tiny_config(tmp_path / "run", train_data=str(path)))
     assert str(path) in str(info.value) and f"row {row}," in str(info.value) and info.value.field == field
+
+
+# -- prompts that cannot fit, found when the data loads -------------------------------------
+LONG = "What is 1+1? " + "x" * 100_000  # a question of 100k characters: over any max_prompt_tokens
+
+
+def _one_line_exit_2(argv, capsys, *fragments) -> str:
+    from opsd_kit.apps.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+@pytest.mark.parametrize("algorithm", ["opsd", "sft"])
+def test_trainer_refuses_a_question_too_long_for_its_prompt_before_the_model_loads(
+        tmp_path, no_model_loads, algorithm):
+    from _faults import tiny_config
+
+    from opsd_kit.trainer import Trainer
+
+    path = _jsonl(tmp_path, [_row(0), _row(1), _row(2, question=LONG)])
+    with pytest.raises(DataError) as info:
+        Trainer(tiny_config(tmp_path / "run", algorithm, train_data=str(path)))
+    error = info.value
+    assert (error.row, error.field, error.reason) == (2, "question", "prompt too long")
+    assert str(path) in str(error) and "max_prompt_tokens=768" in str(error) and "on_invalid='skip'" in str(error)
+    # problems given in memory are checked the same way, by their position
+    with pytest.raises(DataError, match=r"<list>: row 1, .*prompt has \d+ tokens"):
+        Trainer(tiny_config(tmp_path / "run2", algorithm), problems=[_row(0), _row(1, question=LONG)])
+
+
+def test_long_questions_are_skipped_and_counted_with_on_invalid_skip(tmp_path, tiny_tokenizer):
+    from opsd_kit.data.sources import load_source
+    from opsd_kit.prompts import PromptBuilder
+
+    builder = PromptBuilder(tiny_tokenizer, max_prompt_tokens=768)
+    path = _jsonl(tmp_path, [_row(0), _row(1, question=LONG), _row(2), _row(3, question=LONG)])
+    problems, report = load_source(str(path), on_invalid="skip", check=builder.length_error)
+    assert [p.id for p in problems] == ["r0", "r2"]
+    assert report.skipped == {"prompt too long": 2} and "row 1," in report.examples[0]
+    # a teacher prompt that cannot fit even without its solution is refused; the solution alone is cut later
+    short = PromptBuilder(tiny_tokenizer, max_prompt_tokens=200)
+    one = load_problems(_jsonl(tmp_path, [_row(0, question="q" * 60)], "t.jsonl"))[0][0]
+    assert short.length_error(one, teacher=False) is None
+    assert "teacher prompt needs" in short.length_error(one, teacher=True)
+
+
+def test_cli_train_and_eval_print_one_line_for_a_question_too_long(tmp_path, no_model_loads, capsys):
+    from _faults import tiny_config
+
+    path = _jsonl(tmp_path, [_row(0), _row(1, question=LONG)])
+    _one_line_exit_2(["train", "--profile", "tiny", "--set", f"run_dir={tmp_path / 'run'}", f"train_data={path}"],
+                     capsys, str(path), "row 1,", "prompt too long")
+    run = tmp_path / "finished"  # a run folder as eval reads it: its config and an adapter folder
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(tiny_config(run).to_dict()))
+    _one_line_exit_2(["eval", str(run), "--eval-profile", "tiny", "--data", str(path)],
+                     capsys, str(path), "row 1,", "prompt too long")
+
+
+# -- rows that load but look wrong: warnings in the report ----------------------------------
+def test_answer_disagreeing_with_its_solution_or_nan_is_kept_and_warned(tmp_path):
+    path = tmp_path / "answers.csv"
+    path.write_text("question,solution,answer,notes,Answer_key\n"
+                    "q0?,so \\boxed{4},4,a,x\n"
+                    "q1?,so \\boxed{\\dfrac{1}{2}},\\frac{1}{2},b,x\n"  # the same answer, written otherwise
+                    "q2?,\"so \\boxed{1{,}000}\",1000,c,x\n"
+                    "q3?,so \\boxed{7},8,d,x\n"  # disagrees
+                    "q4?,so \\boxed{5},NaN,e,x\n"  # NaN (and disagrees)
+                    "q5?,no box here,9,f,x\n", encoding="utf-8")
+    problems, report = load_problems(path)
+    assert [p.answer for p in problems] == ["4", "\\frac{1}{2}", "1000", "8", "NaN", "9"]  # the answer column wins
+    assert report.n_skipped == 0
+    assert report.warnings == {"answer disagrees with the solution": 2, "answer is NaN": 1}
+    assert report.unused_columns == ["notes", "Answer_key"]
+    text = str(report)
+    assert f"{path}: row 3, field 'answer'" in text and "'8'" in text and "'7'" in text
+    assert "unused columns (no field reads them): 'notes', 'Answer_key'" in text
+    assert "warning (answer is NaN): 1" in text
+
+
+def test_unused_keys_of_json_rows_are_listed(tmp_path):
+    _, report = load_problems(_jsonl(tmp_path, [_row(0, level=3), _row(1, meta={"a": 1})]))
+    assert report.unused_columns == ["level", "meta"] and report.warnings == {}
+
+
+def test_trainer_prints_the_load_warnings(tmp_path, no_model_loads, capsys):
+    from _faults import tiny_config
+
+    from opsd_kit.trainer import Trainer
+
+    path = _jsonl(tmp_path, [_row(0, answer="5"), _row(1)])
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the warning comes before the model
+        Trainer(tiny_config(tmp_path / "run", train_data=str(path)))
+    err = capsys.readouterr().err
+    assert "warning (answer disagrees with the solution): 1" in err and "row 0," in err
+
+
+def test_csv_row_with_too_many_cells(tmp_path):
+    path = tmp_path / "cells.csv"
+    path.write_text("question,solution\nq0?,\\boxed{1}\nq1?,so \\boxed{1,000}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"invalid CSV: .*line 3") as info:
+        load_problems(path, on_invalid="skip")
+    assert str(path) in str(info.value)

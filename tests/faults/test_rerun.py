@@ -110,3 +110,58 @@ def test_a_finished_run_rerun_does_nothing(tmp_path, capsys):
     assert extended.steps == 3
     assert capsys.readouterr().out.splitlines()[0] == f"resuming from step 2 of 3 in {run_dir}"
 
+
+
+def _lrs(run_dir) -> list[float]:
+    from _faults import metric_rows
+
+    return [row["train/lr"] for row in metric_rows(run_dir)]
+
+
+def test_extending_a_run_in_warmup_trains_as_a_fresh_run_of_the_new_length(tmp_path):
+    """A linear schedule with warmup_steps=3: 2 steps planned for max_steps=2, then extended to 5,
+    take the learning rates (and reach the weights) of a fresh 5-step run: factors s / 3 for
+    s < 3, then 1 - (s - 3) / (5 - 3)."""
+    lr = tiny_config(tmp_path).learning_rate
+    schedule = dict(lr_schedule="linear", warmup_steps=3)
+    short = Trainer(tiny_config(tmp_path / "run", "sft", max_steps=2, **schedule))
+    short.train()
+    assert _lrs(tmp_path / "run") == pytest.approx([0.0, lr / 3])
+    extended = Trainer(tiny_config(tmp_path / "run", "sft", max_steps=5, **schedule))
+    assert extended.train().steps == 5
+    fresh = Trainer(tiny_config(tmp_path / "fresh", "sft", max_steps=5, **schedule))
+    fresh.train()
+    expected = [0.0, lr / 3, 2 * lr / 3, lr, lr / 2]
+    assert _lrs(tmp_path / "run") == pytest.approx(expected, rel=1e-12) and _lrs(tmp_path / "fresh") == _lrs(
+        tmp_path / "run")
+    assert_same_adapter(fresh.policy.lora_state_dict(), extended.policy.lora_state_dict(), atol=0)
+
+
+def test_extending_a_constant_run_continues_at_its_rate(tmp_path):
+    lr = tiny_config(tmp_path).learning_rate
+    Trainer(tiny_config(tmp_path / "run", "sft", max_steps=2, warmup_steps=1)).train()
+    Trainer(tiny_config(tmp_path / "run", "sft", max_steps=4, warmup_steps=1)).train()
+    assert _lrs(tmp_path / "run") == pytest.approx([0.0, lr, lr, lr], rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("new_max_steps", [8, 3])  # extended, or shortened to the step it reached
+def test_changing_max_steps_of_a_decaying_schedule_past_warmup_is_refused(tmp_path, no_model_loads, schedule,
+                                                                          new_max_steps):
+    """Going on would switch schedules midway: a finished cosine run's rate from about 0 back up."""
+    run_dir = fake_run(tmp_path / "run", steps=(3,), max_steps=4, lr_schedule=schedule, warmup_steps=1)
+    with pytest.raises(ConfigError) as info:
+        Trainer(tiny_config(run_dir, max_steps=new_max_steps, lr_schedule=schedule, warmup_steps=1))
+    message = str(info.value)
+    for part in (f"'{schedule}' learning-rate schedule planned for max_steps=4", f"max_steps={new_max_steps}",
+                 "Keep max_steps=4", "--set resume=false overwrite=true", "lr_schedule='constant'"):
+        assert part in message, message
+    assert plan_start(tiny_config(run_dir, max_steps=4, lr_schedule=schedule, warmup_steps=1)).checkpoint
+
+
+def test_changing_max_steps_in_warmup_is_resumed(tmp_path):
+    # 2 steps taken with warmup_steps=1: factors 0 and 1 whatever max_steps is
+    run_dir = fake_run(tmp_path / "run", steps=(2,), max_steps=4, lr_schedule="cosine", warmup_steps=1)
+    assert plan_start(tiny_config(run_dir, max_steps=8, lr_schedule="cosine", warmup_steps=1)).checkpoint
+    run_dir = fake_run(tmp_path / "constant", steps=(3,), max_steps=4, warmup_steps=1)
+    assert plan_start(tiny_config(run_dir, max_steps=8, warmup_steps=1)).checkpoint
