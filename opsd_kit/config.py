@@ -4,7 +4,9 @@ model loads. Profiles (`tiny`, `cpu-demo`, `paper`, `paper-qlora`) are named set
 
 Knob names carry their meaning: `jsd_beta` is only the JSD mixing weight, `kl_coef` only
 GRPO's KL penalty, `clip_tau` only OPSD's pointwise clipping, `ratio_clip_eps` only GRPO's
-importance-ratio clip.
+importance-ratio clip. Each field says, through `knob`, which algorithms it applies to (another
+algorithm must leave it at its default), whether a resumed run may change it (`resumable_fields`)
+and whether it fixes the model (`model_fields`).
 """
 from __future__ import annotations
 
@@ -316,8 +318,9 @@ class TrainConfig:
             applies = f.metadata["applies"]
             value = getattr(self, f.name)
             if self.algorithm not in applies and value != f.default:
+                default = f" {f.default!r}" if len(repr(f.default)) <= 40 else ""  # not a whole template
                 raise ConfigError(f"{f.name}={value!r} applies to algorithm {' or '.join(map(repr, applies))}, not "
-                                  f"algorithm={self.algorithm!r}: leave it at its default {f.default!r}")
+                                  f"algorithm={self.algorithm!r}: leave it at its default{default}")
 
     def _check_types(self) -> None:
         """Each field holds a value of its annotated type (ints are accepted as floats, a list

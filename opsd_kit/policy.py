@@ -128,8 +128,8 @@ class Policy:
 
         dtype: weights (and 4-bit compute) dtype. quantization: ``None`` or ``"4bit"`` (NF4,
         needs LoRA). adapter: a folder written by `save_adapter` to resume; its own config
-        replaces ``lora``. backend: ``"hf"`` (transformers + peft) or ``"unsloth"`` (CUDA
-        only, needs the unsloth package). device: ``None`` picks CUDA when available.
+        replaces ``lora``. backend: ``"hf"`` (transformers + peft) or ``"unsloth"`` (experimental:
+        CUDA only, needs the unsloth package, never run by the tests). device: ``None`` picks CUDA when available.
         """
         _check_choice("dtype", dtype, DTYPES)
         _check_choice("quantization", quantization, QUANTIZATIONS)
