@@ -355,7 +355,7 @@ class TrainConfig:
     @property
     def uses_teacher(self) -> bool:
         """Whether the algorithm runs the privileged teacher (OPSD's targets, RLSD's token credit)."""
-        return self.algorithm in ("opsd", "rlsd")
+        return self.algorithm in TEACHING
 
     def check_context(self, context_length: int | None, source: str = "the model config") -> None:
         """The longest sequence a step builds (a prompt of max_prompt_tokens followed by a
