@@ -4,7 +4,9 @@ model loads. Profiles (`tiny`, `cpu-demo`, `paper`, `paper-qlora`) are named set
 
 Knob names carry their meaning: `jsd_beta` is only the JSD mixing weight, `kl_coef` only
 GRPO's KL penalty, `clip_tau` only OPSD's pointwise clipping, `ratio_clip_eps` only GRPO's
-importance-ratio clip.
+importance-ratio clip. Each field says, through `knob`, which algorithms it applies to (another
+algorithm must leave it at its default), whether a resumed run may change it (`resumable_fields`)
+and whether it fixes the model (`model_fields`).
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opsd_kit.prompts import INSTRUCTION, STUDENT_TEMPLATE, TEACHER_TEMPLATE, template_error
+from opsd_kit.rollout.hf import backend_error
 
 ALGORITHMS = ("opsd", "grpo", "sft", "rlsd")
+SAMPLING = ("opsd", "grpo", "rlsd")  # sample rollouts from the student (SFT generates nothing)
+TEACHING = ("opsd", "rlsd")  # run the privileged teacher on its own prompt
 GROUP_ALGORITHMS = ("grpo", "rlsd")  # sample num_generations rollouts per problem, group-relative advantages
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "topk", "sampled_token", "hint_contrast")
 TEACHER_HINTS = ("reference", "shuffled")
@@ -33,199 +38,207 @@ class ConfigError(ValueError):
     """An invalid configuration; raised before any model or data loads."""
 
 
+def knob(default, *, applies: tuple = ALGORITHMS, resumable: bool = False, model: bool = False):
+    """A `TrainConfig` field: its ``default``; the algorithms it ``applies`` to (`validate` refuses a
+    value other than the default for any other algorithm, and `load_profile` gives a profile's value
+    only to these); whether a resumed run may change it (``resumable``: it does not change what is
+    trained, `resumable_fields`); whether it fixes the model's weights and adapter layout
+    (``model``, `model_fields`)."""
+    if not applies or set(applies) - set(ALGORITHMS):
+        raise ValueError(f"applies={applies!r}: name algorithms among {list(ALGORITHMS)}")
+    return dataclasses.field(default=default, metadata={"applies": tuple(applies), "resumable": resumable,
+                                                         "model": model})
+
+
 @dataclass
 class TrainConfig:
     # -- run -------------------------------------------------------------------------------
-    algorithm: str = "opsd"
+    algorithm: str = knob("opsd")
     """Which trainer: 'opsd' (on-policy self-distillation), 'grpo' or 'sft' (baselines), or
     'rlsd' (GRPO with the privileged teacher's token-level credit, `opsd_kit.algorithms.rlsd`)."""
-    profile: str | None = None
+    profile: str | None = knob(None)
     """Which profile built this config (set by `load_profile`; None: built by hand). It picks
     the evaluation protocol that goes with the run (`eval_protocol_for`)."""
-    run_dir: str = "runs/opsd"
+    run_dir: str = knob("runs/opsd", resumable=True)
     """Folder for metrics.jsonl, checkpoints and the final adapter."""
-    seed: int = 0
+    seed: int = knob(0)
     """Seeds python, numpy and torch; rollout seeds and problem order derive from it."""
-    max_steps: int = 100
+    max_steps: int = knob(100, resumable=True)
     """Optimizer steps (paper: 100 for OPSD, 500 for GRPO). A resumed run may change it (to
     extend a finished run) when the learning rates of the steps it took do not depend on it,
     so that it trains exactly as a fresh run of the new max_steps: lr_schedule='constant', or
     a linear or cosine run still in warmup (at most warmup_steps + 1 steps taken). A linear or
     cosine run past warmup is refused with the ways out: its rate decayed toward the old
     max_steps and would jump to the new schedule's (`opsd_kit.run.rundir.max_steps_change_error`)."""
-    max_generated_tokens: int | None = None
+    max_generated_tokens: int | None = knob(None, applies=SAMPLING, resumable=True)
     """Rollout-token budget: stop after the step at which the run's generated tokens (all
     processes) reach it, even before max_steps. None: no budget. A token-matched comparison
     gives each method the same budget."""
-    resume: bool | None = None
+    resume: bool | None = knob(None, resumable=True)
     """None = resume when run_dir holds checkpoints of the same config (else start fresh; another
     config is refused), True = require a checkpoint to resume from (error if none), False = start
     fresh, which needs overwrite=True when checkpoints exist. "The same config" ignores the keys
-    that do not change what is trained (`opsd_kit.run.rundir.RESUMABLE_CHANGES`)."""
-    overwrite: bool = False
+    that do not change what is trained (`resumable_fields`)."""
+    overwrite: bool = knob(False, resumable=True)
     """Allow a fresh run to delete run_dir's checkpoints and final adapter (resume=False, or
     resume=None with checkpoints of another config). Nothing is ever deleted without it."""
 
     # -- model -----------------------------------------------------------------------------
-    model: str = "smollm2-135m-instruct"
+    model: str = knob("smollm2-135m-instruct", model=True)
     """'tiny', 'smollm2-135m-instruct' (bundled), a hub id or a local folder."""
-    dtype: str = "float32"
+    dtype: str = knob("float32", model=True)
     """Weights and compute dtype: 'float32', 'bfloat16' or 'float16'."""
-    quantization: str | None = None
+    quantization: str | None = knob(None, model=True)
     """None or '4bit' (bitsandbytes NF4, double quantisation; QLoRA)."""
-    use_lora: bool = True
+    use_lora: bool = knob(True, model=True)
     """Train a LoRA adapter (required by the frozen teacher); False trains all weights."""
-    lora_r: int = 64
+    lora_r: int = knob(64, model=True)
     """LoRA rank (paper: 64)."""
-    lora_alpha: int = 128
+    lora_alpha: int = knob(128, model=True)
     """LoRA scaling numerator (paper: 128)."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = knob(0.0)
     """Dropout on the LoRA input."""
-    lora_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_target_modules: tuple = knob(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                      model=True)
     """Module names that receive LoRA (paper: all attention and MLP projections)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = knob(False, resumable=True)
     """Recompute activations in backward to save memory."""
-    backend: str = "hf"
-    """Model backend: 'hf' (transformers + peft) or 'unsloth' (GPU only, installed separately)."""
-    rollout_backend: str = "hf"
+    backend: str = knob("hf")
+    """Model backend: 'hf' (transformers + peft) or 'unsloth' (experimental: CUDA only, installed
+    separately, and never run by the tests, which have no GPU)."""
+    rollout_backend: str = knob("hf", applies=SAMPLING)
     """Rollout engine: 'hf' (transformers' generate, the reference), 'fast' (opsd_kit's fused
     decoder: the LoRA adapter merged into a copy of the weights before each rollout, fused
     projections, a static KV cache; Llama/Qwen layouts, else generate with the adapter merged;
     not with 4-bit; bench/rollout.py) or 'vllm' (GPU, not with 4-bit)."""
-    share_prompt_pass: bool = True
-    """OPSD with rollout_backend='fast': the student's forward over the prompts runs once, before
-    sampling, and serves the rollout and the loss (one prompt forward less per step; docs/algorithm.md,
-    The algorithm). It holds every micro-batch's prompt activations from sampling until that
-    micro-batch's backward; False runs them one micro-batch at a time (less memory with many
-    micro-batches). Off by itself with dropout, gradient checkpointing or the EMA teacher."""
 
     # -- data and prompts -------------------------------------------------------------------
-    train_data: str = "reasoning_gym:chain_sum"
+    train_data: str = knob("reasoning_gym:chain_sum")
     """Training problems: a source spec understood by opsd_kit.data.sources.load_source, or a file."""
-    train_size: int = 512
+    train_size: int = knob(512)
     """How many training problems to load."""
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int = knob(1024)
     """Cap on either prompt; over-long teacher prompts lose the end of the reference solution."""
-    student_thinking: bool | None = None
+    student_thinking: bool | None = knob(None)
     """Chat-template `enable_thinking` for the student (paper: False; None: not passed)."""
-    teacher_thinking: bool | None = None
+    teacher_thinking: bool | None = knob(None, applies=TEACHING)
     """Chat-template `enable_thinking` for the teacher (paper: True; None: not passed)."""
-    student_template: str = STUDENT_TEMPLATE
+    student_template: str = knob(STUDENT_TEMPLATE)
     """The student's message, a `str.format` template: `{question}` (required) and `{instruction}`."""
-    teacher_template: str = TEACHER_TEMPLATE
+    teacher_template: str = knob(TEACHER_TEMPLATE, applies=TEACHING)
     """The teacher's message. The default follows the paper's teacher prompt: the problem, a line
     announcing a reference solution, the solution between begin/end markers, a transition asking
     the model to understand it and solve the problem again in its own words, then the
     instruction. `{question}` and `{solution}` are required, `{instruction}` optional; literal
     braces are written `{{` `}}`."""
-    instruction: str = INSTRUCTION
+    instruction: str = knob(INSTRUCTION)
     """The answer-format instruction both prompts end with (inserted as `{instruction}`)."""
-    teacher_hint: str = "reference"
+    teacher_hint: str = knob("reference", applies=("opsd",))
     """The solution in the teacher's prompt: 'reference' (the problem's own verified solution:
     OPSD) or 'shuffled' (another training problem's, with a different answer where possible; a
     control run: the divergence left under a wrong hint is style, not task content). The
     shuffled assignment (`prompts.shuffled_hints`) is fixed by the seed for the whole run."""
 
     # -- rollouts --------------------------------------------------------------------------
-    max_new_tokens: int = 1024
+    max_new_tokens: int = knob(1024, applies=SAMPLING)
     """Completion cap for training rollouts (paper v3: 1024). SFT generates nothing: its
     targets are capped by `max_target_tokens` instead."""
-    max_target_tokens: int | None = None
+    max_target_tokens: int | None = knob(None, applies=("sft",))
     """SFT target cap: reference solutions longer than this many tokens (EOS included) are cut;
     None = no cap (every target must then fit the model's context after its prompt). Used by
     SFT only (`paper` profile: 16384, the official SFT script's max length)."""
-    temperature: float = 1.1
+    temperature: float = knob(1.1, applies=SAMPLING)
     """Rollout sampling temperature (paper: OPSD 1.1, GRPO 1.2)."""
-    top_p: float = 0.95
+    top_p: float = knob(0.95, applies=SAMPLING)
     """Rollout nucleus truncation (1.0 is off)."""
-    top_k: int = 20
+    top_k: int = knob(20, applies=SAMPLING)
     """Rollout top-k truncation (0 is off)."""
-    generation_batch_size: int = 16
+    generation_batch_size: int = knob(16, applies=SAMPLING, resumable=True)
     """Sequences per generate call."""
 
     # -- OPSD loss -------------------------------------------------------------------------
-    divergence: str = "forward_kl"
+    divergence: str = knob("forward_kl", applies=("opsd",))
     """'forward_kl' KL(p_T||p_S) (paper v3), 'reverse_kl', 'jsd', 'topk' (forward KL over the
     teacher's top-k tokens), 'sampled_token' (policy-gradient form) or 'hint_contrast': KL(r || p_S)
     with r = sg(p_S) (c / w)^contrast_alpha normalised, c the teacher with the correct hint and w with a
     shuffled one (`losses.hint_contrast_divergence`): what the correct hint adds over the style
     both teachers share. It costs a third forward pass (the wrong-hint teacher)."""
-    jsd_beta: float = 0.5
+    jsd_beta: float = knob(0.5, applies=("opsd",))
     """JSD mixing weight beta in M = beta p_T + (1 - beta) p_S; used only when divergence='jsd'."""
-    clip_tau: float | None = None
+    clip_tau: float | None = knob(None, applies=("opsd",))
     """Pointwise clipping: each vocabulary entry's contribution is min(l_v, tau) (paper v3: 0.05);
     for 'hint_contrast' the entries r_v (log r_v - log p_S(v))."""
-    contrast_alpha: float = 1.0
+    contrast_alpha: float = knob(1.0, applies=("opsd",))
     """Strength alpha of the contrast in divergence='hint_contrast' (> 0): r = sg(p_S) (c / w)^alpha normalised."""
-    loss_temperature: float | None = None
+    loss_temperature: float | None = knob(None, applies=("opsd",))
     """Temperature dividing both logits in the loss; None uses the rollout temperature (paper)."""
-    loss_support: str = "full"
+    loss_support: str = knob("full", applies=("opsd",))
     """'full': the loss uses the untruncated distributions; 'truncated': both are restricted to
     the rollout's top-k/top-p support of the student (docs/algorithm.md, Pitfalls, 5)."""
-    distill_topk: int = 20
+    distill_topk: int = knob(20, applies=("opsd",))
     """k for divergence='topk'."""
-    sampled_token_clamp: float | None = 5.0
+    sampled_token_clamp: float | None = knob(5.0, applies=("opsd",))
     """Advantage clamp for divergence='sampled_token' (rLLM: 5)."""
-    teacher: str = "frozen"
+    teacher: str = knob("frozen", applies=TEACHING)
     """'frozen' (base model, adapter off; paper), 'live' (current weights) or 'ema'."""
-    ema_decay: float = 0.999
+    ema_decay: float = knob(0.999, applies=TEACHING)
     """EMA decay of the LoRA weights for teacher='ema'."""
-    loss_chunk_size: int = 128
+    loss_chunk_size: int = knob(128, resumable=True)
     """Sequence positions per chunk of the divergence; bounds the logits held at once."""
 
     # -- GRPO ------------------------------------------------------------------------------
-    num_generations: int = 8
+    num_generations: int = knob(8, applies=GROUP_ALGORITHMS)
     """GRPO group size G: rollouts per problem (paper: 8)."""
-    num_iterations: int = 2
+    num_iterations: int = knob(2, applies=GROUP_ALGORITHMS)
     """GRPO optimizer steps per batch of rollouts (paper: 2)."""
-    ratio_clip_eps: float = 0.2
+    ratio_clip_eps: float = knob(0.2, applies=GROUP_ALGORITHMS)
     """GRPO importance-ratio clip epsilon."""
-    scale_rewards: bool = True
+    scale_rewards: bool = knob(True, applies=GROUP_ALGORITHMS)
     """GRPO: divide group-centred rewards by the group's standard deviation."""
-    kl_coef: float = 0.0
+    kl_coef: float = knob(0.0, applies=GROUP_ALGORITHMS)
     """GRPO KL penalty to the reference (adapter-off) model; 0 as in the paper."""
-    grading_mode: str = "strict"
+    grading_mode: str = knob("strict", applies=SAMPLING)
     """Reward and rollout-correctness grading: 'strict' (the last boxed answer only) or 'lenient'
     (also '####', 'the answer is', else the last number); see opsd_kit.evaluation.evaluate."""
 
     # -- RLSD ------------------------------------------------------------------------------
-    rlsd_lambda: float = 0.5
+    rlsd_lambda: float = knob(0.5, applies=("rlsd",))
     """RLSD: initial mixing weight lambda_0 of the teacher's token weights in
     A_t = A ((1 - lambda) + lambda w_t); decays linearly to 0 (official rlsd_trainer.py: 0.5)."""
-    rlsd_eps: float = 0.2
+    rlsd_eps: float = knob(0.2, applies=("rlsd",))
     """RLSD: token weights are clipped to [1 - eps, 1 + eps] (official rlsd_trainer.py: 0.2)."""
-    rlsd_decay_steps: int = 50
+    rlsd_decay_steps: int = knob(50, applies=("rlsd",))
     """RLSD: optimizer steps over which lambda decays linearly from rlsd_lambda to 0 (official
     rlsd_trainer.py: 50); from then on RLSD is plain GRPO."""
 
     # -- optimisation ----------------------------------------------------------------------
-    learning_rate: float = 2e-4
+    learning_rate: float = knob(2e-4)
     """AdamW learning rate (the `paper` profile: 2e-4, as the official Qwen3-1.7B launch script
     scripts/run_opsd_1b.sh)."""
-    weight_decay: float = 0.0
+    weight_decay: float = knob(0.0)
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = knob(1.0)
     """Gradient clipping norm (1.0: TRL's default, which the official launch scripts inherit)."""
-    lr_schedule: str = "constant"
+    lr_schedule: str = knob("constant")
     """'constant', 'linear' or 'cosine' decay after warmup."""
-    warmup_steps: int = 0
+    warmup_steps: int = knob(0)
     """Linear warmup steps: the learning rate factor is step / warmup_steps from step 0 (the
     `transformers.get_scheduler` convention; 0 at the first step), then the schedule."""
-    problems_per_step: int = 32
+    problems_per_step: int = knob(32)
     """Problems in one optimizer step, over all processes (paper: 32)."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = knob(4, resumable=True)
     """Sequences per forward/backward; the step accumulates gradients over micro-batches."""
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: int = knob(3)
     """Non-finite loss or gradient: skip the step; this many in a row stops the run."""
 
     # -- logging and checkpoints -----------------------------------------------------------
-    save_every: int = 25
+    save_every: int = knob(25, resumable=True)
     """Checkpoint every N steps (and at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = knob(2, resumable=True)
     """How many complete checkpoints to keep."""
-    trackers: tuple = ()
+    trackers: tuple = knob((), resumable=True)
     """Extra metric sinks: 'tensorboard', 'wandb'. metrics.jsonl is always written."""
-    progress: bool = True
+    progress: bool = knob(True, resumable=True)
     """Show a tqdm progress bar."""
 
     # ---------------------------------------------------------------------------------------
@@ -245,6 +258,7 @@ class TrainConfig:
         for t in self.trackers:
             if t not in TRACKERS:
                 raise ConfigError(f"trackers contains {t!r}; allowed: {list(TRACKERS)}")
+        self._check_applies()
         _check(self.max_generated_tokens is None or self.max_generated_tokens >= 1, "max_generated_tokens",
                self.max_generated_tokens, "None or an integer >= 1")
         positive = ("max_steps", "train_size", "max_prompt_tokens", "max_new_tokens", "generation_batch_size",
@@ -279,21 +293,15 @@ class TrainConfig:
         _check(0 <= self.rlsd_eps < 1, "rlsd_eps", self.rlsd_eps, "in [0, 1) (weights stay positive)")
         if self.sampled_token_clamp is not None:
             _check(self.sampled_token_clamp > 0, "sampled_token_clamp", self.sampled_token_clamp, "None or > 0")
-        if self.teacher == "frozen" and not self.use_lora and self.uses_teacher:
-            raise ConfigError("teacher='frozen' needs use_lora=True: the frozen teacher is the base model with "
-                              "the adapter switched off. Set use_lora=True, or choose teacher='live' explicitly")
-        if self.quantization == "4bit" and not self.use_lora:
-            raise ConfigError("quantization='4bit' needs use_lora=True: 4-bit base weights cannot be trained")
-        if self.rollout_backend == "vllm" and self.quantization is not None:
-            raise ConfigError("rollout_backend='vllm' cannot be combined with quantization='4bit' (vLLM cannot "
-                              "serve bitsandbytes QLoRA; TRL #3654, unsloth #1930): use rollout_backend='hf' "
-                              "or quantization=None")
-        if self.rollout_backend == "fast" and self.quantization is not None:
-            raise ConfigError("rollout_backend='fast' cannot be combined with quantization='4bit': merging LoRA into "
-                              "4-bit base weights is not exact; use rollout_backend='hf' or quantization=None")
-        if self.rollout_backend == "fast" and not self.use_lora:
-            raise ConfigError("rollout_backend='fast' merges the LoRA adapter while sampling and needs "
-                              "use_lora=True; use rollout_backend='hf'")
+        error = (lora_error(use_lora=self.use_lora, teacher=self.teacher if self.uses_teacher else None,
+                            quantization=self.quantization)
+                 or (backend_error(self.rollout_backend, quantization=self.quantization, use_lora=self.use_lora)
+                     if self.algorithm in SAMPLING else None))
+        if error:
+            raise ConfigError(error)
+        if self.kl_coef and not self.use_lora:
+            raise ConfigError(f"kl_coef={self.kl_coef!r} needs use_lora=True: the KL reference is the model with "
+                              "the adapter switched off; set kl_coef=0.0 to train all weights")
         if self.loss_support == "truncated" and self.divergence in ("topk", "sampled_token"):
             raise ConfigError(f"loss_support='truncated' applies to full-vocabulary divergences; divergence="
                               f"{self.divergence!r} has its own support: use loss_support='full'")
@@ -304,15 +312,20 @@ class TrainConfig:
             raise ConfigError("divergence='hint_contrast' contrasts the reference-hint teacher with a shuffled-hint "
                               "one; with teacher_hint='shuffled' the 'correct' teacher would hold a wrong hint too. "
                               "Use teacher_hint='reference' with hint_contrast")
-        if self.teacher_hint != "reference" and self.algorithm != "opsd":
-            raise ConfigError(f"teacher_hint={self.teacher_hint!r} changes OPSD's teacher prompt; algorithm="
-                              f"{self.algorithm!r} has none: use teacher_hint='reference'")
         if self.resume and self.overwrite:
             raise ConfigError("resume=True continues run_dir's checkpoints; overwrite=True deletes them: set one "
                               "of them (overwrite=True with resume=False starts over)")
-        if self.algorithm == "opsd" and self.kl_coef:
-            raise ConfigError("kl_coef is GRPO's KL penalty; it has no meaning for algorithm='opsd'")
         return self
+
+    def _check_applies(self) -> None:
+        """Each field that does not apply to ``algorithm`` (`knob`'s ``applies``) holds its default."""
+        for f in dataclasses.fields(self):
+            applies = f.metadata["applies"]
+            value = getattr(self, f.name)
+            if self.algorithm not in applies and value != f.default:
+                default = f" {f.default!r}" if len(repr(f.default)) <= 40 else ""  # not a whole template
+                raise ConfigError(f"{f.name}={value!r} applies to algorithm {' or '.join(map(repr, applies))}, not "
+                                  f"algorithm={self.algorithm!r}: leave it at its default{default}")
 
     def _check_types(self) -> None:
         """Each field holds a value of its annotated type (ints are accepted as floats, a list
@@ -347,7 +360,7 @@ class TrainConfig:
     @property
     def uses_teacher(self) -> bool:
         """Whether the algorithm runs the privileged teacher (OPSD's targets, RLSD's token credit)."""
-        return self.algorithm in ("opsd", "rlsd")
+        return self.algorithm in TEACHING
 
     def check_context(self, context_length: int | None, source: str = "the model config") -> None:
         """The longest sequence a step builds (a prompt of max_prompt_tokens followed by a
@@ -384,6 +397,9 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build and validate; unknown keys are an error that suggests the closest known key."""
         return cls(**_known_keys(cls, values, "config")).validate()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 @dataclass
@@ -460,6 +476,38 @@ class EvalConfig:
     def from_dict(cls, values: dict) -> "EvalConfig":
         """Build and validate; unknown keys are an error that suggests the closest known key."""
         return cls(**_known_keys(cls, values, "evaluation config")).validate()
+
+
+def lora_error(*, use_lora: bool, teacher: str | None, quantization: str | None) -> str | None:
+    """Why weights without a LoRA adapter cannot be trained this way, or None: the one statement
+    of these rules (`TrainConfig.validate` raises it before any model loads, `Policy` when built).
+    ``teacher``: the teacher the algorithm runs (None: it runs none)."""
+    if use_lora:
+        return None
+    if teacher == "frozen":
+        return ("teacher='frozen' needs a LoRA adapter (use_lora=True): the frozen teacher is the base model with "
+                "the adapter switched off. Train an adapter, or choose teacher='live' explicitly")
+    if quantization == "4bit":
+        return "quantization='4bit' needs a LoRA adapter (use_lora=True): 4-bit base weights cannot be trained"
+    return None
+
+
+def applies_to(name: str) -> tuple[str, ...]:
+    """The algorithms `TrainConfig` field ``name`` applies to."""
+    return _FIELDS[name].metadata["applies"]
+
+
+def resumable_fields(algorithm: str | None = None) -> tuple[str, ...]:
+    """The `TrainConfig` keys a resumed run may change: they do not change what is trained. With
+    ``algorithm``, also the keys that do not apply to it."""
+    return tuple(n for n, f in _FIELDS.items()
+                 if f.metadata["resumable"] or (algorithm is not None and algorithm not in f.metadata["applies"]))
+
+
+def model_fields() -> tuple[str, ...]:
+    """The `TrainConfig` keys that fix a policy's weights and adapter layout: runs that agree on
+    them can share one loaded model and swap adapters (`opsd_kit.evaluation.study`)."""
+    return tuple(n for n, f in _FIELDS.items() if f.metadata["model"])
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -592,13 +640,15 @@ def profile_names() -> list[str]:
 
 
 def load_profile(name: str, algorithm: str = "opsd", **overrides) -> TrainConfig:
-    """The named profile for ``algorithm``, with ``overrides`` applied, validated."""
+    """The named profile for ``algorithm``, with ``overrides`` applied, validated. A profile sets a
+    field only for the algorithms the field applies to (`applies_to`): the others keep its default."""
     if name not in _PROFILES:
         raise ConfigError(f"unknown profile {name!r}; choose one of {profile_names()}")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"algorithm={algorithm!r} is not allowed; choose one of {list(ALGORITHMS)}")
-    values = dict(_PROFILES[name], algorithm=algorithm, profile=name, run_dir=f"runs/{name}-{algorithm}")
-    values.update(_ALGORITHM_OVERRIDES[algorithm].get(_base_profile(name), {}))
+    profile = dict(_PROFILES[name], **_ALGORITHM_OVERRIDES[algorithm].get(_base_profile(name), {}))
+    values = {key: value for key, value in profile.items() if algorithm in applies_to(key)}
+    values.update(algorithm=algorithm, profile=name, run_dir=f"runs/{name}-{algorithm}")
     values.update(overrides)
     return TrainConfig.from_dict(values)
 

@@ -32,7 +32,7 @@ import torch
 from peft import PeftModel
 
 from opsd_kit import models
-from opsd_kit.config import BACKENDS, DTYPES, QUANTIZATIONS, TEACHERS
+from opsd_kit.config import BACKENDS, DTYPES, QUANTIZATIONS, TEACHERS, ConfigError, lora_error
 from opsd_kit.run.card import write_card
 
 if TYPE_CHECKING:
@@ -128,8 +128,8 @@ class Policy:
 
         dtype: weights (and 4-bit compute) dtype. quantization: ``None`` or ``"4bit"`` (NF4,
         needs LoRA). adapter: a folder written by `save_adapter` to resume; its own config
-        replaces ``lora``. backend: ``"hf"`` (transformers + peft) or ``"unsloth"`` (CUDA
-        only, needs the unsloth package). device: ``None`` picks CUDA when available.
+        replaces ``lora``. backend: ``"hf"`` (transformers + peft) or ``"unsloth"`` (experimental:
+        CUDA only, needs the unsloth package, never run by the tests). device: ``None`` picks CUDA when available.
         """
         _check_choice("dtype", dtype, DTYPES)
         _check_choice("quantization", quantization, QUANTIZATIONS)
@@ -363,18 +363,15 @@ class Policy:
 
 # ----------------------------------------------------------------------------------------
 # helpers
-#: The TrainConfig fields that fix a policy's weights and adapter layout: runs that agree on
-#: them can share one loaded model and swap adapters (`opsd_kit.evaluation.study`).
-MODEL_FIELDS = ("model", "dtype", "quantization", "use_lora", "lora_r", "lora_alpha", "lora_target_modules")
-
-
 def build_policy(cfg: TrainConfig, device: str | None = None) -> Policy:
     """The policy a run trains, built from its config: the one place a config becomes a model.
-    ``device``: ``None`` picks CUDA when available."""
+    A run that trains all weights with an algorithm that runs no teacher (`TrainConfig.uses_teacher`)
+    gets the live teacher, which needs no adapter. ``device``: ``None`` picks CUDA when available."""
     lora = (LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=tuple(cfg.lora_target_modules)) if cfg.use_lora else None)
     return Policy.from_pretrained(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, lora=lora,
-                                  gradient_checkpointing=cfg.gradient_checkpointing, teacher=cfg.teacher,
+                                  gradient_checkpointing=cfg.gradient_checkpointing,
+                                  teacher=cfg.teacher if cfg.uses_teacher or cfg.use_lora else "live",
                                   ema_decay=cfg.ema_decay, backend=cfg.backend, device=device, seed=cfg.seed)
 
 
@@ -400,14 +397,10 @@ def _check_ema_decay(ema_decay: float) -> None:
 
 
 def _check_lora_needed(lora: LoraSettings | None, teacher: str, quantized: bool) -> None:
-    if lora is not None:
-        return
-    if teacher == "frozen":
-        raise ValueError("teacher='frozen' needs LoRA: the frozen teacher is the base model with the "
-                         "adapter off; use lora=LoraSettings() or teacher='live'")
-    if quantized:
-        raise ValueError("quantization='4bit' needs LoRA: 4-bit base weights cannot be trained; "
-                         "use lora=LoraSettings() or quantization=None")
+    """`config.lora_error` for a policy built with ``lora`` (None: no adapter)."""
+    error = lora_error(use_lora=lora is not None, teacher=teacher, quantization="4bit" if quantized else None)
+    if error:
+        raise ConfigError(error)
 
 
 def _disable_cpu_repacking(model) -> None:

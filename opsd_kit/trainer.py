@@ -231,11 +231,13 @@ class Trainer:
             if _is_oom(err):
                 self._rewind_partial_step(ledger_done)
                 self._save()
+                lengths = (("max_target_tokens",) if cfg.algorithm == "sft"  # SFT samples nothing
+                           else ("max_new_tokens", "generation_batch_size"))
+                lower = ", ".join(f"{key} (now {getattr(cfg, key)})" for key in ("micro_batch_size", *lengths))
                 raise OutOfMemoryStop(
                     f"out of memory at step {self.step + 1} ({err}). A checkpoint of step {self.step} was saved. "
-                    f"Lower micro_batch_size (now {cfg.micro_batch_size}), max_new_tokens (now "
-                    f"{cfg.max_new_tokens}) or generation_batch_size (now {cfg.generation_batch_size}), or set "
-                    "gradient_checkpointing=True, then rerun: it resumes from the checkpoint") from err
+                    f"Lower {lower}, or set gradient_checkpointing=True, then rerun: it resumes from the "
+                    "checkpoint") from err
             raise
         finally:
             bar.close()

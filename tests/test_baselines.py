@@ -7,7 +7,7 @@ import torch
 from _numerics import tolerance
 
 from opsd_kit.algorithms.grpo import group_advantages, grpo_token_loss
-from opsd_kit.config import load_profile
+from opsd_kit.config import ConfigError, load_profile
 from opsd_kit.trainer import Trainer
 
 
@@ -57,7 +57,7 @@ def test_grpo_kl_term_is_k3_and_zero_at_the_reference():
 
 
 def test_sft_targets_are_the_solution_and_the_prompt_is_masked(tmp_path):
-    trainer = Trainer(load_profile("tiny", "sft", run_dir=str(tmp_path), progress=False, max_new_tokens=400))
+    trainer = Trainer(load_profile("tiny", "sft", run_dir=str(tmp_path), progress=False))
     sft = trainer.algorithm
     micro, _ = sft.prepare(0)
     tok = trainer.policy.tokenizer
@@ -93,15 +93,19 @@ def _sft_targets(tmp_path, **overrides):
 
 
 def test_sft_targets_are_not_cut_at_the_rollout_cap(tmp_path):
-    sft, tok, problems = _sft_targets(tmp_path / "uncapped", max_new_tokens=4)
+    """SFT samples nothing: the rollout cap is not its to set, and the profile's cap does not cut its targets."""
+    with pytest.raises(ConfigError, match="max_new_tokens=4 applies to algorithm .*not algorithm='sft'"):
+        load_profile("tiny", "sft", max_new_tokens=4)
+    sft, tok, problems = _sft_targets(tmp_path / "uncapped")
     whole = {p.id: tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in problems}
-    assert max(len(t) for t in whole.values()) > 4  # the rollout cap would cut these solutions
+    rollout_cap = load_profile("tiny").max_new_tokens
+    assert max(len(t) for t in whole.values()) > rollout_cap  # the rollout cap would cut these solutions
     assert {p.id: sft._targets[p.id] for p in problems} == whole
     assert sft.truncated == 0
 
 
 def test_sft_targets_are_cut_at_max_target_tokens(tmp_path):
-    sft, tok, problems = _sft_targets(tmp_path / "capped", max_new_tokens=400, max_target_tokens=5)
+    sft, tok, problems = _sft_targets(tmp_path / "capped", max_target_tokens=5)
     whole = {p.id: tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in problems}
     assert {p.id: sft._targets[p.id] for p in problems} == {k: v[:5] for k, v in whole.items()}
     assert sft.truncated == sum(len(v) > 5 for v in whole.values()) > 0

@@ -36,6 +36,11 @@ def test_profiles_show_prints_every_value_with_its_docstring(capsys):
     assert "max_steps = 3\n    Optimizer steps (paper: 100 for OPSD, 500 for GRPO)." in out
     assert "resume = None\n    None = resume when run_dir holds checkpoints of the same config" in out
     assert "lora_r = 4\n" in out and "model = 'tiny'\n" in out
+    assert "experimental" in out.split("\nbackend = 'hf'\n")[1].split("\nrollout_backend")[0]  # unsloth
+    assert main(["profiles", "--show", "paper", "--algorithm", "grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "clip_tau = None  (not used by algorithm='grpo')\n" in out  # the profile's 0.05 is OPSD's
+    assert "temperature = 1.2\n" in out and "kl_coef = 0.0\n" in out
 
 
 @pytest.mark.parametrize("argv, fragment", [

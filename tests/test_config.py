@@ -7,10 +7,13 @@ from opsd_kit.config import (
     ALGORITHMS,
     ConfigError,
     TrainConfig,
+    applies_to,
     eval_protocol_for,
     load_eval_profile,
     load_profile,
+    model_fields,
     profile_names,
+    resumable_fields,
 )
 
 
@@ -25,6 +28,66 @@ def test_every_field_has_a_docstring():
     documented = {body[i].target.id for i in range(len(body) - 1)
                   if isinstance(body[i], ast.AnnAssign) and isinstance(body[i + 1], ast.Expr)}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= documented
+
+
+def test_every_field_says_where_it_applies_whether_it_may_change_on_resume_and_whether_it_is_the_model():
+    for f in dataclasses.fields(TrainConfig):
+        assert set(f.metadata) == {"applies", "resumable", "model"}, f.name
+        assert f.metadata["applies"] and set(f.metadata["applies"]) <= set(ALGORITHMS), f.name
+    assert set(model_fields()) == {"model", "dtype", "quantization", "use_lora", "lora_r", "lora_alpha",
+                                   "lora_target_modules"}
+    # what changes the trained weights or the sampled rollouts may not change on resume
+    assert not set(resumable_fields()) & {"algorithm", "seed", "learning_rate", "problems_per_step", "divergence",
+                                          "temperature", "train_data", *model_fields()}
+    assert "num_generations" in resumable_fields("opsd") and "num_generations" not in resumable_fields("grpo")
+
+
+# A value other than the default for every field that does not apply to every algorithm.
+SPECIFIC = {
+    "max_generated_tokens": 100, "rollout_backend": "fast", "teacher_thinking": True,
+    "teacher_template": "{question} {solution}", "teacher_hint": "shuffled", "max_new_tokens": 12,
+    "max_target_tokens": 64, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "generation_batch_size": 4,
+    "divergence": "jsd", "jsd_beta": 0.3, "clip_tau": 0.05, "contrast_alpha": 2.0, "loss_temperature": 1.0,
+    "loss_support": "truncated", "distill_topk": 5, "sampled_token_clamp": 3.0, "teacher": "live", "ema_decay": 0.9,
+    "num_generations": 3, "num_iterations": 1, "ratio_clip_eps": 0.1, "scale_rewards": False, "kl_coef": 0.1,
+    "grading_mode": "lenient", "rlsd_lambda": 0.3, "rlsd_eps": 0.1, "rlsd_decay_steps": 10,
+}
+
+
+def test_the_specific_values_cover_every_algorithm_specific_field():
+    specific = {f.name for f in dataclasses.fields(TrainConfig) if set(applies_to(f.name)) != set(ALGORITHMS)}
+    assert set(SPECIFIC) == specific
+
+
+@pytest.mark.parametrize("key, algorithm", [(k, a) for k in SPECIFIC for a in ALGORITHMS if a not in applies_to(k)])
+def test_a_field_set_for_an_algorithm_it_does_not_apply_to_is_refused(key, algorithm):
+    with pytest.raises(ConfigError) as info:
+        load_profile("tiny", algorithm, **{key: SPECIFIC[key]})
+    message = str(info.value)
+    assert message.startswith(f"{key}={SPECIFIC[key]!r} applies to algorithm ") and "\n" not in message
+    assert f"not algorithm={algorithm!r}" in message
+    assert all(repr(a) in message for a in applies_to(key))
+
+
+@pytest.mark.parametrize("key", list(SPECIFIC))
+def test_a_field_set_for_an_algorithm_it_applies_to_is_kept(key):
+    for algorithm in applies_to(key):
+        assert getattr(load_profile("tiny", algorithm, **{key: SPECIFIC[key]}), key) == SPECIFIC[key]
+
+
+@pytest.mark.parametrize("name", profile_names())
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_profile_sets_a_field_only_for_the_algorithms_it_applies_to(name, algorithm):
+    cfg = load_profile(name, algorithm)
+    for f in dataclasses.fields(TrainConfig):
+        if algorithm not in applies_to(f.name):
+            assert getattr(cfg, f.name) == f.default, f.name
+
+
+def test_a_profile_value_reaches_the_algorithms_its_field_applies_to():
+    assert load_profile("paper").clip_tau == 0.05 and load_profile("paper", "grpo").clip_tau is None
+    assert load_profile("cpu-demo", "grpo").temperature == load_profile("cpu-demo").temperature == 0.6
+    assert load_profile("cpu-demo", "sft").temperature == TrainConfig().temperature  # SFT samples nothing
 
 
 def test_profiles_include_the_paper_in_bf16_and_in_4bit():
@@ -147,6 +210,7 @@ def test_each_profile_has_its_evaluation_protocol():
     ({"top_p": 0.0}, "top_p"),
     ({"trackers": ["mlflow"]}, "trackers"),
     ({"kl_coef": 0.1}, "kl_coef"),
+    ({"rlsd_lambda": 0.3}, "rlsd_lambda"),  # an RLSD knob with OPSD
     ({"loss_support": "truncated", "divergence": "topk"}, "loss_support"),
     ({"max_target_tokens": 0}, "max_target_tokens"),
     ({"rlsd_lambda": 1.5}, "rlsd_lambda"),
@@ -168,6 +232,12 @@ def test_group_algorithms_need_a_group(algorithm):
 def test_rlsd_frozen_teacher_needs_the_adapter():
     with pytest.raises(ConfigError, match="use_lora=True"):
         load_profile("tiny", "rlsd", use_lora=False)
+
+
+def test_grpo_kl_penalty_needs_the_adapter():
+    with pytest.raises(ConfigError, match="kl_coef=0.1 needs use_lora=True"):
+        load_profile("tiny", "grpo", use_lora=False, kl_coef=0.1)
+    assert load_profile("tiny", "grpo", use_lora=False).kl_coef == 0.0  # full fine-tuning without the penalty
 
 
 def test_live_teacher_without_lora_is_an_explicit_choice():

@@ -68,12 +68,39 @@ def test_adapter_init_is_seeded_and_leaves_global_rng_alone(tiny_tokenizer):
 
 
 def test_frozen_teacher_without_lora_is_refused(tiny_model, tiny_tokenizer):
-    with pytest.raises(ValueError, match="teacher='frozen' needs LoRA"):
+    with pytest.raises(ValueError, match="teacher='frozen' needs a LoRA adapter"):
         Policy(tiny_model, tiny_tokenizer, lora=None)
-    with pytest.raises(ValueError, match="teacher='frozen' needs LoRA"):
+    with pytest.raises(ValueError, match="teacher='frozen' needs a LoRA adapter"):
         Policy.from_pretrained("tiny", lora=None)
-    with pytest.raises(ValueError, match="quantization='4bit' needs LoRA"):
+    with pytest.raises(ValueError, match="quantization='4bit' needs a LoRA adapter"):
         Policy.from_pretrained("tiny", lora=None, teacher="live", quantization="4bit")
+
+
+@pytest.mark.parametrize("policy_kwargs, config_overrides", [
+    ({}, {"use_lora": False}),
+    ({"teacher": "live", "quantization": "4bit"}, {"use_lora": False, "teacher": "live", "quantization": "4bit"}),
+])
+def test_the_policy_refuses_in_the_words_of_the_config(policy_kwargs, config_overrides):
+    """One statement of each rule: `Policy` says what `TrainConfig.validate` says before any model loads."""
+    from opsd_kit.config import ConfigError, load_profile
+
+    with pytest.raises(ConfigError) as config_error:
+        load_profile("tiny", **config_overrides)
+    with pytest.raises(ValueError) as policy_error:
+        Policy.from_pretrained("tiny", lora=None, **policy_kwargs)
+    assert str(policy_error.value) == str(config_error.value)
+
+
+def test_full_fine_tuning_builds_for_an_algorithm_without_a_teacher():
+    """GRPO and SFT run no teacher: a run that trains all weights gets the live one, not the frozen
+    default, which needs an adapter to switch off."""
+    from opsd_kit.config import load_profile
+    from opsd_kit.policy import build_policy
+
+    for algorithm in ("grpo", "sft"):
+        policy = build_policy(load_profile("tiny", algorithm, use_lora=False), device="cpu")
+        assert policy.lora is None and policy.teacher_mode == "live"
+    assert build_policy(load_profile("tiny", "grpo"), device="cpu").teacher_mode == "frozen"
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -9,6 +9,7 @@ import torch
 from _numerics import assert_same_greedy, trainer_tolerance
 
 from opsd_kit.algorithms.opsd import OPSDBatch
+from opsd_kit.config import ConfigError, load_profile
 from opsd_kit.prompts import build_batch
 from opsd_kit.rollout.fast import FastEngine, Prefill
 from opsd_kit.rollout.hf import GenerationSettings
@@ -109,7 +110,6 @@ def test_rollouts_from_the_prompt_pass_are_the_students(fast_trainer, tmp_path):
     ({"gradient_checkpointing": True}, False),  # checkpointing drops the cache
     ({"teacher": "ema"}, False),  # the EMA teacher writes its weights in under the pass's graph
     ({"teacher": "live"}, True),
-    ({"share_prompt_pass": False}, False),
 ])
 def test_the_prompt_pass_is_shared_only_where_it_is_the_samplers(fast_trainer, tmp_path, overrides, shared):
     trainer = fast_trainer(tmp_path, **overrides)
@@ -117,6 +117,17 @@ def test_the_prompt_pass_is_shared_only_where_it_is_the_samplers(fast_trainer, t
     trainer.train()  # a step, backward included, runs in every combination
     micro_batches, _ = trainer.algorithm.prepare(trainer.step)
     assert all((mb.student_prompt is not None) is shared for mb in micro_batches)
+
+
+def test_the_prompt_pass_is_an_internal_switch_not_a_config_key(fast_trainer, tmp_path):
+    """The algorithm decides; switching it off on a built algorithm runs whole rows (less memory)."""
+    with pytest.raises(ConfigError, match="unknown config key 'share_prompt_pass'"):
+        load_profile("tiny", share_prompt_pass=False)
+    trainer = fast_trainer(tmp_path)
+    trainer.algorithm.shares_prompt_pass = False
+    trainer.train()
+    micro_batches, _ = trainer.algorithm.prepare(trainer.step)
+    assert all(mb.student_prompt is None for mb in micro_batches)
 
 
 def test_the_switch_reads_the_policy_it_trains(fast_trainer, tmp_path):

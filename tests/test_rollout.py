@@ -71,6 +71,24 @@ def test_fast_with_4bit_is_refused():
         load_profile("tiny", rollout_backend="fast", quantization="4bit")
 
 
+def test_the_engines_refuse_in_the_words_of_the_config(tiny_model, tiny_tokenizer):
+    """One statement of each backend rule: an engine built anyway says what `validate` says before
+    any model loads."""
+    from opsd_kit.config import ConfigError, load_profile
+    from opsd_kit.rollout.fast import FastEngine
+    from opsd_kit.rollout.vllm_engine import VLLMEngine
+
+    cases = [({"rollout_backend": "fast", "use_lora": False, "teacher": "live"}, lambda: FastEngine(tiny_model,
+                                                                                                    tiny_tokenizer)),
+             ({"rollout_backend": "vllm", "quantization": "4bit"}, lambda: VLLMEngine("tiny", quantization="4bit"))]
+    for overrides, build in cases:
+        with pytest.raises(ConfigError) as config_error:
+            load_profile("tiny", **overrides)
+        with pytest.raises(ValueError) as engine_error:
+            build()
+        assert str(engine_error.value) == str(config_error.value)
+
+
 def test_trainer_uses_the_fast_engine(tmp_path):
     from opsd_kit.config import load_profile
     from opsd_kit.rollout.fast import FastEngine

@@ -18,8 +18,9 @@ micro-batch's prompts runs before sampling (`OPSD.student_prompt_pass`); its key
 start the rollout (instead of the fused decoder's own pass over the same prompts with the same
 weights), and the loss continues from them over the completion, gradients through both. The
 result equals running the whole row (up to floating-point order; tested). It holds every
-micro-batch's prompt activations until that micro-batch's backward (``share_prompt_pass=False``
-trades the saved forward for that memory). Off by itself where the pass would not be the
+micro-batch's prompt activations until that micro-batch's backward (setting a built
+``OPSD.shares_prompt_pass`` to False trades the saved forward for that memory; an internal
+switch, not a config key). Off by itself where the pass would not be the
 sampling policy's (dropout), could not keep its cache (gradient checkpointing), or where its
 graph would see the weights change before backward (the EMA teacher swaps its weights in).
 """
@@ -79,18 +80,18 @@ class OPSD(Algorithm):
         super().__init__(config, policy, **collaborators)
         self.spec = DivergenceSpec.from_config(config)  # the loss settings, read once
         self.shares_prompt_pass = self._can_share_prompt_pass()
-        """Whether one student pass over the prompts serves the rollout and the loss (module docstring)."""
+        """Whether one student pass over the prompts serves the rollout and the loss (module docstring);
+        set it to False before a step to run each micro-batch's whole rows instead (less memory)."""
 
     def _can_share_prompt_pass(self) -> bool:
-        """``config.share_prompt_pass``, where the fused decoder samples (backend 'fast', a model
+        """Whether the pass can be shared: where the fused decoder samples (backend 'fast', a model
         it supports, transformers' modules), the pass in train mode is the sampling policy (no
         dropout anywhere) and its graph lives until backward (no gradient checkpointing, which
         drops the cache; no EMA teacher, which writes its weights in before backward). Read from
         the policy itself, which need not have been built from this config."""
         from opsd_kit.rollout.fused_decoder import FusedDecoder
 
-        if (not self.config.share_prompt_pass or self.sampler is None or self.sampler.backend != "fast"
-                or self.policy.teacher_mode == "ema"):
+        if self.sampler is None or self.sampler.backend != "fast" or self.policy.teacher_mode == "ema":
             return False
         return self.policy.can_run_in_pieces(training=True) and FusedDecoder.unsupported(self.policy.model) is None
 

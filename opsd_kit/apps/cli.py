@@ -162,7 +162,7 @@ def _compare(args) -> int:
 
 
 def _profiles(args) -> int:
-    from opsd_kit.config import field_docs, load_profile
+    from opsd_kit.config import applies_to, field_docs, load_profile
 
     if args.show is None:
         print("\n".join(profile_names()))
@@ -170,7 +170,8 @@ def _profiles(args) -> int:
     config = load_profile(args.show, args.algorithm)
     docs = field_docs(TrainConfig)
     for name, value in config.to_dict().items():
-        print(f"{name} = {value!r}")
+        unused = "" if args.algorithm in applies_to(name) else f"  (not used by algorithm={args.algorithm!r})"
+        print(f"{name} = {value!r}{unused}")
         for line in docs.get(name, "").splitlines():
             print(f"    {line}")
     return 0

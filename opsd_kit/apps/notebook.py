@@ -100,8 +100,10 @@ def setup_run(profile: str, algorithm: str, run_dir: str, train_file: str = "", 
 
 
 def show_config(config: TrainConfig, keys: tuple[str, ...] = SHOWN) -> None:
-    """Print the ``keys`` settings of ``config``."""
-    print({k: getattr(config, k) for k in keys})
+    """Print the ``keys`` settings of ``config`` that apply to its algorithm (`config.applies_to`)."""
+    from opsd_kit.config import applies_to
+
+    print({k: getattr(config, k) for k in keys if config.algorithm in applies_to(k)})
 
 
 def plot_training(result: TrainResult, title: str):

@@ -367,10 +367,10 @@ def _answer_split_share(jobs: list, run: str, problem_dicts: list) -> list[dict]
 
 
 def _model_key(cfg: dict) -> tuple:
-    """A run's `policy.MODEL_FIELDS`: equal keys share one loaded model."""
-    from opsd_kit.policy import MODEL_FIELDS
+    """A run's `config.model_fields`: equal keys share one loaded model."""
+    from opsd_kit.config import model_fields
 
-    return tuple(tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in MODEL_FIELDS)
+    return tuple(tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in model_fields())
 
 
 def _evaluation_key(point: Point, eval_config, problem_dicts: list) -> dict:

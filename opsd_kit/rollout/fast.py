@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from opsd_kit.rollout import hf
-from opsd_kit.rollout.hf import GenerationSettings, Rollouts, _eos_ids, _sample_in_batches, check_backend
+from opsd_kit.rollout.hf import GenerationSettings, Rollouts, _eos_ids, _sample_in_batches, backend_error
 
 
 @dataclass
@@ -63,10 +63,12 @@ class FastEngine:
 
         from opsd_kit.rollout.fused_decoder import FusedDecoder
 
-        if not isinstance(model, PeftModel):
-            raise ValueError("rollout_backend='fast' needs a LoRA adapter; this model has none (use 'hf')")
-        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
-            check_backend("fast", "4bit")
+        lora = isinstance(model, PeftModel)
+        error = backend_error("fast", use_lora=lora,
+                              quantization="4bit" if lora and getattr(model.get_base_model(), "is_loaded_in_4bit",
+                                                                      False) else None)
+        if error:
+            raise ValueError(error)
         self.model, self.tokenizer = model, tokenizer
         self.fallback = FusedDecoder.unsupported(model)
         """None when the fused decoder samples; else why `generate` with the adapter merged does."""

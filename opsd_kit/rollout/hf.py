@@ -194,16 +194,16 @@ def _trim(row: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
     return row, False
 
 
-def check_backend(backend: str, quantization: str | None) -> None:
-    """Refuse impossible rollout backends (`TrainConfig.validate` refuses them too, before any model loads)."""
-    if backend == "fast" and quantization is not None:
-        raise ValueError(
-            "rollout_backend='fast' cannot be combined with quantization='4bit': merging LoRA into 4-bit "
-            "base weights is not exact. Use rollout_backend='hf' with 4-bit."
-        )
+def backend_error(backend: str, *, quantization: str | None, use_lora: bool) -> str | None:
+    """Why rollout ``backend`` cannot sample this policy, or None: the one statement of these rules
+    (`TrainConfig.validate` raises it before any model loads, the engines when built)."""
     if backend == "vllm" and quantization is not None:
-        raise ValueError(
-            "rollout_backend='vllm' cannot be combined with quantization='4bit': vLLM cannot serve "
-            "bitsandbytes QLoRA adapters (TRL #3654, unsloth #1930). Use rollout_backend='hf' with "
-            "4-bit, or quantization=None (bf16) with vLLM."
-        )
+        return ("rollout_backend='vllm' cannot be combined with quantization='4bit' (vLLM cannot serve bitsandbytes "
+                "QLoRA; TRL #3654, unsloth #1930): use rollout_backend='hf' or quantization=None")
+    if backend == "fast" and quantization is not None:
+        return ("rollout_backend='fast' cannot be combined with quantization='4bit': merging LoRA into 4-bit base "
+                "weights is not exact; use rollout_backend='hf' or quantization=None")
+    if backend == "fast" and not use_lora:
+        return ("rollout_backend='fast' merges the LoRA adapter while sampling and needs a LoRA adapter "
+                "(use_lora=True); use rollout_backend='hf'")
+    return None

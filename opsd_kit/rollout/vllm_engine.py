@@ -3,7 +3,7 @@
 """
 from __future__ import annotations
 
-from opsd_kit.rollout.hf import GenerationSettings, Rollouts, check_backend
+from opsd_kit.rollout.hf import GenerationSettings, Rollouts, backend_error
 
 
 class VLLMEngine:
@@ -15,7 +15,9 @@ class VLLMEngine:
 
     def __init__(self, model_name: str, *, quantization: str | None, dtype: str = "bfloat16",
                  max_model_len: int = 4096, gpu_memory_utilization: float = 0.3, max_lora_rank: int = 64):
-        check_backend("vllm", quantization)
+        error = backend_error("vllm", quantization=quantization, use_lora=True)
+        if error:
+            raise ValueError(error)
         try:
             from vllm import LLM
         except ImportError as err:

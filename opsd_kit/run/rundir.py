@@ -19,17 +19,11 @@ import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from opsd_kit.config import ConfigError, TrainConfig
+from opsd_kit.config import ConfigError, TrainConfig, resumable_fields
 from opsd_kit.run.checkpoint import checkpoint_step, latest_checkpoint, remove_checkpoints
 
-RESUMABLE_CHANGES = (
-    "run_dir", "resume", "overwrite", "progress", "trackers", "save_every", "keep_checkpoints",
-    "max_steps",  # extending a finished run resumes it, where its schedule allows (max_steps_change_error)
-    "max_generated_tokens",  # so does raising the rollout-token budget
-    # memory and speed only: the out-of-memory advice is to lower them and resume
-    "micro_batch_size", "gradient_checkpointing", "generation_batch_size", "loss_chunk_size",
-)
-"""Keys a resumed run may change: they do not change what is trained."""
+RESUMABLE_CHANGES = resumable_fields()
+"""Keys a resumed run may change: they do not change what is trained (`config.resumable_fields`)."""
 
 WAYS_OUT = ("start over with resume=False overwrite=True (`--set resume=false overwrite=true`; deletes them), "
             "or use another run_dir")
@@ -108,15 +102,16 @@ def _saved_config(run_dir) -> dict:
 
 
 def config_changes(run_dir, config: TrainConfig) -> dict:
-    """``{key: (saved value, new value)}`` for the keys outside `RESUMABLE_CHANGES` where
-    ``config`` differs from the config saved in ``run_dir`` (a key an older config.json lacks
-    counts as its default)."""
+    """``{key: (saved value, new value)}`` for the keys outside `resumable_fields(config.algorithm)`
+    (those that change nothing trained, or do not apply to the algorithm) where ``config`` differs
+    from the config saved in ``run_dir`` (a key an older config.json lacks counts as its default)."""
     saved = _saved_config(run_dir)
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))
     new = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as in the saved file
     old = {**defaults, **saved}
     keys = [f.name for f in fields(TrainConfig)] + sorted(set(saved) - set(new))
-    return {k: (old.get(k), new.get(k)) for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)}
+    resumable = resumable_fields(config.algorithm)
+    return {k: (old.get(k), new.get(k)) for k in keys if k not in resumable and old.get(k) != new.get(k)}
 
 
 def discard_previous_run(run_dir) -> int:

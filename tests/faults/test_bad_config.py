@@ -40,6 +40,8 @@ BAD = [
     ({"teacher_hint": "wrong"}, ["teacher_hint='wrong'", "reference", "shuffled"]),
     ({"divergence": "hint_contrast", "teacher_hint": "shuffled"}, ["hint_contrast", "teacher_hint='reference'"]),
     ({"contrast_alpha": 0.0}, ["contrast_alpha=0.0", "> 0"]),
+    ({"rlsd_lambda": 0.3}, ["rlsd_lambda=0.3", "'rlsd'", "algorithm='opsd'", "default 0.5"]),  # an RLSD knob
+    ({"kl_coef": 0.1}, ["kl_coef=0.1", "'grpo' or 'rlsd'", "algorithm='opsd'"]),
 ]
 
 

@@ -12,7 +12,10 @@ from opsd_kit.trainer import OutOfMemoryStop, Trainer
 
 MAX_STEPS, SAVE_EVERY = 4, 2
 SETTINGS = {"max_steps": MAX_STEPS, "save_every": SAVE_EVERY}
-SETTINGS_NAMED = ("micro_batch_size", "max_new_tokens", "generation_batch_size", "gradient_checkpointing")
+SETTINGS_NAMED = {  # the settings that bound memory and that the algorithm reads
+    "sampling": ("micro_batch_size", "max_new_tokens", "generation_batch_size", "gradient_checkpointing"),
+    "sft": ("micro_batch_size", "max_target_tokens", "gradient_checkpointing"),
+}
 
 
 def oom_on_call(fn, n: int, error=torch.cuda.OutOfMemoryError):
@@ -31,8 +34,11 @@ def stop_and_check(trainer, done: int) -> str:
     with pytest.raises(OutOfMemoryStop) as info:
         trainer.train()
     message = str(info.value)
-    for name in SETTINGS_NAMED:
+    named = SETTINGS_NAMED["sft" if trainer.config.algorithm == "sft" else "sampling"]
+    for name in named:
         assert name in message, message
+    other = {"max_new_tokens", "max_target_tokens"} - set(named)  # the length the algorithm does not read
+    assert not any(name in message for name in other), message
     assert f"checkpoint of step {done} was saved" in message and "then rerun" in message
     assert isinstance(info.value.__cause__, (torch.OutOfMemoryError, RuntimeError))
     assert latest_checkpoint(trainer.run_dir).name == f"step-{done:06d}"

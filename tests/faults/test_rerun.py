@@ -38,6 +38,19 @@ def test_checkpoints_of_the_same_config_are_resumed(tmp_path):
     assert plan_start(tiny_config(run_dir, **same)).checkpoint.name == "step-000004"
 
 
+def test_a_saved_value_of_a_field_the_algorithm_does_not_use_is_no_other_config(tmp_path):
+    """A config.json may hold a value its algorithm never read (a profile's GRPO group size in an
+    OPSD run): resuming with the field at its default continues the run."""
+    import json
+
+    run_dir = fake_run(tmp_path / "run")
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(dict(saved, num_generations=4, clip_tau=0.5)))
+    assert config_changes(run_dir, tiny_config(run_dir)) == {"clip_tau": (0.5, None)}  # OPSD's own knob counts
+    (run_dir / "config.json").write_text(json.dumps(dict(saved, num_generations=4)))
+    assert plan_start(tiny_config(run_dir)).checkpoint.name == "step-000002"
+
+
 def test_another_config_is_refused_before_any_model_loads(tmp_path, no_model_loads):
     run_dir = fake_run(tmp_path / "run")
     with pytest.raises(ConfigError) as info:
