@@ -37,6 +37,7 @@ from opsd_kit.run.card import write_card
 
 if TYPE_CHECKING:
     from opsd_kit.config import TrainConfig
+    from opsd_kit.prompts import Batch
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,18 @@ class Policy:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
+
+    def completion_hidden(self, batch: Batch) -> torch.Tensor:
+        """Final hidden states at the columns that predict ``batch``'s completion tokens:
+        ``[B, C, H]`` (`prompts.Batch.predicting_slice`), under whatever adapter state is active.
+        A prompt prefix all rows share (``batch.shared_prefix``) runs once
+        (`hidden_sharing_prefix`) where that equals the whole rows' forward (`can_run_in_pieces`)."""
+        b = batch.to(self.device)
+        if b.shared_prefix and self.can_run_in_pieces():
+            hidden_BWH, _, _ = self.hidden_sharing_prefix(b.input_ids, b.attention_mask, b.position_ids,
+                                                          b.prompt_width, b.shared_prefix)
+            return hidden_BWH[:, b.predicting_slice(prefix_removed=True)]
+        return self.backbone_hidden(b.input_ids, b.attention_mask, b.position_ids)[:, b.predicting_slice()]
 
     def hidden_sharing_prefix(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                               position_ids_BT: torch.Tensor, prompt_width: int, prefix: int):

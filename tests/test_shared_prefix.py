@@ -53,8 +53,8 @@ def test_the_teacher_with_a_shared_prefix_equals_the_whole_rows(tmp_path):
     trainer = _trainer(tmp_path, lora_dropout=0.1)  # eval mode: dropout does not stop the teacher
     batch = _batch(trainer, "teacher")
     with trainer.policy.teacher():
-        shared = trainer.algorithm.hidden(batch)
-        whole = trainer.algorithm.hidden(dataclasses.replace(batch, shared_prefix=0))
+        shared = trainer.policy.completion_hidden(batch)
+        whole = trainer.policy.completion_hidden(dataclasses.replace(batch, shared_prefix=0))
     real = batch.completion_mask.bool()
     torch.testing.assert_close(shared[real], whole[real], **_tolerance(trainer, float(whole.abs().max())))
 
@@ -67,7 +67,7 @@ def test_the_student_with_a_shared_prefix_has_the_whole_rows_gradients(tmp_path)
     def hidden_and_grads(b):
         for p in trainer.params:
             p.grad = None
-        hidden = trainer.algorithm.hidden(b)
+        hidden = trainer.policy.completion_hidden(b)
         (hidden[mask].square().mean()).backward()
         return hidden.detach(), [p.grad.clone() for p in trainer.params]
 
@@ -102,7 +102,7 @@ def test_the_prefix_runs_once_only_where_that_equals_the_whole_rows(tmp_path, mo
     policy.model.train(training)
     assert policy.can_run_in_pieces() is shared
     if not model_config:  # a changed config would not describe the model that runs
-        trainer.algorithm.hidden(_batch(trainer, "student"))
+        trainer.policy.completion_hidden(_batch(trainer, "student"))
         assert bool(calls) is shared
 
 

@@ -138,8 +138,8 @@ class OPSD(Algorithm):
 
         device = self.device
         with self.ledger.phase("teacher"), self.policy.teacher():
-            teacher_h_BCH = self.hidden(mb.teacher)
-            wrong_h_BCH = None if mb.wrong_teacher is None else self.hidden(mb.wrong_teacher)
+            teacher_h_BCH = self.policy.completion_hidden(mb.teacher)
+            wrong_h_BCH = None if mb.wrong_teacher is None else self.policy.completion_hidden(mb.wrong_teacher)
         with self.ledger.phase("student"):
             student_h_BCH = self.student_hidden(mb)
             return divergence(student_h_BCH, teacher_h_BCH, self.policy.head, mb.student.completion_mask.to(device),
@@ -181,7 +181,7 @@ class OPSD(Algorithm):
 
         prompt_pass, mb.student_prompt = mb.student_prompt, None
         if prompt_pass is None:
-            return self.hidden(mb.student)
+            return self.policy.completion_hidden(mb.student)
         b = mb.student.to(self.device)
         P, C = b.prompt_width, b.completion_ids.shape[1]
         first_B1H = prompt_pass.last_hidden_BH[:, None]
