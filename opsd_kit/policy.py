@@ -247,13 +247,11 @@ class Policy:
         """Whether a forward may run in pieces over a transformers cache (some columns, then the
         rest attending to their key/value states, padding columns between them) and equal the
         one-piece forward: transformers' modules with plain causal attention placed by position ids
-        (`fused_decoder.plain_attention_error`: no sliding window, no other layer types); in train
+        (`models.plain_attention_error`: no sliding window, no other layer types); in train
         mode also no dropout (each piece would draw its own masks) and no gradient checkpointing
         (its layers drop the cache). ``training``: the mode the forward will run in (default: the
         model's current mode)."""
-        from opsd_kit.rollout.fused_decoder import plain_attention_error
-
-        if self.backend != "hf" or plain_attention_error(self.causal_lm.config) is not None:
+        if self.backend != "hf" or models.plain_attention_error(self.causal_lm.config) is not None:
             return False
         if not (self.model.training if training is None else training):
             return True

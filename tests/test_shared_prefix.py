@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_prompt_pass import _tolerance, _trainer  # the tiny profile, a trained-looking adapter, "fast" rollouts
 
+from opsd_kit.algorithms.prompt_pass import can_share_prompt_pass
 from opsd_kit.prompts import build_batch, columns_after_prefix, left_padded_columns, shared_prefix_length
 
 
@@ -110,7 +111,8 @@ def test_a_model_loaded_through_unsloth_runs_whole_rows(tmp_path):
     trainer = _trainer(tmp_path)
     assert trainer.policy.can_run_in_pieces()
     trainer.policy.backend = "unsloth"  # set by Policy.from_pretrained(backend="unsloth") (CUDA only)
-    assert not trainer.policy.can_run_in_pieces() and not trainer.algorithm._can_share_prompt_pass()
+    assert not trainer.policy.can_run_in_pieces()
+    assert not can_share_prompt_pass(trainer.config, trainer.policy, trainer.algorithm.sampler)
 
 
 def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_layout(tmp_path, monkeypatch):
@@ -123,9 +125,9 @@ def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_
     prompts = [alg.prompts.student[p.id] for p in alg.step_problems(0)[:3]]
     assert shared_prefix_length(prompts) > 0 and len({len(p) for p in prompts}) > 1
     with torch.no_grad():
-        shared = alg.student_prompt_pass(prompts)[1]
+        shared = alg.prompt_pass.run(prompts)[1]
         monkeypatch.setattr(opsd_kit.prompts, "shared_prefix_length", lambda rows: 0)
-        whole = alg.student_prompt_pass(prompts)[1]
+        whole = alg.prompt_pass.run(prompts)[1]
     width = max(map(len, prompts))
     real_BP = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
     def parts(prefill):
