@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from opsd_kit.losses import KINDS, chunked_divergence, per_token_divergence
+from opsd_kit.losses import KINDS, DivergenceSpec, chunked_divergence, per_token_divergence
 
 MEMORY_TARGET = 0.25
 DIFF_TARGET = 1e-4
@@ -77,7 +77,7 @@ def run_worker(args) -> None:
             loss_sum = torch.where(mask_Bt, div_Bt, 0.0).sum()
         else:
             loss_sum, _ = chunked_divergence(
-                student_Bth, teacher_Bth, head, mask_Bt, kind=args.kind, chunk_size=args.chunk_size
+                student_Bth, teacher_Bth, head, mask_Bt, DivergenceSpec(args.kind, chunk_size=args.chunk_size)
             )
         loss = loss_sum / n_tokens
         loss.backward()

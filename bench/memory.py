@@ -83,7 +83,7 @@ def build(args):
 def loss_ours(args, policy, student_ids_BT, teacher_ids_BT):
     import torch
 
-    from opsd_kit.losses import chunked_divergence
+    from opsd_kit.losses import DivergenceSpec, chunked_divergence
 
     c = args.completion
     student_hidden_BCH = policy.backbone_hidden(student_ids_BT)[:, -c - 1:-1]
@@ -91,7 +91,7 @@ def loss_ours(args, policy, student_ids_BT, teacher_ids_BT):
         teacher_hidden_BCH = policy.backbone_hidden(teacher_ids_BT)[:, -c - 1:-1]
     mask_BC = torch.ones(student_hidden_BCH.shape[:2], dtype=torch.bool, device=student_hidden_BCH.device)
     loss_sum, _ = chunked_divergence(student_hidden_BCH, teacher_hidden_BCH, policy.head, mask_BC,
-                                     kind="forward_kl", chunk_size=args.chunk)
+                                     DivergenceSpec("forward_kl", chunk_size=args.chunk))
     return loss_sum / mask_BC.sum()
 
 

@@ -275,7 +275,7 @@ def worker_loss(args, model_path):
         student = build_batch([student_ids[r] for r in rows], [completions[r] for r in rows], tok.pad_token_id)
         teacher = build_batch([alg.prompts.teacher[problems[r].id] for r in rows], [completions[r] for r in rows],
                               tok.pad_token_id)
-        prompt_pass = (alg.student_prompt_pass([student_ids[r] for r in rows])[0] if alg.shares_prompt_pass
+        prompt_pass = (alg.prompt_pass.run([student_ids[r] for r in rows])[0] if alg.prompt_pass.enabled
                        else None)  # as the timed step runs the student: from its pass over the prompts
         loss_sum, _ = alg.loss(OPSDBatch(student=student, teacher=teacher, wrong_teacher=None, num_loss_tokens=0,
                                          student_prompt=prompt_pass))

@@ -307,8 +307,8 @@ class DivergenceSpec:
     """Support size for kind='topk'."""
     truncate: tuple | None = None
     """(top_k, top_p) of the student's sampling support to restrict every role to, or None (full)."""
-    truncate_temperature: float = 1.0
-    """Temperature of the nucleus of ``truncate`` (the sampling temperature)."""
+    truncate_temperature: float | None = None
+    """Temperature of the nucleus of ``truncate`` (the sampling temperature; None: ``temperature``)."""
     clamp: float | None = None
     """Advantage clamp of kind='sampled_token'."""
     alpha: float = 1.0
@@ -358,12 +358,8 @@ def divergence(
             teacher_BT = chunked_token_logprobs(teacher_hidden_BTH.detach(), head, targets_BT,
                                                 temperature=spec.temperature, chunk_size=spec.chunk_size)
         return sampled_token_loss(student_BT, teacher_BT, mask_BT, clamp=spec.clamp)
-    return chunked_divergence(
-        student_hidden_BTH, teacher_hidden_BTH, head, mask_BT,
-        kind="forward_kl" if spec.kind == "topk" else spec.kind, beta=spec.beta, temperature=spec.temperature,
-        clip=spec.clip, top_k_support=spec.topk if spec.kind == "topk" else None, truncate=spec.truncate,
-        truncate_temperature=spec.truncate_temperature, chunk_size=spec.chunk_size,
-        wrong_teacher_hidden_BTH=wrong_teacher_hidden_BTH, alpha=spec.alpha)
+    return chunked_divergence(student_hidden_BTH, teacher_hidden_BTH, head, mask_BT, spec,
+                              wrong_teacher_hidden_BTH=wrong_teacher_hidden_BTH)
 
 
 def chunked_divergence(
@@ -371,53 +367,51 @@ def chunked_divergence(
     teacher_hidden_BTH: torch.Tensor,
     head: torch.nn.Module,
     mask_BT: torch.Tensor,
+    spec: DivergenceSpec | None = None,
     *,
-    kind: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    clip: float | None = None,
-    top_k_support: int | None = None,
-    truncate: tuple[int | None, float | None] | None = None,
-    truncate_temperature: float | None = None,
-    chunk_size: int = 128,
     wrong_teacher_hidden_BTH: torch.Tensor | None = None,
-    alpha: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked sum of per-token divergences computed from hidden states, chunk by chunk along T.
 
-    Equals ``per_token_divergence(head(student_hidden), head(teacher_hidden), ...)`` summed over
-    positions where ``mask_BT`` is true, without ever holding a [B, T, V] logits tensor: each
-    chunk's (head -> logits -> divergence -> masked sum) runs under non-reentrant activation
-    checkpointing, so only hidden states are kept and logits are recomputed in backward.
-    ``head`` is the output layer (``model.get_output_embeddings()``); the teacher's logits are
-    computed under no_grad and its hidden states are detached.
+    Equals ``per_token_divergence(head(student_hidden), head(teacher_hidden), ...)`` under
+    ``spec`` (default: `DivergenceSpec()`, forward KL at temperature 1) summed over positions
+    where ``mask_BT`` is true, without ever holding a [B, T, V] logits tensor: each chunk of
+    ``spec.chunk_size`` positions (head -> logits -> divergence -> masked sum) runs under
+    non-reentrant activation checkpointing, so only hidden states are kept and logits are
+    recomputed in backward. ``head`` is the output layer (``model.get_output_embeddings()``); the
+    teacher's logits are computed under no_grad and its hidden states are detached.
 
-    Support: the full vocabulary by default; ``top_k_support = k`` renormalises both roles over
-    the teacher's top-k (``topk_divergence``); ``truncate = (top_k, top_p)`` restricts both to
-    the student's sampling support (``truncate_logits`` with the student as reference), the
-    nucleus taken at ``truncate_temperature`` (the sampling temperature; default: ``temperature``).
+    Support: the full vocabulary by default; ``spec.kind = "topk"`` is forward KL renormalised
+    over the teacher's top ``spec.topk`` (``topk_divergence``); ``spec.truncate = (top_k, top_p)``
+    restricts every role to the student's sampling support (``truncate_logits`` with the student
+    as reference), the nucleus taken at ``spec.truncate_temperature`` (None: ``spec.temperature``).
 
-    ``kind = "hint_contrast"``: ``hint_contrast_divergence`` with ``teacher_hidden_BTH`` as the
-    correct-hint teacher c and ``wrong_teacher_hidden_BTH`` (required then, and only then) as
-    the wrong-hint teacher w, contrast strength ``alpha``; both teachers are detached, a
-    truncated support applies to all three roles, ``top_k_support`` is refused.
+    ``spec.kind = "hint_contrast"``: ``hint_contrast_divergence`` with ``teacher_hidden_BTH`` as
+    the correct-hint teacher c and ``wrong_teacher_hidden_BTH`` (required then, and only then) as
+    the wrong-hint teacher w, contrast strength ``spec.alpha``; both teachers are detached, a
+    truncated support applies to all three roles. ``spec.kind = "sampled_token"`` needs the sampled
+    tokens and goes through `divergence`.
 
     Returns ``(loss_sum, per_token_BT)``: loss_sum is a differentiable scalar (float32, float64
     for float64 inputs) to be divided by the optimizer step's completion-token count;
     per_token_BT holds the detached divergences, 0 where the mask is false.
     """
-    contrast = kind == HINT_CONTRAST
+    spec = spec or DivergenceSpec()
+    contrast = spec.needs_wrong_teacher
+    kind = "forward_kl" if spec.kind == "topk" else spec.kind
+    top_k_support = spec.topk if spec.kind == "topk" else None
+    beta, temperature, clip, truncate, alpha = spec.beta, spec.temperature, spec.clip, spec.truncate, spec.alpha
+    chunk_size = spec.chunk_size
+    if spec.kind == "sampled_token":
+        raise ValueError("kind='sampled_token' needs the sampled tokens: use losses.divergence with targets_BT")
     if contrast:
         _check_temperature_and_clip(temperature, clip)
         if wrong_teacher_hidden_BTH is None:
             raise ValueError("kind='hint_contrast' needs wrong_teacher_hidden_BTH (the wrong-hint teacher)")
-        if top_k_support is not None:
-            raise ValueError("kind='hint_contrast' is defined over the full (or truncated) vocabulary, "
-                             "not a top-k support")
     else:
         _check_divergence_args(kind, beta, temperature, clip)
         if wrong_teacher_hidden_BTH is not None:
-            raise ValueError(f"wrong_teacher_hidden_BTH is used by kind='hint_contrast' only, not {kind!r}")
+            raise ValueError(f"wrong_teacher_hidden_BTH is used by kind='hint_contrast' only, not {spec.kind!r}")
     for name, other_BTH in (("teacher", teacher_hidden_BTH), ("wrong teacher", wrong_teacher_hidden_BTH)):
         if other_BTH is not None and student_hidden_BTH.shape != other_BTH.shape:
             raise ValueError(
@@ -429,8 +423,8 @@ def chunked_divergence(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if top_k_support is not None and truncate is not None:
-        raise ValueError("choose one support: top_k_support or truncate, not both")
-    support_t = temperature if truncate_temperature is None else truncate_temperature
+        raise ValueError("choose one support: kind='topk' or truncate, not both")
+    support_t = temperature if spec.truncate_temperature is None else spec.truncate_temperature
 
     def chunk_loss(student_BCH, teacher_BCH, wrong_BCH, mask_BC):
         student_BCV = head(student_BCH)

@@ -15,6 +15,9 @@
 model's hub id, a hub id itself, a local folder's absolute path, ``"tiny"``), never a cache
 folder of the machine it was trained on; `kit_model_name` maps a cache folder back to its name.
 
+`plain_attention_error(config)` says whether a model's attention is plain causal attention placed
+by position ids, which the fused decoder and a forward run in pieces over a cache rely on.
+
 The cache folder is ``$OPSD_KIT_CACHE`` (default ``~/.cache/opsd_kit``). Conversions are
 written to a private temporary folder and renamed into place, so two processes converting at
 once never leave a half-written folder behind.
@@ -66,6 +69,26 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 def cache_dir() -> Path:
     """The kit's cache folder: ``$OPSD_KIT_CACHE`` or ``~/.cache/opsd_kit``."""
     return Path(os.environ.get("OPSD_KIT_CACHE", Path.home() / ".cache" / "opsd_kit")).expanduser()
+
+
+#: Model types whose decoder layers are the Llama layout (pre-norm attention + SwiGLU MLP).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def plain_attention_error(config) -> str | None:
+    """Why a model's attention is not plain causal attention over every earlier column, placed by
+    position ids alone, or None. What `rollout.fused_decoder.FusedDecoder` implements, and what a
+    forward run in pieces over a cache with padding between the pieces relies on
+    (`policy.Policy.can_run_in_pieces`): a model type in ``SUPPORTED_MODEL_TYPES``, no sliding
+    window (transformers places its window by column, so padding columns would shift it), every
+    layer full attention."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return f"layer_types {sorted(set(config.layer_types))} (only 'full_attention')"
+    return None
 
 
 def resolve_model_path(name: str) -> str:

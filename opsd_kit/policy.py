@@ -37,6 +37,7 @@ from opsd_kit.run.card import write_card
 
 if TYPE_CHECKING:
     from opsd_kit.config import TrainConfig
+    from opsd_kit.prompts import Batch
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,18 @@ class Policy:
                       past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
+    def completion_hidden(self, batch: Batch) -> torch.Tensor:
+        """Final hidden states at the columns that predict ``batch``'s completion tokens:
+        ``[B, C, H]`` (`prompts.Batch.predicting_slice`), under whatever adapter state is active.
+        A prompt prefix all rows share (``batch.shared_prefix``) runs once
+        (`hidden_sharing_prefix`) where that equals the whole rows' forward (`can_run_in_pieces`)."""
+        b = batch.to(self.device)
+        if b.shared_prefix and self.can_run_in_pieces():
+            hidden_BWH, _, _ = self.hidden_sharing_prefix(b.input_ids, b.attention_mask, b.position_ids,
+                                                          b.prompt_width, b.shared_prefix)
+            return hidden_BWH[:, b.predicting_slice(prefix_removed=True)]
+        return self.backbone_hidden(b.input_ids, b.attention_mask, b.position_ids)[:, b.predicting_slice()]
+
     def hidden_sharing_prefix(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                               position_ids_BT: torch.Tensor, prompt_width: int, prefix: int):
         """`backbone_hidden` of left-padded rows whose first ``prefix`` real tokens are the same in
@@ -234,13 +247,11 @@ class Policy:
         """Whether a forward may run in pieces over a transformers cache (some columns, then the
         rest attending to their key/value states, padding columns between them) and equal the
         one-piece forward: transformers' modules with plain causal attention placed by position ids
-        (`fused_decoder.plain_attention_error`: no sliding window, no other layer types); in train
+        (`models.plain_attention_error`: no sliding window, no other layer types); in train
         mode also no dropout (each piece would draw its own masks) and no gradient checkpointing
         (its layers drop the cache). ``training``: the mode the forward will run in (default: the
         model's current mode)."""
-        from opsd_kit.rollout.fused_decoder import plain_attention_error
-
-        if self.backend != "hf" or plain_attention_error(self.causal_lm.config) is not None:
+        if self.backend != "hf" or models.plain_attention_error(self.causal_lm.config) is not None:
             return False
         if not (self.model.training if training is None else training):
             return True

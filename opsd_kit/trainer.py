@@ -63,12 +63,12 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from opsd_kit.data.problems import as_problems
-        from opsd_kit.run.rundir import plan_start
+        from opsd_kit.run.rundir import RunDir
 
         # Every check of the configuration runs before the model's weights load.
         self.config = config.validate()
         config.check_trackers()
-        self.start = plan_start(config)  # resume, start fresh, or refuse: before anything loads
+        self.start = RunDir(config.run_dir).plan_start(config)  # resume, start fresh, or refuse: before any load
         self.context_length, context_source = _context_length(config, policy)
         config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -159,7 +159,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         from opsd_kit.run.metrics import MetricsLogger
-        from opsd_kit.run.rundir import discard_previous_run
+        from opsd_kit.run.rundir import RunDir
 
         cfg = self.config
         if self.start.checkpoint is not None:
@@ -175,7 +175,7 @@ class Trainer:
             if self.is_main:
                 print(f"resuming from step {self.step} of {cfg.max_steps} in {self.run_dir}")
         elif self.start.discard and self.is_main:
-            removed = discard_previous_run(self.run_dir)
+            removed = RunDir(self.run_dir).discard_previous_run()
             print(f"overwrite=True: deleted the previous run's {removed} checkpoints and final adapter in "
                   f"{self.run_dir}; starting over.")
         self.accelerator.wait_for_everyone()

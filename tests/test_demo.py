@@ -59,6 +59,25 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     assert again["vs_base"] == summary["vs_base"]
 
 
+def test_a_finished_run_is_reused_under_the_changes_a_resume_allows(tmp_path):
+    """The demo reuses a finished run whose config differs from the job's only in keys a resumed run
+    may change (the folder it was trained in, micro_batch_size), and trains where a run of the job's
+    config would start over, continue or be refused (`run.rundir.RunDir.finished`)."""
+    from opsd_kit.apps.demo import TrainingJob, finished_run
+    from opsd_kit.config import load_profile
+
+    run_dir = tmp_path / "sft"
+    saved = load_profile("tiny", "sft", run_dir=str(tmp_path / "elsewhere"), micro_batch_size=1)
+    checkpoint = run_dir / "checkpoints" / f"step-{saved.max_steps:06d}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text(str(saved.max_steps))
+    saved.save(run_dir / "config.json")
+    (run_dir / "adapter").mkdir()
+    assert finished_run(run_dir, "tiny", TrainingJob("sft", "sft"))
+    assert not finished_run(run_dir, "tiny", TrainingJob("sft", "sft", {"seed": 1}))
+    assert not finished_run(run_dir, "tiny", TrainingJob("sft", "sft", {"max_steps": saved.max_steps + 1}))
+
+
 def test_demo_plans_are_valid_configs(tmp_path):
     """Every job of every plan builds a valid config, and the study extends the demo."""
     from opsd_kit.apps.demo import DEMO_PLANS

@@ -11,6 +11,7 @@ import torch
 from _numerics import tolerance
 
 from opsd_kit.losses import (
+    DivergenceSpec,
     chunked_divergence,
     chunked_token_logprobs,
     hint_contrast_divergence,
@@ -341,13 +342,24 @@ def unchunked(student, teacher, head, mask, top_k_support=None, truncate=None, *
     return (div_BT * mask).sum(), div_BT * mask
 
 
+def spec_of(setting: dict, **more) -> DivergenceSpec:
+    """The `DivergenceSpec` of a setting written in the reference's terms (``top_k_support=k`` is
+    the spec's kind='topk', forward KL over the teacher's top k)."""
+    setting = dict(setting)
+    k = setting.pop("top_k_support", None)
+    if k is not None:
+        assert setting.pop("kind") == "forward_kl"
+        setting.update(kind="topk", topk=k)
+    return DivergenceSpec(**setting, **more)
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 11, 64])
 def test_chunked_equals_unchunked(setting, chunk_size):
     head, student, teacher, mask = chunk_inputs()
     want_sum, want_BT = unchunked(student, teacher, head, mask, **setting)
     want_grads = torch.autograd.grad(want_sum, [student, head.weight])
-    got_sum, got_BT = chunked_divergence(student, teacher, head, mask, chunk_size=chunk_size, **setting)
+    got_sum, got_BT = chunked_divergence(student, teacher, head, mask, spec_of(setting, chunk_size=chunk_size))
     assert not got_BT.requires_grad and got_BT.shape == (B, T)
     torch.testing.assert_close(got_sum, want_sum)
     torch.testing.assert_close(got_BT, want_BT.detach())
@@ -367,7 +379,7 @@ def test_chunked_with_a_frozen_head_equals_unchunked(setting, chunk_size):
     head.weight.requires_grad_(False)
     want_sum, _ = unchunked(student, teacher, head, mask, **setting)
     (want_grad,) = torch.autograd.grad(want_sum, [student])
-    got_sum, _ = chunked_divergence(student, teacher, head, mask, chunk_size=chunk_size, **setting)
+    got_sum, _ = chunked_divergence(student, teacher, head, mask, spec_of(setting, chunk_size=chunk_size))
     torch.testing.assert_close(got_sum, want_sum)
     got_sum.backward()
     torch.testing.assert_close(student.grad, want_grad)
@@ -388,7 +400,7 @@ def test_chunked_saves_no_vocabulary_sized_tensor():
     head, student, teacher, mask = chunk_inputs()
     saved_shapes = []
     with saving_shapes(saved_shapes):
-        loss_sum, _ = chunked_divergence(student, teacher, head, mask, chunk_size=4)
+        loss_sum, _ = chunked_divergence(student, teacher, head, mask, DivergenceSpec(chunk_size=4))
         logprobs_BT = chunked_token_logprobs(student, head, torch.zeros(B, T, dtype=torch.long), chunk_size=4)
     assert not [s for s in saved_shapes if s and s[-1] == V]
     (loss_sum + logprobs_BT.sum()).backward()
@@ -397,10 +409,10 @@ def test_chunked_saves_no_vocabulary_sized_tensor():
 
 def test_chunked_padding_does_not_matter():
     head, student, teacher, mask = chunk_inputs()
-    loss_a, per_token_a = chunked_divergence(student, teacher, head, mask, chunk_size=4)
+    loss_a, per_token_a = chunked_divergence(student, teacher, head, mask, DivergenceSpec(chunk_size=4))
     garbage = student.detach().clone()
     garbage[~mask] = 1e3
-    loss_b, per_token_b = chunked_divergence(garbage, teacher, head, mask, chunk_size=4)
+    loss_b, per_token_b = chunked_divergence(garbage, teacher, head, mask, DivergenceSpec(chunk_size=4))
     torch.testing.assert_close(loss_a, loss_b)
     torch.testing.assert_close(per_token_a, per_token_b)
 
@@ -412,11 +424,16 @@ def test_chunked_bad_arguments():
     with pytest.raises(ValueError, match="mask shape"):
         chunked_divergence(student, teacher, head, mask[:, :5])
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_divergence(student, teacher, head, mask, chunk_size=0)
+        chunked_divergence(student, teacher, head, mask, DivergenceSpec(chunk_size=0))
     with pytest.raises(ValueError, match="one support"):
-        chunked_divergence(student, teacher, head, mask, top_k_support=3, truncate=(3, None))
+        chunked_divergence(student, teacher, head, mask,
+                           DivergenceSpec(kind="topk", topk=3, truncate=(3, None)))
     with pytest.raises(ValueError, match="beta"):
-        chunked_divergence(student, teacher, head, mask, beta=2.0)
+        chunked_divergence(student, teacher, head, mask, DivergenceSpec(kind="jsd", beta=2.0))
+    with pytest.raises(ValueError, match="kind"):
+        chunked_divergence(student, teacher, head, mask, DivergenceSpec(kind="forward"))
+    with pytest.raises(ValueError, match="sampled_token"):
+        chunked_divergence(student, teacher, head, mask, DivergenceSpec(kind="sampled_token"))
     with pytest.raises(ValueError, match="targets shape"):
         chunked_token_logprobs(student, head, torch.zeros(B, T + 1, dtype=torch.long))
 
@@ -436,10 +453,11 @@ def test_chunked_token_logprobs_equals_log_softmax_gather(chunk_size):
 
 def test_chunked_low_precision_head_computes_in_float32():
     head, student, teacher, mask = chunk_inputs()
-    want_sum, _ = chunked_divergence(student, teacher, head, mask, chunk_size=4)
+    want_sum, _ = chunked_divergence(student, teacher, head, mask, DivergenceSpec(chunk_size=4))
     head_bf16 = copy.deepcopy(head).to(torch.bfloat16)
     got_sum, got_BT = chunked_divergence(
-        student.detach().bfloat16().requires_grad_(), teacher.bfloat16(), head_bf16, mask, chunk_size=4
+        student.detach().bfloat16().requires_grad_(), teacher.bfloat16(), head_bf16, mask,
+        DivergenceSpec(chunk_size=4),
     )
     assert got_sum.dtype == got_BT.dtype == torch.float32
     # bf16 inputs: each hidden state and weight is rounded once (eps_bf16 / 2 relative), which moves each
@@ -542,8 +560,9 @@ def test_chunked_hint_contrast_equals_unchunked(setting, frozen_head, chunk_size
     params = [student] if frozen_head else [student, head.weight]
     want_sum, want_BT = unchunked_contrast(student, teacher, wrong, head, mask, **setting)
     want_grads = torch.autograd.grad(want_sum, params)
-    got_sum, got_BT = chunked_divergence(student, teacher, head, mask, kind="hint_contrast",
-                                         wrong_teacher_hidden_BTH=wrong, chunk_size=chunk_size, **setting)
+    got_sum, got_BT = chunked_divergence(student, teacher, head, mask,
+                                         DivergenceSpec(kind="hint_contrast", chunk_size=chunk_size, **setting),
+                                         wrong_teacher_hidden_BTH=wrong)
     torch.testing.assert_close(got_sum, want_sum)
     torch.testing.assert_close(got_BT, want_BT.detach())
     got_sum.backward()
@@ -556,21 +575,22 @@ def test_chunked_hint_contrast_saves_no_vocabulary_sized_tensor_and_vanishes_for
     head, student, teacher, mask = chunk_inputs()
     saved_shapes = []
     with saving_shapes(saved_shapes):
-        loss_sum, per_token_BT = chunked_divergence(student, teacher, head, mask, kind="hint_contrast",
-                                                    wrong_teacher_hidden_BTH=teacher.detach().clone(), chunk_size=4)
+        loss_sum, per_token_BT = chunked_divergence(student, teacher, head, mask,
+                                                    DivergenceSpec(kind="hint_contrast", chunk_size=4),
+                                                    wrong_teacher_hidden_BTH=teacher.detach().clone())
     assert not [s for s in saved_shapes if s and s[-1] == V]
     assert loss_sum.item() == 0.0 and torch.equal(per_token_BT, torch.zeros(B, T, dtype=torch.float64))
 
 
 def test_chunked_hint_contrast_bad_arguments():
     head, student, teacher, mask = chunk_inputs()
+    contrast = DivergenceSpec(kind="hint_contrast")
     with pytest.raises(ValueError, match="needs wrong_teacher_hidden_BTH"):
-        chunked_divergence(student, teacher, head, mask, kind="hint_contrast")
+        chunked_divergence(student, teacher, head, mask, contrast)
     with pytest.raises(ValueError, match="hint_contrast' only"):
-        chunked_divergence(student, teacher, head, mask, kind="forward_kl", wrong_teacher_hidden_BTH=teacher)
-    with pytest.raises(ValueError, match="top-k"):
-        chunked_divergence(student, teacher, head, mask, kind="hint_contrast", wrong_teacher_hidden_BTH=teacher,
-                           top_k_support=3)
+        chunked_divergence(student, teacher, head, mask, DivergenceSpec(), wrong_teacher_hidden_BTH=teacher)
+    with pytest.raises(ValueError, match="hint_contrast' only"):  # a top-k support has no contrast form
+        chunked_divergence(student, teacher, head, mask, DivergenceSpec(kind="topk", topk=3),
+                           wrong_teacher_hidden_BTH=teacher)
     with pytest.raises(ValueError, match="wrong teacher hidden states differ"):
-        chunked_divergence(student, teacher, head, mask, kind="hint_contrast",
-                           wrong_teacher_hidden_BTH=teacher[:, :5])
+        chunked_divergence(student, teacher, head, mask, contrast, wrong_teacher_hidden_BTH=teacher[:, :5])

@@ -9,6 +9,7 @@ import torch
 from _numerics import assert_same_greedy, trainer_tolerance
 
 from opsd_kit.algorithms.opsd import OPSDBatch
+from opsd_kit.algorithms.prompt_pass import can_share_prompt_pass
 from opsd_kit.config import ConfigError, load_profile
 from opsd_kit.prompts import build_batch
 from opsd_kit.rollout.fast import FastEngine, Prefill
@@ -63,7 +64,7 @@ def test_the_loss_from_the_prompt_pass_equals_the_whole_rows(fast_trainer, tmp_p
     def micro_batches(shared):
         return [OPSDBatch(student=build_batch(s, c, pad), teacher=build_batch(t, c, pad), wrong_teacher=None,
                           num_loss_tokens=sum(map(len, c)),
-                          student_prompt=alg.student_prompt_pass(s)[0] if shared else None)
+                          student_prompt=alg.prompt_pass.run(s)[0] if shared else None)
                 for s, t, c in groups]
 
     shared = micro_batches(True)
@@ -77,7 +78,7 @@ def test_the_loss_from_the_prompt_pass_equals_the_whole_rows(fast_trainer, tmp_p
 def test_a_step_samples_from_the_prompt_pass_and_learns_what_the_whole_rows_give(fast_trainer, tmp_path):
     trainer = fast_trainer(tmp_path)
     alg = trainer.algorithm
-    assert alg.shares_prompt_pass
+    assert alg.prompt_pass.enabled
     micro_batches, _ = alg.prepare(0)
     assert all(mb.student_prompt is not None and mb.student.shared_prefix > 0 for mb in micro_batches)
     _assert_same_loss_and_grads(trainer, micro_batches, [_whole_rows(mb) for mb in micro_batches])
@@ -89,7 +90,7 @@ def test_rollouts_from_the_prompt_pass_are_the_students(fast_trainer, tmp_path):
     prompts = [alg.prompts.student[p.id] for p in alg.step_problems(0)]
     greedy = GenerationSettings(max_new_tokens=10, temperature=0.0, n=1, batch_size=3)  # calls of 3 rows: sliced
     with torch.no_grad():
-        prefill = Prefill.concat([alg.student_prompt_pass(prompts[:2])[1], alg.student_prompt_pass(prompts[2:])[1]])
+        prefill = Prefill.concat([alg.prompt_pass.run(prompts[:2])[1], alg.prompt_pass.run(prompts[2:])[1]])
         for prompt, logits_V in zip(prompts, prefill.logits_BV):  # the student's own next-token logits
             want_V = model(input_ids=torch.tensor([prompt])).logits[0, -1]
             torch.testing.assert_close(logits_V, want_V, **trainer_tolerance(trainer, float(want_V.abs().max())))
@@ -113,7 +114,7 @@ def test_rollouts_from_the_prompt_pass_are_the_students(fast_trainer, tmp_path):
 ])
 def test_the_prompt_pass_is_shared_only_where_it_is_the_samplers(fast_trainer, tmp_path, overrides, shared):
     trainer = fast_trainer(tmp_path, **overrides)
-    assert trainer.algorithm.shares_prompt_pass is shared
+    assert trainer.algorithm.prompt_pass.enabled is shared
     trainer.train()  # a step, backward included, runs in every combination
     micro_batches, _ = trainer.algorithm.prepare(trainer.step)
     assert all((mb.student_prompt is not None) is shared for mb in micro_batches)
@@ -124,7 +125,7 @@ def test_the_prompt_pass_is_an_internal_switch_not_a_config_key(fast_trainer, tm
     with pytest.raises(ConfigError, match="unknown config key 'share_prompt_pass'"):
         load_profile("tiny", share_prompt_pass=False)
     trainer = fast_trainer(tmp_path)
-    trainer.algorithm.shares_prompt_pass = False
+    trainer.algorithm.prompt_pass.enabled = False
     trainer.train()
     micro_batches, _ = trainer.algorithm.prepare(trainer.step)
     assert all(mb.student_prompt is None for mb in micro_batches)
@@ -133,6 +134,6 @@ def test_the_prompt_pass_is_an_internal_switch_not_a_config_key(fast_trainer, tm
 def test_the_switch_reads_the_policy_it_trains(fast_trainer, tmp_path):
     """A policy need not come from the run's config: its own checkpointing turns the pass off."""
     trainer = fast_trainer(tmp_path)
-    assert trainer.algorithm._can_share_prompt_pass()
+    assert can_share_prompt_pass(trainer.config, trainer.policy, trainer.algorithm.sampler)
     trainer.policy.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert not trainer.algorithm._can_share_prompt_pass()
+    assert not can_share_prompt_pass(trainer.config, trainer.policy, trainer.algorithm.sampler)

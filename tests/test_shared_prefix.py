@@ -8,6 +8,7 @@ import pytest
 import torch
 from _numerics import trainer_tolerance
 
+from opsd_kit.algorithms.prompt_pass import can_share_prompt_pass
 from opsd_kit.prompts import build_batch, columns_after_prefix, left_padded_columns, shared_prefix_length
 
 
@@ -53,8 +54,8 @@ def test_the_teacher_with_a_shared_prefix_equals_the_whole_rows(fast_trainer, tm
     trainer = fast_trainer(tmp_path, lora_dropout=0.1)  # eval mode: dropout does not stop the teacher
     batch = _batch(trainer, "teacher")
     with trainer.policy.teacher():
-        shared = trainer.algorithm.hidden(batch)
-        whole = trainer.algorithm.hidden(dataclasses.replace(batch, shared_prefix=0))
+        shared = trainer.policy.completion_hidden(batch)
+        whole = trainer.policy.completion_hidden(dataclasses.replace(batch, shared_prefix=0))
     real = batch.completion_mask.bool()
     torch.testing.assert_close(shared[real], whole[real], **trainer_tolerance(trainer, float(whole.abs().max())))
 
@@ -67,7 +68,7 @@ def test_the_student_with_a_shared_prefix_has_the_whole_rows_gradients(fast_trai
     def hidden_and_grads(b):
         for p in trainer.params:
             p.grad = None
-        hidden = trainer.algorithm.hidden(b)
+        hidden = trainer.policy.completion_hidden(b)
         (hidden[mask].square().mean()).backward()
         return hidden.detach(), [p.grad.clone() for p in trainer.params]
 
@@ -103,7 +104,7 @@ def test_the_prefix_runs_once_only_where_that_equals_the_whole_rows(fast_trainer
     policy.model.train(training)
     assert policy.can_run_in_pieces() is shared
     if not model_config:  # a changed config would not describe the model that runs
-        trainer.algorithm.hidden(_batch(trainer, "student"))
+        trainer.policy.completion_hidden(_batch(trainer, "student"))
         assert bool(calls) is shared
 
 
@@ -111,7 +112,8 @@ def test_a_model_loaded_through_unsloth_runs_whole_rows(fast_trainer, tmp_path):
     trainer = fast_trainer(tmp_path)
     assert trainer.policy.can_run_in_pieces()
     trainer.policy.backend = "unsloth"  # set by Policy.from_pretrained(backend="unsloth") (CUDA only)
-    assert not trainer.policy.can_run_in_pieces() and not trainer.algorithm._can_share_prompt_pass()
+    assert not trainer.policy.can_run_in_pieces()
+    assert not can_share_prompt_pass(trainer.config, trainer.policy, trainer.algorithm.sampler)
 
 
 def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_layout(fast_trainer, tmp_path,
@@ -125,9 +127,9 @@ def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_
     prompts = [alg.prompts.student[p.id] for p in alg.step_problems(0)[:3]]
     assert shared_prefix_length(prompts) > 0 and len({len(p) for p in prompts}) > 1
     with torch.no_grad():
-        shared = alg.student_prompt_pass(prompts)[1]
+        shared = alg.prompt_pass.run(prompts)[1]
         monkeypatch.setattr(opsd_kit.prompts, "shared_prefix_length", lambda rows: 0)
-        whole = alg.student_prompt_pass(prompts)[1]
+        whole = alg.prompt_pass.run(prompts)[1]
     width = max(map(len, prompts))
     real_BP = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
     def parts(prefill):

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 
 from opsd_kit.data.problems import Problem
-from opsd_kit.data.tasks import _synthesise_solution, _worked_arithmetic, load_reasoning_gym
+from opsd_kit.data.tasks import _worked_arithmetic, load_reasoning_gym, synthesise_solution
 
 
 def test_worked_arithmetic_is_exact_and_step_by_step():
@@ -23,10 +23,10 @@ def test_worked_arithmetic_refuses_anything_else(expression):
 
 def test_synthesised_solution_must_agree_with_the_answer():
     entry = {"answer": "7", "metadata": {"expression": "3 + 4"}}
-    assert _synthesise_solution("chain_sum", entry).endswith("The answer is \\boxed{7}")
-    assert _synthesise_solution("chain_sum", {**entry, "answer": "8"}) is None
-    assert _synthesise_solution("leg_counting", entry) is None
-    assert _synthesise_solution("basic_arithmetic", {"answer": "1", "metadata": {"expression": "1 / 0"}}) is None
+    assert synthesise_solution("chain_sum", entry).endswith("The answer is \\boxed{7}")
+    assert synthesise_solution("chain_sum", {**entry, "answer": "8"}) is None
+    assert synthesise_solution("leg_counting", entry) is None
+    assert synthesise_solution("basic_arithmetic", {"answer": "1", "metadata": {"expression": "1 / 0"}}) is None
 
 
 def _chain_sum_steps_are_right(problem: Problem) -> None:

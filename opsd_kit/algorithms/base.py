@@ -1,6 +1,6 @@
 """What OPSD, GRPO, RLSD and SFT share inside a step: cached prompt ids, rollouts booked in the
-ledger, contiguous batches, and final hidden states (logits are never materialised here; the
-losses go through the output head in chunks).
+ledger and contiguous batches. Their final hidden states come from `Policy.completion_hidden`;
+logits are never materialised here (the losses go through the output head in chunks).
 
 An algorithm touches only the collaborators the trainer hands it (`Algorithm.__init__`); it
 never reaches back into the trainer. Each algorithm has its own typed micro-batch dataclass
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from opsd_kit.config import TrainConfig
     from opsd_kit.data.problems import Problem
     from opsd_kit.policy import Policy
-    from opsd_kit.prompts import Batch, PromptCache
+    from opsd_kit.prompts import PromptCache
     from opsd_kit.rollout.fast import Prefill
     from opsd_kit.rollout.hf import Rollouts
     from opsd_kit.rollout.sampler import RolloutSampler
@@ -106,15 +106,3 @@ class Algorithm:
         """Index ranges of micro-batches over n rows."""
         size = self.config.micro_batch_size
         return [range(s, min(n, s + size)) for s in range(0, n, size)]
-
-    def hidden(self, batch: Batch):
-        """Final hidden states at the columns that predict the completion: [B, C, H]. A prompt prefix
-        all rows share runs once (`Policy.hidden_sharing_prefix`) where that equals the whole rows'
-        forward (`Policy.can_run_in_pieces`)."""
-        b = batch.to(self.device)
-        if b.shared_prefix and self.policy.can_run_in_pieces():
-            h, _, _ = self.policy.hidden_sharing_prefix(b.input_ids, b.attention_mask, b.position_ids,
-                                                        b.prompt_width, b.shared_prefix)
-            return h[:, b.predicting_slice(prefix_removed=True)]
-        h = self.policy.backbone_hidden(b.input_ids, b.attention_mask, b.position_ids)
-        return h[:, b.predicting_slice()]

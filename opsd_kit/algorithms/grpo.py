@@ -156,7 +156,7 @@ class GRPO(Algorithm):
         from opsd_kit.losses import chunked_token_logprobs
 
         targets = batch.completion_ids.to(self.device)
-        return chunked_token_logprobs(self.hidden(batch), self.policy.head, targets,
+        return chunked_token_logprobs(self.policy.completion_hidden(batch), self.policy.head, targets,
                                       temperature=self.config.temperature, chunk_size=self.config.loss_chunk_size)
 
     def advantages(self, mb: GRPOBatch, old_logp_BC) -> tuple:

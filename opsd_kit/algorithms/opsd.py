@@ -1,6 +1,6 @@
 """On-Policy Self-Distillation (arXiv 2601.18734, Algorithm 1 with a frozen teacher).
 
-One step, per problem x with reference solution y*:
+One step, per problem x with reference solution y* (docs/algorithm.md, The algorithm):
   1. the student samples y^ ~ p_S(. | x) (one sample per problem);
   2. teacher forward on [teacher prompt(x, y*) ++ y^] without grad, student forward on
      [student prompt(x) ++ y^]: the same completion ids, different contexts;
@@ -13,16 +13,8 @@ solution in the teacher prompt (what is left is style); ``divergence='hint_contr
 third forward pass, the teacher with that wrong hint, and trains on what the correct hint adds
 over it (``losses.hint_contrast_divergence``).
 
-One pass over the prompts: with ``rollout_backend='fast'`` the student's forward over each
-micro-batch's prompts runs before sampling (`OPSD.student_prompt_pass`); its key/value states
-start the rollout (instead of the fused decoder's own pass over the same prompts with the same
-weights), and the loss continues from them over the completion, gradients through both. The
-result equals running the whole row (up to floating-point order; tested). It holds every
-micro-batch's prompt activations until that micro-batch's backward (setting a built
-``OPSD.shares_prompt_pass`` to False trades the saved forward for that memory; an internal
-switch, not a config key). Off by itself where the pass would not be the
-sampling policy's (dropout), could not keep its cache (gradient checkpointing), or where its
-graph would see the weights change before backward (the EMA teacher swaps its weights in).
+Speed: with ``rollout_backend='fast'`` one student pass over the prompts serves steps 1 and 2
+(`opsd_kit.algorithms.prompt_pass`); the loss is the same up to floating-point order.
 """
 from __future__ import annotations
 
@@ -30,25 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from opsd_kit.algorithms.base import Algorithm
+from opsd_kit.algorithms.prompt_pass import PromptPass, SharedPromptPass
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import DynamicCache
-
     from opsd_kit.prompts import Batch
-
-
-@dataclass
-class PromptPass:
-    """The student's forward over a micro-batch's left-padded prompts, kept for the loss."""
-
-    cache: DynamicCache
-    """Every layer's key/value states of the prompt columns, with their autograd graph."""
-    last_hidden_BH: torch.Tensor
-    """The last prompt column's final hidden state (it predicts the first completion token)."""
-    mask_BP: torch.Tensor
-    """The attention mask of the cache's columns (their layout: `Policy.hidden_sharing_prefix`'s
-    where the prompts share a prefix, else left padding)."""
 
 
 @dataclass
@@ -79,36 +56,19 @@ class OPSD(Algorithm):
 
         super().__init__(config, policy, **collaborators)
         self.spec = DivergenceSpec.from_config(config)  # the loss settings, read once
-        self.shares_prompt_pass = self._can_share_prompt_pass()
-        """Whether one student pass over the prompts serves the rollout and the loss (module docstring);
-        set it to False before a step to run each micro-batch's whole rows instead (less memory)."""
-
-    def _can_share_prompt_pass(self) -> bool:
-        """Whether the pass can be shared: where the fused decoder samples (backend 'fast', a model
-        it supports, transformers' modules), the pass in train mode is the sampling policy (no
-        dropout anywhere) and its graph lives until backward (no gradient checkpointing, which
-        drops the cache; no EMA teacher, which writes its weights in before backward). Read from
-        the policy itself, which need not have been built from this config."""
-        from opsd_kit.rollout.fused_decoder import FusedDecoder
-
-        if self.sampler is None or self.sampler.backend != "fast" or self.policy.teacher_mode == "ema":
-            return False
-        return self.policy.can_run_in_pieces(training=True) and FusedDecoder.unsupported(self.policy.model) is None
+        self.prompt_pass = SharedPromptPass(config, policy, sampler=self.sampler, ledger=self.ledger,
+                                            device=self.device)
 
     def prepare(self, step: int) -> tuple[list[OPSDBatch], dict]:
         from opsd_kit.prompts import build_batch
 
         problems = self.step_problems(step)
-        passes = prefill = None
-        if self.shares_prompt_pass:
-            from opsd_kit.rollout.fast import Prefill
-
-            with self.ledger.phase("student"):
-                passes, parts = zip(*(self.student_prompt_pass([self.prompts.student[problems[r].id] for r in rows])
-                                      for rows in self.chunks(len(problems))))
-            prefill = Prefill.concat(parts)
+        # 1. the student samples one completion per problem (from its pass over the prompts, if shared)
+        passes, prefill = self.prompt_pass.before_sampling(
+            [[self.prompts.student[problems[r].id] for r in rows] for rows in self.chunks(len(problems))])
         rollouts = self.rollouts(problems, step, n=1, prefill=prefill)
         metrics = self.rollout_metrics(rollouts, self.grade(rollouts, problems))
+        # the rows of step 2: the same completion ids under the student's and the teacher's prompts
         pad = self.tokenizer.pad_token_id
         micro = []
         for k, rows in enumerate(self.chunks(len(rollouts))):
@@ -134,62 +94,16 @@ class OPSD(Algorithm):
 
     def divergence(self, mb: OPSDBatch):
         """``(loss_sum, per_token_BC)`` of a micro-batch: teacher hidden states (adapter off, no
-        grad), student hidden states, then `losses.divergence` under the run's spec."""
+        grad), student hidden states, then `losses.divergence` under the run's spec (steps 2 and 3)."""
         from opsd_kit.losses import divergence
 
         device = self.device
         with self.ledger.phase("teacher"), self.policy.teacher():
-            teacher_h_BCH = self.hidden(mb.teacher)
-            wrong_h_BCH = None if mb.wrong_teacher is None else self.hidden(mb.wrong_teacher)
+            teacher_h_BCH = self.policy.completion_hidden(mb.teacher)
+            wrong_h_BCH = None if mb.wrong_teacher is None else self.policy.completion_hidden(mb.wrong_teacher)
         with self.ledger.phase("student"):
-            student_h_BCH = self.student_hidden(mb)
+            prompt_pass, mb.student_prompt = mb.student_prompt, None  # used once: its cache grows
+            student_h_BCH = self.prompt_pass.student_hidden(mb.student, prompt_pass)
             return divergence(student_h_BCH, teacher_h_BCH, self.policy.head, mb.student.completion_mask.to(device),
                               self.spec, targets_BT=mb.student.completion_ids.to(device),
                               wrong_teacher_hidden_BTH=wrong_h_BCH)
-
-    def student_prompt_pass(self, prompt_ids: list[list[int]]):
-        """The student's forward over left-padded prompts (one micro-batch), with gradients:
-        ``(PromptPass, rollout.Prefill)``, the second detached for sampling (in the left-padded
-        layout). A prefix all prompts share runs once (`Policy.hidden_sharing_prefix`)."""
-        import torch
-
-        from opsd_kit.prompts import left_padded_columns, position_ids, shared_prefix_length
-        from opsd_kit.rollout.fast import Prefill
-        from opsd_kit.rollout.hf import left_pad
-
-        ids_BP, mask_BP = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
-        width, prefix = ids_BP.shape[1], shared_prefix_length(prompt_ids)
-        hidden_BWH, cache, cache_mask_BP = self.policy.hidden_sharing_prefix(
-            ids_BP, mask_BP, position_ids(mask_BP), width, prefix)
-        last_BH = hidden_BWH[:, -1]
-        order_BP = left_padded_columns(mask_BP, width, prefix)  # the identity without a prefix
-
-        def left_padded(states_BGPD):
-            return states_BGPD.detach().gather(2, order_BP[:, None, :, None].expand_as(states_BGPD))
-
-        with torch.no_grad():
-            sampling = Prefill([left_padded(layer.keys) for layer in cache.layers],
-                               [left_padded(layer.values) for layer in cache.layers],
-                               self.policy.head(last_BH.detach()))
-        return PromptPass(cache=cache, last_hidden_BH=last_BH, mask_BP=cache_mask_BP), sampling
-
-    def student_hidden(self, mb: OPSDBatch):
-        """The student's hidden states at the columns that predict the completion, [B, C, H]:
-        the whole row, or (``mb.student_prompt``) the completion's columns continuing from the
-        prompt pass (the last prompt column's state predicts the first completion token), which
-        is then dropped from ``mb``: its cache now holds the completion's columns as well."""
-        import torch
-
-        prompt_pass, mb.student_prompt = mb.student_prompt, None
-        if prompt_pass is None:
-            return self.hidden(mb.student)
-        b = mb.student.to(self.device)
-        P, C = b.prompt_width, b.completion_ids.shape[1]
-        first_B1H = prompt_pass.last_hidden_BH[:, None]
-        if C == 1:
-            return first_B1H
-        cols = slice(P, P + C - 1)  # completion tokens 0 .. C-2 predict tokens 1 .. C-1
-        mask_BT = torch.cat([prompt_pass.mask_BP, b.attention_mask[:, P:P + C - 1]], 1)
-        rest_BCH = self.policy.backbone_hidden(b.input_ids[:, cols], mask_BT, b.position_ids[:, cols],
-                                               cache=prompt_pass.cache)
-        return torch.cat([first_B1H, rest_BCH], dim=1)

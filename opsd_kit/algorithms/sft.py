@@ -75,7 +75,7 @@ class SFT(Algorithm):
         device = self.device
         with self.ledger.phase("student"):
             targets = mb.student.completion_ids.to(device)
-            logp = chunked_token_logprobs(self.hidden(mb.student), self.policy.head, targets,
+            logp = chunked_token_logprobs(self.policy.completion_hidden(mb.student), self.policy.head, targets,
                                           temperature=1.0, chunk_size=self.config.loss_chunk_size)
             loss_sum = -(logp * mb.student.completion_mask.to(device)).sum()  # NLL summed; trainer normalises
         return loss_sum, {}

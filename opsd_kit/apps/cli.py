@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from opsd_kit.config import ALGORITHMS, ConfigError, EvalConfig, TrainConfig, eval_profile_names, profile_names
+from opsd_kit.run.rundir import RunDir
 
 MODES = ("strict", "lenient")
 
@@ -182,7 +183,7 @@ def _eval_config(args, run_dir: Path) -> EvalConfig:
     """The protocol of ``--eval-profile`` (default: the run's profile's) with ``--set`` and ``--data``."""
     from opsd_kit.config import load_eval_profile
 
-    name = args.eval_profile or _run_config(run_dir).get("profile")
+    name = args.eval_profile or RunDir(run_dir).saved_config().get("profile")
     if name is None:
         raise ConfigError(f"the run in {run_dir} was not built from a profile; choose a protocol with "
                           f"--eval-profile ({', '.join(eval_profile_names())})")
@@ -196,31 +197,11 @@ def _eval_config(args, run_dir: Path) -> EvalConfig:
     return config
 
 
-def _run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{run_dir} is not a run folder: {path} cannot be read ({err})") from err
-
-
 def _locate_adapter(path: Path) -> tuple[Path, Path]:
-    """``(run folder, adapter folder)`` for a run folder or an adapter folder inside one."""
-    from opsd_kit.run.checkpoint import latest_checkpoint
-
+    """``(run folder, adapter folder)`` for a run folder (its newest adapter) or an adapter folder inside one."""
     if (path / "adapter_config.json").is_file():
-        run_dir = next((p for p in path.resolve().parents if (p / "config.json").is_file()), None)
-        if run_dir is None:
-            raise ConfigError(f"adapter {path} is not inside a run folder (no config.json above it), so its model "
-                              "is unknown; pass the run folder it was trained in")
-        return run_dir, path
-    _run_config(path)
-    if (path / "adapter").is_dir():
-        return path, path / "adapter"
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise ConfigError(f"run folder {path} holds no final adapter and no complete checkpoint yet")
-    return path, latest / "adapter"
+        return RunDir.holding(path).path, path
+    return path, RunDir(path).newest_adapter()
 
 
 def _named_run(entry: str) -> tuple[str, str]:
@@ -228,9 +209,8 @@ def _named_run(entry: str) -> tuple[str, str]:
     name, sep, run_dir = entry.partition("=")
     if not sep:
         run_dir = entry
-        name = _run_config(Path(run_dir)).get("algorithm", Path(run_dir).name)
-    _run_config(Path(run_dir))
-    return name, run_dir
+    saved = RunDir(run_dir).saved_config()
+    return (name if sep else saved.get("algorithm", Path(run_dir).name)), run_dir
 
 
 if __name__ == "__main__":

@@ -130,14 +130,12 @@ def plan_points(profile: str, plan: str = "demo") -> dict[str, int]:
 
 
 def finished_run(run_dir: Path, profile: str, job: TrainingJob) -> bool:
-    """True when ``run_dir`` holds a final adapter trained with exactly this job's config."""
+    """True when ``run_dir`` holds a run that training this job's config would not continue:
+    finished, of the same config up to the keys a resumed run may change (`run.rundir.RunDir.finished`)."""
     from opsd_kit.config import load_profile
+    from opsd_kit.run.rundir import RunDir
 
-    saved = run_dir / "config.json"
-    if not (saved.is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()):
-        return False
-    want = load_profile(profile, job.algorithm, run_dir=str(run_dir), **job.overrides).to_dict()
-    return json.loads(saved.read_text()) == json.loads(json.dumps(want))
+    return RunDir(run_dir).finished(load_profile(profile, job.algorithm, run_dir=str(run_dir), **job.overrides))
 
 
 def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel: str | None = None,

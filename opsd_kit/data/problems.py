@@ -118,12 +118,14 @@ class LoadReport:
         """Rows whose solution is the bare fallback "The answer is \\boxed{X}"."""
         return self.derived.get("fallback solution", 0)
 
-    def _skip(self, error: DataError) -> None:
+    def count_skipped(self, error: DataError) -> None:
+        """Count a row skipped for ``error.reason`` (the first few messages are kept as examples)."""
         self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
         if len(self.examples) < _N_EXAMPLES:
             self.examples.append(str(error))
 
-    def _derive(self, how: str) -> None:
+    def count_derived(self, how: str) -> None:
+        """Count a kept row one of whose fields was derived ``how`` (e.g. "answer from \\boxed")."""
         self.derived[how] = self.derived.get(how, 0) + 1
 
     def _warn(self, warning: DataError) -> None:
@@ -441,9 +443,21 @@ def _problem(record: Mapping, row: int, where: str, label: str, fields, answer_f
     return problem, how, columns
 
 
-def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, report=None, check=None):
-    """Validate rows into Problems; raise on the first bad row or skip and count it. ``check``:
-    a function of a Problem giving why it cannot be used (a refusal, "prompt too long"), or None."""
+def build_problems(*, rows, where: str, label: str, fields: Mapping[str, str | None] | None = None,
+                   answer_from: str | None = "auto", on_invalid: str = "raise", columns: list[str] | None = None,
+                   limit: int | None = None, report: LoadReport | None = None,
+                   check=None) -> tuple[list[Problem], LoadReport]:
+    """Validate ``rows`` into Problems: every loader's last step.
+
+    ``rows`` iterates ``(row number, record)``, a record being a mapping of column -> value or the
+    `DataError` a reader met on that row; ``where`` names the file or dataset in messages, ``label``
+    is the default ``source`` and id stem; ``fields`` and ``answer_from`` as in `load_problems`.
+    ``columns``: the table's column names, checked against ``fields`` before any row (None: rows
+    may differ). A bad row raises (``on_invalid="raise"``) or is skipped and counted in the report
+    (``"skip"``); ``limit`` stops after that many kept problems. ``report``: one the caller has
+    already counted into (e.g. rows it skipped or fields it derived), else a new one. ``check``: a
+    function of a Problem giving why it cannot be used (a refusal, e.g. "prompt too long"), or None.
+    """
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
     if answer_from not in ("auto", "gsm8k", "boxed", None):
@@ -465,18 +479,18 @@ def _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, 
         try:
             if isinstance(record, DataError):
                 raise record
-            problem, how, used = _problem(record, row, where, label, fields, answer_from, seen, check)
+            problem, how, read_from = _problem(record, row, where, label, fields, answer_from, seen, check)
         except DataError as error:
             if on_invalid == "raise":
                 raise
-            report._skip(error)
+            report.count_skipped(error)
             continue
         if how:
-            report._derive(how)
-        elif used["answer"] is not None:
-            for warning in _answer_warnings(problem, where, row, used["answer"]):
+            report.count_derived(how)
+        elif read_from["answer"] is not None:
+            for warning in _answer_warnings(problem, where, row, read_from["answer"]):
                 report._warn(warning)
-        report.columns = report.columns or used
+        report.columns = report.columns or read_from
         problems.append(problem)
         if limit is not None and len(problems) >= limit:
             break
@@ -536,7 +550,8 @@ def load_problems(
     label = source or label
     if source is not None:  # an explicit source overrides any source column
         fields = {**(fields or {}), "source": None}
-    return _build(columns, rows, where, label, fields, answer_from, on_invalid, limit, check=check)
+    return build_problems(rows=rows, where=where, label=label, fields=fields, answer_from=answer_from,
+                          on_invalid=on_invalid, columns=columns, limit=limit, check=check)
 
 
 def save_problems(problems: Iterable[Problem], path) -> Path:

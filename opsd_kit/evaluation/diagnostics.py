@@ -41,9 +41,10 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
     """The trained divergence at every completion token, one list per (problem, completion) pair.
 
     ``spec`` is the run's `losses.DivergenceSpec` (default: forward KL at temperature 1); the
-    values are those `losses.divergence` gives the trainer for the same rows. ``hints`` (problem
-    id -> solution, e.g. ``prompts.shuffled_hints``) replaces each problem's reference solution
-    in the teacher prompt: the divergence under a wrong hint. ``wrong_hints`` gives the
+    values are those `losses.divergence` gives the trainer for the same rows, from the same
+    hidden states (`Policy.completion_hidden`). ``hints`` (problem id -> solution, e.g.
+    ``prompts.shuffled_hints``) replaces each problem's reference solution in the teacher
+    prompt: the divergence under a wrong hint. ``wrong_hints`` gives the
     wrong-hint teacher that ``spec.kind='hint_contrast'`` needs.
     """
     import torch
@@ -56,10 +57,6 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
         raise ValueError("spec.kind='hint_contrast' needs wrong_hints (problem id -> a wrong solution)")
     pad = policy.tokenizer.pad_token_id
 
-    def hidden(batch):
-        b = batch.to(policy.device)
-        return policy.backbone_hidden(b.input_ids, b.attention_mask, b.position_ids)[:, b.predicting_slice()]
-
     out: list[list[float]] = []
     for s in range(0, len(problems), batch_size):
         probs, comps = problems[s:s + batch_size], completions[s:s + batch_size]
@@ -67,11 +64,12 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
         teachers = [build_batch([builder.teacher_ids(p, None if h is None else h[p.id]) for p in probs], comps, pad)
                     for h in (hints, wrong_hints if spec.needs_wrong_teacher else None)]
         with policy.teacher():
-            teacher_h = hidden(teachers[0])
-            wrong_h = hidden(teachers[1]) if spec.needs_wrong_teacher else None
+            teacher_h = policy.completion_hidden(teachers[0])
+            wrong_h = policy.completion_hidden(teachers[1]) if spec.needs_wrong_teacher else None
         device = policy.device
         with torch.no_grad():
-            _, per_token = divergence(hidden(student), teacher_h, policy.head, student.completion_mask.to(device), spec,
+            _, per_token = divergence(policy.completion_hidden(student), teacher_h, policy.head,
+                                      student.completion_mask.to(device), spec,
                                       targets_BT=student.completion_ids.to(device), wrong_teacher_hidden_BTH=wrong_h)
         out.extend(per_token[i, : len(c)].tolist() for i, c in enumerate(comps))
     return out

@@ -41,20 +41,6 @@ class Point:
         return "base" if self.adapter is None else f"{self.method}-step{self.step}"
 
 
-def run_checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """``(step, adapter folder)`` for every complete checkpoint and the final adapter."""
-    from opsd_kit.run.checkpoint import complete_checkpoints
-
-    found = {int(p.name.split("-")[1]): p / "adapter" for p in complete_checkpoints(run_dir)}
-    final = Path(run_dir) / "adapter"
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if final.is_dir() and metrics.is_file():
-        lines = metrics.read_text().splitlines()
-        if lines:
-            found[json.loads(lines[-1])["step"]] = final
-    return sorted(found.items())
-
-
 def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
     """The base and, per run, its final adapter plus evenly spaced earlier checkpoints.
 
@@ -62,12 +48,13 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
     points it gets (default 1: the final adapter only).
     """
     from opsd_kit.run.metrics import read_metrics
+    from opsd_kit.run.rundir import RunDir
 
     if not runs:
         raise ValueError("study_points needs at least one run")
     points = [Point("base", 0, None)]
     for method, run_dir in runs.items():
-        available = run_checkpoints(run_dir)
+        available = RunDir(run_dir).adapters()
         if not available:
             raise ValueError(f"run {method!r} in {run_dir} has no checkpoint or final adapter")
         want = (per_method or {}).get(method, 1)
@@ -76,7 +63,7 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
         picked = {len(available) - 1}  # the final adapter always
         for i in range(1, want):  # evenly spaced earlier ones (fewer when fewer exist)
             picked.add(max(0, round(i * len(available) / want) - 1))
-        metrics = read_metrics(Path(run_dir) / "metrics.jsonl").set_index("step")
+        metrics = read_metrics(RunDir(run_dir).metrics_file).set_index("step")
         for index in sorted(picked):
             step, adapter = available[index]
             at = metrics.loc[step]
@@ -280,11 +267,13 @@ def _first_sample(result, mode: str) -> list[bool]:
 
 def _run_config(run) -> dict:
     """A run's config values: a run folder's ``config.json``, or a `TrainConfig` (or its dict)."""
+    from opsd_kit.run.rundir import RunDir
+
     if isinstance(run, dict):
         return run
     if hasattr(run, "to_dict"):
         return json.loads(json.dumps(run.to_dict()))  # as config.json holds it (tuples become lists)
-    return json.loads((Path(run) / "config.json").read_text())
+    return RunDir(run).saved_config()
 
 
 def held_out(eval_profile: str, eval_file: str = "", overrides: dict | None = None):

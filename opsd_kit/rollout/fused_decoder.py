@@ -36,23 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-#: Model types whose decoder layers are the Llama layout (pre-norm attention + SwiGLU MLP).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def plain_attention_error(config) -> str | None:
-    """Why a model's attention is not plain causal attention over every earlier column, placed by
-    position ids alone, or None. What `FusedDecoder` implements, and what a forward run in pieces
-    over a cache with padding between the pieces relies on (`policy.Policy.can_run_in_pieces`):
-    a model type in ``SUPPORTED_MODEL_TYPES``, no sliding window (transformers places its window
-    by column, so padding columns would shift it), every layer full attention."""
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    if getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window):
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        return f"layer_types {sorted(set(config.layer_types))} (only 'full_attention')"
-    return None
+from opsd_kit.models import plain_attention_error
 
 
 class _Projection:

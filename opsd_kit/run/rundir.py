@@ -1,6 +1,6 @@
-"""Where a run starts in its run folder. The safe default never destroys work:
+"""A run folder, and where a run starts in it. The safe default never destroys work:
 
-- no complete checkpoint in ``run_dir``: a fresh run;
+- no complete checkpoint in the folder: a fresh run;
 - checkpoints of the same config (`RESUMABLE_CHANGES` aside): resume from the newest;
 - checkpoints of another config: refused with the differing keys, unless ``overwrite=True``;
 - ``resume=False`` over checkpoints: needs ``overwrite=True``; ``resume=True``: needs a checkpoint;
@@ -8,9 +8,11 @@
   rates of the steps already taken do not depend on it, so the run trains exactly as a fresh
   run of the new ``max_steps`` would (`max_steps_change_error`); refused otherwise.
 
-`plan_start` reads small files only (the run's ``config.json`` and the checkpoint names), so it
-runs before any model loads. Nothing is deleted here: `discard_previous_run` does it, once the
-run starts.
+`RunDir` is the one place that reads a run folder: its ``config.json``, checkpoints, final
+adapter and metrics. The trainer asks it how to start (`RunDir.plan_start`), the demo whether a
+finished run of a config is there (`RunDir.finished`), the command line and the study for the
+saved config and the adapters to evaluate. It reads small files only, so it decides before any
+model loads. Nothing is deleted except by `RunDir.discard_previous_run`, once a run starts.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from opsd_kit.config import ConfigError, TrainConfig, resumable_fields
-from opsd_kit.run.checkpoint import checkpoint_step, latest_checkpoint, remove_checkpoints
+from opsd_kit.run.checkpoint import checkpoint_step, complete_checkpoints, remove_checkpoints
 
 RESUMABLE_CHANGES = resumable_fields()
 """Keys a resumed run may change: they do not change what is trained (`config.resumable_fields`)."""
@@ -38,36 +40,154 @@ class RunStart:
     discard: bool = False
 
 
-def plan_start(config: TrainConfig) -> RunStart:
-    """Decide how ``config``'s run starts in its run folder; raise ConfigError when it may not."""
-    run_dir = Path(config.run_dir)
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        if config.resume:
-            raise ConfigError(f"resume=True, but {run_dir} holds no complete checkpoint to resume from; leave "
-                              "resume unset to start fresh, or point run_dir at the run to continue")
-        return RunStart()
-    step = checkpoint_step(latest)
-    if config.resume is False:
-        if not config.overwrite:
-            raise ConfigError(f"resume=False starts over, but {run_dir} holds checkpoints (up to step {step}) "
-                              "and would delete them: add overwrite=True (`--set resume=false overwrite=true`), or "
-                              "use another run_dir")
-        return RunStart(discard=True)
-    changes = config_changes(run_dir, config)
-    if changes:
-        if config.overwrite and config.resume is None:
+class RunDir:
+    """A training run's folder: ``config.json`` (the `TrainConfig` it was trained with),
+    ``checkpoints/step-NNNNNN`` (complete ones only count), the final ``adapter`` and
+    ``metrics.jsonl``."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def adapter(self) -> Path:
+        """The final adapter's folder (written when a run ends or is interrupted)."""
+        return self.path / "adapter"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @classmethod
+    def holding(cls, adapter) -> RunDir:
+        """The run folder an adapter folder (final or a checkpoint's) lies in: the nearest folder
+        above it with a ``config.json``."""
+        found = next((p for p in Path(adapter).resolve().parents if (p / "config.json").is_file()), None)
+        if found is None:
+            raise ConfigError(f"adapter {adapter} is not inside a run folder (no config.json above it), so its "
+                              "model is unknown; pass the run folder it was trained in")
+        return cls(found)
+
+    # -- what the folder holds -------------------------------------------------------------
+    def saved_config(self) -> dict:
+        """The values of ``config.json`` as saved (tuples as lists); ConfigError naming the file
+        when it cannot be read."""
+        try:
+            return json.loads(self.config_file.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{self.path} is not a run folder: {self.config_file} cannot be read ({err})") from err
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return complete_checkpoints(self.path)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def adapters(self) -> list[tuple[int, Path]]:
+        """``(step, adapter folder)`` of every complete checkpoint and of the final adapter (at
+        the last step in ``metrics.jsonl``), by step."""
+        found = {checkpoint_step(p): p / "adapter" for p in self.checkpoints()}
+        last = self._last_metrics()
+        if self.adapter.is_dir() and last is not None:
+            found[last["step"]] = self.adapter
+        return sorted(found.items())
+
+    def newest_adapter(self) -> Path:
+        """The final adapter, else the newest checkpoint's; ConfigError when there is neither
+        (or no readable ``config.json``)."""
+        self.saved_config()
+        if self.adapter.is_dir():
+            return self.adapter
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise ConfigError(f"run folder {self.path} holds no final adapter and no complete checkpoint yet")
+        return latest / "adapter"
+
+    def _last_metrics(self) -> dict | None:
+        lines = self.metrics_file.read_text().splitlines() if self.metrics_file.is_file() else []
+        return json.loads(lines[-1]) if lines else None
+
+    # -- decisions -------------------------------------------------------------------------
+    def config_changes(self, config: TrainConfig) -> dict:
+        """``{key: (saved value, new value)}`` for the keys outside `resumable_fields(config.algorithm)`
+        (those that change nothing trained, or do not apply to the algorithm) where ``config`` differs
+        from the saved one (a key an older config.json lacks counts as its default): a run of
+        ``config`` may continue this folder's exactly when this is empty."""
+        try:
+            saved = json.loads(self.config_file.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{self.path} holds checkpoints but its config.json cannot be read ({err}), so "
+                              f"whether they are of this config is unknown; {WAYS_OUT}") from err
+        defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+        new = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as in the saved file
+        old = {**defaults, **saved}
+        keys = [f.name for f in fields(TrainConfig)] + sorted(set(saved) - set(new))
+        resumable = resumable_fields(config.algorithm)
+        return {k: (old.get(k), new.get(k)) for k in keys if k not in resumable and old.get(k) != new.get(k)}
+
+    def plan_start(self, config: TrainConfig) -> RunStart:
+        """Decide how a run of ``config`` starts here (module docstring); ConfigError when it may not."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            if config.resume:
+                raise ConfigError(f"resume=True, but {self.path} holds no complete checkpoint to resume from; "
+                                  "leave resume unset to start fresh, or point run_dir at the run to continue")
+            return RunStart()
+        step = checkpoint_step(latest)
+        if config.resume is False:
+            if not config.overwrite:
+                raise ConfigError(f"resume=False starts over, but {self.path} holds checkpoints (up to step {step}) "
+                                  "and would delete them: add overwrite=True (`--set resume=false overwrite=true`), "
+                                  "or use another run_dir")
             return RunStart(discard=True)
-        listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
-        raise ConfigError(f"{run_dir} holds checkpoints (up to step {step}) of another config ({listed}); "
-                          f"resuming would mix two runs: {WAYS_OUT}")
-    if step > config.max_steps:
-        raise ConfigError(f"{run_dir} holds a checkpoint of step {step}, past max_steps={config.max_steps}; "
-                          f"set max_steps >= {step} to resume it, or {WAYS_OUT}")
-    error = max_steps_change_error(config, _saved_config(run_dir).get("max_steps"), step)
-    if error:
-        raise ConfigError(f"{run_dir}: {error}")
-    return RunStart(checkpoint=latest)
+        changes = self.config_changes(config)
+        if changes:
+            if config.overwrite and config.resume is None:
+                return RunStart(discard=True)
+            listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            raise ConfigError(f"{self.path} holds checkpoints (up to step {step}) of another config ({listed}); "
+                              f"resuming would mix two runs: {WAYS_OUT}")
+        if step > config.max_steps:
+            raise ConfigError(f"{self.path} holds a checkpoint of step {step}, past max_steps={config.max_steps}; "
+                              f"set max_steps >= {step} to resume it, or {WAYS_OUT}")
+        error = max_steps_change_error(config, self.saved_config().get("max_steps"), step)
+        if error:
+            raise ConfigError(f"{self.path}: {error}")
+        return RunStart(checkpoint=latest)
+
+    def finished(self, config: TrainConfig) -> bool:
+        """Whether a run of ``config`` here has nothing left to train: it would resume
+        (`plan_start`) from a checkpoint at the end ``config`` sets (step ``max_steps``, or the
+        rollout-token budget ``max_generated_tokens`` spent), and the final adapter is saved.
+        False where such a run would continue (a raised ``max_steps``), start fresh or be refused."""
+        try:
+            start = self.plan_start(config)
+        except ConfigError:
+            return False
+        if start.checkpoint is None or not self.adapter.is_dir():
+            return False
+        step = checkpoint_step(start.checkpoint)
+        if step >= config.max_steps:
+            return True
+        if config.max_generated_tokens is None or not self.metrics_file.is_file():
+            return False
+        rows = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        generated = next((row["tokens/generated_total"] for row in rows if row["step"] == step), 0)
+        return generated >= config.max_generated_tokens
+
+    def discard_previous_run(self) -> int:
+        """Delete the checkpoints and final adapter (``overwrite=True``); return how many complete
+        checkpoints there were."""
+        shutil.rmtree(self.adapter, ignore_errors=True)
+        return remove_checkpoints(self.path)
 
 
 def max_steps_change_error(config: TrainConfig, saved_max_steps: int | None, step: int) -> str | None:
@@ -90,32 +210,3 @@ def max_steps_change_error(config: TrainConfig, saved_max_steps: int | None, ste
             f"schedule midway (its rate jumps), which no fresh run of either length has. Keep "
             f"max_steps={saved_max_steps} to resume, or train {config.max_steps} steps from the start: "
             f"{WAYS_OUT} (lr_schedule='constant' runs can be extended)")
-
-
-def _saved_config(run_dir) -> dict:
-    path = Path(run_dir) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{run_dir} holds checkpoints but its config.json cannot be read ({err}), so whether "
-                          f"they are of this config is unknown; {WAYS_OUT}") from err
-
-
-def config_changes(run_dir, config: TrainConfig) -> dict:
-    """``{key: (saved value, new value)}`` for the keys outside `resumable_fields(config.algorithm)`
-    (those that change nothing trained, or do not apply to the algorithm) where ``config`` differs
-    from the config saved in ``run_dir`` (a key an older config.json lacks counts as its default)."""
-    saved = _saved_config(run_dir)
-    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
-    new = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as in the saved file
-    old = {**defaults, **saved}
-    keys = [f.name for f in fields(TrainConfig)] + sorted(set(saved) - set(new))
-    resumable = resumable_fields(config.algorithm)
-    return {k: (old.get(k), new.get(k)) for k in keys if k not in resumable and old.get(k) != new.get(k)}
-
-
-def discard_previous_run(run_dir) -> int:
-    """Delete ``run_dir``'s checkpoints and final adapter (``overwrite=True``); return how many
-    complete checkpoints there were."""
-    shutil.rmtree(Path(run_dir) / "adapter", ignore_errors=True)
-    return remove_checkpoints(run_dir)

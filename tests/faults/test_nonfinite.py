@@ -151,7 +151,7 @@ def test_masked_vocabulary_never_gives_nan_in_baselines(tmp_path, algorithm):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_chunked_divergence_with_masked_vocabulary_is_finite(kind, dtype):
-    from opsd_kit.losses import chunked_divergence
+    from opsd_kit.losses import DivergenceSpec, chunked_divergence
 
     torch.manual_seed(0)
     B, T, H, V, real = 2, 5, 8, 24, 17
@@ -162,10 +162,11 @@ def test_chunked_divergence_with_masked_vocabulary_is_finite(kind, dtype):
     teacher = torch.randn(B, T, H, dtype=dtype)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, -2:] = False
-    for truncate, topk in ((None, None), ((5, 0.9), None), (None, 4)):
+    for spec in (DivergenceSpec(kind, beta=0.4, chunk_size=2),
+                 DivergenceSpec(kind, beta=0.4, chunk_size=2, truncate=(5, 0.9)),
+                 DivergenceSpec("topk", topk=4, chunk_size=2)):
         student.grad = None
-        loss, per_token = chunked_divergence(student, teacher, head, mask, kind=kind, beta=0.4, chunk_size=2,
-                                             truncate=truncate, top_k_support=topk)
+        loss, per_token = chunked_divergence(student, teacher, head, mask, spec)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(per_token).all()
         assert torch.isfinite(student.grad).all()

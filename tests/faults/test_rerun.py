@@ -8,7 +8,7 @@ import pytest
 from _faults import assert_same_adapter, tiny_config
 
 from opsd_kit.config import ConfigError
-from opsd_kit.run.rundir import RESUMABLE_CHANGES, RunStart, config_changes, plan_start
+from opsd_kit.run.rundir import RESUMABLE_CHANGES, RunDir, RunStart
 from opsd_kit.trainer import Trainer
 
 
@@ -23,19 +23,23 @@ def fake_run(run_dir, steps=(2,), **overrides):
     return run_dir
 
 
+def _start(config) -> RunStart:
+    return RunDir(config.run_dir).plan_start(config)
+
+
 def test_an_empty_run_dir_starts_fresh(tmp_path):
-    assert plan_start(tiny_config(tmp_path / "new")) == RunStart()
+    assert _start(tiny_config(tmp_path / "new")) == RunStart()
 
 
 def test_checkpoints_of_the_same_config_are_resumed(tmp_path):
     run_dir = fake_run(tmp_path / "run", steps=(2, 4), max_steps=4)
-    start = plan_start(tiny_config(run_dir, max_steps=4))
+    start = _start(tiny_config(run_dir, max_steps=4))
     assert start.checkpoint.name == "step-000004" and not start.discard
     # keys that do not change what is trained may change, max_steps included (extending a finished run)
     same = dict(max_steps=10, save_every=5, keep_checkpoints=4, progress=True, max_generated_tokens=100,
                 micro_batch_size=1, gradient_checkpointing=True)
     assert set(same) <= set(RESUMABLE_CHANGES)
-    assert plan_start(tiny_config(run_dir, **same)).checkpoint.name == "step-000004"
+    assert _start(tiny_config(run_dir, **same)).checkpoint.name == "step-000004"
 
 
 def test_a_saved_value_of_a_field_the_algorithm_does_not_use_is_no_other_config(tmp_path):
@@ -46,9 +50,9 @@ def test_a_saved_value_of_a_field_the_algorithm_does_not_use_is_no_other_config(
     run_dir = fake_run(tmp_path / "run")
     saved = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps(dict(saved, num_generations=4, clip_tau=0.5)))
-    assert config_changes(run_dir, tiny_config(run_dir)) == {"clip_tau": (0.5, None)}  # OPSD's own knob counts
+    assert RunDir(run_dir).config_changes(tiny_config(run_dir)) == {"clip_tau": (0.5, None)}  # OPSD's own knob counts
     (run_dir / "config.json").write_text(json.dumps(dict(saved, num_generations=4)))
-    assert plan_start(tiny_config(run_dir)).checkpoint.name == "step-000002"
+    assert RunDir(run_dir).plan_start(tiny_config(run_dir)).checkpoint.name == "step-000002"
 
 
 def test_another_config_is_refused_before_any_model_loads(tmp_path, no_model_loads):
@@ -60,7 +64,7 @@ def test_another_config_is_refused_before_any_model_loads(tmp_path, no_model_loa
                  "another run_dir", "step 2"):
         assert part in message, message
     assert (run_dir / "checkpoints" / "step-000002").is_dir(), "nothing was deleted"
-    assert config_changes(run_dir, tiny_config(run_dir, max_steps=50)) == {}
+    assert RunDir(run_dir).config_changes(tiny_config(run_dir, max_steps=50)) == {}
 
 
 @pytest.mark.parametrize("overrides, fragments", [
@@ -85,16 +89,36 @@ def test_resume_true_needs_a_checkpoint(tmp_path, no_model_loads):
 
 def test_overwrite_is_what_allows_starting_over(tmp_path):
     run_dir = fake_run(tmp_path / "run")
-    assert plan_start(tiny_config(run_dir, resume=False, overwrite=True)) == RunStart(discard=True)
-    assert plan_start(tiny_config(run_dir, seed=5, overwrite=True)) == RunStart(discard=True)
-    assert plan_start(tiny_config(run_dir, overwrite=True)).checkpoint is not None  # same config: resumed
+    assert _start(tiny_config(run_dir, resume=False, overwrite=True)) == RunStart(discard=True)
+    assert _start(tiny_config(run_dir, seed=5, overwrite=True)) == RunStart(discard=True)
+    assert _start(tiny_config(run_dir, overwrite=True)).checkpoint is not None  # same config: resumed
+
+
+def test_a_finished_run_is_one_that_would_resume_at_its_end(tmp_path):
+    """`RunDir.finished` (the demo reuses such a run): the same config up to the keys a resumed run
+    may change, a checkpoint at max_steps or past the token budget, and the final adapter."""
+    run_dir = fake_run(tmp_path / "run", steps=(2,), max_steps=2)
+    folder = RunDir(run_dir)
+    assert not folder.finished(tiny_config(run_dir, max_steps=2)), "no final adapter yet"
+    (run_dir / "adapter").mkdir()
+    assert folder.finished(tiny_config(run_dir, max_steps=2))
+    assert folder.finished(tiny_config(run_dir, max_steps=2, micro_batch_size=1, progress=True))  # resumable keys
+    assert folder.finished(tiny_config(tmp_path / "moved", max_steps=2))  # run_dir itself is one
+    assert not folder.finished(tiny_config(run_dir, max_steps=3))  # would resume and train on
+    assert not folder.finished(tiny_config(run_dir, max_steps=1))  # refused: past max_steps
+    assert not folder.finished(tiny_config(run_dir, max_steps=2, seed=3))  # another config
+    assert not folder.finished(tiny_config(run_dir, max_steps=2, resume=False, overwrite=True))  # starts over
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "tokens/generated_total": 30}\n'
+                                           '{"step": 2, "tokens/generated_total": 60}\n')
+    assert folder.finished(tiny_config(run_dir, max_steps=5, max_generated_tokens=60))  # the budget is spent
+    assert not folder.finished(tiny_config(run_dir, max_steps=5, max_generated_tokens=61))
 
 
 def test_checkpoints_without_a_readable_config_are_refused(tmp_path):
     run_dir = fake_run(tmp_path / "run")
     (run_dir / "config.json").unlink()
     with pytest.raises(ConfigError, match="config.json cannot be read"):
-        plan_start(tiny_config(run_dir))
+        _start(tiny_config(run_dir))
 
 
 def test_missing_tracker_package_fails_before_any_model_loads(tmp_path, no_model_loads):
@@ -169,12 +193,12 @@ def test_changing_max_steps_of_a_decaying_schedule_past_warmup_is_refused(tmp_pa
     for part in (f"'{schedule}' learning-rate schedule planned for max_steps=4", f"max_steps={new_max_steps}",
                  "Keep max_steps=4", "--set resume=false overwrite=true", "lr_schedule='constant'"):
         assert part in message, message
-    assert plan_start(tiny_config(run_dir, max_steps=4, lr_schedule=schedule, warmup_steps=1)).checkpoint
+    assert RunDir(run_dir).plan_start(tiny_config(run_dir, max_steps=4, lr_schedule=schedule, warmup_steps=1)).checkpoint
 
 
 def test_changing_max_steps_in_warmup_is_resumed(tmp_path):
     # 2 steps taken with warmup_steps=1: factors 0 and 1 whatever max_steps is
     run_dir = fake_run(tmp_path / "run", steps=(2,), max_steps=4, lr_schedule="cosine", warmup_steps=1)
-    assert plan_start(tiny_config(run_dir, max_steps=8, lr_schedule="cosine", warmup_steps=1)).checkpoint
+    assert RunDir(run_dir).plan_start(tiny_config(run_dir, max_steps=8, lr_schedule="cosine", warmup_steps=1)).checkpoint
     run_dir = fake_run(tmp_path / "constant", steps=(3,), max_steps=4, warmup_steps=1)
-    assert plan_start(tiny_config(run_dir, max_steps=8, warmup_steps=1)).checkpoint
+    assert RunDir(run_dir).plan_start(tiny_config(run_dir, max_steps=8, warmup_steps=1)).checkpoint
