@@ -193,12 +193,14 @@ def test_changing_max_steps_of_a_decaying_schedule_past_warmup_is_refused(tmp_pa
     for part in (f"'{schedule}' learning-rate schedule planned for max_steps=4", f"max_steps={new_max_steps}",
                  "Keep max_steps=4", "--set resume=false overwrite=true", "lr_schedule='constant'"):
         assert part in message, message
-    assert RunDir(run_dir).plan_start(tiny_config(run_dir, max_steps=4, lr_schedule=schedule, warmup_steps=1)).checkpoint
+    same = tiny_config(run_dir, max_steps=4, lr_schedule=schedule, warmup_steps=1)
+    assert RunDir(run_dir).plan_start(same).checkpoint
 
 
 def test_changing_max_steps_in_warmup_is_resumed(tmp_path):
     # 2 steps taken with warmup_steps=1: factors 0 and 1 whatever max_steps is
     run_dir = fake_run(tmp_path / "run", steps=(2,), max_steps=4, lr_schedule="cosine", warmup_steps=1)
-    assert RunDir(run_dir).plan_start(tiny_config(run_dir, max_steps=8, lr_schedule="cosine", warmup_steps=1)).checkpoint
+    longer = tiny_config(run_dir, max_steps=8, lr_schedule="cosine", warmup_steps=1)
+    assert RunDir(run_dir).plan_start(longer).checkpoint
     run_dir = fake_run(tmp_path / "constant", steps=(3,), max_steps=4, warmup_steps=1)
     assert RunDir(run_dir).plan_start(tiny_config(run_dir, max_steps=8, warmup_steps=1)).checkpoint
