@@ -398,8 +398,22 @@ class TrainConfig:
         """Build and validate; unknown keys are an error that suggests the closest known key."""
         return cls(**_known_keys(cls, values, "config")).validate()
 
+    @classmethod
+    def from_saved(cls, values: dict) -> "TrainConfig":
+        """A run folder's ``config.json`` as a config: keys that are no longer settings
+        (`RETIRED_FIELDS`) dropped, and fields the run's algorithm does not read reset to their
+        defaults (a saved profile may hold values there), then built as `from_dict`."""
+        algorithm = values.get("algorithm", cls.algorithm)
+        kept = {k: v for k, v in values.items() if k not in RETIRED_FIELDS
+                and (k not in _FIELDS or algorithm in _FIELDS[k].metadata["applies"])}
+        return cls.from_dict(kept)
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+RETIRED_FIELDS = {"share_prompt_pass": "decided by the algorithm (`OPSD.prompt_pass.enabled`)"}
+"""Keys an older run's config.json may hold that are no longer settings, and what took their place;
+`TrainConfig.from_saved` and resuming ignore them."""
 
 
 @dataclass

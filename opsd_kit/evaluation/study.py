@@ -294,7 +294,7 @@ def load_run_config(run_dir):
     `TrainConfig` given."""
     from opsd_kit.config import TrainConfig
 
-    return TrainConfig.from_dict(_run_config(run_dir))
+    return TrainConfig.from_saved(_run_config(run_dir))
 
 
 def answer_token_divergence(points: list[Point], results: dict, problems, *, run, n_samples: int = 16,

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from opsd_kit.config import ConfigError, TrainConfig, resumable_fields
+from opsd_kit.config import RETIRED_FIELDS, ConfigError, TrainConfig, resumable_fields
 from opsd_kit.run.checkpoint import checkpoint_step, complete_checkpoints, remove_checkpoints
 
 RESUMABLE_CHANGES = resumable_fields()
@@ -129,7 +129,7 @@ class RunDir:
         defaults = json.loads(json.dumps(TrainConfig().to_dict()))
         new = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as in the saved file
         old = {**defaults, **saved}
-        keys = [f.name for f in fields(TrainConfig)] + sorted(set(saved) - set(new))
+        keys = [f.name for f in fields(TrainConfig)] + sorted(set(saved) - set(new) - set(RETIRED_FIELDS))
         resumable = resumable_fields(config.algorithm)
         return {k: (old.get(k), new.get(k)) for k in keys if k not in resumable and old.get(k) != new.get(k)}
 

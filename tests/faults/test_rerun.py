@@ -55,6 +55,23 @@ def test_a_saved_value_of_a_field_the_algorithm_does_not_use_is_no_other_config(
     assert RunDir(run_dir).plan_start(tiny_config(run_dir)).checkpoint.name == "step-000002"
 
 
+def test_a_run_saved_with_a_retired_key_still_resumes_and_loads(tmp_path):
+    """An older config.json may hold a key that is no longer a setting (`config.RETIRED_FIELDS`)
+    and profile values in fields its algorithm never read: it resumes, and loads for evaluation."""
+    import json
+
+    from opsd_kit.config import RETIRED_FIELDS, TrainConfig
+    from opsd_kit.evaluation.study import load_run_config
+
+    run_dir = fake_run(tmp_path / "run")
+    saved = json.loads((run_dir / "config.json").read_text())
+    old = dict(saved, num_generations=4, **dict.fromkeys(RETIRED_FIELDS, True))
+    (run_dir / "config.json").write_text(json.dumps(old))
+    assert RunDir(run_dir).config_changes(tiny_config(run_dir)) == {}
+    loaded = load_run_config(run_dir)
+    assert loaded.num_generations == TrainConfig().num_generations and loaded.lora_r == saved["lora_r"]
+
+
 def test_another_config_is_refused_before_any_model_loads(tmp_path, no_model_loads):
     run_dir = fake_run(tmp_path / "run")
     with pytest.raises(ConfigError) as info:
