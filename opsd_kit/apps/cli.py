@@ -108,12 +108,13 @@ def _eval(args) -> int:
     from opsd_kit.data.sources import load_source
     from opsd_kit.evaluation.evaluate import evaluate_model
     from opsd_kit.evaluation.stats import accuracy_interval, bootstrap_indices
-    from opsd_kit.evaluation.study import load_run_policy
+    from opsd_kit.evaluation.study import eval_prompt, load_run_policy
 
     run_dir, adapter = _locate_adapter(Path(args.path))
     config = _eval_config(args, run_dir)
     problems, _report = load_source(config.data, size=config.size, seed=config.seed)
-    policy, builder = load_run_policy(run_dir, adapter, student_thinking=config.student_thinking)
+    policy, builder = load_run_policy(run_dir, adapter, student_thinking=config.student_thinking,
+                                      prompt=eval_prompt(config))
     result = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=config.settings(),
                             mode=config.mode, seed=config.seed, progress=sys.stderr.isatty())
     indices = bootstrap_indices(len(problems), config.n_bootstrap, config.seed) if config.k > 1 else None

@@ -146,7 +146,8 @@ def _evaluate_share(jobs: list, model_run: dict, problem_dicts: list, eval_value
 
     eval_config = EvalConfig.from_dict(eval_values)
     problems = [Problem(**d) for d in problem_dicts]
-    policy, builder = load_run_policy(model_run, student_thinking=eval_config.student_thinking)
+    policy, builder = load_run_policy(model_run, student_thinking=eval_config.student_thinking,
+                                      prompt=eval_prompt(eval_config))
     for tag, adapter, key in jobs:
         if adapter is not None:
             policy.load_adapter(adapter)
@@ -391,12 +392,22 @@ def _saved_key(folder: Path) -> dict | None:
         return None
 
 
-def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
+def eval_prompt(eval_config) -> dict:
+    """The student-prompt settings an evaluation protocol sets over the run's own
+    (`EvalConfig.student_prompt_format`, `EvalConfig.student_template`; None keeps the run's)."""
+    values = {"student_prompt_format": eval_config.student_prompt_format,
+              "student_template": eval_config.student_template}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def load_run_policy(run_dir, adapter=None, *, student_thinking="from run", prompt: dict | None = None):
     """The policy and prompt builder a run (a folder, or a `TrainConfig`) trained with, its
     adapter loaded when given.
 
     ``student_thinking`` overrides the run's student thinking switch (an evaluation protocol
-    may differ from training: the paper trains with thinking off and evaluates with it on).
+    may differ from training: the paper trains with thinking off and evaluates with it on);
+    ``prompt`` (`eval_prompt`) the student prompt's format and template (the paper's
+    protocol evaluates chat-templated whatever prompt the run trained on).
     """
     from dataclasses import replace
 
@@ -410,6 +421,7 @@ def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
     policy = build_policy(replace(cfg, teacher="frozen", gradient_checkpointing=False, backend="hf"))
     if student_thinking != "from run":
         cfg = replace(cfg, student_thinking=student_thinking)
+    cfg = replace(cfg, **(prompt or {}))
     builder = build_prompts(cfg, policy.tokenizer)
     if adapter is not None:
         policy.load_adapter(adapter)
