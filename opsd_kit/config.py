@@ -61,7 +61,7 @@ class TrainConfig:
     seed: int = 0
     """Seeds python, numpy and torch; rollout seeds and problem order derive from it."""
     max_steps: int = 100
-    """Optimizer steps (paper: 100 for OPSD, 500 for GRPO)."""
+    """Optimizer steps (`paper`: 200 for OPSD; the official scripts' epochs for GRPO, SFT, RLSD)."""
     max_generated_tokens: int | None = None
     """Rollout-token budget: stop after the step at which the run's generated tokens (all
     processes) reach it, even before max_steps. None: no budget. A token-matched comparison
@@ -114,7 +114,8 @@ class TrainConfig:
     train_size: int = 512
     """How many training problems to load."""
     max_prompt_tokens: int = 1024
-    """Cap on either prompt; over-long teacher prompts lose the end of the reference solution."""
+    """Cap on either prompt; over-long teacher prompts lose the middle of the reference solution
+    (its beginning and its final answer stay; `prompts.middle_cut`)."""
     student_thinking: bool | None = None
     """Chat-template `enable_thinking` for the student (paper: False; None: not passed)."""
     teacher_thinking: bool | None = None
@@ -182,7 +183,8 @@ class TrainConfig:
     sampled_token_clamp: float | None = 5.0
     """Advantage clamp for divergence='sampled_token' (rLLM: 5)."""
     teacher: str = "frozen"
-    """'frozen' (base model, adapter off; paper), 'live' (current weights) or 'ema'."""
+    """OPSD's teacher: 'frozen' (base model, adapter off; paper), 'live' (current weights) or
+    'ema'. RLSD's is `rlsd_teacher`."""
     ema_decay: float = 0.999
     """EMA decay of the LoRA weights for teacher='ema'."""
     loss_chunk_size: int = 128
@@ -192,7 +194,8 @@ class TrainConfig:
     num_generations: int = 8
     """GRPO group size G: rollouts per problem (paper: 8)."""
     num_iterations: int = 2
-    """GRPO optimizer steps per batch of rollouts (paper: 2)."""
+    """GRPO optimizer steps per batch of rollouts (`paper`: 1 for GRPO, TRL's default that
+    run_grpo.sh inherits; 2 for RLSD, run_rlsd_1b.sh L16)."""
     ratio_clip_eps: float = 0.2
     """GRPO importance-ratio clip epsilon."""
     scale_rewards: bool = True
@@ -206,8 +209,11 @@ class TrainConfig:
     which the official run_grpo.sh L28 and run_rlsd_1b.sh L36 set; a long rollout's tokens
     each weigh less)."""
     grading_mode: str = "strict"
-    """Reward and rollout-correctness grading: 'strict' (the last boxed answer only) or 'lenient'
-    (also '####', 'the answer is', else the last number); see opsd_kit.evaluation.evaluate."""
+    """Reward and rollout-correctness grading: 'strict' (the last boxed answer only), 'lenient'
+    (also '####', 'the answer is', else the last number), or the official training rewards:
+    'first_box_exact' (the first box, stripped lower-case exact match: grpo_train.py) and
+    'first_box_after_think' (the first box after </think>, math_verify, then a whitespace-free
+    match: rlsd_train.py); see opsd_kit.data.answers and opsd_kit.evaluation.grading."""
 
     # -- RLSD ------------------------------------------------------------------------------
     rlsd_lambda: float = 0.5
