@@ -688,7 +688,8 @@ _ALGORITHM_OVERRIDES: dict[str, dict] = {
             grading_mode="first_box_after_think",  # rlsd_train.py L59-115
             # rlsd_train.py L124-144: both prompts chat-templated, enable_thinking not passed (Qwen3: on)
             student_prompt_format="chat", student_thinking=None, teacher_thinking=None,
-            student_template=PROBLEM_STUDENT_TEMPLATE, teacher_template=RLSD_TEACHER_TEMPLATE,
+            student_template=PROBLEM_STUDENT_TEMPLATE,  # rlsd_train.py L127
+            teacher_template=RLSD_TEACHER_TEMPLATE,  # rlsd_train.py L130-141
         ),
     },
     # SFT as the official scripts/run_sft.sh ("sft.sh", one line) and sft_train.py run it.

@@ -89,6 +89,42 @@ def test_paper_sft_follows_the_official_sft_script():
         cfg.check_context(16_000)
 
 
+def _paper_dicts():
+    """The ``dict(...)`` calls of config.py that define `paper` values: the profile and each
+    algorithm's `paper` overrides, as (label, ast.Call)."""
+    import ast
+    import inspect
+
+    import opsd_kit.config as config_module
+
+    source = inspect.getsource(config_module)
+    found = []
+    for node in ast.parse(source).body:
+        target = node.targets[0].id if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) else \
+            node.target.id if isinstance(node, ast.AnnAssign) else None
+        if target not in ("_PROFILES", "_ALGORITHM_OVERRIDES"):
+            continue
+        outer = node.value
+        inner = [outer] if target == "_PROFILES" else [v for v in outer.values if isinstance(v, ast.Dict)]
+        for d in inner:
+            for key, value in zip(d.keys, d.values):
+                if isinstance(key, ast.Constant) and key.value == "paper" and isinstance(value, ast.Call):
+                    found.append((f"{target}: {ast.get_source_segment(source, d)[:30]!r}", value))
+    return source.splitlines(), found
+
+
+def test_every_paper_value_names_its_source():
+    """Each keyword of a `paper` dict has a comment on its line or just above it (its source:
+    the paper's section or the official file and line, or why the kit differs)."""
+    lines, dicts = _paper_dicts()
+    assert len(dicts) == 4  # the profile, and the GRPO, RLSD and SFT overrides (OPSD has none)
+    for label, call in dicts:
+        for kw in call.keywords:
+            line = lines[kw.value.lineno - 1]
+            above = lines[kw.value.lineno - 2].strip()
+            assert "#" in line or above.startswith("#"), f"{label}: {kw.arg} has no source comment"
+
+
 def test_rlsd_teacher_is_live_by_default_and_frozen_on_request():
     assert load_profile("tiny", "rlsd").teacher_weights == "live"
     assert load_profile("tiny", "rlsd", rlsd_teacher="frozen").teacher_weights == "frozen"
