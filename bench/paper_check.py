@@ -10,8 +10,8 @@ folder, local training problems (`bench_problems`, written to a JSON Lines file)
 count, the token caps (`--tokens`; SFT's target cap too), the checkpoint cadence, and on CPU
 float32 with 2 problems a step and a 1,024-token prompt cap (the small model's context is 4,096).
 A random model earns no reward, so GRPO and RLSD are rewarded here by the parity of a rollout's
-first token (as tests/test_rlsd.py does): their advantages, RLSD's teacher pass and the loss then
-run. The steps check the path, not learning.
+index, which mixes every group (a group's rollouts are contiguous): their advantages, RLSD's
+teacher pass and the loss then run. The steps check the path, not learning.
 
   python bench/paper_check.py --model qwen3-1.7b-random --device cuda --json paper.json
   python bench/paper_check.py --model qwen3-small-random --device cpu --steps 1 --tokens 4   # smoke
@@ -64,8 +64,7 @@ def train(args, profile: str, algorithm: str, model_folder: str, data: str, n: i
     cfg = load_profile(profile, algorithm, **_overrides(args, model_folder, data, n, run_dir, algorithm), **extra)
     trainer = Trainer(cfg)
     if algorithm in ("grpo", "rlsd"):  # a random model earns no reward: a reward that varies within groups
-        trainer.algorithm.grade = lambda rollouts, problems: [float(bool(c) and c[0] % 2)
-                                                              for c in rollouts.completion_ids]
+        trainer.algorithm.grade = lambda rollouts, problems: [float(i % 2) for i in range(len(rollouts))]
     before = {k: v.clone() for k, v in trainer.policy.lora_state_dict().items()}
     t0 = time.perf_counter()
     result = trainer.train()
@@ -161,6 +160,7 @@ def main(argv=None) -> int:
     if first_run_dir:
         report["eval"] = attempt("eval paper protocol", lambda: evaluate(args, first_run_dir, problems))
     else:
+        print("[eval paper protocol] SKIPPED: no OPSD run finished")
         report["skipped"].append({"part": "eval", "reason": "no OPSD run finished"})
     if not cuda:
         print("[paper:opsd vllm] SKIPPED: vLLM rollouts need CUDA")
