@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GPU readiness check for the OPSD step, under 8 minutes on one GPU, no pip, no network.
+# GPU readiness check for the OPSD step and the `paper` profiles, on one GPU, no pip, no network
+# (the step, loss, rollout and memory checks: under 8 minutes; bench/paper_check.py: at most 7
+# more, its timeout; --paper-only runs it alone).
 #
 # Needs: torch (CUDA), transformers, peft (and accelerate, which peft installs); bitsandbytes for
 # the 4-bit run (skipped without it); trl for the TRL side of bench/step.py (opsd_kit alone
@@ -15,11 +17,19 @@
 #                  match rate, sampled log-prob agreement, fraction of the bandwidth bound
 #   bench/memory.py   memory mode: one OPSD step at V=151936, 1024 completion tokens, gradient
 #                  checkpointing, chunked divergence vs TRL's full-logit loss (float32)
+#   bench/paper_check.py  the `paper` profiles on the same random model: 2 steps each of `paper` and
+#                  `paper-qlora` OPSD (4-bit: with bitsandbytes) and of `paper` GRPO, RLSD and SFT;
+#                  the paper's evaluation protocol (eval_protocol_for) on 3 problems at 32 new
+#                  tokens (the hub benchmarks are not loaded: no network); OPSD with vLLM rollouts
+#                  where vllm is installed. It says what it skipped and why.
 # and writes everything under $OUT (default: bench/out-gpu): gpu_check.log (all output),
-# step_bf16.json, step_4bit.json, loss_bf16.txt, loss_fp32.txt, rollout.json, memory.json, summary.txt.
+# step_bf16.json, step_4bit.json, loss_bf16.txt, loss_fp32.txt, rollout.json, memory.json,
+# paper.json, summary.txt.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from the repository root
+#   bash bench/gpu_check.sh --paper-only # only the preflight, the model and bench/paper_check.py
 #   bash bench/gpu_check.sh --cpu-smoke  # the same flow on CPU with a small Qwen3-shaped model
+#                                        # (--cpu-smoke --paper-only: the paper part alone)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out-gpu}"
@@ -34,16 +44,27 @@ SUMMARY="$OUT/summary.txt"
 : >"$LOG"; : >"$SUMMARY"
 START=$(date +%s)
 
-if [ "${1:-}" = "--cpu-smoke" ]; then
+CPU_SMOKE=0; PAPER_ONLY=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-smoke) CPU_SMOKE=1 ;;
+    --paper-only) PAPER_ONLY=1 ;;
+    *) echo "unknown argument: $arg (use --cpu-smoke and/or --paper-only)"; exit 2 ;;
+  esac
+done
+PAPER_RUNS="paper:opsd paper-qlora:opsd paper:grpo paper:rlsd paper:sft"
+if [ "$CPU_SMOKE" = 1 ]; then
   DEVICE=cpu; MODEL=qwen3-small-random; TOK=4; PROBLEMS=2; MICRO=1; REPEATS=1
   T_STEP=900; T_LOSS=300; LOSS_ARGS="--T 64 --V 151936 --H 256 --repeats 1"
   ROLLOUT_ARGS="--dtype float32 --prompts 2 --new-tokens 4 --repeats 1"; T_ROLLOUT=300
   MEMORY_ARGS="--completion 64"; T_MEMORY=300
+  PAPER_ARGS="--steps 1 --tokens 4 --eval-tokens 4"; T_PAPER=900
 else
   DEVICE=cuda; MODEL=qwen3-1.7b-random; TOK=128; PROBLEMS=8; MICRO=4; REPEATS=2
   T_STEP=150; T_LOSS=45; LOSS_ARGS="--T 1024 --V 151936 --H 2048 --repeats 3"
   ROLLOUT_ARGS="--dtype bfloat16 --prompts 32 --new-tokens 128 --repeats 3"; T_ROLLOUT=120
   MEMORY_ARGS="--hidden 2048 --layers 4 --completion 1024"; T_MEMORY=60
+  PAPER_ARGS="--steps 2 --tokens 64 --eval-tokens 32"; T_PAPER=420
 fi
 
 say() { echo "$*" | tee -a "$LOG" >>"$SUMMARY"; }
@@ -82,6 +103,25 @@ if ! "$PY" -c "import sys; sys.path.insert(0,'bench'); import _common; print('mo
   say "FAIL: could not build $MODEL"; tail -20 "$LOG"; exit 1
 fi
 say "model built at $(elapsed) s"
+
+run_paper() {
+  echo "== paper: $PY bench/paper_check.py --model $MODEL --device $DEVICE $PAPER_ARGS --runs $PAPER_RUNS" >>"$LOG"
+  # shellcheck disable=SC2086
+  timeout "$T_PAPER" "$PY" bench/paper_check.py --model "$MODEL" --device "$DEVICE" $PAPER_ARGS --runs $PAPER_RUNS \
+    --json "$OUT/paper.json" >"$OUT/.paper.txt" 2>&1
+  local rc=$?
+  cat "$OUT/.paper.txt" >>"$LOG"
+  grep -E "^\[|^paper_check|^FAIL" "$OUT/.paper.txt" | cut -c1-300 | sed "s/^/[paper] /" >>"$SUMMARY"
+  rm -f "$OUT/.paper.txt"
+  [ $rc -eq 124 ] && say "[paper] TIMEOUT after $T_PAPER s: the parts after the last line above did not run"
+  say "[paper] rc=$rc at $(elapsed) s"
+}
+if [ "$PAPER_ONLY" = 1 ]; then
+  run_paper
+  say "== done in $(elapsed) s"
+  cat "$SUMMARY"
+  exit 0
+fi
 
 COMMON=(--model "$MODEL" --device "$DEVICE" --problems "$PROBLEMS" --micro-batch "$MICRO" --new-tokens "$TOK"
         --warmup 1 --repeats "$REPEATS" --chunk-size 128 --lora-r 64 --lora-alpha 128 --lr 5e-6 --temperature 1.1)
@@ -129,5 +169,6 @@ rc=$?
 cat "$OUT/memory.txt" >>"$LOG"
 tail -3 "$OUT/memory.txt" | sed "s/^/[memory] /" >>"$SUMMARY"
 say "[memory] rc=$rc at $(elapsed) s"
+run_paper
 say "== done in $(elapsed) s"
 cat "$SUMMARY"

@@ -16,7 +16,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from opsd_kit.prompts import INSTRUCTION, STUDENT_TEMPLATE, TEACHER_TEMPLATE, template_error
+from opsd_kit.data.answers import GRADING_MODES
+from opsd_kit.prompts import (
+    GRPO_STUDENT_TEMPLATE,
+    INSTRUCTION,
+    OPSD_SAMPLED_STUDENT_TEMPLATE,
+    PROBLEM_STUDENT_TEMPLATE,
+    PROMPT_FORMATS,
+    RLSD_TEACHER_TEMPLATE,
+    SFT_STUDENT_TEMPLATE,
+    STUDENT_TEMPLATE,
+    TEACHER_TEMPLATE,
+    template_error,
+)
 from opsd_kit.rollout.hf import backend_error
 
 ALGORITHMS = ("opsd", "grpo", "sft", "rlsd")
@@ -26,6 +38,8 @@ GROUP_ALGORITHMS = ("grpo", "rlsd")  # sample num_generations rollouts per probl
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "topk", "sampled_token", "hint_contrast")
 TEACHER_HINTS = ("reference", "shuffled")
 TEACHERS = ("frozen", "live", "ema")
+RLSD_TEACHERS = ("live", "frozen")
+LOSS_NORMALISATIONS = ("token", "sequence")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit")
 BACKENDS = ("hf", "unsloth")
@@ -64,12 +78,13 @@ class TrainConfig:
     seed: int = knob(0)
     """Seeds python, numpy and torch; rollout seeds and problem order derive from it."""
     max_steps: int = knob(100, resumable=True)
-    """Optimizer steps (paper: 100 for OPSD, 500 for GRPO). A resumed run may change it (to
-    extend a finished run) when the learning rates of the steps it took do not depend on it,
-    so that it trains exactly as a fresh run of the new max_steps: lr_schedule='constant', or
-    a linear or cosine run still in warmup (at most warmup_steps + 1 steps taken). A linear or
-    cosine run past warmup is refused with the ways out: its rate decayed toward the old
-    max_steps and would jump to the new schedule's (`opsd_kit.run.rundir.max_steps_change_error`)."""
+    """Optimizer steps (`paper`: 200 for OPSD; the official scripts' epochs for GRPO, SFT, RLSD). A
+    resumed run may change it (to extend a finished run) when the learning rates of the steps it
+    took do not depend on it, so that it trains exactly as a fresh run of the new max_steps:
+    lr_schedule='constant', or a linear or cosine run still in warmup (at most warmup_steps + 1
+    steps taken). A linear or cosine run past warmup is refused with the ways out: its rate decayed
+    toward the old max_steps and would jump to the new schedule's
+    (`opsd_kit.run.rundir.max_steps_change_error`)."""
     max_generated_tokens: int | None = knob(None, applies=SAMPLING, resumable=True)
     """Rollout-token budget: stop after the step at which the run's generated tokens (all
     processes) reach it, even before max_steps. None: no budget. A token-matched comparison
@@ -118,11 +133,18 @@ class TrainConfig:
     train_size: int = knob(512)
     """How many training problems to load."""
     max_prompt_tokens: int = knob(1024)
-    """Cap on either prompt; over-long teacher prompts lose the end of the reference solution."""
+    """Cap on either prompt; over-long teacher prompts lose the middle of the reference solution
+    (its beginning and its final answer stay; `prompts.middle_cut`)."""
     student_thinking: bool | None = knob(None)
     """Chat-template `enable_thinking` for the student (paper: False; None: not passed)."""
     teacher_thinking: bool | None = knob(None, applies=TEACHING)
     """Chat-template `enable_thinking` for the teacher (paper: True; None: not passed)."""
+    student_prompt_format: str = knob("chat")
+    """How the student's message becomes its prompt: 'chat' (the tokenizer's chat template with
+    the generation prompt, `student_thinking` applied) or 'plain' (the message text alone, no
+    chat template, no special tokens: the official grpo_train.py L111 prompt, and the student
+    prompt of the published OPSD numbers per the official README's implementation note). The
+    teacher's prompt is always chat-templated, as in the official code."""
     student_template: str = knob(STUDENT_TEMPLATE)
     """The student's message, a `str.format` template: `{question}` (required) and `{instruction}`."""
     teacher_template: str = knob(TEACHER_TEMPLATE, applies=TEACHING)
@@ -179,9 +201,10 @@ class TrainConfig:
     """k for divergence='topk'."""
     sampled_token_clamp: float | None = knob(5.0, applies=("opsd",))
     """Advantage clamp for divergence='sampled_token' (rLLM: 5)."""
-    teacher: str = knob("frozen", applies=TEACHING)
-    """'frozen' (base model, adapter off; paper), 'live' (current weights) or 'ema'."""
-    ema_decay: float = knob(0.999, applies=TEACHING)
+    teacher: str = knob("frozen", applies=("opsd",))
+    """OPSD's teacher: 'frozen' (base model, adapter off; paper), 'live' (current weights) or
+    'ema'. RLSD's is `rlsd_teacher`."""
+    ema_decay: float = knob(0.999, applies=("opsd",))
     """EMA decay of the LoRA weights for teacher='ema'."""
     loss_chunk_size: int = knob(128, resumable=True)
     """Sequence positions per chunk of the divergence; bounds the logits held at once."""
@@ -190,16 +213,26 @@ class TrainConfig:
     num_generations: int = knob(8, applies=GROUP_ALGORITHMS)
     """GRPO group size G: rollouts per problem (paper: 8)."""
     num_iterations: int = knob(2, applies=GROUP_ALGORITHMS)
-    """GRPO optimizer steps per batch of rollouts (paper: 2)."""
+    """GRPO optimizer steps per batch of rollouts (`paper`: 1 for GRPO, TRL's default that
+    run_grpo.sh inherits; 2 for RLSD, run_rlsd_1b.sh L16)."""
     ratio_clip_eps: float = knob(0.2, applies=GROUP_ALGORITHMS)
     """GRPO importance-ratio clip epsilon."""
     scale_rewards: bool = knob(True, applies=GROUP_ALGORITHMS)
     """GRPO: divide group-centred rewards by the group's standard deviation."""
     kl_coef: float = knob(0.0, applies=GROUP_ALGORITHMS)
     """GRPO KL penalty to the reference (adapter-off) model; 0 as in the paper."""
+    loss_normalisation: str = knob("token", applies=GROUP_ALGORITHMS)
+    """How GRPO's (and RLSD's) summed surrogate is normalised: 'token' (divided by the step's
+    completion tokens: every token weighs the same) or 'sequence' (each rollout's token sum
+    divided by its own length, then the mean over the step's rollouts: TRL's loss_type 'grpo',
+    which the official run_grpo.sh L28 and run_rlsd_1b.sh L36 set; a long rollout's tokens
+    each weigh less)."""
     grading_mode: str = knob("strict", applies=SAMPLING)
-    """Reward and rollout-correctness grading: 'strict' (the last boxed answer only) or 'lenient'
-    (also '####', 'the answer is', else the last number); see opsd_kit.evaluation.evaluate."""
+    """Reward and rollout-correctness grading: 'strict' (the last boxed answer only), 'lenient'
+    (also '####', 'the answer is', else the last number), or the official training rewards:
+    'first_box_exact' (the first box, stripped lower-case exact match: grpo_train.py) and
+    'first_box_after_think' (the first box after </think>, math_verify, then a whitespace-free
+    match: rlsd_train.py); see opsd_kit.data.answers and opsd_kit.evaluation.grading."""
 
     # -- RLSD ------------------------------------------------------------------------------
     rlsd_lambda: float = knob(0.5, applies=("rlsd",))
@@ -209,7 +242,13 @@ class TrainConfig:
     """RLSD: token weights are clipped to [1 - eps, 1 + eps] (official rlsd_trainer.py: 0.2)."""
     rlsd_decay_steps: int = knob(50, applies=("rlsd",))
     """RLSD: optimizer steps over which lambda decays linearly from rlsd_lambda to 0 (official
-    rlsd_trainer.py: 50); from then on RLSD is plain GRPO."""
+    rlsd_trainer.py: 50); from then on RLSD is plain GRPO. <= 0: lambda stays rlsd_lambda at
+    every step (constant, as the official rlsd_trainer.py L41-42 allows)."""
+    rlsd_teacher: str = knob("live", applies=("rlsd",))
+    """RLSD's teacher: 'live' (the current policy, adapter on, reading the privileged prompt, as
+    the official rlsd_trainer.py L100-109 scores it: delta_t is then only what the reference
+    solution adds) or 'frozen' (the base model, adapter off: delta_t also holds the policy's
+    drift from the base). OPSD's teacher is `teacher`."""
 
     # -- optimisation ----------------------------------------------------------------------
     learning_rate: float = knob(2e-4)
@@ -249,8 +288,9 @@ class TrainConfig:
             "algorithm": ALGORITHMS, "divergence": DIVERGENCES, "teacher": TEACHERS,
             "lr_schedule": SCHEDULES, "dtype": DTYPES, "quantization": QUANTIZATIONS, "backend": BACKENDS,
             "rollout_backend": ROLLOUT_BACKENDS, "loss_support": ("full", "truncated"),
-            "grading_mode": ("strict", "lenient"), "profile": (None, *_PROFILES),
-            "teacher_hint": TEACHER_HINTS,
+            "grading_mode": GRADING_MODES, "profile": (None, *_PROFILES),
+            "teacher_hint": TEACHER_HINTS, "rlsd_teacher": RLSD_TEACHERS,
+            "loss_normalisation": LOSS_NORMALISATIONS, "student_prompt_format": PROMPT_FORMATS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -264,7 +304,7 @@ class TrainConfig:
         positive = ("max_steps", "train_size", "max_prompt_tokens", "max_new_tokens", "generation_batch_size",
                     "problems_per_step", "micro_batch_size", "num_generations", "num_iterations",
                     "loss_chunk_size", "save_every", "keep_checkpoints", "lora_r", "lora_alpha",
-                    "max_nonfinite_steps", "distill_topk", "rlsd_decay_steps")
+                    "max_nonfinite_steps", "distill_topk")
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -293,8 +333,11 @@ class TrainConfig:
         _check(0 <= self.rlsd_eps < 1, "rlsd_eps", self.rlsd_eps, "in [0, 1) (weights stay positive)")
         if self.sampled_token_clamp is not None:
             _check(self.sampled_token_clamp > 0, "sampled_token_clamp", self.sampled_token_clamp, "None or > 0")
-        error = (lora_error(use_lora=self.use_lora, teacher=self.teacher if self.uses_teacher else None,
-                            quantization=self.quantization)
+        _check(isinstance(self.rlsd_decay_steps, int), "rlsd_decay_steps", self.rlsd_decay_steps,
+               "an integer (<= 0: constant lambda)")
+        error = (lora_error(use_lora=self.use_lora, teacher=self.teacher_weights if self.uses_teacher else None,
+                            quantization=self.quantization,
+                            teacher_key="rlsd_teacher" if self.algorithm == "rlsd" else "teacher")
                  or (backend_error(self.rollout_backend, quantization=self.quantization, use_lora=self.use_lora)
                      if self.algorithm in SAMPLING else None))
         if error:
@@ -356,6 +399,11 @@ class TrainConfig:
             raise ConfigError(f"problems_per_step={self.problems_per_step} does not divide over "
                               f"{world_size} processes; it must be a multiple of {world_size}")
         return self.problems_per_step // world_size
+
+    @property
+    def teacher_weights(self) -> str:
+        """The weights the run's teacher scores with: `rlsd_teacher` for RLSD, `teacher` else."""
+        return self.rlsd_teacher if self.algorithm == "rlsd" else self.teacher
 
     @property
     def uses_teacher(self) -> bool:
@@ -445,6 +493,13 @@ class EvalConfig:
     student_thinking: bool | None = None
     """Chat-template `enable_thinking` for the evaluated prompt (paper: True at evaluation;
     None: not passed)."""
+    student_prompt_format: str | None = None
+    """The evaluated prompt's format, 'chat' or 'plain'; None: the run's own
+    (`TrainConfig.student_prompt_format`). The paper's protocol: 'chat' (the official
+    eval/evaluate_math.py L344 and L358-359 apply the chat template, thinking on)."""
+    student_template: str | None = None
+    """The evaluated prompt's message template; None: the run's own. The paper's protocol:
+    "{question}\n\n{instruction}" (the official eval/evaluate_math.py L340-342)."""
     mode: str = "strict"
     """Headline grading mode: 'strict' (the last boxed answer only, as the official
     evaluator grades) or 'lenient' (also the last number). Both are always computed."""
@@ -460,6 +515,12 @@ class EvalConfig:
     def validate(self) -> "EvalConfig":
         TrainConfig._check_types(self)  # the same typing rules as the training config
         _check(self.mode in ("strict", "lenient"), "mode", self.mode, "'strict' or 'lenient'")
+        _check(self.student_prompt_format in (None, *PROMPT_FORMATS), "student_prompt_format",
+               self.student_prompt_format, f"None or one of {list(PROMPT_FORMATS)}")
+        if self.student_template is not None:
+            error = template_error("student_template", self.student_template)
+            if error:
+                raise ConfigError(error)
         for key in ("k", "max_new_tokens", "batch_size", "n_bootstrap"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
         _check(self.size is None or self.size >= 1, "size", self.size, "None or >= 1")
@@ -492,15 +553,16 @@ class EvalConfig:
         return cls(**_known_keys(cls, values, "evaluation config")).validate()
 
 
-def lora_error(*, use_lora: bool, teacher: str | None, quantization: str | None) -> str | None:
+def lora_error(*, use_lora: bool, teacher: str | None, quantization: str | None,
+               teacher_key: str = "teacher") -> str | None:
     """Why weights without a LoRA adapter cannot be trained this way, or None: the one statement
     of these rules (`TrainConfig.validate` raises it before any model loads, `Policy` when built).
-    ``teacher``: the teacher the algorithm runs (None: it runs none)."""
+    ``teacher``: the teacher the algorithm runs (None: it runs none), set by ``teacher_key``."""
     if use_lora:
         return None
     if teacher == "frozen":
-        return ("teacher='frozen' needs a LoRA adapter (use_lora=True): the frozen teacher is the base model with "
-                "the adapter switched off. Train an adapter, or choose teacher='live' explicitly")
+        return (f"{teacher_key}='frozen' needs a LoRA adapter (use_lora=True): the frozen teacher is the base model "
+                f"with the adapter switched off. Train an adapter, or choose {teacher_key}='live' explicitly")
     if quantization == "4bit":
         return "quantization='4bit' needs a LoRA adapter (use_lora=True): 4-bit base weights cannot be trained"
     return None
@@ -584,28 +646,39 @@ _PROFILES: dict[str, dict] = {
     # (github.com/siyan-zhao/OPSD); "kit" = this kit's choice, which changes memory or speed only.
     # docs/algorithm.md tabulates where the paper, the official scripts and this profile differ.
     "paper": dict(
-        model="Qwen/Qwen3-1.7B",  # v3 and 1b.sh
-        dtype="bfloat16", quantization=None,  # v3: bf16, not quantised (4-bit: the `paper-qlora` profile)
-        lora_r=64, lora_alpha=128,  # v3; on q,k,v,o,gate,up,down (lora_target_modules' default)
-        train_data="siyanzhao/Openthoughts_math_30k_opsd",  # the official code's data: problem, solution
+        model="Qwen/Qwen3-1.7B",  # v3 and 1b.sh L7
+        dtype="bfloat16", quantization=None,  # 1b.sh L19; v3: bf16, not quantised (4-bit: `paper-qlora`)
+        lora_r=64, lora_alpha=128,  # v3; 1b.sh L27-29, on q,k,v,o,gate,up,down (lora_target_modules' default)
+        lora_dropout=0.05,  # TRL ModelConfig's default, which every official script inherits (none sets it)
+        train_data="siyanzhao/Openthoughts_math_30k_opsd",  # opsd_train.py, grpo_train.py L254: problem, solution
         train_size=29_400,  # v3: about 29.4k rows, i.e. all of them
-        problems_per_step=32,  # v3; 1b.sh: 8 GPUs x per-device batch 2 x gradient accumulation 2
-        max_steps=100,  # v3: 100 optimizer steps
-        save_every=25, keep_checkpoints=4,  # v3 reports the best of the checkpoints every 25 steps: keep all 4
-        learning_rate=2e-4,  # 1b.sh, the runnable evidence (the 4B script run_opsd.sh uses 2e-5)
+        problems_per_step=32,  # v3; 1b.sh L3, L9, L11: 8 processes x per-device batch 2 x accumulation 2
+        # The official README's re-run (Evaluation Results on AIME24): 47.5% at step 100 (base 47.7%), the
+        # best, 51.7%, at step 200. v3 reports 100 steps; 200 holds both, every 25-step checkpoint kept.
+        max_steps=200, save_every=25, keep_checkpoints=8,
+        learning_rate=2e-4,  # 1b.sh L8, the runnable evidence (the 4B script run_opsd.sh L8 uses 2e-4 too)
         max_grad_norm=1.0,  # TRL's default, which 1b.sh inherits (it sets no max_grad_norm)
-        teacher="frozen",  # v3: the initial model, i.e. the adapter switched off
-        temperature=1.1,  # v3 and 1b.sh
-        top_p=0.95, top_k=20,  # v3
-        max_new_tokens=1024,  # v3 text; v1 and 1b.sh use 2048
+        # constant: 1b.sh inherits TRL's linear decay over its 30 epochs (L14, about 27.6k steps), which
+        # keeps 99% of the rate through step 200; the kit's linear decay would end at max_steps
+        lr_schedule="constant",
+        teacher="frozen",  # 1b.sh L34 --fixed_teacher; v3: the initial model, i.e. the adapter switched off
+        temperature=1.1,  # v3 and 1b.sh L30
+        top_p=0.95, top_k=20,  # v3; 1b.sh L31-32
+        max_new_tokens=1024,  # v3 text; v1 and 1b.sh L15 use 2048
         loss_temperature=None,  # v3: teacher and student logits at the rollout temperature
         # v3: forward KL is the default and its ablations favour it; pointwise clipping tau = 0.05 for
-        # 1.7B/4B (0.06 for 8B). 1b.sh runs JSD instead: divergence="jsd", jsd_beta=0.5.
+        # 1.7B/4B (0.06 for 8B). 1b.sh L21 runs JSD instead: divergence="jsd", jsd_beta=0.5.
         divergence="forward_kl", clip_tau=0.05,
+        # The student samples from its untemplated prompt as the published numbers did (the official
+        # README's implementation note: opsd_trainer.py L856-864 hands vLLM the chat-templated prompt
+        # decoded without special tokens, "user\nProblem: ...\nassistant\n"); the teacher is chat-
+        # templated with thinking on (data_collator.py L91-93; v3). student_thinking has no effect on a
+        # plain prompt. docs/algorithm.md names what stays different.
+        student_prompt_format="plain", student_template=OPSD_SAMPLED_STUDENT_TEMPLATE,
         student_thinking=False, teacher_thinking=True,  # v3: student thinking off, teacher thinking on
-        # kit: room for the teacher prompt's reference solution (longer ones are shortened and counted
-        # in prompt/teacher_truncated_total)
-        max_prompt_tokens=4096,
+        # 1b.sh L20 --max_length 20000: the official room for the teacher prompt's reference solution
+        # (a longer one loses the middle of its reasoning, counted in prompt/teacher_middle_cut_total)
+        max_prompt_tokens=20_000,
         # kit: memory and speed only; the loss is normalised over the whole step whatever these are
         micro_batch_size=4, generation_batch_size=64, gradient_checkpointing=True,
     ),
@@ -625,28 +698,78 @@ def _base_profile(name: str) -> str:
     return _DERIVED[name][0] if name in _DERIVED else name
 
 
+def _epochs(epochs: int, rows: int, per_step: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``rows`` problems, ``per_step`` a step (the
+    official scripts give epochs; the kit counts steps)."""
+    return epochs * -(-rows // per_step)
+
+
+_PAPER_ROWS = _PROFILES["paper"]["train_size"]
+
 _ALGORITHM_OVERRIDES: dict[str, dict] = {
     "grpo": {
-        # The GRPO baseline as the official scripts/run_grpo.sh and v3 describe it.
+        # The GRPO baseline as the official scripts/run_grpo.sh ("grpo.sh") and grpo_train.py run it.
         "paper": dict(
-            num_generations=8, temperature=1.2, kl_coef=0.0, num_iterations=2,  # run_grpo.sh, v3
-            scale_rewards=True, grading_mode="strict",  # group-scaled advantages; binary math_verify reward
-            max_steps=500, keep_checkpoints=20,  # v3: 500 steps, peak reported: keep every 25-step checkpoint
-            max_new_tokens=16_384,  # the official README's token comparison: GRPO rollouts of up to 16k tokens
-            learning_rate=1e-6,  # TRL GRPOConfig's default; not known here: check it against run_grpo.sh
-            problems_per_step=32,  # as OPSD; check against run_grpo.sh
+            learning_rate=2e-5,  # grpo.sh L7
+            # 32 rollouts a step = 4 problems x 8 generations: grpo.sh L3 (8 processes) x L8 (per-device 1)
+            # x L9 (accumulation 4), TRL's batch counting completions; L20 --num_generations 8
+            problems_per_step=4, num_generations=8,
+            num_iterations=1,  # TRL GRPOConfig's default; grpo.sh sets none
+            temperature=1.2, top_p=1.0, top_k=0,  # grpo.sh L21; top-p and top-k: TRL's defaults (off)
+            kl_coef=0.0,  # grpo.sh L27 --beta 0.0
+            loss_normalisation="sequence",  # grpo.sh L28 --loss_type grpo: each rollout's token mean
+            scale_rewards=True,  # grpo.sh L29 --scale_rewards group
+            max_new_tokens=16_000,  # grpo.sh L19
+            max_prompt_tokens=2_048,  # grpo.sh L18
+            max_steps=_epochs(2, _PAPER_ROWS, 4),  # grpo.sh L13: 2 epochs (the kit counts steps)
+            save_every=50, keep_checkpoints=20,  # grpo.sh L26; keep 20: kit, disk (TRL keeps all)
+            lr_schedule="linear", max_grad_norm=1.0,  # TRL's defaults, which grpo.sh inherits
+            grading_mode="first_box_exact",  # grpo_train.py L47-104: first \boxed{}, stripped lower-case match
+            # grpo_train.py L111: a plain-text prompt, which TRL gives the model without a chat template
+            student_prompt_format="plain", student_template=GRPO_STUDENT_TEMPLATE,
         ),
         # 4 problems x 4 rollouts a step until a rollout-token budget above OPSD's 24 steps
         # (about 15k tokens): GRPO gets at least OPSD's generated tokens.
         "cpu-demo": dict(problems_per_step=4, num_generations=4, max_steps=60, max_generated_tokens=16_000),
     },
-    # SFT baseline as scripts/run_sft.sh: (problem -> reference solution) with the profile's LoRA 64/128.
-    # Its learning rate and step count are not known here: the profile's, to be checked against run_sft.sh.
-    "sft": {"paper": dict(max_target_tokens=16_384)},  # run_sft.sh's max length: targets are not cut at 1024
+    "rlsd": {
+        # RLSD as the official scripts/run_rlsd_1b.sh ("rlsd.sh"), rlsd_train.py and rlsd_trainer.py run it.
+        "paper": dict(
+            learning_rate=5e-6, max_grad_norm=0.1,  # rlsd.sh L8, L9
+            # 32 rollouts a step = 4 problems x 8 generations: rlsd.sh L3 (4 processes) x L10 (per-device 4)
+            # x L12 (accumulation 2); L19 --num_generations 8
+            problems_per_step=4, num_generations=8,
+            num_iterations=2,  # rlsd.sh L16
+            temperature=1.1, top_p=0.95, top_k=20,  # rlsd.sh L20-22
+            max_new_tokens=1_024,  # rlsd.sh L18
+            max_prompt_tokens=4_096,  # rlsd.sh L41 --teacher_max_prompt_length (the student's: 2048, L17)
+            max_steps=_epochs(2, _PAPER_ROWS, 4),  # rlsd.sh L15: 2 epochs (the kit counts steps)
+            save_every=25, keep_checkpoints=20,  # rlsd.sh L31; keep 20: kit, disk (TRL keeps all)
+            kl_coef=0.0,  # rlsd.sh L35 --beta 0.0
+            loss_normalisation="sequence",  # rlsd.sh L36 --loss_type grpo
+            scale_rewards=True,  # rlsd.sh L37 --scale_rewards group
+            rlsd_lambda=0.5, rlsd_decay_steps=50, rlsd_eps=0.2,  # rlsd.sh L38-40
+            rlsd_teacher="live",  # rlsd_trainer.py L103-109: the teacher prompt scored by self.model, adapter on
+            lr_schedule="linear",  # TRL's default, which rlsd.sh inherits
+            grading_mode="first_box_after_think",  # rlsd_train.py L59-115
+            # rlsd_train.py L124-144: both prompts chat-templated, enable_thinking not passed (Qwen3: on)
+            student_prompt_format="chat", student_thinking=None, teacher_thinking=None,
+            student_template=PROBLEM_STUDENT_TEMPLATE,  # rlsd_train.py L127
+            teacher_template=RLSD_TEACHER_TEMPLATE,  # rlsd_train.py L130-141
+        ),
+    },
+    # SFT as the official scripts/run_sft.sh ("sft.sh", one line) and sft_train.py run it.
+    "sft": {"paper": dict(
+        learning_rate=2e-5, lr_schedule="linear",  # sft.sh --learning_rate 2e-5; TRL's default linear decay
+        problems_per_step=64,  # sft.sh: 8 processes x per-device batch 2 x accumulation 4
+        max_steps=_epochs(4, _PAPER_ROWS, 64),  # sft.sh --num_train_epochs 4 (the kit counts steps)
+        max_target_tokens=16_000,  # sft.sh --max_length 16000 (there: prompt and solution together)
+        save_every=100, keep_checkpoints=19,  # sft.sh --save_steps 100: all 19 kept
+        # sft_train.py L31: one plain text "Problem: {question}\nSolution: {solution}"
+        student_prompt_format="plain", student_template=SFT_STUDENT_TEMPLATE,
+    )},
     "opsd": {},
 }
-# RLSD is GRPO with the teacher's token-level credit: the same rollouts, group size and schedule.
-_ALGORITHM_OVERRIDES["rlsd"] = _ALGORITHM_OVERRIDES["grpo"]
 
 
 def profile_names() -> list[str]:
@@ -677,11 +800,12 @@ _EVAL_PROFILES: dict[str, dict] = {
     "cpu-demo": dict(k=1, temperature=0.0, max_new_tokens=128, mode="strict", batch_size=48),
     # The paper's protocol (v3): AIME24, AIME25 and HMMT25 with thinking on, temperature 1.0, top-p
     # 0.95 (top-k not stated: off), avg@12 (the official README reports avg@16), up to 38,912 new
-    # tokens, the last \boxed{} graded strictly. The hub ids are well-known public copies of the
-    # three benchmarks, not checked against the official evaluation code: check them there.
-    "paper": dict(benchmarks=("HuggingFaceH4/aime_2024", "math-ai/aime25", "MathArena/hmmt_feb_2025"),
+    # tokens, the last \boxed{} graded strictly. The hub ids are the official eval/evaluate_math.py's
+    # (L235 HuggingFaceH4/aime_2024, L238 yentinglin/aime_2025, L241 MathArena/hmmt_feb_2025); its
+    # prompt is "{problem}\n\n" + the instruction, chat-templated (L340-344, L358-359).
+    "paper": dict(benchmarks=("HuggingFaceH4/aime_2024", "yentinglin/aime_2025", "MathArena/hmmt_feb_2025"),
                   student_thinking=True, temperature=1.0, top_p=0.95, top_k=0, k=12, max_new_tokens=38_912,
-                  mode="strict"),
+                  mode="strict", student_prompt_format="chat", student_template=STUDENT_TEMPLATE),
 }
 
 

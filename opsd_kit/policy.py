@@ -273,6 +273,18 @@ class Policy:
         finally:
             self.model.train(was_training)
 
+    @contextmanager
+    def scoring(self):
+        """Inside, the model computes with its current weights (adapter on) in the teacher's
+        mode: no gradients, eval mode (no dropout). Restored on exit."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            self.model.train(was_training)
+
     def _teacher_weights(self):
         if self.teacher_mode == "frozen":
             return self.model.disable_adapter()
@@ -382,7 +394,7 @@ def build_policy(cfg: TrainConfig, device: str | None = None) -> Policy:
                          target_modules=tuple(cfg.lora_target_modules)) if cfg.use_lora else None)
     return Policy.from_pretrained(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, lora=lora,
                                   gradient_checkpointing=cfg.gradient_checkpointing,
-                                  teacher=cfg.teacher if cfg.uses_teacher or cfg.use_lora else "live",
+                                  teacher=cfg.teacher_weights if cfg.uses_teacher or cfg.use_lora else "live",
                                   ema_decay=cfg.ema_decay, backend=cfg.backend, device=device, seed=cfg.seed)
 
 

@@ -2,9 +2,14 @@
 
 Student: p_S(. | x) sees the problem and the instruction. Teacher: p_T(. | x, y*) sees the
 problem, the verified reference solution y* between markers, a transition asking it to
-understand the solution and solve in its own words, and the same instruction. Both are
-rendered with the tokenizer's chat template (generation prompt added), each with its own
-thinking switch (Qwen3 ``enable_thinking``).
+understand the solution and solve in its own words, and the same instruction. The teacher is
+rendered with the tokenizer's chat template (generation prompt added); the student with it
+(``student_prompt_format="chat"``) or as the bare message text (``"plain"``: what the official
+GRPO script and, through TRL's GOLD trainer, the published OPSD runs gave the student). Each
+role has its own thinking switch (Qwen3 ``enable_thinking``; no effect on a plain prompt).
+
+An over-long teacher prompt loses the MIDDLE of its reference solution: the beginning and the
+end (where the final answer is) stay, joined by ``TRUNCATION_MARK``.
 
 Alignment guarantee: the teacher's input is ``teacher_prompt_ids + completion_ids`` with the
 student's sampled completion ids byte for byte; nothing is decoded and re-tokenised.
@@ -25,7 +30,39 @@ TEACHER_TEMPLATE = (
     "your own words.\n\n{instruction}"
 )
 
-TRUNCATION_MARK = " [...]"
+#: The GRPO baseline's student message (official grpo_train.py L111: "Problem: ", the question,
+#: a newline and a space, then the instruction), given to the model as plain text.
+GRPO_STUDENT_TEMPLATE = "Problem: {question}\n {instruction}"
+
+#: The OPSD and RLSD student message of the official code (data_collator.py L52, rlsd_train.py
+#: L127): "Problem: ", the question, a blank line, the instruction.
+PROBLEM_STUDENT_TEMPLATE = "Problem: {question}\n\n{instruction}"
+
+#: The prompt the published OPSD student sampled from: the official opsd_trainer.py (L856-864)
+#: hands vLLM the chat-templated student prompt decoded without special tokens (the official
+#: README's implementation note), i.e. Qwen3's template with <|im_start|> and <|im_end|> removed.
+#: Used with ``student_prompt_format="plain"``.
+OPSD_SAMPLED_STUDENT_TEMPLATE = "user\nProblem: {question}\n\n{instruction}\nassistant\n"
+
+#: The RLSD teacher message of the official rlsd_train.py (L130-141): the reference solution is
+#: "privileged evidence" to solve from in the model's own words.
+RLSD_TEACHER_TEMPLATE = (
+    "Problem: {question}\n\n"
+    "Here is a reference solution to this problem:\n"
+    "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
+    "Using the reference solution only as privileged evidence, solve the problem in your own words. "
+    "{instruction}"
+)
+
+#: The SFT baseline's prompt (official sft_train.py L31: "Problem: {Question}\nSolution: {solution}",
+#: one plain text); the reference solution follows as the target.
+SFT_STUDENT_TEMPLATE = "Problem: {question}\nSolution:"
+
+PROMPT_FORMATS = ("chat", "plain")
+"""How the student message becomes a prompt: 'chat' (the tokenizer's chat template, generation
+prompt added) or 'plain' (the message text alone, no special tokens added)."""
+
+TRUNCATION_MARK = " [...] "
 
 #: The placeholders each template must contain ({instruction} is optional in both).
 REQUIRED_PLACEHOLDERS = {"student_template": ("{question}",), "teacher_template": ("{question}", "{solution}")}
@@ -64,15 +101,21 @@ class PromptBuilder:
         instruction: the answer-format instruction shared by both roles.
         system_prompt: an optional system turn for both roles.
         max_prompt_tokens: cap on either prompt. An over-long teacher prompt is shortened by
-            cutting the end of the reference solution (never the problem or the instruction);
-            ``stats['teacher_truncated']`` counts how often. A prompt that cannot fit raises
-            :class:`PromptTooLongError` naming the problem.
+            cutting the middle of the reference solution: its first and last halves of the room
+            left stay, so the final answer at its end is kept (never the problem or the
+            instruction); ``stats['teacher_middle_cut']`` counts how often. A prompt that cannot
+            fit raises :class:`PromptTooLongError` naming the problem.
+        student_prompt_format: 'chat' or 'plain' (:data:`PROMPT_FORMATS`).
     """
 
     def __init__(self, tokenizer, *, student_thinking: bool | None = None,
                  teacher_thinking: bool | None = None, student_template: str = STUDENT_TEMPLATE,
                  teacher_template: str = TEACHER_TEMPLATE, instruction: str = INSTRUCTION,
-                 system_prompt: str | None = None, max_prompt_tokens: int | None = None):
+                 system_prompt: str | None = None, max_prompt_tokens: int | None = None,
+                 student_prompt_format: str = "chat"):
+        if student_prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"student_prompt_format must be one of {list(PROMPT_FORMATS)}, "
+                             f"got {student_prompt_format!r}")
         if tokenizer.chat_template is None:
             raise ValueError("PromptBuilder needs a tokenizer with a chat template")
         for name, tmpl in (("student_template", student_template), ("teacher_template", teacher_template)):
@@ -87,7 +130,8 @@ class PromptBuilder:
         self.instruction = instruction
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
-        self.stats = {"teacher_prompts": 0, "teacher_truncated": 0}
+        self.student_prompt_format = student_prompt_format
+        self.stats = {"teacher_prompts": 0, "teacher_middle_cut": 0}
 
     # -- text ------------------------------------------------------------------------------
     def student_message(self, problem) -> str:
@@ -112,6 +156,13 @@ class PromptBuilder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # -- ids -------------------------------------------------------------------------------
+    def student_text(self, problem) -> str:
+        """The student's prompt text: chat-templated, or the bare message (``plain``)."""
+        message = self.student_message(problem)
+        if self.student_prompt_format == "plain":
+            return message
+        return self.render(message, self.student_thinking)
+
     def length_error(self, problem, *, teacher: bool = True) -> str | None:
         """Why ``problem`` cannot be prompted within ``max_prompt_tokens``, or None when it can:
         its student prompt is over the limit, or (``teacher``) its teacher prompt is over it
@@ -121,7 +172,7 @@ class PromptBuilder:
         limit = self.max_prompt_tokens
         if not limit:
             return None
-        n = len(self._encode(self.render(self.student_message(problem), self.student_thinking)))
+        n = len(self._encode(self.student_text(problem)))
         if n > limit:
             return (f"the student prompt has {n} tokens (question: {len(problem.question)} characters), over "
                     f"max_prompt_tokens={limit}; raise the limit or skip such rows (on_invalid='skip')")
@@ -133,7 +184,7 @@ class PromptBuilder:
         return None
 
     def student_ids(self, problem) -> list[int]:
-        ids = self._encode(self.render(self.student_message(problem), self.student_thinking))
+        ids = self._encode(self.student_text(problem))
         if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
             raise PromptTooLongError(
                 f"problem {problem.id!r}: the student prompt has {len(ids)} tokens, over "
@@ -143,14 +194,14 @@ class PromptBuilder:
     def teacher_ids(self, problem, solution: str | None = None) -> list[int]:
         """The teacher prompt with ``solution`` as its hint (default: ``problem.solution``, the
         verified reference; a control run passes another problem's, see :func:`shuffled_hints`).
-        An over-long prompt loses the end of whichever solution it holds."""
+        An over-long prompt loses the middle of whichever solution it holds."""
         solution = problem.solution if solution is None else solution
         self.stats["teacher_prompts"] += 1
         ids = self._encode(self.render(self.teacher_message(problem, solution), self.teacher_thinking))
         limit = self.max_prompt_tokens
         if not limit or len(ids) <= limit:
             return ids
-        self.stats["teacher_truncated"] += 1
+        self.stats["teacher_middle_cut"] += 1
         return self._shortened_teacher_ids(problem, solution, limit)
 
     def _shortened_teacher_ids(self, problem, solution: str, limit: int) -> list[int]:
@@ -164,11 +215,21 @@ class PromptBuilder:
         solution_ids = self._encode(solution)
         keep = min(len(solution_ids), limit - len(empty))
         while True:  # token boundaries can shift by a few ids after re-rendering
-            text = self.tokenizer.decode(solution_ids[:keep]) + TRUNCATION_MARK
+            text = middle_cut(self.tokenizer, solution_ids, keep)
             ids = self._encode(self.render(self.teacher_message(problem, text), self.teacher_thinking))
             if len(ids) <= limit or keep == 0:
                 return ids
             keep = max(0, keep - max(1, len(ids) - limit))
+
+
+def middle_cut(tokenizer, ids: list[int], keep: int) -> str:
+    """``ids`` decoded with only ``keep`` of them: the first ``keep // 2`` and the last
+    ``keep - keep // 2``, joined by :data:`TRUNCATION_MARK`. A reference solution's end holds
+    its final answer; its beginning sets up the problem; the middle of the reasoning goes."""
+    head = keep // 2
+    tail = keep - head
+    end = tokenizer.decode(ids[len(ids) - tail:]) if tail else ""
+    return tokenizer.decode(ids[:head]) + TRUNCATION_MARK + end
 
 
 def prompt_lengths(builder: PromptBuilder, problems, *, progress: bool = True) -> tuple[list[int], list[int]]:
@@ -186,8 +247,9 @@ def prompt_lengths(builder: PromptBuilder, problems, *, progress: bool = True) -
 def build_prompts(config, tokenizer) -> PromptBuilder:
     """The PromptBuilder a run trains with, from its TrainConfig or its saved ``config.json`` dict.
 
-    Reads the thinking switches, ``max_prompt_tokens``, the two templates and the instruction;
-    a key missing from an older ``config.json`` takes this module's default.
+    Reads the thinking switches, ``max_prompt_tokens``, the two templates, the instruction and
+    the student's prompt format; a key missing from an older ``config.json`` takes this
+    module's default.
     """
     values = config if isinstance(config, dict) else vars(config)
     return PromptBuilder(tokenizer, student_thinking=values.get("student_thinking"),
@@ -195,7 +257,8 @@ def build_prompts(config, tokenizer) -> PromptBuilder:
                          student_template=values.get("student_template", STUDENT_TEMPLATE),
                          teacher_template=values.get("teacher_template", TEACHER_TEMPLATE),
                          instruction=values.get("instruction", INSTRUCTION),
-                         max_prompt_tokens=values.get("max_prompt_tokens"))
+                         max_prompt_tokens=values.get("max_prompt_tokens"),
+                         student_prompt_format=values.get("student_prompt_format", "chat"))
 
 
 @dataclass
@@ -232,9 +295,10 @@ class PromptCache:
         return cache
 
     @property
-    def teacher_truncated(self) -> int:
-        """How many teacher prompts were shortened to fit ``max_prompt_tokens``."""
-        return self.builder.stats["teacher_truncated"]
+    def teacher_middle_cut(self) -> int:
+        """How many teacher prompts lost the middle of their reference solution to fit
+        ``max_prompt_tokens``."""
+        return self.builder.stats["teacher_middle_cut"]
 
 
 def _answer_key(answer) -> str:

@@ -278,9 +278,12 @@ class Trainer:
         step_start = time.perf_counter()
         before = dict(self.ledger.seconds)
         micro_batches, metrics = self.algorithm.prepare(self.step)
+        from opsd_kit.algorithms.base import loss_units
+
         local_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
         total_tokens = self.reduce_sum(local_tokens)
         self.ledger.train_tokens += int(total_tokens)
+        total_units = self.reduce_sum(sum(loss_units(mb) for mb in micro_batches))  # the loss divisor
         loss_sum_local = 0.0
         extra: dict[str, list] = {}
         skipped = 0
@@ -290,7 +293,7 @@ class Trainer:
                 skipped += 1
                 continue
             with self.ledger.phase("backward"):
-                (loss_sum / max(total_tokens, 1.0)).backward()
+                (loss_sum / max(total_units, 1.0)).backward()
             loss_sum_local += float(loss_sum.detach())
             for k, v in mb_metrics.items():
                 extra.setdefault(k, []).append(v)
@@ -302,7 +305,7 @@ class Trainer:
                 for p in self.params:
                     p.grad = self.accelerator.reduce(p.grad, reduction="sum")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            loss = self.reduce_sum(loss_sum_local) / max(total_tokens, 1.0)
+            loss = self.reduce_sum(loss_sum_local) / max(total_units, 1.0)
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             lr = self.scheduler.get_last_lr()[0]
             if finite:

@@ -45,6 +45,32 @@ def test_grpo_loss_clips_the_ratio():
     assert negative.item() == pytest.approx(1.5 + 0.8)
 
 
+def test_grpo_per_sequence_normalisation_by_hand():
+    """loss_normalisation='sequence' (TRL's loss_type 'grpo'): each row's token mean, summed over
+    rows; the trainer divides by the rows. 'token': the token sum, divided by the tokens."""
+    old = torch.zeros(2, 4)
+    logp = torch.log(torch.tensor([[1.1, 1.5, 1.0, 1.0], [0.5, 1.0, 1.3, 1.0]]))  # the ratios
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    # Row 0, A = 1, eps 0.2: min(r A, clip(r) A) = 1.1, min(1.5, 1.2) = 1.2; mean 1.15, loss -1.15.
+    # Row 1, A = -2: min(-1.0, -1.6) = -1.6, -2.0, min(-2.6, -2.4) = -2.6; mean -6.2 / 3, loss 6.2 / 3.
+    sequence = grpo_token_loss(logp, old, adv, mask, clip_eps=0.2, normalisation="sequence")
+    assert sequence.item() == pytest.approx(-1.15 + 6.2 / 3)
+    assert sequence.item() / 2 == pytest.approx((-1.15 + 6.2 / 3) / 2)  # TRL: the mean over the 2 rows
+    token = grpo_token_loss(logp, old, adv, mask, clip_eps=0.2)
+    assert token.item() == pytest.approx(-(1.1 + 1.2) + 6.2)  # divided by 5 tokens in the trainer
+
+
+def test_grpo_per_sequence_normalisation_divides_the_step_by_its_rollouts(tmp_path):
+    trainer = Trainer(load_profile("tiny", "grpo", run_dir=str(tmp_path), progress=False,
+                                   loss_normalisation="sequence"))
+    trainer.algorithm.grade = lambda rollouts, problems: [float(c[0] % 2) for c in rollouts.completion_ids]
+    micro, _ = trainer.algorithm.prepare(0)
+    assert [mb.loss_units for mb in micro] == [mb.student.completion_mask.shape[0] for mb in micro]
+    token = Trainer(load_profile("tiny", "grpo", run_dir=str(tmp_path / "t"), progress=False))
+    assert all(mb.loss_units is None for mb in token.algorithm.prepare(0)[0])
+
+
 def test_grpo_kl_term_is_k3_and_zero_at_the_reference():
     logp = torch.tensor([[-1.0, -2.0]])
     mask = torch.ones(1, 2)
@@ -54,6 +80,28 @@ def test_grpo_kl_term_is_k3_and_zero_at_the_reference():
     d = -0.5
     kl = grpo_token_loss(logp, logp, torch.tensor([0.0]), mask, clip_eps=0.2, ref_logp_BC=ref, kl_coef=0.5)
     assert kl.item() == pytest.approx(0.5 * (math.exp(d) - d - 1))
+
+
+def test_official_grpo_reward_is_the_first_box_by_normalised_exact_match():
+    from opsd_kit.evaluation.grading import first_box_exact_match, grade_many
+
+    responses = [r"so \boxed{ 12 } then \boxed{13}", r"\boxed{13} first, then \boxed{12}", r"\boxed{\frac{1}{2}}",
+                 r"\boxed{0.5}", r"\boxed{ABC}", "12", r"\boxed{12", None]
+    golds = ["12", "12", r"\frac{1}{2}", r"\frac{1}{2}", " abc ", "12", "12", "12"]
+    expected = [True, False, True, False, True, False, False, False]  # no math equivalence, no unboxed answer
+    assert [first_box_exact_match(r, g) for r, g in zip(responses, golds)] == expected
+    assert list(grade_many(responses, golds, mode="first_box_exact", workers=0)) == expected
+    assert list(grade_many(responses[:2], golds[:2], mode="strict", workers=0)) == [False, True]  # the last box
+
+
+def test_official_rlsd_reward_reads_the_first_box_after_the_thinking():
+    from opsd_kit.evaluation.grading import grade_many
+
+    responses = [r"<think>maybe \boxed{3}</think> so \boxed{0.5} and \boxed{7}", r"<think>\boxed{1/2}</think> none",
+                 r"no thinking: \boxed{A B}", r"<think>\boxed{9}</think>\boxed{9}"]
+    golds = [r"\frac{1}{2}", r"\frac{1}{2}", "ab", "9"]
+    # math_verify equivalence, the whitespace-free lower-cased match, the box inside <think> ignored
+    assert list(grade_many(responses, golds, mode="first_box_after_think", workers=0)) == [True, False, True, True]
 
 
 def test_sft_targets_are_the_solution_and_the_prompt_is_masked(tmp_path):

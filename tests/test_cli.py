@@ -33,7 +33,7 @@ def test_profiles_show_prints_every_value_with_its_docstring(capsys):
     assert capsys.readouterr().out.split() == ["cpu-demo", "paper", "paper-qlora", "tiny"]
     assert main(["profiles", "--show", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert "max_steps = 3\n    Optimizer steps (paper: 100 for OPSD, 500 for GRPO)." in out
+    assert "max_steps = 3\n    Optimizer steps (`paper`: 200 for OPSD; the official scripts' epochs" in out
     assert "resume = None\n    None = resume when run_dir holds checkpoints of the same config" in out
     assert "lora_r = 4\n" in out and "model = 'tiny'\n" in out
     assert "experimental" in out.split("\nbackend = 'hf'\n")[1].split("\nrollout_backend")[0]  # unsloth

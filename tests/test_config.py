@@ -148,25 +148,84 @@ def test_paper_profile_is_the_published_run_in_bf16_with_every_checkpoint_kept()
     assert cfg.effective_loss_temperature == cfg.temperature  # both roles' logits at the rollout temperature
     # the best of the checkpoints every save_every steps can be chosen: none is deleted
     assert cfg.max_steps % cfg.save_every == 0 and cfg.keep_checkpoints >= cfg.max_steps // cfg.save_every
+    cfg.check_context(40_960)  # Qwen3-1.7B's context holds the longest prompt and completion
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rlsd"])
-def test_paper_grpo_and_rlsd_follow_the_official_grpo_script(algorithm):
-    cfg = load_profile("paper", algorithm)
-    assert (cfg.num_generations, cfg.temperature, cfg.kl_coef, cfg.num_iterations) == (8, 1.2, 0.0, 2)
-    assert (cfg.scale_rewards, cfg.grading_mode, cfg.max_steps, cfg.keep_checkpoints) == (True, "strict", 500, 20)
-    assert cfg.learning_rate == 1e-6  # TRL GRPOConfig's default (to be checked against scripts/run_grpo.sh)
-    if algorithm == "rlsd":
-        assert (cfg.rlsd_lambda, cfg.rlsd_eps, cfg.rlsd_decay_steps) == (0.5, 0.2, 50)
+def test_paper_grpo_follows_the_official_grpo_script():
+    cfg = load_profile("paper", "grpo")
+    assert (cfg.learning_rate, cfg.problems_per_step, cfg.num_generations, cfg.num_iterations) == (2e-5, 4, 8, 1)
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.kl_coef) == (1.2, 1.0, 0, 0.0)
+    assert (cfg.loss_normalisation, cfg.scale_rewards, cfg.max_new_tokens) == ("sequence", True, 16_000)
+    assert cfg.max_steps == 2 * 29_400 // 4  # 2 epochs of 4 problems a step
+    assert (cfg.grading_mode, cfg.student_prompt_format) == ("first_box_exact", "plain")
+    assert cfg.student_template == "Problem: {question}\n {instruction}"
 
 
-def test_paper_sft_targets_are_capped_at_the_official_sft_length_not_the_rollout_cap():
+def test_paper_rlsd_follows_the_official_rlsd_script():
+    cfg = load_profile("paper", "rlsd")
+    assert (cfg.learning_rate, cfg.max_grad_norm, cfg.problems_per_step, cfg.num_generations) == (5e-6, 0.1, 4, 8)
+    assert (cfg.num_iterations, cfg.temperature, cfg.top_p, cfg.top_k) == (2, 1.1, 0.95, 20)
+    assert (cfg.max_new_tokens, cfg.max_prompt_tokens, cfg.max_steps) == (1024, 4096, 2 * 29_400 // 4)
+    assert (cfg.rlsd_lambda, cfg.rlsd_eps, cfg.rlsd_decay_steps, cfg.rlsd_teacher) == (0.5, 0.2, 50, "live")
+    assert (cfg.teacher_weights, cfg.loss_normalisation, cfg.kl_coef) == ("live", "sequence", 0.0)
+    assert (cfg.grading_mode, cfg.student_prompt_format) == ("first_box_after_think", "chat")
+    assert (cfg.student_thinking, cfg.teacher_thinking) == (None, None)  # not passed: Qwen3's default, on
+
+
+def test_paper_sft_follows_the_official_sft_script():
     cfg = load_profile("paper", "sft")
-    assert (cfg.max_target_tokens, cfg.max_new_tokens) == (16_384, 1024)
+    assert (cfg.learning_rate, cfg.lr_schedule, cfg.problems_per_step) == (2e-5, "linear", 64)
+    assert cfg.max_steps == 4 * -(-29_400 // 64)  # 4 epochs
+    assert (cfg.max_target_tokens, cfg.max_new_tokens) == (16_000, 1024)
+    assert (cfg.student_prompt_format, cfg.student_template) == ("plain", "Problem: {question}\nSolution:")
     assert load_profile("paper").max_target_tokens is None  # no meaning outside SFT
     cfg.check_context(40_960)  # Qwen3-1.7B
-    with pytest.raises(ConfigError, match="max_target_tokens=16384"):
-        cfg.check_context(16_384)
+    with pytest.raises(ConfigError, match="max_target_tokens=16000"):
+        cfg.check_context(16_000)
+
+
+def _paper_dicts():
+    """The ``dict(...)`` calls of config.py that define `paper` values: the profile and each
+    algorithm's `paper` overrides, as (label, ast.Call)."""
+    import ast
+    import inspect
+
+    import opsd_kit.config as config_module
+
+    source = inspect.getsource(config_module)
+    found = []
+    for node in ast.parse(source).body:
+        target = node.targets[0].id if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) else \
+            node.target.id if isinstance(node, ast.AnnAssign) else None
+        if target not in ("_PROFILES", "_ALGORITHM_OVERRIDES"):
+            continue
+        outer = node.value
+        inner = [outer] if target == "_PROFILES" else [v for v in outer.values if isinstance(v, ast.Dict)]
+        for d in inner:
+            for key, value in zip(d.keys, d.values):
+                if isinstance(key, ast.Constant) and key.value == "paper" and isinstance(value, ast.Call):
+                    found.append((f"{target}: {ast.get_source_segment(source, d)[:30]!r}", value))
+    return source.splitlines(), found
+
+
+def test_every_paper_value_names_its_source():
+    """Each keyword of a `paper` dict has a comment on its line or just above it (its source:
+    the paper's section or the official file and line, or why the kit differs)."""
+    lines, dicts = _paper_dicts()
+    assert len(dicts) == 4  # the profile, and the GRPO, RLSD and SFT overrides (OPSD has none)
+    for label, call in dicts:
+        for kw in call.keywords:
+            line = lines[kw.value.lineno - 1]
+            above = lines[kw.value.lineno - 2].strip()
+            assert "#" in line or above.startswith("#"), f"{label}: {kw.arg} has no source comment"
+
+
+def test_rlsd_teacher_is_live_by_default_and_frozen_on_request():
+    assert load_profile("tiny", "rlsd").teacher_weights == "live"
+    assert load_profile("tiny", "rlsd", rlsd_teacher="frozen").teacher_weights == "frozen"
+    assert load_profile("tiny", "opsd").teacher_weights == "frozen"
+    with pytest.raises(ConfigError, match="rlsd_teacher"):
+        load_profile("tiny", "rlsd", teacher="ema")  # OPSD's knob: refused, not ignored
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -185,7 +244,8 @@ def test_a_paper_run_is_evaluated_with_the_papers_protocol(name, algorithm):
     assert protocol == load_eval_profile(name) == load_eval_profile("paper")
     assert (protocol.student_thinking, protocol.temperature, protocol.top_p, protocol.k) == (True, 1.0, 0.95, 12)
     assert (protocol.max_new_tokens, protocol.mode) == (38_912, "strict")
-    assert protocol.benchmarks == ("HuggingFaceH4/aime_2024", "math-ai/aime25", "MathArena/hmmt_feb_2025")
+    assert protocol.benchmarks == ("HuggingFaceH4/aime_2024", "yentinglin/aime_2025", "MathArena/hmmt_feb_2025")
+    assert (protocol.student_prompt_format, protocol.student_template) == ("chat", "{question}\n\n{instruction}")
 
 
 def test_each_profile_has_its_evaluation_protocol():
@@ -215,7 +275,11 @@ def test_each_profile_has_its_evaluation_protocol():
     ({"max_target_tokens": 0}, "max_target_tokens"),
     ({"rlsd_lambda": 1.5}, "rlsd_lambda"),
     ({"rlsd_eps": 1.0}, "rlsd_eps"),
-    ({"rlsd_decay_steps": 0}, "rlsd_decay_steps"),
+    ({"rlsd_decay_steps": 1.5}, "rlsd_decay_steps"),
+    ({"rlsd_teacher": "ema"}, "rlsd_teacher"),
+    ({"loss_normalisation": "batch"}, "loss_normalisation"),
+    ({"student_prompt_format": "raw"}, "student_prompt_format"),
+    ({"grading_mode": "first_box"}, "grading_mode"),
     ({"profile": "paper-8bit"}, "profile"),
 ])
 def test_bad_config_names_the_key(overrides, key):
@@ -230,8 +294,9 @@ def test_group_algorithms_need_a_group(algorithm):
 
 
 def test_rlsd_frozen_teacher_needs_the_adapter():
-    with pytest.raises(ConfigError, match="use_lora=True"):
-        load_profile("tiny", "rlsd", use_lora=False)
+    with pytest.raises(ConfigError, match="rlsd_teacher='frozen' needs use_lora=True"):
+        load_profile("tiny", "rlsd", use_lora=False, rlsd_teacher="frozen")
+    assert load_profile("tiny", "rlsd", use_lora=False).teacher_weights == "live"
 
 
 def test_grpo_kl_penalty_needs_the_adapter():

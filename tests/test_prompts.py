@@ -6,7 +6,15 @@ import torch
 from _numerics import tolerance
 
 from opsd_kit.config import load_profile
-from opsd_kit.prompts import PromptBuilder, PromptTooLongError, build_batch, build_prompts, shuffled_hints
+from opsd_kit.prompts import (
+    GRPO_STUDENT_TEMPLATE,
+    TRUNCATION_MARK,
+    PromptBuilder,
+    PromptTooLongError,
+    build_batch,
+    build_prompts,
+    shuffled_hints,
+)
 
 
 def problem(solution="First 2 + 2 = 4, so the answer is \\boxed{4}.", question="What is 2 + 2?", pid="p0"):
@@ -70,17 +78,35 @@ def test_batch_rows_are_contiguous_with_correct_positions(tiny_tokenizer, tiny_m
         torch.testing.assert_close(got, alone, **tol)
 
 
-def test_truncation_cuts_only_the_reference_solution(tiny_tokenizer):
-    long = problem(solution="step. " * 400 + "\\boxed{4}")
+def test_truncation_cuts_the_middle_of_the_reference_solution_and_keeps_its_final_answer(tiny_tokenizer):
+    long = problem(solution="First we set up. " + "step. " * 400 + "Hence the answer is \\boxed{4}")
     b = PromptBuilder(tiny_tokenizer, max_prompt_tokens=600)
     ids = b.teacher_ids(long)
     text = tiny_tokenizer.decode(ids)
     assert len(ids) <= 600
     assert long.question in text and "own words" in text and b.instruction in text
-    assert "[...]" in text and "\\boxed{4}" not in text
-    assert b.stats == {"teacher_prompts": 1, "teacher_truncated": 1}
+    solution = text.split("=== Reference Solution Begin ===\n")[1].split("\n=== Reference Solution End ===")[0]
+    head, tail = solution.split(TRUNCATION_MARK.strip())
+    assert head.startswith("First we set up.") and tail.rstrip().endswith("Hence the answer is \\boxed{4}")
+    assert solution.count("step.") < 400  # the middle of the reasoning went
+    assert b.stats == {"teacher_prompts": 1, "teacher_middle_cut": 1}
     b.teacher_ids(problem())
-    assert b.stats == {"teacher_prompts": 2, "teacher_truncated": 1}
+    assert b.stats == {"teacher_prompts": 2, "teacher_middle_cut": 1}
+
+
+def test_plain_student_prompt_is_the_bare_message_and_the_teacher_stays_chat_templated(tiny_tokenizer):
+    p = problem()
+    b = PromptBuilder(tiny_tokenizer, student_prompt_format="plain", student_template=GRPO_STUDENT_TEMPLATE)
+    expected = f"Problem: {p.question}\n Please reason step by step, and put your final answer within \\boxed{{}}."
+    assert b.student_ids(p) == tiny_tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(b.student_ids(p)) == expected  # no chat template, no special token
+    chat = PromptBuilder(tiny_tokenizer, student_template=GRPO_STUDENT_TEMPLATE)
+    assert tiny_tokenizer.decode(chat.student_ids(p)).startswith("<|im_start|>")
+    assert b.teacher_ids(p) == chat.teacher_ids(p)  # the teacher's prompt is chat-templated in both
+    cfg = load_profile("tiny", student_prompt_format="plain", student_template=GRPO_STUDENT_TEMPLATE)
+    assert build_prompts(cfg, tiny_tokenizer).student_ids(p) == b.student_ids(p)
+    with pytest.raises(ValueError, match="student_prompt_format"):
+        PromptBuilder(tiny_tokenizer, student_prompt_format="raw")
 
 
 def test_prompt_that_cannot_fit_names_the_problem(tiny_tokenizer):
@@ -108,7 +134,7 @@ def test_teacher_hint_override_replaces_the_solution_and_is_truncated_like_it(ti
     ids = b.teacher_ids(p, long)
     text = tiny_tokenizer.decode(ids)
     assert len(ids) <= 600 and "[...]" in text and "step. step." in text and p.solution not in text
-    assert b.stats == {"teacher_prompts": 2, "teacher_truncated": 1}
+    assert b.stats == {"teacher_prompts": 2, "teacher_middle_cut": 1}
 
 
 def test_build_prompts_from_a_config_and_from_an_old_config_json(tiny_tokenizer):

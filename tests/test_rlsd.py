@@ -1,5 +1,6 @@
 """RLSD: token advantages against hand-computed values, and training on the tiny model with
-the teacher's log-probs taken from the adapter-off model on the teacher prompt."""
+the teacher's log-probs taken from the live policy (default) or the adapter-off model on the
+teacher prompt."""
 import json
 import math
 
@@ -47,6 +48,12 @@ def test_lambda_decays_linearly_to_zero():
     assert values == pytest.approx([0.5, 0.25, 0.01, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("decay_steps", [0, -1])
+def test_lambda_is_constant_without_decay(decay_steps):
+    assert [rlsd_lambda_at(s, lam0=0.5, decay_steps=decay_steps) for s in (0, 1, 50, 10_000)] == [0.5] * 4
+    assert load_profile("tiny", "rlsd", rlsd_decay_steps=decay_steps).rlsd_decay_steps == decay_steps
+
+
 def _rlsd_trainer(tmp_path, **overrides):
     """A tiny RLSD trainer whose reward is the parity of the first token (a random model gets
     no math reward) and whose adapter is already away from zero, so that the student and the
@@ -72,8 +79,31 @@ def _logp_by_row(model, batch, temperature):
     return rows
 
 
-def test_teacher_logprobs_are_the_adapter_off_model_on_the_teacher_prompt(tmp_path):
-    trainer = _rlsd_trainer(tmp_path)
+@pytest.mark.parametrize("rlsd_teacher", ["live", "frozen"])
+def test_with_equal_prompts_delta_is_zero_on_every_token_for_the_live_teacher_only(tmp_path, rlsd_teacher):
+    """The live teacher (the official rlsd_trainer.py's) given the student's own prompt is the
+    student: delta_t = 0 and w_t = 1 on every token, so A_t = A. The frozen teacher's delta also
+    holds the adapter's drift from the base model."""
+    trainer = _rlsd_trainer(tmp_path, rlsd_teacher=rlsd_teacher)
+    rlsd = trainer.algorithm
+    rlsd.prompts.teacher = dict(rlsd.prompts.student)  # the teacher reads the student's prompt
+    micro, _ = rlsd.prepare(0)
+    learning = [mb for mb in micro if not mb.zero_gradient]
+    assert learning
+    for mb in learning:
+        mask_BC = mb.student.completion_mask.bool()
+        delta_BC = (mb.teacher_logp_BC - mb.student_score_logp_BC)[mask_BC]
+        if rlsd_teacher == "live":
+            assert torch.equal(delta_BC, torch.zeros_like(delta_BC))
+            adv_BC, metrics = rlsd.advantages(mb, mb.student_score_logp_BC)
+            assert torch.equal(adv_BC, mb.adv_B[:, None] * mask_BC)
+            assert metrics["rlsd/weight_mean"] == 1.0
+        else:
+            assert delta_BC.abs().max() > 0.1
+
+
+def test_frozen_teacher_logprobs_are_the_adapter_off_model_on_the_teacher_prompt(tmp_path):
+    trainer = _rlsd_trainer(tmp_path, rlsd_teacher="frozen")
     rlsd, policy, cfg = trainer.algorithm, trainer.policy, trainer.config
     micro, metrics = rlsd.prepare(0)
     assert metrics["rlsd/lambda"] == 0.5
@@ -104,7 +134,7 @@ def test_loss_uses_the_token_advantages(tmp_path):
     micro, _ = rlsd.prepare(0)
     mb = next(m for m in micro if m.adv_B.abs().sum() > 0)
     mask_BC = mb.student.completion_mask
-    adv_BC, _ = rlsd_token_advantages(mb.adv_B, mb.teacher_logp_BC, mb.old_logp_BC,
+    adv_BC, _ = rlsd_token_advantages(mb.adv_B, mb.teacher_logp_BC, mb.student_score_logp_BC,
                                       mask_BC, lam=0.5, eps=trainer.config.rlsd_eps)
     loss_sum, metrics = rlsd.loss(mb)
     # First iteration: the importance ratio is 1, so the loss is -sum_t A_t over real tokens.

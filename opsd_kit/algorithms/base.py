@@ -4,7 +4,8 @@ logits are never materialised here (the losses go through the output head in chu
 
 An algorithm touches only the collaborators the trainer hands it (`Algorithm.__init__`); it
 never reaches back into the trainer. Each algorithm has its own typed micro-batch dataclass
-(`opsd.OPSDBatch`, `grpo.GRPOBatch`, `sft.SFTBatch`); the trainer reads only ``num_loss_tokens``.
+(`opsd.OPSDBatch`, `grpo.GRPOBatch`, `sft.SFTBatch`); the trainer reads only ``num_loss_tokens``
+and, where a batch has it, ``loss_units`` (`loss_units`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,16 @@ class MicroBatch(Protocol):
     """What the trainer reads of a micro-batch: one forward/backward worth of rows."""
 
     num_loss_tokens: int
-    """Tokens that carry a loss (the step's loss is divided by their sum over micro-batches)."""
+    """Tokens that carry a loss (the step's loss is divided by their sum over micro-batches,
+    unless the batch gives ``loss_units``)."""
+
+
+def loss_units(mb) -> int:
+    """What a micro-batch adds to the step's loss divisor: its ``loss_units`` where it has one
+    that is not None (GRPO's per-sequence normalisation: its rollouts), else its
+    ``num_loss_tokens``."""
+    units = getattr(mb, "loss_units", None)
+    return mb.num_loss_tokens if units is None else units
 
 
 class Algorithm:

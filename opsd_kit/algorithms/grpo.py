@@ -1,7 +1,8 @@
 """GRPO baseline (the paper's comparison): G rollouts per problem, binary reward from the
 evaluator, group-relative advantages, PPO-clipped importance ratio reused for
-`num_iterations` optimizer steps, token-level normalisation, optional KL to the reference
-(adapter-off) model, off by default as in the paper.
+`num_iterations` optimizer steps, token-level or per-sequence normalisation
+(`loss_normalisation`), optional KL to the reference (adapter-off) model, off by default as in
+the paper.
 
 Shares the policy, rollout sampler, ledger, checkpoints, logging and accelerate path with OPSD
 through `Algorithm` and the trainer; only the advantage and the surrogate loss live here.
@@ -30,15 +31,19 @@ def group_advantages(rewards_N, group_size: int, scale: bool = True, eps: float 
 
 
 def grpo_token_loss(logp_BC, old_logp_BC, adv, mask_BC, *, clip_eps: float, ref_logp_BC=None,
-                    kl_coef: float = 0.0):
-    """SUM over unmasked tokens of the negated PPO-clipped surrogate (+ kl_coef * k3 KL).
+                    kl_coef: float = 0.0, normalisation: str = "token"):
+    """The negated PPO-clipped surrogate (+ kl_coef * k3 KL) l_it, summed: for
+    ``normalisation='token'`` the SUM over unmasked tokens, sum_i sum_t l_it; for 'sequence'
+    the sum over rows of each row's token MEAN, sum_i (sum_t l_it) / |y_i| (a row without
+    tokens counts 0).
 
     ``adv``: one advantage per sequence, [B] (GRPO), or one per token, [B, C] (RLSD,
     `opsd_kit.algorithms.rlsd.rlsd_token_advantages`).
 
-    The trainer divides this sum by the number of completion tokens of the whole optimizer
-    step (token-level normalisation: every token weighs the same, long answers are not
-    down-weighted per sequence)."""
+    The trainer divides this sum by the step's `loss_units` (`GRPOBatch`): its completion tokens
+    ('token': every token weighs the same, long answers are not down-weighted per sequence) or
+    its rollouts ('sequence': the mean over rollouts of each rollout's token mean, TRL's
+    loss_type 'grpo', which the official run_grpo.sh L28 sets)."""
     import torch
 
     ratio = torch.exp(logp_BC - old_logp_BC)  # 1 at the first iteration; grad flows via logp
@@ -48,6 +53,8 @@ def grpo_token_loss(logp_BC, old_logp_BC, adv, mask_BC, *, clip_eps: float, ref_
     if kl_coef:
         delta = ref_logp_BC - logp_BC  # k3 estimator of KL(pi || ref): e^d - d - 1 >= 0
         per_token = per_token + kl_coef * (torch.exp(delta) - delta - 1)
+    if normalisation == "sequence":
+        return ((per_token * mask_BC).sum(dim=1) / mask_BC.sum(dim=1).clamp(min=1)).sum()
     return (per_token * mask_BC).sum()  # sum only; normalised by the step's token count
 
 
@@ -61,6 +68,9 @@ class GRPOBatch:
     adv_B: torch.Tensor
     """Group-relative advantage of each rollout: [B]."""
     num_loss_tokens: int
+    loss_units: int | None = None
+    """What the step's loss is divided by, summed over micro-batches: the rows here for
+    ``loss_normalisation='sequence'``; None: ``num_loss_tokens`` (token normalisation)."""
     zero_gradient: bool = False
     """True when every advantage is 0 and no KL term is on: the loss and its gradient are then
     exactly 0, so no forward pass is run for it (`GRPO.loss` returns None; the trainer's zero
@@ -73,6 +83,9 @@ class GRPOBatch:
     """RLSD: [teacher prompt ++ the same rollout]."""
     teacher_logp_BC: torch.Tensor | None = None
     """RLSD: log-probs of the rollout tokens under the teacher on ``teacher``."""
+    student_score_logp_BC: torch.Tensor | None = None
+    """RLSD: log-probs of the rollout tokens under the current policy on ``student``, in the
+    teacher's mode (eval, no grad): the student side of delta_t."""
 
     BATCHES: ClassVar[tuple[str, ...]] = ("student", "teacher")
 
@@ -135,7 +148,9 @@ class GRPO(Algorithm):
         student = build_batch([self.prompts.student[p.id] for p in problems], completions,
                               self.tokenizer.pad_token_id)
         self.ledger.book_prompt_tokens(student)
+        per_sequence = cfg.loss_normalisation == "sequence"
         mb = GRPOBatch(student=student, adv_B=adv_B, num_loss_tokens=int(student.completion_mask.sum()),
+                       loss_units=len(completions) if per_sequence else None,
                        zero_gradient=self._zero_gradient(adv_B))
         if mb.zero_gradient:
             return mb
@@ -177,7 +192,8 @@ class GRPO(Algorithm):
             ref = mb.ref_logp_BC.to(device) if mb.ref_logp_BC is not None else None
             adv, metrics = self.advantages(mb, old)
             loss_sum = grpo_token_loss(logp, old, adv, mb.student.completion_mask.to(device),
-                                       clip_eps=cfg.ratio_clip_eps, ref_logp_BC=ref, kl_coef=cfg.kl_coef)
+                                       clip_eps=cfg.ratio_clip_eps, ref_logp_BC=ref, kl_coef=cfg.kl_coef,
+                                       normalisation=cfg.loss_normalisation)
         return loss_sum, metrics
 
     def state_dict(self) -> dict:

@@ -82,7 +82,7 @@ class OPSD(Algorithm):
             micro.append(OPSDBatch(student=student, teacher=teacher, wrong_teacher=wrong,
                                    num_loss_tokens=int(student.completion_mask.sum()),
                                    student_prompt=passes[k] if passes else None))
-        metrics["prompt/teacher_truncated_total"] = self.prompts.teacher_truncated
+        metrics["prompt/teacher_middle_cut_total"] = self.prompts.teacher_middle_cut
         return micro, metrics
 
     def loss(self, mb: OPSDBatch):

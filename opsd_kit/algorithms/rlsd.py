@@ -9,10 +9,17 @@ each token by how the teacher, which also sees the reference solution y*, judges
     A_t     = A * ((1 - lambda) + lambda * w_t)
 
 with lambda decayed linearly from lambda_0 (`rlsd_lambda`) to 0 over `rlsd_decay_steps`
-optimizer steps, after which RLSD is GRPO. Both log-probs are at the rollout temperature, the
-student's from the policy that sampled y, the teacher's from `Policy.teacher()` (the frozen
-base model: the adapter switched off). Rollouts, rewards, group advantages, the clipped
-surrogate and its normalisation are GRPO's (`opsd_kit.algorithms.grpo`); only the advantage changes.
+optimizer steps, after which RLSD is GRPO (`rlsd_decay_steps <= 0`: lambda stays lambda_0).
+
+The teacher (`rlsd_teacher`) is by default the live policy, the weights that sampled y with
+the adapter on, reading the privileged prompt: the official rlsd_trainer.py scores the
+teacher prompt with ``self.model`` (L100-109), so delta_t holds only what the reference
+solution adds, and is 0 on every token when the two prompts are the same. ``"frozen"`` scores
+with the base model (adapter off), whose delta_t also holds the policy's drift from the base.
+Both log-probs of delta_t are taken in the same mode (eval, no dropout, no grad) with the
+same weights but the adapter switch, at the rollout temperature, once per batch of rollouts.
+Rollouts, rewards, group advantages, the clipped surrogate and its normalisation are GRPO's
+(`opsd_kit.algorithms.grpo`); only the advantage changes.
 """
 from __future__ import annotations
 
@@ -21,7 +28,10 @@ from opsd_kit.algorithms.grpo import GRPO, GRPOBatch
 
 def rlsd_lambda_at(step: int, *, lam0: float, decay_steps: int) -> float:
     """lambda at optimizer step ``step`` (0-based): lam0 * max(0, 1 - step / decay_steps), so
-    lam0 at step 0 and 0 from step ``decay_steps`` on."""
+    lam0 at step 0 and 0 from step ``decay_steps`` on; ``decay_steps <= 0``: lam0 at every step
+    (official rlsd_trainer.py L41-45)."""
+    if decay_steps <= 0:
+        return lam0
     return lam0 * max(0.0, 1.0 - step / decay_steps)
 
 
@@ -52,11 +62,12 @@ class RLSD(GRPO):
         self._lambda = rlsd_lambda_at(step, lam0=cfg.rlsd_lambda, decay_steps=cfg.rlsd_decay_steps)
         micro, metrics = super().prepare(step)
         return micro, dict(metrics, **{"rlsd/lambda": self._lambda,
-                                       "prompt/teacher_truncated_total": self.prompts.teacher_truncated})
+                                       "prompt/teacher_middle_cut_total": self.prompts.teacher_middle_cut})
 
     def _micro_batch(self, problems, completions, adv_B) -> GRPOBatch:
-        """GRPO's micro-batch plus the teacher batch [teacher prompt ++ the same completion] and
-        the teacher's log-probs of the completion tokens, computed once per batch of rollouts."""
+        """GRPO's micro-batch plus the teacher batch [teacher prompt ++ the same completion], the
+        teacher's log-probs of the completion tokens and the student's in the same mode (eval,
+        no grad), computed once per batch of rollouts."""
         from opsd_kit.prompts import build_batch
 
         mb = super()._micro_batch(problems, completions, adv_B)
@@ -65,8 +76,11 @@ class RLSD(GRPO):
         mb.teacher = build_batch([self.prompts.teacher[p.id] for p in problems], completions,
                                  self.tokenizer.pad_token_id)
         self.ledger.book_prompt_tokens(mb.teacher)
-        with self.ledger.phase("teacher"), self.policy.teacher():  # adapter off (frozen teacher), no grad
-            mb.teacher_logp_BC = self._logp(mb.teacher).cpu()
+        with self.ledger.phase("teacher"):
+            with self.policy.teacher():  # eval mode, no grad; live: adapter on, frozen: adapter off
+                mb.teacher_logp_BC = self._logp(mb.teacher).cpu()
+            with self.policy.scoring():  # eval mode, no grad, adapter on: the student's side of delta
+                mb.student_score_logp_BC = self._logp(mb.student).cpu()
         return mb
 
     def advantages(self, mb: GRPOBatch, old_logp_BC) -> tuple:
@@ -74,5 +88,6 @@ class RLSD(GRPO):
         device = old_logp_BC.device
         mask_BC = mb.student.completion_mask.to(device)
         adv_BC, weight_BC = rlsd_token_advantages(mb.adv_B.to(device), mb.teacher_logp_BC.to(device),
-                                                  old_logp_BC, mask_BC, lam=self._lambda, eps=self.config.rlsd_eps)
+                                                  mb.student_score_logp_BC.to(device), mask_BC,
+                                                  lam=self._lambda, eps=self.config.rlsd_eps)
         return adv_BC, {"rlsd/weight_mean": float(weight_BC.sum() / mask_BC.sum().clamp(min=1))}

@@ -112,13 +112,14 @@ def _eval(args) -> int:
     from opsd_kit.data.sources import load_source
     from opsd_kit.evaluation.evaluate import evaluate_model
     from opsd_kit.evaluation.stats import accuracy_interval, bootstrap_indices
-    from opsd_kit.evaluation.study import eval_prompt_check, load_run_policy
+    from opsd_kit.evaluation.study import eval_prompt, eval_prompt_check, load_run_policy
 
     run_dir, adapter = _locate_adapter(Path(args.path))
     config = _eval_config(args, run_dir)
-    check = eval_prompt_check(run_dir, student_thinking=config.student_thinking)
+    prompt = eval_prompt(config)
+    check = eval_prompt_check(run_dir, student_thinking=config.student_thinking, prompt=prompt)
     problems, _report = load_source(config.data, size=config.size, seed=config.seed, check=check)
-    policy, builder = load_run_policy(run_dir, adapter, student_thinking=config.student_thinking)
+    policy, builder = load_run_policy(run_dir, adapter, student_thinking=config.student_thinking, prompt=prompt)
     result = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=config.settings(),
                             mode=config.mode, seed=config.seed, progress=sys.stderr.isatty())
     indices = bootstrap_indices(len(problems), config.n_bootstrap, config.seed) if config.k > 1 else None
@@ -137,13 +138,14 @@ def _compare(args) -> int:
     matplotlib.use("Agg")
     from opsd_kit.data.sources import load_source
     from opsd_kit.evaluation.plots import token_efficiency
-    from opsd_kit.evaluation.study import eval_prompt_check, evaluate_points, study_points, summarize
+    from opsd_kit.evaluation.study import eval_prompt, eval_prompt_check, evaluate_points, study_points, summarize
 
     runs = dict(_named_run(entry) for entry in args.runs)
     if len(runs) != len(args.runs):
         raise ConfigError(f"two runs share a name in {args.runs}; name them NAME=RUN_DIR")
     config = _eval_config(args, Path(next(iter(runs.values()))))
-    check = eval_prompt_check(next(iter(runs.values())), student_thinking=config.student_thinking)
+    check = eval_prompt_check(next(iter(runs.values())), student_thinking=config.student_thinking,
+                              prompt=eval_prompt(config))
     problems, _report = load_source(config.data, size=config.size, seed=config.seed, check=check)
     points = study_points(runs, {name: args.points for name in runs})
     out = Path(args.out)

@@ -13,12 +13,21 @@ what the official OPSD evaluator grades (arXiv 2601.18734: the last ``\boxed{}``
 math_verify). Inside a box, ``\{`` and ``\}`` are literal braces and ``\\`` is a line break, not
 an escape of the next brace.
 
-Two modes (:data:`MODES`):
+Two evaluation modes (:data:`MODES`):
 
 - ``"strict"``: the last box only (:func:`extract_boxed`);
 - ``"lenient"``: the marked answer (:func:`extract_marked`: the last box, else the last GSM8K
   ``#### N``, else the last "the answer is ..." / "final answer: ..."), else the last number
   (:func:`last_number`).
+
+Two more grading modes reproduce the official training rewards (:data:`GRADING_MODES`):
+
+- ``"first_box_exact"``: the FIRST ``\boxed{`` of the text (:func:`extract_first_boxed`),
+  compared by exact string match after stripping and lower-casing (official grpo_train.py
+  L47-104, the GRPO baseline's reward; `opsd_kit.evaluation.grading.first_box_exact_match`);
+- ``"first_box_after_think"``: the first ``\boxed{`` after the last ``</think>`` (the whole
+  text without one), math_verify, then a match with whitespace removed and lower-cased
+  (official rlsd_train.py L59-115, RLSD's reward).
 
 Every function here takes any object (a non-string gives None), never raises on odd text, and
 runs in time linear in the text's length (10k-deep braces and 100 KB strings included).
@@ -28,6 +37,9 @@ from __future__ import annotations
 import re
 
 MODES = ("strict", "lenient")
+"""The evaluation modes: every evaluation grades in both."""
+GRADING_MODES = (*MODES, "first_box_exact", "first_box_after_think")
+"""Every mode :func:`extract` and the grader accept (a training reward can use any)."""
 
 # A box command; "\boxedfoo" or "\fboxsep" is another command, not a box.
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
@@ -159,10 +171,38 @@ def last_number(text) -> str | None:
     return found.group() if found else None
 
 
+def extract_first_boxed(text, after_think: bool = False) -> str | None:
+    r"""Content of the FIRST ``oxed{...}`` of ``text``, stripped (an empty box gives ``""``);
+    None when there is none or it never closes. ``after_think``: only the text after the last
+    ``</think>`` is read (all of it when there is none). Only the literal ``oxed{`` opens a
+    box here (no ``box``, no space before the brace), as in the official training rewards
+    (grpo_train.py L47-67, rlsd_train.py L59-78).
+
+    >>> extract_first_boxed(r"oxed{1} then oxed{2}"), extract_first_boxed(r"oxed{rac{1}{2}}")
+    ('1', '\frac{1}{2}')
+    >>> extract_first_boxed(r"<think>oxed{1}</think> so oxed{3}", after_think=True)
+    '3'
+    >>> [extract_first_boxed(t) for t in ("no box", r"oxed{ }", r"oxed{3", None)]
+    [None, '', None, None]
+    """
+    if not isinstance(text, str):
+        return None
+    if after_think:
+        think_end = text.rfind("</think>")
+        if think_end >= 0:
+            text = text[think_end + len("</think>"):]
+    start = text.find("\\boxed{")
+    if start < 0:
+        return None
+    open_index = start + len("\\boxed")
+    close = matching_brace(text, open_index)
+    return None if close is None else text[open_index + 1:close].strip()
+
+
 def check_mode(mode: str) -> None:
-    """Raise ValueError unless ``mode`` is one of :data:`MODES`."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    """Raise ValueError unless ``mode`` is one of :data:`GRADING_MODES`."""
+    if mode not in GRADING_MODES:
+        raise ValueError(f"mode must be one of {GRADING_MODES}, got {mode!r}")
 
 
 def extract(text, mode: str) -> str | None:
@@ -177,4 +217,6 @@ def extract(text, mode: str) -> str | None:
     check_mode(mode)
     if mode == "strict":
         return extract_boxed(text)
+    if mode in ("first_box_exact", "first_box_after_think"):
+        return extract_first_boxed(text, after_think=mode == "first_box_after_think")
     return extract_marked(text) or last_number(text)

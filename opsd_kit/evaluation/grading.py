@@ -9,6 +9,11 @@ Two modes:
 - ``"lenient"``: the marked answer (the last box, else ``#### N``, else "the answer is ..." /
   "final answer: ..."), else the last number of the response (small models often never box).
 
+Two training-reward modes reproduce the official code's rewards (`opsd_kit.data.answers`):
+``"first_box_exact"`` (:func:`first_box_exact_match`, the GRPO baseline's) and
+``"first_box_after_think"`` (RLSD's: the first box after ``</think>``, math_verify, then a
+whitespace-free lower-cased match).
+
 Equivalences are math_verify's: ``1/2 = \\frac{1}{2} = 0.5``, ``\\dfrac``, sets in any order,
 intervals, ``18 = 18.00 = \\$18``, ``1,234 = 1234``. A gold ``10\\%`` accepts ``10``,
 ``10\\%`` and ``0.1`` (math_verify reads ``\\%`` as a unit and also as 1/100; we keep that).
@@ -150,12 +155,38 @@ def _gold_text(gold) -> str:
         return ""
 
 
+def first_box_exact_match(response, gold) -> bool:
+    r"""The official GRPO baseline's reward (grpo_train.py L47-104): the content of the FIRST
+    ``oxed{}`` of ``response`` equals ``gold`` as strings after stripping and lower-casing.
+    No math equivalence: ``rac{1}{2}`` is not ``0.5``, ``1,000`` is not ``1000``. No box, an
+    unclosed first box or a non-string response is False.
+
+    >>> first_box_exact_match(r"so oxed{ 12 } and oxed{13}", "12"), first_box_exact_match(r"oxed{X}", " x ")
+    (True, True)
+    >>> first_box_exact_match(r"oxed{1} then oxed{2}", "2"), first_box_exact_match(r"oxed{0.5}", r"rac{1}{2}")
+    (False, False)
+    """
+    from opsd_kit.data.answers import extract_first_boxed
+
+    answer = extract_first_boxed(response)
+    return answer is not None and answer.strip().lower() == _gold_text(gold).strip().lower()
+
+
+def _squeezed(s: str) -> str:
+    """Whitespace removed, lower-cased: rlsd_train.py L108-112's string fallback."""
+    return "".join(s.split()).lower()
+
+
 def _grade(response, gold, mode: str) -> bool:
     """Unbounded grading of one response (callers bound it)."""
+    if mode == "first_box_exact":
+        return first_box_exact_match(response, gold)
     gold = _gold_text(gold)
     answer = extract(response, mode)
     if answer is None or not gold.strip():
         return False
+    if mode == "first_box_after_think" and _squeezed(answer) and _squeezed(answer) == _squeezed(gold):
+        return True
     return _answers_match(answer, gold)
 
 

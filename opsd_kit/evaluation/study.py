@@ -133,7 +133,8 @@ def _evaluate_share(jobs: list, model_run: dict, problem_dicts: list, eval_value
 
     eval_config = EvalConfig.from_dict(eval_values)
     problems = [Problem(**d) for d in problem_dicts]
-    policy, builder = load_run_policy(model_run, student_thinking=eval_config.student_thinking)
+    policy, builder = load_run_policy(model_run, student_thinking=eval_config.student_thinking,
+                                      prompt=eval_prompt(eval_config))
     for tag, adapter, key in jobs:
         if adapter is not None:
             policy.load_adapter(adapter)
@@ -380,10 +381,19 @@ def _saved_key(folder: Path) -> dict | None:
         return None
 
 
-def eval_prompt_check(run_dir, *, student_thinking="from run"):
+def eval_prompt(eval_config) -> dict:
+    """The student-prompt settings an evaluation protocol sets over the run's own
+    (`EvalConfig.student_prompt_format`, `EvalConfig.student_template`; None keeps the run's)."""
+    values = {"student_prompt_format": eval_config.student_prompt_format,
+              "student_template": eval_config.student_template}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def eval_prompt_check(run_dir, *, student_thinking="from run", prompt: dict | None = None):
     """The function that refuses a held-out problem whose student prompt cannot fit the run's
     ``max_prompt_tokens`` (`opsd_kit.prompts.PromptBuilder.length_error`), as `load_run_policy`'s
-    builder renders it, on the run's tokenizer alone: pass it as ``check`` to
+    builder renders it (the same ``student_thinking`` and ``prompt``), on the run's tokenizer
+    alone: pass it as ``check`` to
     `opsd_kit.data.sources.load_source` so an over-long problem fails before any model loads."""
     from dataclasses import replace
     from functools import partial
@@ -394,15 +404,18 @@ def eval_prompt_check(run_dir, *, student_thinking="from run"):
     cfg = load_run_config(run_dir)
     if student_thinking != "from run":
         cfg = replace(cfg, student_thinking=student_thinking)
+    cfg = replace(cfg, **(prompt or {}))
     return partial(build_prompts(cfg, load_tokenizer(cfg.model)).length_error, teacher=False)
 
 
-def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
+def load_run_policy(run_dir, adapter=None, *, student_thinking="from run", prompt: dict | None = None):
     """The policy and prompt builder a run (a folder, or a `TrainConfig`) trained with, its
     adapter loaded when given.
 
     ``student_thinking`` overrides the run's student thinking switch (an evaluation protocol
-    may differ from training: the paper trains with thinking off and evaluates with it on).
+    may differ from training: the paper trains with thinking off and evaluates with it on);
+    ``prompt`` (`eval_prompt`) the student prompt's format and template (the paper's
+    protocol evaluates chat-templated whatever prompt the run trained on).
     """
     from dataclasses import replace
 
@@ -416,6 +429,7 @@ def load_run_policy(run_dir, adapter=None, *, student_thinking="from run"):
     policy = build_policy(replace(cfg, teacher="frozen", gradient_checkpointing=False, backend="hf"))
     if student_thinking != "from run":
         cfg = replace(cfg, student_thinking=student_thinking)
+    cfg = replace(cfg, **(prompt or {}))
     builder = build_prompts(cfg, policy.tokenizer)
     if adapter is not None:
         policy.load_adapter(adapter)

@@ -62,7 +62,7 @@ def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adap
     method = [f"- algorithm: `{c.algorithm}`: {_ALGORITHM_NAMES.get(c.algorithm, c.algorithm)}"]
     if c.algorithm in ("opsd", "rlsd"):
         method += [f"- divergence: `{c.divergence}`" + (f", pointwise clip tau = {c.clip_tau}" if c.clip_tau else ""),
-                   f"- teacher: `{c.teacher}` weights of the same model, its prompt holding the problem's "
+                   f"- teacher: `{c.teacher_weights}` weights of the same model, its prompt holding the problem's "
                    f"solution (teacher_hint `{c.teacher_hint}`)"]
     method.append(f"- LoRA: r = {c.lora_r}, alpha = {c.lora_alpha}, on {', '.join(c.lora_target_modules)}; "
                   f"dtype {c.dtype}" + (f", base quantised {c.quantization}" if c.quantization else ""))
