@@ -195,7 +195,7 @@ def test_rlsd_teacher_is_live_by_default_and_frozen_on_request():
     assert load_profile("tiny", "rlsd").teacher_weights == "live"
     assert load_profile("tiny", "rlsd", rlsd_teacher="frozen").teacher_weights == "frozen"
     assert load_profile("tiny", "opsd").teacher_weights == "frozen"
-    with pytest.raises(ConfigError, match="rlsd_teacher"):
+    with pytest.raises(ConfigError, match="teacher='ema' applies to algorithm 'opsd', not algorithm='rlsd'"):
         load_profile("tiny", "rlsd", teacher="ema")  # OPSD's knob: refused, not ignored
 
 
@@ -265,7 +265,7 @@ def test_group_algorithms_need_a_group(algorithm):
 
 
 def test_rlsd_frozen_teacher_needs_the_adapter():
-    with pytest.raises(ConfigError, match="rlsd_teacher='frozen' needs use_lora=True"):
+    with pytest.raises(ConfigError, match=r"rlsd_teacher='frozen' needs a LoRA adapter \(use_lora=True\)"):
         load_profile("tiny", "rlsd", use_lora=False, rlsd_teacher="frozen")
     assert load_profile("tiny", "rlsd", use_lora=False).teacher_weights == "live"
 
