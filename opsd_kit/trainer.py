@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opsd_kit.config import ConfigError, TrainConfig
+from opsd_kit.config import GROUP_ALGORITHMS, ConfigError, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,15 +49,19 @@ class TrainResult:
     command line exits with 128 + it."""
 
 
-def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None) -> TrainResult:
+def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None, reward_funcs=None) -> TrainResult:
     """Train with ``config``. ``problems`` overrides ``config.train_data``: a list of Problem, or a
     list of dicts, a ``datasets.Dataset`` or a pandas DataFrame read by `opsd_kit.data.problems.load_problems`;
-    ``policy`` reuses an already-loaded policy (its weights are trained in place)."""
-    return Trainer(config, problems=problems, policy=policy, accelerator=accelerator).train()
+    ``policy`` reuses an already-loaded policy (its weights are trained in place); ``reward_funcs``
+    (GRPO, RLSD) replaces ``config.rewards`` with your own functions ``fn(completions, problems) ->
+    list[float]``, a list or ``{name: fn}``, weighted by ``config.reward_weights``
+    (`opsd_kit.algorithms.rewards`)."""
+    return Trainer(config, problems=problems, policy=policy, accelerator=accelerator,
+                   reward_funcs=reward_funcs).train()
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, problems=None, policy=None, accelerator=None):
+    def __init__(self, config: TrainConfig, *, problems=None, policy=None, accelerator=None, reward_funcs=None):
         import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -83,6 +87,9 @@ class Trainer:
         if times > 1:
             raise ConfigError(f"problem ids must be unique: {dup!r} appears {times} times")
         self.shuffled_hints = _shuffled_hints(config, self.problems)
+        if reward_funcs is not None and config.algorithm not in GROUP_ALGORITHMS:
+            raise ConfigError(f"reward_funcs are GRPO's and RLSD's rewards; algorithm={config.algorithm!r} has none")
+        self.reward_funcs = reward_funcs
         set_seed(config.seed)  # python, numpy, torch (all devices)
         self.run_dir = Path(config.run_dir)
         if policy is None:
@@ -116,6 +123,8 @@ class Trainer:
                              step_problems=self.step_problems)
         if cfg.algorithm == "sft":
             return cls(cfg, self.policy, problems=self.problems, context_length=self.context_length, **collaborators)
+        if cfg.algorithm == "opsd" and cfg.sft_weight:
+            collaborators.update(problems=self.problems, context_length=self.context_length)
         from opsd_kit.rollout.sampler import RolloutSampler
 
         sampler = RolloutSampler(
@@ -123,6 +132,8 @@ class Trainer:
             process_index=self.accelerator.process_index, adapter_dir=str(self.run_dir / "vllm_adapter"),
             engine=dict(model_name=cfg.model, quantization=cfg.quantization, dtype=cfg.dtype,
                         max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, max_lora_rank=cfg.lora_r))
+        if cfg.algorithm in GROUP_ALGORITHMS:
+            collaborators["reward_funcs"] = self.reward_funcs
         return cls(cfg, self.policy, sampler=sampler, **collaborators)
 
     # -------------------------------------------------------------------------------------
@@ -305,7 +316,8 @@ class Trainer:
                 if self.policy.teacher_mode == "ema":
                     self.policy.update_ema()
             self.optimizer.zero_grad(set_to_none=True)
-        metrics.update(_reduce_lists(extra))
+        summed = {k: self.reduce_sum(sum(extra.pop(k))) for k in self.algorithm.summed_metrics if k in extra}
+        metrics.update(_reduce_lists(extra), **summed)
         metrics.update({
             "loss/total": loss, "train/grad_norm": grad_norm, "train/lr": lr,
             "train/skipped_nonfinite": int(not finite), "tokens/loss_tokens": int(total_tokens),

@@ -30,7 +30,7 @@ def test_steps_change_lora_and_not_base(tmp_path, algorithm):
     # GRPO on a random model gets no reward signal: reward the parity of the first token instead.
     trainer = Trainer(tiny(tmp_path, algorithm, max_steps=3))
     if algorithm == "grpo":
-        trainer.algorithm.grade = lambda rollouts, problems: [float(c[0] % 2) for c in rollouts.completion_ids]
+        trainer.algorithm.reward = lambda rollouts, problems: ([float(c[0] % 2) for c in rollouts.completion_ids], {})
     lora_before = trainer.policy.lora_state_dict()
     base_before = base_weights(trainer.policy)
     result = trainer.train()
@@ -95,6 +95,49 @@ def test_loss_is_normalised_over_the_whole_step_not_per_micro_batch(tmp_path):
         depth = trainer.policy.config.num_hidden_layers
         tol = tolerance(torch.float32, tokens, scale=float(b.abs().max()), depth=depth)
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_opsd_plus_sft_loss_is_the_divergence_plus_the_weighted_sft_loss_by_hand(tmp_path):
+    """OPSD + SFT on the tiny model, one micro-batch per step: the micro-batch's loss is
+    sum_div + w (N_div / N_sft) sum_nll (so that the trainer's division by N_div gives
+    sum_div / N_div + w sum_nll / N_sft), each part computed here on its own: the divergence by
+    the algorithm's plain OPSD loss, the SFT part by hand from full logits."""
+    from opsd_kit.losses import divergence
+
+    weight = 0.7
+    trainer = Trainer(tiny(tmp_path, sft_weight=weight, micro_batch_size=4, max_steps=1))
+    opsd = trainer.algorithm
+    (mb,), _ = opsd.prepare(0)
+    loss_sum, metrics = opsd.loss(mb)
+    model, head = trainer.policy.model, trainer.policy.head
+    with trainer.policy.teacher():
+        teacher_h = opsd.hidden(mb.teacher)
+    div_sum, _ = divergence(opsd.hidden(mb.student), teacher_h, head, mb.student.completion_mask, opsd.spec)
+    problems = trainer.step_problems(0)
+    tok = trainer.policy.tokenizer
+    nll, n_sft = 0.0, 0
+    for i, p in enumerate(problems):
+        target = tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        row = mb.sft.input_ids[i][mb.sft.attention_mask[i].bool()]
+        assert row[-len(target):].tolist() == target  # the reference solution follows the student prompt
+        logits = model(input_ids=row[None]).logits[0].float()
+        nll -= torch.log_softmax(logits[:-1], -1).gather(-1, row[1:, None])[-len(target):, 0].sum()
+        n_sft += len(target)
+    n_div = int(mb.student.completion_mask.sum())
+    want = div_sum + weight * n_div / n_sft * nll
+    tokens = n_div + n_sft
+    scale = float(div_sum.detach().abs() + weight * nll.detach().abs())
+    tol = tolerance(torch.float32, logits.shape[-1] + tokens, scale=scale)
+    torch.testing.assert_close(loss_sum, want, **tol)
+    torch.testing.assert_close(torch.tensor(metrics["loss/sft"]), nll / n_sft, **tol)
+    torch.testing.assert_close(torch.tensor(metrics["loss/divergence"]), div_sum / n_div, **tol)
+
+
+def test_opsd_plus_sft_logs_both_parts_and_their_weighted_sum_is_the_loss(tmp_path):
+    result = Trainer(tiny(tmp_path, sft_weight=0.5, max_steps=1)).train()  # 2 micro-batches
+    (row,) = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert row["loss/total"] == pytest.approx(row["loss/divergence"] + 0.5 * row["loss/sft"], rel=1e-6)
+    assert row["loss/sft"] > 0 and "sft/solutions_truncated" in row
 
 
 @pytest.mark.parametrize("algorithm", ["opsd", "grpo"])
