@@ -73,6 +73,11 @@ class Trainer:
         self.config = config.validate()
         config.check_trackers()
         self.start = plan_start(config)  # resume, start fresh, or refuse: before anything loads
+        self.init, self.lineage = None, []
+        if config.init_adapter:  # an adapter of this model and layout, read before anything loads
+            from opsd_kit.run.lineage import lineage, resolve_init_adapter
+
+            self.init, self.lineage = resolve_init_adapter(config), lineage(config)
         self.context_length, context_source = _context_length(config, policy)
         config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -97,6 +102,8 @@ class Trainer:
 
             policy = build_policy(config, self.accelerator.device)
         self.policy = policy
+        if self.init is not None and self.start.checkpoint is None:  # a resumed run loads its own checkpoint
+            policy.load_adapter(self.init.adapter_dir)
         from opsd_kit.run.ledger import TokenLedger
 
         self.ledger = TokenLedger()
@@ -187,8 +194,11 @@ class Trainer:
                   f"{self.run_dir}; starting over.")
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            from opsd_kit.run.lineage import write_trained_on
+
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
+            write_trained_on(self.run_dir, self.problems)  # for the leakage check of runs that start from this one
         logger = MetricsLogger(self.run_dir / "metrics.jsonl", trackers=cfg.trackers,
                                resume_step=self.step if self.start.checkpoint else None, config=cfg.to_dict(),
                                enabled=self.is_main)
@@ -267,7 +277,8 @@ class Trainer:
         from opsd_kit.run.card import training_sections, update_card
 
         sections = training_sections(self.config, steps=self.step, ledger=self.ledger.state_dict(),
-                                     n_problems=len(self.problems), adapter_dir=adapter_dir, interrupted=interrupted)
+                                     n_problems=len(self.problems), adapter_dir=adapter_dir, interrupted=interrupted,
+                                     lineage=self.lineage)
         for name, markdown in sections.items():
             update_card(adapter_dir, name, markdown)
 

@@ -158,6 +158,7 @@ def test_study_points_never_repeat_a_checkpoint(tmp_path):
 
     run = tmp_path / "grpo"
     (run / "adapter").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"algorithm": "grpo"}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens/generated_total": 10, "tokens/train_total": 10,
                                                    "time/elapsed": 1.0}) + "\n")
     points = study_points({"grpo": str(run)}, {"grpo": 3})

@@ -155,6 +155,89 @@ def test_resume_reaches_the_same_adapter(tmp_path, algorithm):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.fixture()
+def init_run(tmp_path):
+    """A finished tiny SFT run (2 steps) whose adapter other runs start from."""
+    trainer = Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "warmup"), max_steps=2, save_every=1))
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("where", ["run folder", "final adapter", "checkpoint adapter"])
+def test_a_run_starts_from_the_init_adapters_weights_exactly(tmp_path, init_run, where):
+    from peft.utils import load_peft_weights
+
+    folder = {"run folder": init_run.run_dir, "final adapter": init_run.run_dir / "adapter",
+              "checkpoint adapter": init_run.run_dir / "checkpoints" / "step-000001" / "adapter"}[where]
+    saved = load_peft_weights(str(folder if where != "run folder" else folder / "adapter"))
+    trainer = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "opsd"), init_adapter=str(folder)))
+    fresh = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "fresh")))
+    lora, zero = trainer.policy.lora_state_dict(), fresh.policy.lora_state_dict()
+    assert len(saved) == len(lora)
+    for name, value in lora.items():  # peft saves the weights without the adapter's name
+        torch.testing.assert_close(value, saved[name.replace(".default", "")], atol=0, rtol=0)
+    assert any(not torch.equal(lora[k], zero[k]) for k in lora)  # not the fresh adapter (LoRA B = 0)
+    for name, value in base_weights(trainer.policy).items():
+        assert torch.equal(value, base_weights(fresh.policy)[name]), name  # the base model is untouched
+
+
+def test_a_resumed_run_continues_its_own_checkpoint_not_the_init_adapter(tmp_path, init_run):
+    init = str(init_run.run_dir)
+    straight = Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "a"), max_steps=3, init_adapter=init))
+    straight.train()
+    Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "b"), max_steps=2, save_every=1, init_adapter=init)).train()
+    resumed = Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "b"), max_steps=3, init_adapter=init, resume=True))
+    assert resumed.train().steps == 3
+    a, b = straight.policy.lora_state_dict(), resumed.policy.lora_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    from opsd_kit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="init_adapter"):  # another start is another run
+        Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "b"), max_steps=4, resume=True))
+    card = (tmp_path / "a" / "adapter" / "README.md").read_text()
+    assert f"started from the adapter `{init}`" in card and "algorithm `sft`" in card
+    # the study's base point is the common start, and runs from different starts are refused
+    from opsd_kit.evaluation.study import common_start
+
+    base = common_start({"a": tmp_path / "a", "b": tmp_path / "b"})
+    assert (base.tag, base.adapter, base.run_dir) == ("base", str(init_run.run_dir.resolve() / "adapter"),
+                                                      str(init_run.run_dir.resolve()))
+    with pytest.raises(ValueError, match="different models"):
+        common_start({"a": tmp_path / "a", "warmup": init_run.run_dir})
+
+
+def test_init_adapter_refusals_come_before_the_model_loads(tmp_path, init_run, monkeypatch):
+    from opsd_kit.config import ConfigError
+
+    monkeypatch.setattr("opsd_kit.policy.build_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match="neither a run folder"):
+        Trainer(tiny(tmp_path, init_adapter=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="LoRA settings"):
+        Trainer(tiny(tmp_path, init_adapter=str(init_run.run_dir), lora_r=8))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no final adapter"):
+        Trainer(tiny(tmp_path, init_adapter=str(unfinished)))
+
+
+def test_the_leakage_check_covers_the_runs_a_run_started_from(tmp_path, init_run):
+    from opsd_kit.data.problems import Problem
+    from opsd_kit.run.lineage import lineage_leakage
+
+    child = Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "child"), max_steps=1,
+                         init_adapter=str(init_run.run_dir), train_data="reasoning_gym:chain_sum?max_terms=2"))
+    child.train()
+    warm = init_run.problems[0]
+    held_out = [Problem(id="e0", question=warm.question.upper() + "  ", solution="s", answer="1", source="t"),
+                Problem(id=warm.id, question="another question", solution="s", answer="1", source="t")]
+    rows = lineage_leakage(child.run_dir, held_out)
+    assert [r["run_dir"] for r in rows] == [str(child.run_dir.resolve()), str(init_run.run_dir.resolve())]
+    assert all(r["recorded"] for r in rows)
+    assert rows[1]["shared_ids"] == [warm.id] and rows[1]["shared_questions"] == ["e0"]
+
+
 @pytest.mark.parametrize("algorithm", ["opsd", "grpo", "rlsd", "sft"])
 def test_an_algorithm_built_from_its_collaborators_alone_gives_the_trainers_step(tmp_path, algorithm):
     """The algorithm touches only what it is given: one built by hand from its collaborators (a

@@ -28,7 +28,9 @@ MODES = ("strict", "lenient")
 
 @dataclass(frozen=True)
 class Point:
-    """One evaluated model: ``method`` at ``step`` (step 0 with ``adapter=None``: the base)."""
+    """One evaluated model: ``method`` at ``step``. The base (method 'base', step 0) is the model
+    every run started from: the adapter switched off (``adapter=None``), or the runs' common
+    ``init_adapter``."""
 
     method: str
     step: int
@@ -40,7 +42,7 @@ class Point:
 
     @property
     def tag(self) -> str:
-        return "base" if self.adapter is None else f"{self.method}-step{self.step}"
+        return "base" if self.method == "base" else f"{self.method}-step{self.step}"
 
 
 def run_checkpoints(run_dir) -> list[tuple[int, Path]]:
@@ -67,7 +69,7 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
 
     if not runs:
         raise ValueError("study_points needs at least one run")
-    points = [Point("base", 0, None)]
+    points = [common_start(runs)]
     for method, run_dir in runs.items():
         available = run_checkpoints(run_dir)
         if not available:
@@ -87,6 +89,27 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
     return points
 
 
+def common_start(runs: dict) -> Point:
+    """The base point of runs that share a start: the base model (adapter off) when no run has an
+    ``init_adapter``, else that adapter (the same for every run, or ValueError: curves from
+    different starts do not compare)."""
+    from opsd_kit.run.lineage import resolve_init_adapter
+
+    starts = {}
+    for method, run_dir in runs.items():
+        values = _run_config(run_dir)
+        starts[method] = resolve_init_adapter(load_run_config(values)) if values.get("init_adapter") else None
+    adapters = {None if s is None else s.adapter_dir for s in starts.values()}
+    if len(adapters) > 1:
+        listed = ", ".join(f"{m}: {'the base model' if s is None else s.adapter_dir}" for m, s in starts.items())
+        raise ValueError(f"the runs start from different models ({listed}); a study compares runs from one start: "
+                         "give every run the same init_adapter")
+    start = next(iter(starts.values()))
+    if start is None:
+        return Point("base", 0, None)
+    return Point("base", 0, str(start.adapter_dir), None if start.run_dir is None else str(start.run_dir))
+
+
 def evaluate_points(points: list[Point], problems, eval_config, *, model_run, out_dir, workers: int = 1,
                     progress: bool = False) -> dict:
     """Evaluate every point on ``problems``; returns ``{tag: EvalResult}``.
@@ -101,7 +124,7 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
     """
     from opsd_kit.evaluation.evaluate import EvalResult
 
-    configs = {p.method: _run_config(p.run_dir) for p in points if p.adapter}
+    configs = {p.method: _run_config(p.run_dir) for p in points if p.adapter and p.run_dir}
     keys = {m: _model_key(c) for m, c in configs.items()}
     keys["model_run"] = _model_key(_run_config(model_run))
     if len(set(keys.values())) != 1:
@@ -199,7 +222,7 @@ def summarize(points: list[Point], results: dict, eval_config) -> dict:
         rows.append(row)
     table = pd.DataFrame(rows)
 
-    finals = [p for p in points if p.adapter is not None]
+    finals = [p for p in points if p.method != "base"]
     finals = [p for p in finals if p.step == max(q.step for q in finals if q.method == p.method)]
     pairs = [(p, points[0]) for p in finals] + [(a, b) for i, a in enumerate(finals) for b in finals[i + 1:]]
     comparisons = []
@@ -362,7 +385,7 @@ def answer_token_divergence(points: list[Point], results: dict, problems, *, run
         return pd.DataFrame(columns=["method", "step", "rollouts", "answer_share", "answer_mean", "other_mean",
                                      "total", "kind"])
     last = {p.method: max(q.step for q in points if q.method == p.method) for p in points}
-    finals = [p for p in points if p.adapter is None or p.step == last[p.method]]
+    finals = [p for p in points if p.method == "base" or p.step == last[p.method]]
     jobs = []
     for point in finals:
         samples = results[point.tag].samples

@@ -56,9 +56,18 @@ def update_card(adapter_dir, section: str, markdown: str) -> Path:
 
 
 def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adapter_dir,
-                      interrupted: bool = False) -> dict[str, str]:
-    """The card sections of a trained adapter: Method, Data, Training, Tokens, Config, Usage."""
+                      interrupted: bool = False, lineage: list | None = None) -> dict[str, str]:
+    """The card sections of a trained adapter: Method, Data, Training, Tokens, Config, Usage.
+    ``lineage``: the runs it started from (`opsd_kit.run.lineage.lineage`), nearest first."""
     c = config
+    data = [f"- train_data: `{c.train_data}`", f"- problems: {n_problems}"]
+    if c.init_adapter:
+        data.append(f"- started from the adapter `{c.init_adapter}` (`init_adapter`), which was trained on:")
+        for run in lineage or []:
+            data.append(f"  - `{run['adapter']}`: algorithm `{run['algorithm']}`, train_data `{run['train_data']}`, "
+                        f"train_size {run['train_size']}, seed {run['seed']}")
+        data.append("- a held-out set must be disjoint from those problems too "
+                    "(`opsd_kit.run.lineage.lineage_leakage`)")
     method = [f"- algorithm: `{c.algorithm}`: {_ALGORITHM_NAMES.get(c.algorithm, c.algorithm)}"]
     if c.algorithm in ("opsd", "rlsd"):
         method += [f"- divergence: `{c.divergence}`" + (f", pointwise clip tau = {c.clip_tau}" if c.clip_tau else ""),
@@ -73,7 +82,7 @@ def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adap
               f"- prompt tokens: {ledger.get('prompt_tokens', 0)}, rollouts: {ledger.get('rollouts', 0)}"]
     return {
         "Method": "\n".join(method),
-        "Data": f"- train_data: `{c.train_data}`\n- problems: {n_problems}",
+        "Data": "\n".join(data),
         "Training": "\n".join(training),
         "Tokens": "\n".join(tokens),
         "Config": "The exact `TrainConfig` (also in the run's config.json):\n\n```json\n"
