@@ -278,9 +278,14 @@ class Trainer:
 
         sections = training_sections(self.config, steps=self.step, ledger=self.ledger.state_dict(),
                                      n_problems=len(self.problems), adapter_dir=adapter_dir, interrupted=interrupted,
-                                     lineage=self.lineage)
+                                     lineage=self.lineage, rewards=self._reward_terms())
         for name, markdown in sections.items():
             update_card(adapter_dir, name, markdown)
+
+    def _reward_terms(self) -> tuple | None:
+        """``(name, weight)`` of the run's reward terms (GRPO, RLSD), else None."""
+        rewards = getattr(self.algorithm, "rewards", None)
+        return None if rewards is None else tuple(zip(rewards.names, rewards.weights))
 
     def _budget_spent(self) -> bool:
         """True once the run's generated tokens reach ``max_generated_tokens``."""

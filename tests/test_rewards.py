@@ -83,6 +83,8 @@ def test_terms_and_mixed_groups_are_logged_and_a_run_without_reward_is_warned_ea
     for row in rows:
         assert row["reward/correct"] == row["reward/format"] == row["grpo/reward_mean"] == 0.0
         assert row["grpo/mixed_groups"] == 0.0 and row["grpo/groups_all_same"] == 1.0
+    card = (result.adapter_dir / "README.md").read_text()
+    assert "- reward: 1 x `correct` + 0.5 x `format` (`correct` grades in `strict` mode)" in card
 
 
 def test_mixed_groups_is_the_fraction_of_groups_whose_rewards_differ(tmp_path):
@@ -102,3 +104,4 @@ def test_mixed_groups_is_the_fraction_of_groups_whose_rewards_differ(tmp_path):
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     assert [r["grpo/mixed_groups"] for r in rows] == [0.25, 0.0, 0.0]  # 4 problems x 2 rollouts
     assert [r["reward/first"] for r in rows] == [1 / 8, 0.0, 0.0]
+    assert "- reward: 1 x `first`" in (result.adapter_dir / "README.md").read_text()

@@ -56,9 +56,11 @@ def update_card(adapter_dir, section: str, markdown: str) -> Path:
 
 
 def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adapter_dir,
-                      interrupted: bool = False, lineage: list | None = None) -> dict[str, str]:
+                      interrupted: bool = False, lineage: list | None = None,
+                      rewards: tuple | None = None) -> dict[str, str]:
     """The card sections of a trained adapter: Method, Data, Training, Tokens, Config, Usage.
-    ``lineage``: the runs it started from (`opsd_kit.run.lineage.lineage`), nearest first."""
+    ``lineage``: the runs it started from (`opsd_kit.run.lineage.lineage`), nearest first;
+    ``rewards``: GRPO's/RLSD's ``(name, weight)`` reward terms (None: the config's)."""
     c = config
     data = [f"- train_data: `{c.train_data}`", f"- problems: {n_problems}"]
     if c.init_adapter:
@@ -73,6 +75,12 @@ def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adap
         method += [f"- divergence: `{c.divergence}`" + (f", pointwise clip tau = {c.clip_tau}" if c.clip_tau else ""),
                    f"- teacher: `{c.teacher}` weights of the same model, its prompt holding the problem's "
                    f"solution (teacher_hint `{c.teacher_hint}`)"]
+    if c.algorithm in ("grpo", "rlsd"):
+        terms = rewards or tuple(zip(c.rewards, c.reward_weights or (1.0,) * len(c.rewards)))
+        method.append("- reward: " + " + ".join(f"{w:g} x `{n}`" for n, w in terms)
+                      + f" (`correct` grades in `{c.grading_mode}` mode)" * any(n == "correct" for n, _ in terms))
+    if c.algorithm == "opsd" and c.sft_weight:
+        method.append(f"- plus {c.sft_weight:g} x the SFT loss on the reference solution (`sft_weight`)")
     method.append(f"- LoRA: r = {c.lora_r}, alpha = {c.lora_alpha}, on {', '.join(c.lora_target_modules)}; "
                   f"dtype {c.dtype}" + (f", base quantised {c.quantization}" if c.quantization else ""))
     training = [f"- optimizer steps: {steps} (max_steps {c.max_steps}" + (", interrupted)" if interrupted else ")"),
