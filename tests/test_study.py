@@ -183,6 +183,16 @@ def test_report_renders_what_the_summary_says(tmp_path):
     assert "10.0 min in all" in text
 
 
+def test_report_names_the_test_of_a_summary_written_before_tests_were_named():
+    from opsd_kit.evaluation.report import comparisons_table
+
+    old = {"diff": 0.1, "ci_low": 0.0, "ci_high": 0.2, "mcnemar_p": 0.004}
+    summary = {"points": [{"k": 1, "n_eval": 10}], "vs_base": {"opsd": {"strict": old, "lenient": old}},
+               "comparisons": []}
+    text = comparisons_table(summary)
+    assert "| 0.004 |" in text and "p: exact McNemar on each problem's first sample only" in text
+
+
 @pytest.mark.parametrize("workers", [1, 2, 3, 8])
 def test_work_split_over_workers_comes_back_in_job_order(workers):
     """`_in_workers` deals jobs round-robin to processes; the results must line up with the jobs."""

@@ -42,8 +42,15 @@ def points_table(summary: dict) -> str:
 
 
 TEST_NAMES = {"mcnemar_exact": "exact McNemar", "sign_flip_exact": "sign-flip permutation test (exact)",
-              "sign_flip_monte_carlo": "sign-flip permutation test (Monte Carlo)"}
-"""How each paired test (`stats.paired_test`) is named under the table."""
+              "sign_flip_monte_carlo": "sign-flip permutation test (Monte Carlo)",
+              "mcnemar_first_sample": "exact McNemar on each problem's first sample only"}
+"""How each paired test (`stats.paired_test`) is named under the table; a summary.json written
+before the test was recorded holds ``mcnemar_p``, McNemar on the first samples."""
+
+
+def _test(d: dict) -> tuple[float, str]:
+    """``(p, test)`` of one mode's comparison, also from a summary that predates ``test``."""
+    return (d["p"], d["test"]) if "test" in d else (d["mcnemar_p"], "mcnemar_first_sample")
 
 
 def comparisons_table(summary: dict, focus: str = "opsd") -> str:
@@ -55,9 +62,9 @@ def comparisons_table(summary: dict, focus: str = "opsd") -> str:
     rows = [dict(c, a=m, b="base") for m, c in summary["vs_base"].items()]
     rows += [c for c in summary["comparisons"] if focus in (c["a"], c["b"])]
     for c in rows:
-        lines.append(f"| {c['a']} | {c['b']} | {_signed(c['strict'])} | {_p(c['strict']['p'])} | "
-                     f"{_signed(c['lenient'])} | {_p(c['lenient']['p'])} |")
-    tests = sorted({c[m]["test"] for c in rows for m in MODES})
+        lines.append(f"| {c['a']} | {c['b']} | {_signed(c['strict'])} | {_p(_test(c['strict'])[0])} | "
+                     f"{_signed(c['lenient'])} | {_p(_test(c['lenient'])[0])} |")
+    tests = sorted({_test(c[m])[1] for c in rows for m in MODES})
     k = summary["points"][0]["k"]
     what = "each problem's verdict" if k == 1 else f"each problem's avg@{k} (all {k} samples)"
     lines.append(f"\np: {', '.join(TEST_NAMES.get(t, t) for t in tests)}, two-sided, paired on {what}.")
