@@ -236,6 +236,12 @@ def test_the_leakage_check_covers_the_runs_a_run_started_from(tmp_path, init_run
     assert [r["run_dir"] for r in rows] == [str(child.run_dir.resolve()), str(init_run.run_dir.resolve())]
     assert all(r["recorded"] for r in rows)
     assert rows[1]["shared_ids"] == [warm.id] and rows[1]["shared_questions"] == ["e0"]
+    from opsd_kit.evaluation.study import check_start_leakage
+
+    with pytest.raises(ValueError, match="which trained on held-out problems"):
+        check_start_leakage([child.run_dir], held_out)
+    check_start_leakage([child.run_dir], [Problem(id="e9", question="unseen", solution="s", answer="1", source="t")])
+    check_start_leakage([init_run.run_dir], held_out)  # a run's own problems are the split's business
 
 
 @pytest.mark.parametrize("algorithm", ["opsd", "grpo", "rlsd", "sft"])

@@ -129,6 +129,7 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
     keys["model_run"] = _model_key(_run_config(model_run))
     if len(set(keys.values())) != 1:
         raise ValueError(f"runs differ in model or LoRA settings, cannot share one model: {keys}")
+    check_start_leakage({p.run_dir for p in points if p.run_dir and p.method != "base"}, problems)
     out_dir = Path(out_dir)
     problem_dicts = [p.to_dict() for p in problems]
     todo = []
@@ -139,6 +140,30 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
     _in_workers(_evaluate_share, todo, workers, _run_config(model_run), problem_dicts, eval_config.to_dict(),
                 str(out_dir), progress)
     return {point.tag: EvalResult.load(out_dir / point.tag) for point in points}
+
+
+def check_start_leakage(run_dirs, problems) -> None:
+    """Raise ValueError when a held-out problem (by id or normalised question) is among the
+    training problems of a run that one of ``run_dirs`` started from (``init_adapter``, followed
+    back; `run.lineage.lineage_leakage`). A run's own training problems are the split's business
+    (notebook 00's leakage check). An earlier run that recorded no training problems is warned
+    about: its overlap is unknown."""
+    import warnings
+
+    from opsd_kit.run.lineage import lineage_leakage
+
+    for run_dir in sorted(map(str, run_dirs)):
+        if not _run_config(run_dir).get("init_adapter"):
+            continue
+        for row in lineage_leakage(run_dir, problems)[1:]:
+            if not row["recorded"]:
+                warnings.warn(f"{run_dir} started from {row['run_dir'] or 'a bare adapter'}, which recorded no "
+                              "training problems: whether they overlap the held-out set is unknown", RuntimeWarning,
+                              stacklevel=2)
+            elif row["shared_ids"] or row["shared_questions"]:
+                raise ValueError(f"{run_dir} started from {row['run_dir']}, which trained on held-out problems (ids "
+                                 f"{row['shared_ids'][:5]}, questions of {row['shared_questions'][:5]}); hold out "
+                                 "problems disjoint from every run in the chain")
 
 
 def _in_workers(work, jobs: list, workers: int, *args) -> list:
