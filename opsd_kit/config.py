@@ -177,7 +177,8 @@ class TrainConfig:
     sampled_token_clamp: float | None = 5.0
     """Advantage clamp for divergence='sampled_token' (rLLM: 5)."""
     teacher: str = "frozen"
-    """'frozen' (base model, adapter off; paper), 'live' (current weights) or 'ema'."""
+    """'frozen' (the initial model, frozen: the base model with the adapter off, or with
+    `init_adapter` the base model with that adapter; paper), 'live' (current weights) or 'ema'."""
     ema_decay: float = 0.999
     """EMA decay of the LoRA weights for teacher='ema'."""
     loss_chunk_size: int = 128
@@ -193,7 +194,8 @@ class TrainConfig:
     scale_rewards: bool = True
     """GRPO: divide group-centred rewards by the group's standard deviation."""
     kl_coef: float = 0.0
-    """GRPO KL penalty to the reference (adapter-off) model; 0 as in the paper."""
+    """GRPO KL penalty to the reference model, the one the run started from (the adapter off, or
+    `init_adapter`); 0 as in the paper."""
     grading_mode: str = "strict"
     """Reward and rollout-correctness grading: 'strict' (the last boxed answer only) or 'lenient'
     (also '####', 'the answer is', else the last number); see opsd_kit.evaluation.evaluate.
@@ -208,8 +210,10 @@ class TrainConfig:
     """One weight per entry of `rewards` (empty: every weight 1)."""
     init_adapter: str | None = None
     """Start from another run's LoRA adapter: a run folder (its final `adapter/`) or an adapter
-    folder. None: a fresh adapter (LoRA B = 0, the base model). A resumed run loads its own
-    checkpoint, not this adapter. The model card records it, with the init run's training data."""
+    folder. None: a fresh adapter (LoRA B = 0, the base model). The frozen teacher and GRPO's KL
+    reference are then the base model with this adapter: the initial model, as in the paper. A
+    resumed run loads its own checkpoint, not this adapter. The model card records it, with the
+    init run's training data."""
 
     # -- RLSD ------------------------------------------------------------------------------
     rlsd_lambda: float = 0.5

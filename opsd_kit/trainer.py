@@ -102,8 +102,10 @@ class Trainer:
 
             policy = build_policy(config, self.accelerator.device)
         self.policy = policy
-        if self.init is not None and self.start.checkpoint is None:  # a resumed run loads its own checkpoint
-            policy.load_adapter(self.init.adapter_dir)
+        if self.init is not None:
+            if self.start.checkpoint is None:  # a resumed run loads its own checkpoint
+                policy.load_adapter(self.init.adapter_dir)
+            policy.mark_start()  # the frozen teacher is the initial model (a resume restores it from the checkpoint)
         from opsd_kit.run.ledger import TokenLedger
 
         self.ledger = TokenLedger()

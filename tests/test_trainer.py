@@ -181,12 +181,43 @@ def test_a_run_starts_from_the_init_adapters_weights_exactly(tmp_path, init_run,
         assert torch.equal(value, base_weights(fresh.policy)[name]), name  # the base model is untouched
 
 
+def test_the_frozen_teacher_of_a_run_from_an_init_adapter_is_the_initial_model(tmp_path, init_run):
+    """Before the first step the teacher computes exactly as the student (both are base + init
+    adapter); after a step the student moved and the teacher did not; without init_adapter the
+    teacher is the adapter-off base model."""
+    trainer = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "opsd"), init_adapter=str(init_run.run_dir),
+                           max_steps=1, learning_rate=1e-2))
+    policy = trainer.policy
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+
+    def logits(teacher: bool):
+        with torch.no_grad():
+            if teacher:
+                with policy.teacher():
+                    return policy.model(input_ids=ids).logits
+            return policy.model(input_ids=ids).logits
+
+    start = logits(teacher=False)
+    assert torch.equal(logits(teacher=True), start)
+    with policy.model.disable_adapter(), torch.no_grad():
+        assert not torch.equal(policy.model(input_ids=ids).logits, start)  # the init adapter is not the base
+    assert policy.swaps_teacher_weights and not trainer.algorithm.shares_prompt_pass
+    trainer.train()
+    assert not torch.equal(logits(teacher=False), start)
+    assert torch.equal(logits(teacher=True), start)
+    assert "start" in torch.load(next((tmp_path / "opsd" / "checkpoints").glob("step-*")) / "trainer_state.pt",
+                                 weights_only=True)["policy_extra"]
+
+
 def test_a_resumed_run_continues_its_own_checkpoint_not_the_init_adapter(tmp_path, init_run):
+    """OPSD from an init adapter, 3 steps straight or 2 then a resume: the same adapter (the
+    resumed run's teacher is the initial model again, restored from its checkpoint)."""
     init = str(init_run.run_dir)
-    straight = Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "a"), max_steps=3, init_adapter=init))
+    straight = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "a"), max_steps=3, init_adapter=init))
     straight.train()
-    Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "b"), max_steps=2, save_every=1, init_adapter=init)).train()
-    resumed = Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "b"), max_steps=3, init_adapter=init, resume=True))
+    Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "b"), max_steps=2, save_every=1, init_adapter=init)).train()
+    resumed = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "b"), max_steps=3, init_adapter=init,
+                           resume=True))
     assert resumed.train().steps == 3
     a, b = straight.policy.lora_state_dict(), resumed.policy.lora_state_dict()
     for k in a:
@@ -194,7 +225,7 @@ def test_a_resumed_run_continues_its_own_checkpoint_not_the_init_adapter(tmp_pat
     from opsd_kit.config import ConfigError
 
     with pytest.raises(ConfigError, match="init_adapter"):  # another start is another run
-        Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "b"), max_steps=4, resume=True))
+        Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "b"), max_steps=4, resume=True))
     card = (tmp_path / "a" / "adapter" / "README.md").read_text()
     assert f"started from the adapter `{init}`" in card and "algorithm `sft`" in card
     # the study's base point is the common start, and runs from different starts are refused

@@ -184,7 +184,7 @@ class GRPO(Algorithm):
             if cfg.num_iterations > 1:
                 mb.old_logp_BC = self._logp(student).detach().cpu()
             if cfg.kl_coef:
-                with self.policy.model.disable_adapter():  # reference = the base model
+                with self.policy.start_weights():  # reference = the model the run started from
                     mb.ref_logp_BC = self._logp(student).detach().cpu()
         return mb
 

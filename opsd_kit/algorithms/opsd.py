@@ -31,7 +31,8 @@ result equals running the whole row (up to floating-point order; tested). It hol
 micro-batch's prompt activations until that micro-batch's backward (``share_prompt_pass=False``
 trades the saved forward for that memory). Off by itself where the pass would not be the
 sampling policy's (dropout), could not keep its cache (gradient checkpointing), or where its
-graph would see the weights change before backward (the EMA teacher swaps its weights in).
+graph would see the weights change before backward (the EMA teacher, and the frozen teacher of a
+run started from ``init_adapter``, swap their weights in).
 """
 from __future__ import annotations
 
@@ -110,12 +111,13 @@ class OPSD(Algorithm):
         """``config.share_prompt_pass``, where the fused decoder samples (backend 'fast', a model
         it supports, transformers' modules), the pass in train mode is the sampling policy (no
         dropout anywhere) and its graph lives until backward (no gradient checkpointing, which
-        drops the cache; no EMA teacher, which writes its weights in before backward). Read from
+        drops the cache; no teacher that writes its weights in before backward: EMA, or frozen at an
+        init adapter, `Policy.swaps_teacher_weights`). Read from
         the policy itself, which need not have been built from this config."""
         from opsd_kit.rollout.fused_decoder import FusedDecoder
 
         if (not self.config.share_prompt_pass or self.sampler is None or self.sampler.backend != "fast"
-                or self.policy.teacher_mode == "ema"):
+                or self.policy.swaps_teacher_weights):
             return False
         return self.policy.can_run_in_pieces(training=True) and FusedDecoder.unsupported(self.policy.model) is None
 
