@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ BACKENDS = ("hf", "unsloth")
 ROLLOUT_BACKENDS = ("hf", "fast", "vllm")
 SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("tensorboard", "wandb")
+REWARDS = ("correct", "correct_strict", "correct_lenient", "format", "paper")
+"""The built-in GRPO/RLSD rewards by name (`opsd_kit.algorithms.rewards` defines them)."""
 
 
 class ConfigError(ValueError):
@@ -191,7 +194,19 @@ class TrainConfig:
     """Pointwise clipping: each vocabulary entry's contribution is min(l_v, tau) (paper v3: 0.05);
     for 'hint_contrast' the entries r_v (log r_v - log p_S(v))."""
     contrast_alpha: float = knob(1.0, applies=("opsd",))
-    """Strength alpha of the contrast in divergence='hint_contrast' (> 0): r = sg(p_S) (c / w)^alpha normalised."""
+    """Strength alpha of the contrast in divergence='hint_contrast' (> 0): r = sg(p_S) e^{alpha d} normalised,
+    d = clip(log c - log w, -contrast_clip, contrast_clip)."""
+    contrast_clip: float | None = knob(1.0, applies=("opsd",))
+    """divergence='hint_contrast': the teachers' log-ratio log c - log w is clipped to [-L, L], L this
+    value (> 0; None: unbounded), so that every token's tilt lies in [e^{-alpha L}, e^{alpha L}] and
+    r_v <= p_S(v) e^{2 alpha L}: a token the wrong-hint teacher all but rules out cannot take the
+    student's mass (`losses.hint_contrast_divergence`; RLSD clips its token weights alike)."""
+    sft_weight: float = knob(0.0, applies=("opsd",))
+    """OPSD only: weight of the SFT loss (the NLL of the problem's reference solution after the
+    student prompt, as algorithm='sft' trains) added to the divergence: loss = divergence +
+    sft_weight * SFT, each a sum over its own tokens divided by the step's count of those tokens
+    (metrics `loss/divergence`, `loss/sft`). 0: plain OPSD; > 0 anchors OPSD to the reference
+    solution. SFT targets are capped by `max_target_tokens`."""
     loss_temperature: float | None = knob(None, applies=("opsd",))
     """Temperature dividing both logits in the loss; None uses the rollout temperature (paper)."""
     loss_support: str = knob("full", applies=("opsd",))
@@ -202,8 +217,9 @@ class TrainConfig:
     sampled_token_clamp: float | None = knob(5.0, applies=("opsd",))
     """Advantage clamp for divergence='sampled_token' (rLLM: 5)."""
     teacher: str = knob("frozen", applies=("opsd",))
-    """OPSD's teacher: 'frozen' (base model, adapter off; paper), 'live' (current weights) or
-    'ema'. RLSD's is `rlsd_teacher`."""
+    """OPSD's teacher: 'frozen' (the initial model, frozen: the base model with the adapter off, or
+    with `init_adapter` the base model with that adapter; paper), 'live' (current weights) or 'ema'.
+    RLSD's is `rlsd_teacher`."""
     ema_decay: float = knob(0.999, applies=("opsd",))
     """EMA decay of the LoRA weights for teacher='ema'."""
     loss_chunk_size: int = knob(128, resumable=True)
@@ -220,7 +236,8 @@ class TrainConfig:
     scale_rewards: bool = knob(True, applies=GROUP_ALGORITHMS)
     """GRPO: divide group-centred rewards by the group's standard deviation."""
     kl_coef: float = knob(0.0, applies=GROUP_ALGORITHMS)
-    """GRPO KL penalty to the reference (adapter-off) model; 0 as in the paper."""
+    """GRPO KL penalty to the reference model, the one the run started from (the adapter off, or
+    `init_adapter`); 0 as in the paper."""
     loss_normalisation: str = knob("token", applies=GROUP_ALGORITHMS)
     """How GRPO's (and RLSD's) summed surrogate is normalised: 'token' (divided by the step's
     completion tokens: every token weighs the same) or 'sequence' (each rollout's token sum
@@ -232,7 +249,22 @@ class TrainConfig:
     (also '####', 'the answer is', else the last number), or the official training rewards:
     'first_box_exact' (the first box, stripped lower-case exact match: grpo_train.py) and
     'first_box_after_think' (the first box after </think>, math_verify, then a whitespace-free
-    match: rlsd_train.py); see opsd_kit.data.answers and opsd_kit.evaluation.grading."""
+    match: rlsd_train.py); see opsd_kit.data.answers and opsd_kit.evaluation.grading. The
+    reward 'correct' grades in this mode."""
+    rewards: tuple = knob(("correct",), applies=GROUP_ALGORITHMS)
+    """GRPO/RLSD reward terms, summed with `reward_weights` (`opsd_kit.algorithms.rewards`): 'correct'
+    (1 when the answer, read in `grading_mode`, is right), 'correct_strict', 'correct_lenient',
+    'format' (1 when the last box is present, closed and non-empty) or 'paper' (the official GRPO
+    script's reward: the FIRST box, normalised exact string match). Each is logged as
+    `reward/<name>`. Code can pass its own callables (`rewards.reward_function`)."""
+    reward_weights: tuple = knob((), applies=GROUP_ALGORITHMS)
+    """One weight per entry of `rewards` (empty: every weight 1)."""
+    init_adapter: str | None = knob(None)
+    """Start from another run's LoRA adapter: a run folder (its final `adapter/`) or an adapter
+    folder. None: a fresh adapter (LoRA B = 0, the base model). The frozen teacher and GRPO's KL
+    reference are then the base model with this adapter: the initial model, as in the paper. A
+    resumed run loads its own checkpoint, not this adapter. The model card records it, with the
+    init run's training data."""
 
     # -- RLSD ------------------------------------------------------------------------------
     rlsd_lambda: float = knob(0.5, applies=("rlsd",))
@@ -314,6 +346,16 @@ class TrainConfig:
                 raise ConfigError(error)
         _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "in [0, 1]")
         _check(self.contrast_alpha > 0, "contrast_alpha", self.contrast_alpha, "> 0")
+        _check(self.contrast_clip is None or self.contrast_clip > 0, "contrast_clip", self.contrast_clip,
+               "None or > 0")
+        _check(self.sft_weight >= 0, "sft_weight", self.sft_weight, ">= 0")
+        if self.sft_weight and self.algorithm != "opsd":
+            raise ConfigError(f"sft_weight={self.sft_weight!r} adds SFT to OPSD's divergence; algorithm="
+                              f"{self.algorithm!r} has none: use algorithm='sft', or sft_weight=0")
+        self._check_rewards()
+        if self.init_adapter is not None and not self.use_lora:
+            raise ConfigError(f"init_adapter={self.init_adapter!r} loads a LoRA adapter; use_lora=False trains "
+                              "no adapter: set use_lora=True")
         _check(self.clip_tau is None or self.clip_tau > 0, "clip_tau", self.clip_tau, "None or > 0")
         _check(self.temperature > 0, "temperature", self.temperature, "> 0 (sampling is required)")
         _check(self.loss_temperature is None or self.loss_temperature > 0, "loss_temperature",
@@ -369,6 +411,23 @@ class TrainConfig:
                 default = f" {f.default!r}" if len(repr(f.default)) <= 40 else ""  # not a whole template
                 raise ConfigError(f"{f.name}={value!r} applies to algorithm {' or '.join(map(repr, applies))}, not "
                                   f"algorithm={self.algorithm!r}: leave it at its default{default}")
+
+    def _check_rewards(self) -> None:
+        """Every reward name is known (`REWARDS`) and the weights, if given, match it."""
+        if not self.rewards:
+            raise ConfigError(f"rewards=() gives GRPO no reward; name at least one of {sorted(REWARDS)}")
+        for name in self.rewards:
+            if name not in REWARDS:
+                close = difflib.get_close_matches(str(name), REWARDS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"rewards contains {name!r}, which is not a reward; choose from "
+                                  f"{sorted(REWARDS)}{hint}")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"reward_weights={tuple(self.reward_weights)!r} has {len(self.reward_weights)} weights "
+                              f"for {len(self.rewards)} rewards {tuple(self.rewards)!r}: give one per reward, or ()")
+        for w in self.reward_weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ConfigError(f"reward_weights contains {w!r}; each weight must be a finite number")
 
     def _check_types(self) -> None:
         """Each field holds a value of its annotated type (ints are accepted as floats, a list

@@ -142,19 +142,33 @@ def hint_contrast_divergence(
     alpha: float = 1.0,
     temperature: float = 1.0,
     clip: float | None = None,
+    log_ratio_clip: float | None = None,
 ) -> torch.Tensor:
     """What the correct hint adds over a wrong one, as a per-position loss: [..., V] -> [...].
 
     With q = p_S (student), c = p_T(. | x, y*) (teacher with the problem's own solution) and
     w = p_T(. | x, y_wrong) (teacher with another problem's solution), all at ``temperature``,
-    the target tilts the detached student towards what c prefers *over* w:
+    the target tilts the detached student by the (clipped) log-ratio of the two teachers:
 
-        log r_v = log sg(q_v) + alpha (log c_v - log w_v) - logsumexp_u(log sg(q_u) + alpha (log c_u - log w_u))
+        d_v     = clip(log c_v - log w_v, -L, L)            (L = ``log_ratio_clip``; None: no clip)
+        log r_v = log sg(q_v) + alpha d_v - logsumexp_u(log sg(q_u) + alpha d_u)
 
     and the loss is KL(r || q) = sum_v r_v (log r_v - log q_v) >= 0. Whatever both teachers
-    share (style: "wait", brevity, format) cancels in c / w; a token the correct hint makes
-    more likely than the wrong one (c_v > w_v) gets r_v > q_v, so minimising the loss raises
-    q_v. r is a fixed target: gradients reach the student only through the last log q_v,
+    share (style: "wait", brevity, format) cancels in c / w. The tilt is relative, not
+    pointwise: r_v > q_v exactly when e^{alpha d_v} > sum_u q_u e^{alpha d_u}, i.e. when the
+    token's tilt beats the student-weighted mean tilt. So
+    c_v > w_v alone does not raise a token: when the correct hint raises other likely tokens
+    more, a token with c_v > w_v still loses mass (and one with c_v < w_v can gain). Minimising
+    the loss moves q towards r: it raises q_v where r_v > q_v and lowers it elsewhere.
+
+    Bound: every tilt factor e^{alpha d_v} lies in [e^{-alpha L}, e^{alpha L}], so
+    r_v <= q_v e^{2 alpha L} (and r_v >= q_v e^{-2 alpha L}): a token the wrong-hint teacher
+    all but rules out (w_v = 1e-12, an unclipped log-ratio of about 27) cannot take the mass of
+    the tokens the student finds likely; with L = None the tilt is unbounded and such a token can
+    take almost all of it. The clip is on the log-ratio, as RLSD clips its token weights
+    (`opsd_kit.algorithms.rlsd`).
+
+    r is a fixed target: gradients reach the student only through the last log q_v,
     d loss / d logits = (q - r) / temperature. When c == w, r == q and the loss is exactly 0.
     ``alpha`` > 0 scales the contrast. ``clip = tau`` clips each entry r_v (log r_v - log q_v)
     from above at tau, as in ``per_token_divergence``. Returns float32 (float64 for float64 inputs).
@@ -162,6 +176,8 @@ def hint_contrast_divergence(
     _check_temperature_and_clip(temperature, clip)
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    if log_ratio_clip is not None and not log_ratio_clip > 0:
+        raise ValueError(f"log_ratio_clip must be None or > 0, got {log_ratio_clip}")
     if not student_logits.shape == correct_logits.shape == wrong_logits.shape:
         raise ValueError(
             f"student, correct and wrong teacher logits differ in shape: {tuple(student_logits.shape)}, "
@@ -169,8 +185,10 @@ def hint_contrast_divergence(
         )
     student_V = _scaled(student_logits, temperature)
     logq_V = torch.log_softmax(student_V, dim=-1)
-    contrast_V = alpha * (_log_probs(correct_logits.detach(), temperature)
-                          - _log_probs(wrong_logits.detach(), temperature))
+    log_ratio_V = _log_probs(correct_logits.detach(), temperature) - _log_probs(wrong_logits.detach(), temperature)
+    if log_ratio_clip is not None:
+        log_ratio_V = log_ratio_V.clamp(-log_ratio_clip, log_ratio_clip)
+    contrast_V = alpha * log_ratio_V
     # softmax is shift-invariant: tilting the scaled logits gives the same r as tilting log q, and
     # when c == w the two log-softmaxes run on the same numbers, so log r == log q bit for bit.
     finfo = torch.finfo(student_V.dtype)
@@ -313,6 +331,8 @@ class DivergenceSpec:
     """Advantage clamp of kind='sampled_token'."""
     alpha: float = 1.0
     """Contrast strength of kind='hint_contrast'."""
+    contrast_clip: float | None = None
+    """Clip L of kind='hint_contrast''s teacher log-ratio log c - log w to [-L, L] (None: unbounded)."""
     chunk_size: int = 128
     """Sequence positions per chunk (bounds the logits held at once)."""
 
@@ -324,7 +344,7 @@ class DivergenceSpec:
                    clip=cfg.clip_tau, topk=cfg.distill_topk,
                    truncate=truncate if cfg.loss_support == "truncated" else None,
                    truncate_temperature=cfg.temperature, clamp=cfg.sampled_token_clamp, alpha=cfg.contrast_alpha,
-                   chunk_size=cfg.loss_chunk_size)
+                   contrast_clip=cfg.contrast_clip, chunk_size=cfg.loss_chunk_size)
 
     @property
     def needs_wrong_teacher(self) -> bool:
@@ -388,9 +408,9 @@ def chunked_divergence(
 
     ``spec.kind = "hint_contrast"``: ``hint_contrast_divergence`` with ``teacher_hidden_BTH`` as
     the correct-hint teacher c and ``wrong_teacher_hidden_BTH`` (required then, and only then) as
-    the wrong-hint teacher w, contrast strength ``spec.alpha``; both teachers are detached, a
-    truncated support applies to all three roles. ``spec.kind = "sampled_token"`` needs the sampled
-    tokens and goes through `divergence`.
+    the wrong-hint teacher w, contrast strength ``spec.alpha``, log-ratio clip ``spec.contrast_clip``;
+    both teachers are detached, a truncated support applies to all three roles.
+    ``spec.kind = "sampled_token"`` needs the sampled tokens and goes through `divergence`.
 
     Returns ``(loss_sum, per_token_BT)``: loss_sum is a differentiable scalar (float32, float64
     for float64 inputs) to be divided by the optimizer step's completion-token count;
@@ -436,7 +456,8 @@ def chunked_divergence(
                                                           temperature=support_t)
                                           for x_BCV in (student_BCV, *teachers_BCV))
         if contrast:
-            div_BC = hint_contrast_divergence(student_BCV, *teachers_BCV, alpha, temperature, clip)
+            div_BC = hint_contrast_divergence(student_BCV, *teachers_BCV, alpha, temperature, clip,
+                                              log_ratio_clip=spec.contrast_clip)
         elif top_k_support is not None:
             div_BC = topk_divergence(student_BCV, *teachers_BCV, top_k_support, kind, beta, temperature, clip)
         else:

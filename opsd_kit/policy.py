@@ -118,6 +118,9 @@ class Policy:
         sets it)."""
         self._trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._ema = self._current_trainable_fp32() if teacher == "ema" else None
+        self._start: dict[str, torch.Tensor] | None = None
+        """The adapter weights the run started from (`mark_start`; ``init_adapter``), or None: the
+        run started from a fresh adapter, the base model."""
 
     @classmethod
     def from_pretrained(cls, model_name: str, *, dtype: str = "float32", quantization: str | None = None,
@@ -287,10 +290,30 @@ class Policy:
 
     def _teacher_weights(self):
         if self.teacher_mode == "frozen":
-            return self.model.disable_adapter()
+            return self.start_weights()
         if self.teacher_mode == "ema":
             return self._ema_weights()
         return nullcontext()
+
+    def mark_start(self) -> None:
+        """Make the current adapter the model the run started from: the frozen teacher and GRPO's
+        KL reference (`start_weights`) compute with it from now on (a run from ``init_adapter``:
+        the initial model, as the paper's frozen teacher is). Saved in checkpoints (`extra_state`)."""
+        self._require_lora("mark_start")
+        self._start = self._current_trainable_fp32()
+
+    @property
+    def swaps_teacher_weights(self) -> bool:
+        """Whether `teacher` writes other weights into the trainable parameters (EMA, or the frozen
+        teacher of a run that started from an adapter): no autograd graph may span a teacher pass."""
+        return self.teacher_mode == "ema" or (self.teacher_mode == "frozen" and self._start is not None)
+
+    def start_weights(self):
+        """Inside, the model is the one the run started from: the base model (the adapter switched
+        off), or the adapter of `mark_start` written into the trainable weights (restored on exit)."""
+        if self._start is None:
+            return self.model.disable_adapter()
+        return self._swapped_in(self._start)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -301,12 +324,16 @@ class Policy:
         for name, p in self._trainable:
             self._ema[name].lerp_(p.detach().float(), 1.0 - self.ema_decay)
 
-    @contextmanager
     def _ema_weights(self):
+        return self._swapped_in(self._ema)
+
+    @contextmanager
+    def _swapped_in(self, weights: dict[str, torch.Tensor]):
+        """Inside, the trainable parameters hold ``weights``; the current values are restored on exit."""
         saved = [p.detach().clone() for _, p in self._trainable]
         with torch.no_grad():
             for name, p in self._trainable:
-                p.copy_(self._ema[name])
+                p.copy_(weights[name])
         try:
             yield
         finally:
@@ -315,13 +342,27 @@ class Policy:
                     p.copy_(current)
 
     def extra_state(self) -> dict:
-        """State beyond the adapter that a checkpoint needs (the EMA teacher's weights)."""
-        if self._ema is None:
-            return {}
-        return {"ema_decay": self.ema_decay, "ema": {k: v.detach().cpu().clone() for k, v in self._ema.items()}}
+        """State beyond the adapter that a checkpoint needs (the EMA teacher's weights, the
+        weights the run started from)."""
+        state = {}
+        if self._start is not None:
+            state["start"] = {k: v.detach().cpu().clone() for k, v in self._start.items()}
+        if self._ema is not None:
+            state.update(ema_decay=self.ema_decay, ema={k: v.detach().cpu().clone() for k, v in self._ema.items()})
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         """Restore what `extra_state` returned."""
+        state = dict(state)
+        start = state.pop("start", None)
+        if (start is None) != (self._start is None):
+            raise ValueError("checkpoint and policy disagree on the weights the run started from (init_adapter): "
+                             f"the checkpoint {'has none' if start is None else 'has them'}, the policy "
+                             f"{'has none' if self._start is None else 'has them'}")
+        if start is not None:
+            if set(start) != set(self._start):
+                raise ValueError("checkpoint's start weights do not match this policy's trainable parameters")
+            self._start = {k: v.to(self._start[k].device, torch.float32).clone() for k, v in start.items()}
         if self._ema is None:
             if state:
                 raise ValueError(f"checkpoint holds EMA state but this policy's teacher is {self.teacher_mode!r}")

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opsd_kit.config import ConfigError, TrainConfig
+from opsd_kit.config import GROUP_ALGORITHMS, ConfigError, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,15 +49,19 @@ class TrainResult:
     command line exits with 128 + it."""
 
 
-def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None) -> TrainResult:
+def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None, reward_funcs=None) -> TrainResult:
     """Train with ``config``. ``problems`` overrides ``config.train_data``: a list of Problem, or a
     list of dicts, a ``datasets.Dataset`` or a pandas DataFrame read by `opsd_kit.data.problems.load_problems`;
-    ``policy`` reuses an already-loaded policy (its weights are trained in place)."""
-    return Trainer(config, problems=problems, policy=policy, accelerator=accelerator).train()
+    ``policy`` reuses an already-loaded policy (its weights are trained in place); ``reward_funcs``
+    (GRPO, RLSD) replaces ``config.rewards`` with your own functions ``fn(completions, problems) ->
+    list[float]``, a list or ``{name: fn}``, weighted by ``config.reward_weights``
+    (`opsd_kit.algorithms.rewards`)."""
+    return Trainer(config, problems=problems, policy=policy, accelerator=accelerator,
+                   reward_funcs=reward_funcs).train()
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, problems=None, policy=None, accelerator=None):
+    def __init__(self, config: TrainConfig, *, problems=None, policy=None, accelerator=None, reward_funcs=None):
         import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -69,6 +73,11 @@ class Trainer:
         self.config = config.validate()
         config.check_trackers()
         self.start = RunDir(config.run_dir).plan_start(config)  # resume, start fresh, or refuse: before any load
+        self.init, self.lineage = None, []
+        if config.init_adapter:  # an adapter of this model and layout, read before anything loads
+            from opsd_kit.run.lineage import lineage, resolve_init_adapter
+
+            self.init, self.lineage = resolve_init_adapter(config), lineage(config)
         self.context_length, context_source = _context_length(config, policy)
         config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -84,6 +93,9 @@ class Trainer:
         if times > 1:
             raise ConfigError(f"problem ids must be unique: {dup!r} appears {times} times")
         self.shuffled_hints = _shuffled_hints(config, self.problems)
+        if reward_funcs is not None and config.algorithm not in GROUP_ALGORITHMS:
+            raise ConfigError(f"reward_funcs are GRPO's and RLSD's rewards; algorithm={config.algorithm!r} has none")
+        self.reward_funcs = reward_funcs
         set_seed(config.seed)  # python, numpy, torch (all devices)
         self.run_dir = Path(config.run_dir)
         if policy is None:
@@ -91,6 +103,10 @@ class Trainer:
 
             policy = build_policy(config, self.accelerator.device)
         self.policy = policy
+        if self.init is not None:
+            if self.start.checkpoint is None:  # a resumed run loads its own checkpoint
+                policy.load_adapter(self.init.adapter_dir)
+            policy.mark_start()  # the frozen teacher is the initial model (a resume restores it from the checkpoint)
         from opsd_kit.run.ledger import TokenLedger
 
         self.ledger = TokenLedger()
@@ -117,6 +133,8 @@ class Trainer:
                              step_problems=self.step_problems)
         if cfg.algorithm == "sft":
             return cls(cfg, self.policy, problems=self.problems, context_length=self.context_length, **collaborators)
+        if cfg.algorithm == "opsd" and cfg.sft_weight:
+            collaborators.update(problems=self.problems, context_length=self.context_length)
         from opsd_kit.rollout.sampler import RolloutSampler
 
         sampler = RolloutSampler(
@@ -124,6 +142,8 @@ class Trainer:
             process_index=self.accelerator.process_index, adapter_dir=str(self.run_dir / "vllm_adapter"),
             engine=dict(model_name=cfg.model, quantization=cfg.quantization, dtype=cfg.dtype,
                         max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, max_lora_rank=cfg.lora_r))
+        if cfg.algorithm in GROUP_ALGORITHMS:
+            collaborators["reward_funcs"] = self.reward_funcs
         return cls(cfg, self.policy, sampler=sampler, **collaborators)
 
     # -------------------------------------------------------------------------------------
@@ -180,8 +200,11 @@ class Trainer:
                   f"{self.run_dir}; starting over.")
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            from opsd_kit.run.lineage import write_trained_on
+
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
+            write_trained_on(self.run_dir, self.problems)  # for the leakage check of runs that start from this one
         logger = MetricsLogger(self.run_dir / "metrics.jsonl", trackers=cfg.trackers,
                                resume_step=self.step if self.start.checkpoint else None, config=cfg.to_dict(),
                                enabled=self.is_main)
@@ -262,9 +285,15 @@ class Trainer:
         from opsd_kit.run.card import training_sections, update_card
 
         sections = training_sections(self.config, steps=self.step, ledger=self.ledger.state_dict(),
-                                     n_problems=len(self.problems), adapter_dir=adapter_dir, interrupted=interrupted)
+                                     n_problems=len(self.problems), adapter_dir=adapter_dir, interrupted=interrupted,
+                                     lineage=self.lineage, rewards=self._reward_terms())
         for name, markdown in sections.items():
             update_card(adapter_dir, name, markdown)
+
+    def _reward_terms(self) -> tuple | None:
+        """``(name, weight)`` of the run's reward terms (GRPO, RLSD), else None."""
+        rewards = getattr(self.algorithm, "rewards", None)
+        return None if rewards is None else tuple(zip(rewards.names, rewards.weights))
 
     def _budget_spent(self) -> bool:
         """True once the run's generated tokens reach ``max_generated_tokens``."""
@@ -314,7 +343,8 @@ class Trainer:
                 if self.policy.teacher_mode == "ema":
                     self.policy.update_ema()
             self.optimizer.zero_grad(set_to_none=True)
-        metrics.update(_reduce_lists(extra))
+        summed = {k: self.reduce_sum(sum(extra.pop(k))) for k in self.algorithm.summed_metrics if k in extra}
+        metrics.update(_reduce_lists(extra), **summed)
         metrics.update({
             "loss/total": loss, "train/grad_norm": grad_norm, "train/lr": lr,
             "train/skipped_nonfinite": int(not finite), "tokens/loss_tokens": int(total_tokens),

@@ -148,17 +148,17 @@ def test_sft_targets_are_not_cut_at_the_rollout_cap(tmp_path):
     whole = {p.id: tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in problems}
     rollout_cap = load_profile("tiny").max_new_tokens
     assert max(len(t) for t in whole.values()) > rollout_cap  # the rollout cap would cut these solutions
-    assert {p.id: sft._targets[p.id] for p in problems} == whole
-    assert sft.truncated == 0
+    assert {p.id: sft.targets.ids[p.id] for p in problems} == whole
+    assert sft.targets.truncated == 0
 
 
 def test_sft_targets_are_cut_at_max_target_tokens(tmp_path):
     sft, tok, problems = _sft_targets(tmp_path / "capped", max_target_tokens=5)
     whole = {p.id: tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in problems}
-    assert {p.id: sft._targets[p.id] for p in problems} == {k: v[:5] for k, v in whole.items()}
-    assert sft.truncated == sum(len(v) > 5 for v in whole.values()) > 0
+    assert {p.id: sft.targets.ids[p.id] for p in problems} == {k: v[:5] for k, v in whole.items()}
+    assert sft.targets.truncated == sum(len(v) > 5 for v in whole.values()) > 0
     _, metrics = sft.prepare(0)
-    assert metrics["sft/solutions_truncated"] == sft.truncated
+    assert metrics["sft/solutions_truncated"] == sft.targets.truncated
 
 
 def test_sft_without_a_cap_refuses_targets_beyond_the_context(tmp_path):
@@ -180,15 +180,14 @@ def test_micro_batches_whose_advantages_are_all_zero_skip_their_passes_and_learn
     each batch of rollouts reused for 2 optimizer steps)."""
     from opsd_kit.algorithms.grpo import GRPO
 
-    def grade(rollouts, problems):  # no reward, or a mixed first group (its micro-batch carries a gradient)
-        return [float(rewarded == "first group" and i == 0) for i in range(len(rollouts))]
+    def reward(completions, problems):  # no reward, or a mixed first group (its micro-batch carries a gradient)
+        return [float(rewarded == "first group" and i == 0) for i in range(len(completions))]
 
     def run(name, skip):
         if not skip:
             monkeypatch.setattr(GRPO, "_zero_gradient", lambda self, adv_B: False)
         trainer = Trainer(load_profile("tiny", algorithm, run_dir=str(tmp_path / name), progress=False,
-                                       max_steps=2, learning_rate=1e-2))
-        trainer.algorithm.grade = grade
+                                       max_steps=2, learning_rate=1e-2), reward_funcs=[reward])
         before = trainer.policy.lora_state_dict()
         result = trainer.train()
         monkeypatch.undo()

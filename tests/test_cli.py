@@ -92,5 +92,7 @@ def test_compare_writes_one_table_and_figures(tiny_runs, tmp_path, capsys):
                  *EVAL]) == 0
     printed = capsys.readouterr().out
     assert "opsd" in printed and "baseline" in printed and "strict/ci_low" in printed
+    assert "paired test of each (k = 1: exact McNemar)" in printed and "mcnemar_exact" in printed
+    assert "tokens to equal accuracy (strict): undefined" in printed  # no grpo run to compare with
     for name in ("points.csv", "comparisons.csv", "token_efficiency_strict.png", "token_efficiency_lenient.png"):
         assert (out / name).is_file(), name

@@ -252,10 +252,34 @@ def test_each_profile_has_its_evaluation_protocol():
     ({"student_prompt_format": "raw"}, "student_prompt_format"),
     ({"grading_mode": "first_box"}, "grading_mode"),
     ({"profile": "paper-8bit"}, "profile"),
+    ({"contrast_clip": 0.0}, "contrast_clip"),
+    ({"sft_weight": -1.0}, "sft_weight"),
+    ({"rewards": ["nope"]}, "rewards"),
+    ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
+    ({"reward_weights": [float("nan")]}, "reward_weights"),
+    ({"init_adapter": "runs/warmup", "use_lora": False, "teacher": "live"}, "init_adapter"),
 ])
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_profile("tiny", **overrides)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rlsd", "sft"])
+def test_sft_weight_is_opsds_only(algorithm):
+    with pytest.raises(ConfigError, match=f"sft_weight=0.5 adds SFT to OPSD's divergence; algorithm='{algorithm}'"):
+        load_profile("tiny", algorithm, sft_weight=0.5)
+
+
+def test_new_fields_come_from_the_command_line_and_are_off_by_default():
+    from opsd_kit.apps.cli import parse_overrides
+
+    default = load_profile("cpu-demo", "grpo")
+    assert (default.rewards, default.reward_weights, default.init_adapter, default.sft_weight) == (
+        ("correct",), (), None, 0.0)
+    config = load_profile("tiny", "grpo", **parse_overrides(
+        ["init_adapter=runs/warmup", 'rewards=["correct_lenient", "format"]', "reward_weights=[1, 0.2]"]))
+    assert (config.init_adapter, config.rewards, config.reward_weights) == (
+        "runs/warmup", ("correct_lenient", "format"), (1, 0.2))
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rlsd"])

@@ -48,7 +48,7 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     assert {"n_eval", "k", "generated_tokens", "train_seconds"} <= set(first)
     assert set(first["strict"]) == set(first["lenient"]) == {"accuracy", "ci_low", "ci_high"}
     assert set(summary["vs_base"]) == {j.method for j in jobs}
-    assert set(summary["vs_base"]["opsd"]["strict"]) == {"diff", "ci_low", "ci_high", "mcnemar_p"}
+    assert set(summary["vs_base"]["opsd"]["strict"]) == {"diff", "ci_low", "ci_high", "p", "test"}
     assert "ratio" in summary["tokens_to_equal_accuracy"]["strict"]
     assert len(summary["answer_token_divergence"]) == 1 + len(jobs)
     for mode in ("strict", "lenient"):

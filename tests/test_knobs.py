@@ -36,6 +36,21 @@ def test_loss_temperature():
     assert not torch.allclose(cool, warm)
 
 
+def test_contrast_clip():
+    """hint_contrast's log-ratio clip reaches the loss: a tighter clip gives another divergence."""
+    gen = torch.Generator().manual_seed(1)
+    student, teacher, wrong = (3 * torch.randn(2, 5, 8, generator=gen) for _ in range(3))
+    head = torch.nn.Linear(8, 11, bias=False)
+
+    def loss(**overrides):
+        spec = _spec(divergence="hint_contrast", **overrides)
+        return losses.divergence(student, teacher, head, torch.ones(2, 5), spec, wrong_teacher_hidden_BTH=wrong)[1]
+
+    assert _spec(divergence="hint_contrast", contrast_clip=0.25).contrast_clip == 0.25
+    tight, loose, off = loss(contrast_clip=0.25), loss(contrast_clip=1.0), loss(contrast_clip=None)
+    assert not torch.allclose(tight, loose) and not torch.allclose(loose, off)
+
+
 def test_distill_topk():
     assert _spec(divergence="topk", distill_topk=3).topk == 3
     narrow, wide = (_divergence(_spec(divergence="topk", distill_topk=k))[1] for k in (2, 9))

@@ -522,6 +522,32 @@ def test_hint_contrast_gradient_is_q_minus_r_and_reaches_the_student_only():
     torch.testing.assert_close(s.grad, (q - r) / 1.3)
 
 
+def test_hint_contrast_log_ratio_clip_bounds_the_tilt():
+    """A token the student finds unlikely (q = 1e-3) and the wrong-hint teacher all but rules out
+    (w = 1e-12): unclipped, its log-ratio (about 21) hands it almost all of the target's mass; with
+    the log-ratio clipped to [-L, L] every tilt lies in [e^-aL, e^aL], so r_v <= q_v e^{2 a L}."""
+    V = 5
+    q = torch.tensor([1e-3, (1 - 1e-3) / 4, (1 - 1e-3) / 4, (1 - 1e-3) / 4, (1 - 1e-3) / 4], dtype=torch.float64)
+    c = torch.full((V,), 0.2, dtype=torch.float64)
+    w = torch.tensor([1e-12, *[(1 - 1e-12) / 4] * 4], dtype=torch.float64)
+    s, cl, wl = q.log(), c.log(), w.log()
+
+    def target(clip, alpha):  # r from the loss's own gradient: d loss / d logits = q - r at T = 1
+        logits = s.clone().requires_grad_()
+        hint_contrast_divergence(logits, cl, wl, alpha=alpha, log_ratio_clip=clip).backward()
+        return q - logits.grad
+
+    assert target(None, 1.0)[0] > 0.99  # unbounded: the ruled-out token takes the mass
+    for clip, alpha in [(1.0, 1.0), (2.0, 0.5), (0.5, 3.0)]:
+        r = target(clip, alpha)
+        bound = float(q[0]) * math.exp(2 * alpha * clip)
+        assert float(r[0]) <= bound * (1 + 1e-12) and float(r[0]) < 0.5
+        # by hand: d = clip(log c - log w) = (L, d1 x 4), r = q e^{a d} / sum
+        d = torch.clamp(cl - wl, -clip, clip)
+        want = q * torch.exp(alpha * d)
+        torch.testing.assert_close(r, want / want.sum(), **tolerance(torch.float64, reduction=V))
+
+
 def test_hint_contrast_bad_arguments():
     s, c, w = logits_triple(2, 4)
     with pytest.raises(ValueError, match="alpha"):
@@ -530,6 +556,8 @@ def test_hint_contrast_bad_arguments():
         hint_contrast_divergence(s, c, w[:, :3])
     with pytest.raises(ValueError, match="clip"):
         hint_contrast_divergence(s, c, w, clip=0.0)
+    with pytest.raises(ValueError, match="log_ratio_clip"):
+        hint_contrast_divergence(s, c, w, log_ratio_clip=0.0)
 
 
 def unchunked_contrast(student, correct, wrong, head, mask, truncate=None, **kw):
@@ -538,6 +566,7 @@ def unchunked_contrast(student, correct, wrong, head, mask, truncate=None, **kw)
         ref_BTV = s_BTV.detach()
         s_BTV, c_BTV, w_BTV = (truncate_logits(x, *truncate, reference=ref_BTV, temperature=kw["temperature"])
                                for x in (s_BTV, c_BTV, w_BTV))
+    kw["log_ratio_clip"] = kw.pop("contrast_clip", None)
     div_BT = hint_contrast_divergence(s_BTV, c_BTV, w_BTV, **kw) * mask
     return div_BT.sum(), div_BT
 
@@ -546,6 +575,7 @@ CONTRAST_SETTINGS = [
     {"alpha": 1.0, "temperature": 1.0},
     {"alpha": 0.5, "temperature": 1.1, "clip": 0.1},
     {"alpha": 2.0, "temperature": 0.9, "truncate": (6, 0.9)},
+    {"alpha": 1.5, "temperature": 1.0, "contrast_clip": 0.3},
 ]
 
 

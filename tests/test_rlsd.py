@@ -59,7 +59,7 @@ def _rlsd_trainer(tmp_path, **overrides):
     no math reward) and whose adapter is already away from zero, so that the student and the
     adapter-off teacher differ."""
     trainer = Trainer(load_profile("tiny", "rlsd", run_dir=str(tmp_path / "rlsd"), progress=False, **overrides))
-    trainer.algorithm.grade = lambda rollouts, problems: [float(c[0] % 2) for c in rollouts.completion_ids]
+    trainer.algorithm.reward = lambda rollouts, problems: ([float(c[0] % 2) for c in rollouts.completion_ids], {})
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in trainer.policy.model.named_parameters():

@@ -12,7 +12,9 @@ from opsd_kit.evaluation.stats import (
     contain,
     mcnemar_exact,
     paired_difference,
+    paired_test,
     percentile_interval,
+    sign_flip_test,
     wilson_interval,
 )
 
@@ -91,6 +93,54 @@ def test_mcnemar_exact_by_hand():
     assert mcnemar_exact([True, True], [True, True])["p"] == 1.0
     with pytest.raises(ValueError, match="equal-length"):
         mcnemar_exact([True], [True, False])
+
+
+def test_sign_flip_exact_by_hand():
+    # d = (0.5, 0.25, -0.25, 0): the 0 is left out; of the 8 sign patterns of (0.5, 0.25, -0.25),
+    # sums +-1.0 (2), +-0.5 (4) and 0 (2): 6 reach |0.5|, p = 6/8
+    out = sign_flip_test([0.75, 0.5, 0.25, 0.5], [0.25, 0.25, 0.5, 0.5])
+    assert out == {"test": "sign_flip_exact", "p": 0.75, "a_better": 2, "b_better": 1, "n_resamples": 8}
+    # five equal positive differences: only all-plus and all-minus reach |5/3|, p = 2/32
+    assert sign_flip_test([1 / 3] * 5, [0.0] * 5)["p"] == pytest.approx(2 / 32)
+    assert sign_flip_test([0.5, 0.5], [0.5, 0.5]) == {"test": "sign_flip_exact", "p": 1.0, "a_better": 0,
+                                                      "b_better": 0, "n_resamples": 1}
+    assert sign_flip_test([0.2, 0.9], [0.7, 0.1])["p"] == sign_flip_test([0.7, 0.1], [0.2, 0.9])["p"]  # symmetric
+    with pytest.raises(ValueError, match="equal-length"):
+        sign_flip_test([0.5], [0.5, 0.5])
+
+
+def test_sign_flip_on_verdicts_is_mcnemar():
+    """With 0/1 accuracies the differences are +-1 and |sum| >= |a_only - b_only| is McNemar's tail."""
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        a, b = rng.integers(0, 2, 15), rng.integers(0, 2, 15)
+        assert sign_flip_test(a, b)["p"] == pytest.approx(mcnemar_exact(a, b)["p"])
+
+
+def test_sign_flip_monte_carlo_has_the_plus_one_correction_and_is_seeded():
+    # six equal differences, forced onto the Monte Carlo path: the exact p is 2/64
+    a, b = [0.5] * 6, [0.0] * 6
+    out = sign_flip_test(a, b, exact_max=5, n_resamples=20_000, seed=3)
+    assert out["test"] == "sign_flip_monte_carlo" and out["n_resamples"] == 20_000
+    assert out == sign_flip_test(a, b, exact_max=5, n_resamples=20_000, seed=3)  # seeded
+    count = out["p"] * 20_001 - 1  # p = (1 + count) / (1 + R)
+    assert count == pytest.approx(round(count))
+    # count ~ Binomial(R, 1/32): within 6 standard deviations of R/32
+    sd = (20_000 * (1 / 32) * (31 / 32)) ** 0.5
+    assert abs(count - 20_000 / 32) < 6 * sd
+    # a difference no pattern but the observed one reaches (m = 30): p = 1 / (1 + R) at most 2 / (1 + R)
+    tiny = sign_flip_test([1.0] * 30, [0.0] * 30, n_resamples=999, seed=0)
+    assert tiny["p"] == pytest.approx(1 / 1000)
+
+
+def test_paired_test_picks_mcnemar_for_k1_and_sign_flips_for_more():
+    a, b = [1, 1, 1, 0], [0, 0, 1, 0]
+    assert paired_test(a, b, 1) == {"test": "mcnemar_exact", "p": mcnemar_exact(a, b)["p"], "a_better": 2,
+                                    "b_better": 0}
+    out = paired_test([0.75, 0.5, 0.25, 0.5], [0.25, 0.25, 0.5, 0.5], 4)
+    assert out == {"test": "sign_flip_exact", "p": 0.75, "a_better": 2, "b_better": 1}
+    with pytest.raises(ValueError, match="0 or 1"):
+        paired_test([0.5], [0.0], 1)
 
 
 def test_paired_difference_by_hand():

@@ -10,7 +10,7 @@ import pytest
 from opsd_kit.config import EvalConfig, load_eval_profile
 from opsd_kit.evaluation.evaluate import EvalResult
 from opsd_kit.evaluation.stats import mcnemar_exact, wilson_interval
-from opsd_kit.evaluation.study import Point, summarize, to_record, tokens_to_equal_accuracy
+from opsd_kit.evaluation.study import Point, first_crossing, summarize, to_record, tokens_to_equal_accuracy
 
 
 def fake_result(strict: list[int], lenient: list[int] | None = None) -> EvalResult:
@@ -43,14 +43,15 @@ def test_summarize_reports_intervals_and_paired_comparisons():
     comparisons = out["comparisons"].set_index(["a", "b"])
     vs_base = comparisons.loc[("opsd", "base")]
     assert vs_base["strict/diff"] == pytest.approx(12 / n)
-    assert vs_base["strict/mcnemar_p"] == mcnemar_exact(opsd, base)["p"] == pytest.approx(2 / 2 ** 12)
+    assert vs_base["strict/p"] == mcnemar_exact(opsd, base)["p"] == pytest.approx(2 / 2 ** 12)
+    assert vs_base["strict/test"] == "mcnemar_exact"  # k = 1
     assert 0 < vs_base["strict/ci_low"] < 12 / n < vs_base["strict/ci_high"]
     pair = comparisons.loc[("opsd", "grpo")]
     assert pair["strict/diff"] == pytest.approx((16 - 2) / n)
-    assert (pair["strict/a_only"], pair["strict/b_only"]) == (14, 0)
+    assert (pair["strict/a_better"], pair["strict/b_better"]) == (14, 0)
     record = json.loads(json.dumps(to_record(out, config)))  # plain JSON
     assert record["vs_base"]["opsd"]["strict"]["diff"] == pytest.approx(12 / n)
-    assert set(record["vs_base"]["opsd"]["strict"]) == {"diff", "ci_low", "ci_high", "mcnemar_p"}
+    assert set(record["vs_base"]["opsd"]["strict"]) == {"diff", "ci_low", "ci_high", "p", "test"}
     first = record["points"][1]
     assert {"n_eval", "k", "generated_tokens", "train_seconds"} <= set(first)
     assert set(first["lenient"]) == {"accuracy", "ci_low", "ci_high"}
@@ -79,6 +80,31 @@ def test_token_efficiency_plots_points_at_0_and_100_percent(n):
     plt.close(token_efficiency(shifted, mode="strict"))
 
 
+def test_with_k_samples_the_printed_p_tests_the_avg_at_k_difference():
+    """k = 4: per-problem accuracies in quarters. The first samples alone agree (McNemar: p = 1),
+    the avg@k difference does not; the p printed beside it is the sign-flip test of the
+    per-problem differences (d = +0.75 on 3 problems, +0.25 on 2: 2 of 2^5 patterns reach
+    |sum| = 2.75, p = 1/16)."""
+    n = 8
+    base = [0.0] * n
+    better = [0.75, 0.75, 0.75, 0.25, 0.25, 0.0, 0.0, 0.0]
+
+    def result(avg):
+        ids = [f"p{i}" for i in range(n)]
+        table = pd.DataFrame({"id": ids, "avg_strict": avg, "avg_lenient": avg})
+        samples = pd.DataFrame({"problem_id": ids, "sample": 0, "correct_strict": False, "correct_lenient": False})
+        summary = {f"eval/{m}/{s}": float(np.mean(avg)) for m in ("strict", "lenient") for s in ("avg@k", "pass@k")}
+        summary.update({"eval/boxed_rate": 1.0, "eval/mean_response_tokens": 10.0, "eval/truncation_rate": 0.0})
+        return EvalResult(summary=summary, table=table, samples=samples)
+
+    points = [Point("base", 0, None), Point("opsd", 24, "a", "r", 15000, 1, 60.0)]
+    out = summarize(points, {"base": result(base), "opsd-step24": result(better)},
+                    EvalConfig(k=4, temperature=1.0, n_bootstrap=200))
+    row = out["comparisons"].iloc[0]
+    assert row["strict/test"] == "sign_flip_exact" and row["strict/p"] == pytest.approx(2 / 2 ** 5)
+    assert (row["strict/a_better"], row["strict/b_better"]) == (5, 0)
+
+
 def test_summarize_refuses_unpaired_evaluations():
     points = [Point("base", 0, None), Point("opsd", 1, "a", "r")]
     other = fake_result([1, 0])
@@ -93,32 +119,46 @@ def _points(rows):
     return frame
 
 
-def test_tokens_to_equal_accuracy_by_hand():
+def test_tokens_to_equal_accuracy_on_curves_by_hand():
+    """Base 0.20; OPSD (1000, 0.30), (2000, 0.50); GRPO (4000, 0.25), (8000, 0.40). Gains 0.30 and
+    0.20: the target at half the smaller gain is 0.30, which OPSD reaches at its first checkpoint
+    (1000) and GRPO between its two: 4000 + (0.30 - 0.25) / (0.40 - 0.25) * 4000 = 5333.3."""
     points = _points([
-        ("opsd", 0, 0, 0.10), ("opsd", 4, 100, 0.30), ("opsd", 8, 200, 0.40),
-        ("grpo", 0, 0, 0.10), ("grpo", 4, 800, 0.20), ("grpo", 8, 1600, 0.35),
+        ("opsd", 0, 0, 0.20), ("opsd", 4, 1000, 0.30), ("opsd", 8, 2000, 0.50),
+        ("grpo", 4, 4000, 0.25), ("grpo", 8, 8000, 0.40),
     ])
     out = tokens_to_equal_accuracy(points, mode="lenient")
-    assert out["target_accuracy"] == 0.35  # the best accuracy both reached
-    assert (out["tokens_opsd"], out["tokens_grpo"]) == (200, 1600)
-    assert out["ratio"] == 8.0
+    assert out["target_accuracy"] == pytest.approx(0.30) and out["target_fraction"] == 0.5
+    assert out["tokens_opsd"] == pytest.approx(1000) and out["tokens_grpo"] == pytest.approx(4000 + 4000 / 3)
+    assert out["ratio"] == pytest.approx((4000 + 4000 / 3) / 1000)
+    # the whole gain: target 0.40; OPSD crosses at 1000 + (0.40 - 0.30) / 0.20 * 1000 = 1500, GRPO at 8000
+    full = tokens_to_equal_accuracy(points, mode="lenient", target_fraction=1.0)
+    assert (full["tokens_opsd"], full["tokens_grpo"]) == (pytest.approx(1500), pytest.approx(8000))
+    # the first crossing counts, also from the base at 0 tokens: 0 + 0.05 / 0.25 * 100 = 20
+    assert first_crossing([0, 100, 200, 300], [0.1, 0.35, 0.05, 0.5], 0.15) == pytest.approx(20)
+    assert first_crossing([0, 100], [0.1, 0.2], 0.3) is None
 
 
 def test_tokens_to_equal_accuracy_without_improvement_says_why():
     points = _points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.1), ("grpo", 0, 0, 0.2), ("grpo", 4, 800, 0.3)])
     out = tokens_to_equal_accuracy(points, mode="lenient")
     assert out["ratio"] is None and "no common improvement" in out["reason"]
+    missing = tokens_to_equal_accuracy(_points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.3)]), mode="lenient")
+    assert missing["ratio"] is None and "never trained" in missing["reason"]
 
 
-def test_tokens_ratio_interval_over_problem_resamples():
-    """Every problem is right after training and wrong before: every resample gives 1600/100."""
-    points = _points([("opsd", 0, 0, 0.0), ("opsd", 4, 100, 1.0), ("grpo", 8, 1600, 1.0)])
-    ones, zeros = np.ones(20), np.zeros(20)
-    per_problem = {"opsd-0": {"lenient": zeros}, "opsd-4": {"lenient": ones}, "grpo-8": {"lenient": ones}}
-    indices = np.random.default_rng(0).integers(0, 20, size=(50, 20))
-    out = tokens_to_equal_accuracy(points, per_problem, indices, mode="lenient")
-    assert out["ratio"] == 16.0 and (out["ci_low"], out["ci_high"]) == (16.0, 16.0)
-    assert out["defined_fraction"] == 1.0
+def test_tokens_ratio_interval_recomputes_both_curves_on_each_problem_resample():
+    """Two problems; the base gets neither, OPSD (100 tokens) the first, GRPO (300) both.
+    Resample (p0, p0): gains 1 and 1, target 0.5: 50 vs 150 tokens, ratio 3. (p1, p1): OPSD gains
+    nothing: undefined. (p0, p1): target 0.25, 50 vs 75: ratio 1.5 (the point estimate too)."""
+    points = _points([("opsd", 0, 0, 0.0), ("opsd", 4, 100, 0.5), ("grpo", 8, 300, 1.0)])
+    per_problem = {"opsd-0": {"lenient": np.array([0.0, 0.0])}, "opsd-4": {"lenient": np.array([1.0, 0.0])},
+                   "grpo-8": {"lenient": np.array([1.0, 1.0])}}
+    indices = np.array([[0, 0], [1, 1], [0, 1]])
+    out = tokens_to_equal_accuracy(points, per_problem, indices, mode="lenient", confidence=0.5)
+    assert out["ratio"] == pytest.approx(1.5)
+    assert out["defined_fraction"] == pytest.approx(2 / 3)
+    assert (out["ci_low"], out["ci_high"]) == (pytest.approx(1.875), pytest.approx(2.625))  # 25th, 75th of {1.5, 3}
 
 
 def test_eval_profiles_validate():
@@ -141,6 +181,7 @@ def test_study_points_never_repeat_a_checkpoint(tmp_path):
 
     run = tmp_path / "grpo"
     (run / "adapter").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"algorithm": "grpo"}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens/generated_total": 10, "tokens/train_total": 10,
                                                    "time/elapsed": 1.0}) + "\n")
     points = study_points({"grpo": str(run)}, {"grpo": 3})
@@ -161,7 +202,18 @@ def test_report_renders_what_the_summary_says(tmp_path):
     text = render(tmp_path)
     assert "| opsd | 24 | 40.0 [" in text and "| base | 0 | 10.0 [" in text
     assert "| opsd | base | +30.0 [" in text and f"| {mcnemar_exact(opsd, base)['p']:.1e} |" in text
+    assert "p: exact McNemar, two-sided, paired on each problem's verdict." in text
     assert "10.0 min in all" in text
+
+
+def test_report_names_the_test_of_a_summary_written_before_tests_were_named():
+    from opsd_kit.evaluation.report import comparisons_table
+
+    old = {"diff": 0.1, "ci_low": 0.0, "ci_high": 0.2, "mcnemar_p": 0.004}
+    summary = {"points": [{"k": 1, "n_eval": 10}], "vs_base": {"opsd": {"strict": old, "lenient": old}},
+               "comparisons": []}
+    text = comparisons_table(summary)
+    assert "| 0.004 |" in text and "p: exact McNemar on each problem's first sample only" in text
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 8])

@@ -30,7 +30,7 @@ def test_steps_change_lora_and_not_base(tmp_path, algorithm):
     # GRPO on a random model gets no reward signal: reward the parity of the first token instead.
     trainer = Trainer(tiny(tmp_path, algorithm, max_steps=3))
     if algorithm == "grpo":
-        trainer.algorithm.grade = lambda rollouts, problems: [float(c[0] % 2) for c in rollouts.completion_ids]
+        trainer.algorithm.reward = lambda rollouts, problems: ([float(c[0] % 2) for c in rollouts.completion_ids], {})
     lora_before = trainer.policy.lora_state_dict()
     base_before = base_weights(trainer.policy)
     result = trainer.train()
@@ -97,6 +97,49 @@ def test_loss_is_normalised_over_the_whole_step_not_per_micro_batch(tmp_path):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_opsd_plus_sft_loss_is_the_divergence_plus_the_weighted_sft_loss_by_hand(tmp_path):
+    """OPSD + SFT on the tiny model, one micro-batch per step: the micro-batch's loss is
+    sum_div + w (N_div / N_sft) sum_nll (so that the trainer's division by N_div gives
+    sum_div / N_div + w sum_nll / N_sft), each part computed here on its own: the divergence by
+    the algorithm's plain OPSD loss, the SFT part by hand from full logits."""
+    from opsd_kit.losses import divergence
+
+    weight = 0.7
+    trainer = Trainer(tiny(tmp_path, sft_weight=weight, micro_batch_size=4, max_steps=1))
+    opsd = trainer.algorithm
+    (mb,), _ = opsd.prepare(0)
+    loss_sum, metrics = opsd.loss(mb)
+    model, head = trainer.policy.model, trainer.policy.head
+    with trainer.policy.teacher():
+        teacher_h = opsd.hidden(mb.teacher)
+    div_sum, _ = divergence(opsd.hidden(mb.student), teacher_h, head, mb.student.completion_mask, opsd.spec)
+    problems = trainer.step_problems(0)
+    tok = trainer.policy.tokenizer
+    nll, n_sft = 0.0, 0
+    for i, p in enumerate(problems):
+        target = tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        row = mb.sft.input_ids[i][mb.sft.attention_mask[i].bool()]
+        assert row[-len(target):].tolist() == target  # the reference solution follows the student prompt
+        logits = model(input_ids=row[None]).logits[0].float()
+        nll -= torch.log_softmax(logits[:-1], -1).gather(-1, row[1:, None])[-len(target):, 0].sum()
+        n_sft += len(target)
+    n_div = int(mb.student.completion_mask.sum())
+    want = div_sum + weight * n_div / n_sft * nll
+    tokens = n_div + n_sft
+    scale = float(div_sum.detach().abs() + weight * nll.detach().abs())
+    tol = tolerance(torch.float32, logits.shape[-1] + tokens, scale=scale)
+    torch.testing.assert_close(loss_sum, want, **tol)
+    torch.testing.assert_close(torch.tensor(metrics["loss/sft"]), nll / n_sft, **tol)
+    torch.testing.assert_close(torch.tensor(metrics["loss/divergence"]), div_sum / n_div, **tol)
+
+
+def test_opsd_plus_sft_logs_both_parts_and_their_weighted_sum_is_the_loss(tmp_path):
+    result = Trainer(tiny(tmp_path, sft_weight=0.5, max_steps=1)).train()  # 2 micro-batches
+    (row,) = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert row["loss/total"] == pytest.approx(row["loss/divergence"] + 0.5 * row["loss/sft"], rel=1e-6)
+    assert row["loss/sft"] > 0 and "sft/solutions_truncated" in row
+
+
 @pytest.mark.parametrize("algorithm", ["opsd", "grpo"])
 def test_resume_reaches_the_same_adapter(tmp_path, algorithm):
     straight = Trainer(tiny(tmp_path, algorithm, run_dir=str(tmp_path / "a"), max_steps=4, save_every=100))
@@ -110,6 +153,126 @@ def test_resume_reaches_the_same_adapter(tmp_path, algorithm):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.fixture()
+def init_run(tmp_path):
+    """A finished tiny SFT run (2 steps) whose adapter other runs start from."""
+    trainer = Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "warmup"), max_steps=2, save_every=1))
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("where", ["run folder", "final adapter", "checkpoint adapter"])
+def test_a_run_starts_from_the_init_adapters_weights_exactly(tmp_path, init_run, where):
+    from peft.utils import load_peft_weights
+
+    folder = {"run folder": init_run.run_dir, "final adapter": init_run.run_dir / "adapter",
+              "checkpoint adapter": init_run.run_dir / "checkpoints" / "step-000001" / "adapter"}[where]
+    saved = load_peft_weights(str(folder if where != "run folder" else folder / "adapter"))
+    trainer = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "opsd"), init_adapter=str(folder)))
+    fresh = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "fresh")))
+    lora, zero = trainer.policy.lora_state_dict(), fresh.policy.lora_state_dict()
+    assert len(saved) == len(lora)
+    for name, value in lora.items():  # peft saves the weights without the adapter's name
+        torch.testing.assert_close(value, saved[name.replace(".default", "")], atol=0, rtol=0)
+    assert any(not torch.equal(lora[k], zero[k]) for k in lora)  # not the fresh adapter (LoRA B = 0)
+    for name, value in base_weights(trainer.policy).items():
+        assert torch.equal(value, base_weights(fresh.policy)[name]), name  # the base model is untouched
+
+
+def test_the_frozen_teacher_of_a_run_from_an_init_adapter_is_the_initial_model(tmp_path, init_run):
+    """Before the first step the teacher computes exactly as the student (both are base + init
+    adapter); after a step the student moved and the teacher did not; without init_adapter the
+    teacher is the adapter-off base model."""
+    trainer = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "opsd"), init_adapter=str(init_run.run_dir),
+                           max_steps=1, learning_rate=1e-2))
+    policy = trainer.policy
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+
+    def logits(teacher: bool):
+        with torch.no_grad():
+            if teacher:
+                with policy.teacher():
+                    return policy.model(input_ids=ids).logits
+            return policy.model(input_ids=ids).logits
+
+    start = logits(teacher=False)
+    assert torch.equal(logits(teacher=True), start)
+    with policy.model.disable_adapter(), torch.no_grad():
+        assert not torch.equal(policy.model(input_ids=ids).logits, start)  # the init adapter is not the base
+    assert policy.swaps_teacher_weights and not trainer.algorithm.shares_prompt_pass
+    trainer.train()
+    assert not torch.equal(logits(teacher=False), start)
+    assert torch.equal(logits(teacher=True), start)
+    assert "start" in torch.load(next((tmp_path / "opsd" / "checkpoints").glob("step-*")) / "trainer_state.pt",
+                                 weights_only=True)["policy_extra"]
+
+
+def test_a_resumed_run_continues_its_own_checkpoint_not_the_init_adapter(tmp_path, init_run):
+    """OPSD from an init adapter, 3 steps straight or 2 then a resume: the same adapter (the
+    resumed run's teacher is the initial model again, restored from its checkpoint)."""
+    init = str(init_run.run_dir)
+    straight = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "a"), max_steps=3, init_adapter=init))
+    straight.train()
+    Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "b"), max_steps=2, save_every=1, init_adapter=init)).train()
+    resumed = Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "b"), max_steps=3, init_adapter=init,
+                           resume=True))
+    assert resumed.train().steps == 3
+    a, b = straight.policy.lora_state_dict(), resumed.policy.lora_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    from opsd_kit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="init_adapter"):  # another start is another run
+        Trainer(tiny(tmp_path, "opsd", run_dir=str(tmp_path / "b"), max_steps=4, resume=True))
+    card = (tmp_path / "a" / "adapter" / "README.md").read_text()
+    assert f"started from the adapter `{init}`" in card and "algorithm `sft`" in card
+    # the study's base point is the common start, and runs from different starts are refused
+    from opsd_kit.evaluation.study import common_start
+
+    base = common_start({"a": tmp_path / "a", "b": tmp_path / "b"})
+    assert (base.tag, base.adapter, base.run_dir) == ("base", str(init_run.run_dir.resolve() / "adapter"),
+                                                      str(init_run.run_dir.resolve()))
+    with pytest.raises(ValueError, match="different models"):
+        common_start({"a": tmp_path / "a", "warmup": init_run.run_dir})
+
+
+def test_init_adapter_refusals_come_before_the_model_loads(tmp_path, init_run, monkeypatch):
+    from opsd_kit.config import ConfigError
+
+    monkeypatch.setattr("opsd_kit.policy.build_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match="neither a run folder"):
+        Trainer(tiny(tmp_path, init_adapter=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="LoRA settings"):
+        Trainer(tiny(tmp_path, init_adapter=str(init_run.run_dir), lora_r=8))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no final adapter"):
+        Trainer(tiny(tmp_path, init_adapter=str(unfinished)))
+
+
+def test_the_leakage_check_covers_the_runs_a_run_started_from(tmp_path, init_run):
+    from opsd_kit.data.problems import Problem
+    from opsd_kit.run.lineage import lineage_leakage
+
+    child = Trainer(tiny(tmp_path, "sft", run_dir=str(tmp_path / "child"), max_steps=1,
+                         init_adapter=str(init_run.run_dir), train_data="reasoning_gym:chain_sum?max_terms=2"))
+    child.train()
+    warm = init_run.problems[0]
+    held_out = [Problem(id="e0", question=warm.question.upper() + "  ", solution="s", answer="1", source="t"),
+                Problem(id=warm.id, question="another question", solution="s", answer="1", source="t")]
+    rows = lineage_leakage(child.run_dir, held_out)
+    assert [r["run_dir"] for r in rows] == [str(child.run_dir.resolve()), str(init_run.run_dir.resolve())]
+    assert all(r["recorded"] for r in rows)
+    assert rows[1]["shared_ids"] == [warm.id] and rows[1]["shared_questions"] == ["e0"]
+    from opsd_kit.evaluation.study import check_start_leakage
+
+    with pytest.raises(ValueError, match="which trained on held-out problems"):
+        check_start_leakage([child.run_dir], held_out)
+    check_start_leakage([child.run_dir], [Problem(id="e9", question="unseen", solution="s", answer="1", source="t")])
+    check_start_leakage([init_run.run_dir], held_out)  # a run's own problems are the split's business
 
 
 @pytest.mark.parametrize("algorithm", ["opsd", "grpo", "rlsd", "sft"])

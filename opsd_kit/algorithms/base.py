@@ -56,6 +56,9 @@ class Algorithm:
 
     uses_teacher_prompt = False
     """Whether ``prompts`` must hold the teacher prompts."""
+    summed_metrics: tuple[str, ...] = ()
+    """Metrics of ``loss`` that are a micro-batch's share of a step total: the trainer sums them over
+    micro-batches and processes (every other metric is averaged, ``*_max`` maximised)."""
 
     def __init__(self, config: TrainConfig, policy: Policy, *, prompts: PromptCache, ledger: TokenLedger,
                  device: torch.device, step_problems: Callable[[int], list[Problem]],
@@ -96,7 +99,7 @@ class Algorithm:
 
     def grade(self, rollouts: Rollouts, problems: list[Problem]) -> list[float]:
         """1.0 where a rollout's answer, read in ``config.grading_mode`` ("strict": its last box only),
-        matches the problem's answer, else 0.0 (the GRPO reward and ``rollout/correct``)."""
+        matches the problem's answer, else 0.0 (``rollout/correct``; GRPO's default reward 'correct')."""
         from opsd_kit.evaluation.evaluate import grade_many
 
         golds = [problems[i].answer for i in rollouts.prompt_index]

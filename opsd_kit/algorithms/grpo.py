@@ -1,8 +1,8 @@
-"""GRPO baseline (the paper's comparison): G rollouts per problem, binary reward from the
-evaluator, group-relative advantages, PPO-clipped importance ratio reused for
-`num_iterations` optimizer steps, token-level or per-sequence normalisation
-(`loss_normalisation`), optional KL to the reference (adapter-off) model, off by default as in
-the paper.
+"""GRPO baseline (the paper's comparison): G rollouts per problem, a reward per rollout (the
+run's `rewards.RewardSet`; by default 0/1 correctness in ``grading_mode``), group-relative
+advantages, PPO-clipped importance ratio reused for `num_iterations` optimizer steps, token-level
+or per-sequence normalisation (`loss_normalisation`), optional KL to the reference (adapter-off)
+model, off by default as in the paper.
 
 Shares the policy, rollout sampler, ledger, checkpoints, logging and accelerate path with OPSD
 through `Algorithm` and the trainer; only the advantage and the surrogate loss live here.
@@ -104,13 +104,23 @@ class GRPOBatch:
         return cls(**{**state, **batches})
 
 
+NO_REWARD_BATCHES = 3
+"""Batches of rollouts after which a run whose groups never had mixed rewards is warned about."""
+
+
 class GRPO(Algorithm):
     """GRPO's step: ``num_generations`` rollouts per problem, reused for ``num_iterations`` steps.
-    Collaborators: `Algorithm`'s (``sampler`` samples the rollouts). State: the batch in flight."""
+    Collaborators: `Algorithm`'s (``sampler`` samples the rollouts), plus ``reward_funcs`` (None:
+    the config's named rewards; `rewards.reward_set`). State: the batch in flight."""
 
-    def __init__(self, config, policy, **collaborators):
+    def __init__(self, config, policy, *, reward_funcs=None, **collaborators):
+        from opsd_kit.algorithms.rewards import reward_set
+
         super().__init__(config, policy, **collaborators)
+        self.rewards = reward_set(config, reward_funcs)
+        self._builtin_rewards = reward_funcs is None
         self._batch: tuple[int, list[GRPOBatch], dict] | None = None  # (batch index, micro-batches, metrics)
+        self._signal_seen = [0, 0]  # [batches sampled, batches with a mixed group] (early warning)
 
     def prepare(self, step: int):
         batch_index = step // self.config.num_iterations
@@ -125,17 +135,48 @@ class GRPO(Algorithm):
         cfg = self.config
         problems = self.step_problems(batch_index)
         rollouts = self.rollouts(problems, batch_index, n=cfg.num_generations)
-        correct = self.grade(rollouts, problems)
-        rewards = torch.tensor(correct, dtype=torch.float32)
+        answered = [problems[i] for i in rollouts.prompt_index]
+        total, terms = self.reward(rollouts, answered)
+        # rollout/correct is the built-in 'correct' term where the run has it (no second grading)
+        correct = terms["correct"] if self._builtin_rewards and "correct" in terms else self.grade(rollouts, problems)
+        rewards = torch.tensor(total, dtype=torch.float32)
         adv = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
         metrics = self.rollout_metrics(rollouts, correct)
         metrics["grpo/reward_mean"] = float(rewards.mean())
-        metrics["grpo/groups_all_same"] = float(
-            (rewards.view(-1, cfg.num_generations).std(dim=1) == 0).float().mean())
+        all_same = float((rewards.view(-1, cfg.num_generations).std(dim=1) == 0).float().mean())
+        metrics["grpo/groups_all_same"] = all_same
+        metrics["grpo/mixed_groups"] = 1.0 - all_same
+        metrics.update({f"reward/{name}": sum(v) / max(1, len(v)) for name, v in terms.items()})
+        self._warn_without_signal(rollouts, answered, rewards, mixed=all_same < 1.0)
         micro = [self._micro_batch([problems[rollouts.prompt_index[r]] for r in rows],
                                    [rollouts.completion_ids[r] for r in rows], adv[list(rows)])
                  for rows in self.chunks(len(rollouts))]
         return micro, metrics
+
+    def reward(self, rollouts, answered: list) -> tuple[list[float], dict[str, list[float]]]:
+        """``(total, terms)`` of the rollouts: the run's `rewards.RewardSet` on their texts, where
+        ``answered[r]`` is the problem rollout r answers."""
+        return self.rewards(rollouts.texts, answered)
+
+    def _warn_without_signal(self, rollouts, answered, rewards, *, mixed: bool) -> None:
+        """Warn once when the first `NO_REWARD_BATCHES` batches of rollouts had no group with mixed
+        rewards (every advantage 0: nothing trains), saying what the rollouts looked like."""
+        import warnings
+
+        from opsd_kit.algorithms.rewards import no_reward_diagnosis
+
+        seen = self._signal_seen
+        seen[0] += 1
+        seen[1] += int(mixed)
+        if seen[0] != NO_REWARD_BATCHES or seen[1]:
+            return
+        earned = "earned no reward" if not bool(rewards.any()) else "gave every rollout of a group the same reward"
+        warnings.warn(
+            f"{self.config.algorithm}: the first {NO_REWARD_BATCHES} batches of rollouts {earned} (rewards="
+            f"{tuple(self.rewards.names)}): every advantage is 0 and nothing trains. In the last batch: "
+            f"{no_reward_diagnosis(rollouts.texts, rollouts.finished, answered)}. Consider rewards="
+            "('correct_lenient',) or ('correct', 'format'), a larger num_generations or max_new_tokens, or "
+            "init_adapter from a format warm-up", RuntimeWarning, stacklevel=2)
 
     def _micro_batch(self, problems, completions, adv_B) -> GRPOBatch:
         """The rows' student batch and advantages, with the log-probs the loss reuses over the
@@ -158,7 +199,7 @@ class GRPO(Algorithm):
             if cfg.num_iterations > 1:
                 mb.old_logp_BC = self._logp(student).detach().cpu()
             if cfg.kl_coef:
-                with self.policy.model.disable_adapter():  # reference = the base model
+                with self.policy.start_weights():  # reference = the model the run started from
                     mb.ref_logp_BC = self._logp(student).detach().cpu()
         return mb
 

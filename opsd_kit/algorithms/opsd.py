@@ -8,6 +8,16 @@ One step, per problem x with reference solution y* (docs/algorithm.md, The algor
      vocabulary (forward KL by default), summed over the step's completion tokens and divided
      by their count (the trainer does the division); gradients reach the student only.
 
+OPSD + SFT (``sft_weight`` > 0, beyond the paper): the step's loss adds ``sft_weight`` times the
+SFT loss of the same problems' reference solutions (`opsd_kit.algorithms.sft`), each term a sum
+over its own tokens divided by the step's count of those tokens (all processes):
+
+    L = sum_div / N_div + sft_weight * sum_nll / N_sft
+
+The trainer divides every micro-batch's loss by N_div, so a micro-batch returns
+``sum_div + sft_weight * (N_div / N_sft) * sum_nll``. Both parts are logged (``loss/divergence``,
+``loss/sft``, unweighted).
+
 Controls that tell signal from style: ``teacher_hint='shuffled'`` puts another problem's
 solution in the teacher prompt (what is left is style); ``divergence='hint_contrast'`` adds a
 third forward pass, the teacher with that wrong hint, and trains on what the correct hint adds
@@ -43,6 +53,12 @@ class OPSDBatch:
     """The student's pass over the prompt columns, already run (the rollout started from it);
     the loss uses it once and drops it (its cache grows in place). None: the loss runs the student
     over the whole row."""
+    sft: Batch | None = None
+    """[student prompt ++ reference solution] of the same problems (``sft_weight`` > 0), else None."""
+    divergence_tokens: float = 1.0
+    """N_div: the step's completion tokens over all processes (the trainer's divisor)."""
+    sft_tokens: float = 1.0
+    """N_sft: the step's reference-solution tokens over all processes."""
 
 
 class OPSD(Algorithm):
@@ -50,12 +66,21 @@ class OPSD(Algorithm):
     Collaborators: `Algorithm`'s (``sampler`` samples the rollouts)."""
 
     uses_teacher_prompt = True
+    summed_metrics = ("loss/divergence", "loss/sft")
 
-    def __init__(self, config, policy, **collaborators):
+    def __init__(self, config, policy, *, problems=None, context_length: int | None = None, **collaborators):
         from opsd_kit.losses import DivergenceSpec
 
         super().__init__(config, policy, **collaborators)
         self.spec = DivergenceSpec.from_config(config)  # the loss settings, read once
+        self.sft_targets = None
+        """The reference solutions as SFT targets (``sft_weight`` > 0: needs ``problems``), else None."""
+        if config.sft_weight:
+            from opsd_kit.algorithms.sft import SolutionTargets
+
+            if problems is None:
+                raise ValueError("OPSD with sft_weight > 0 needs the training problems (their reference solutions)")
+            self.sft_targets = SolutionTargets(config, self.tokenizer, problems, self.prompts, context_length)
         self.prompt_pass = SharedPromptPass(config, policy, sampler=self.sampler, ledger=self.ledger,
                                             device=self.device)
 
@@ -83,13 +108,40 @@ class OPSD(Algorithm):
                                    num_loss_tokens=int(student.completion_mask.sum()),
                                    student_prompt=passes[k] if passes else None))
         metrics["prompt/teacher_middle_cut_total"] = self.prompts.teacher_middle_cut
+        if self.sft_targets is not None:
+            self._add_sft(micro, [[problems[rollouts.prompt_index[r]] for r in rows]
+                                  for rows in self.chunks(len(rollouts))])
+            metrics["sft/solutions_truncated"] = self.sft_targets.truncated
         return micro, metrics
 
+    def _add_sft(self, micro: list[OPSDBatch], chosen: list[list]) -> None:
+        """Give each micro-batch its problems' SFT batch and the step's token counts of both terms."""
+        for mb, problems in zip(micro, chosen):
+            mb.sft = self.sft_targets.batch(self.prompts, problems, self.tokenizer.pad_token_id)
+            self.ledger.book_prompt_tokens(mb.sft)
+        n_div = self.ledger.reduce_sum(sum(mb.num_loss_tokens for mb in micro))
+        n_sft = self.ledger.reduce_sum(sum(int(mb.sft.completion_mask.sum()) for mb in micro))
+        self.ledger.train_tokens += int(n_sft)  # the trainer counts the divergence's tokens
+        for mb in micro:
+            mb.divergence_tokens, mb.sft_tokens = max(n_div, 1.0), max(n_sft, 1.0)
+
     def loss(self, mb: OPSDBatch):
+        """The micro-batch's divergence sum (plus, with ``sft_weight``, the scaled SFT sum: module
+        doc). Metrics ``loss/divergence`` and ``loss/sft`` are this micro-batch's shares of the
+        step's normalised terms (the trainer sums them over micro-batches and processes)."""
         loss_sum, per_token_BC = self.divergence(mb)
         real = per_token_BC[mb.student.completion_mask.bool().to(per_token_BC.device)]  # never padding
         metrics = {"loss/divergence_mean": float(real.mean()) if real.numel() else 0.0,
-                   "loss/divergence_max": float(real.max()) if real.numel() else 0.0}
+                   "loss/divergence_max": float(real.max()) if real.numel() else 0.0,
+                   "loss/divergence": float(loss_sum.detach()) / mb.divergence_tokens}
+        if mb.sft is not None:
+            from opsd_kit.algorithms.sft import nll_sum
+
+            with self.ledger.phase("student"):
+                sft_sum = nll_sum(self.policy.completion_hidden(mb.sft), self.policy.head, mb.sft,
+                                  chunk_size=self.config.loss_chunk_size)
+            metrics["loss/sft"] = float(sft_sum.detach()) / mb.sft_tokens
+            loss_sum = loss_sum + (self.config.sft_weight * mb.divergence_tokens / mb.sft_tokens) * sft_sum
         return loss_sum, metrics
 
     def divergence(self, mb: OPSDBatch):

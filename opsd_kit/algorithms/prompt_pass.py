@@ -5,12 +5,12 @@ sampling (`SharedPromptPass.before_sampling`); its key/value states start the ro
 the fused decoder's own pass over the same prompts with the same weights), and the loss continues
 from them over the completion, gradients through both (`SharedPromptPass.student_hidden`). The
 result equals running the whole row (up to floating-point order; tests/test_prompt_pass.py). It
-holds every micro-batch's prompt activations until that micro-batch's backward
-(setting a built ``OPSD.prompt_pass.enabled`` to False, an internal switch, trades the saved forward
-for that memory). Off by itself where the
-pass would not be the sampling policy's (dropout), could not keep its cache (gradient
-checkpointing), or where its graph would see the weights change before backward (the EMA teacher
-swaps its weights in). A prompt prefix all of a micro-batch's prompts share runs once
+holds every micro-batch's prompt activations until that micro-batch's backward (setting a built
+``OPSD.prompt_pass.enabled`` to False, an internal switch, trades the saved forward for that
+memory). Off by itself where the pass would not be the sampling policy's (dropout), could not keep
+its cache (gradient checkpointing), or where its graph would see the weights change before
+backward (the EMA teacher, and the frozen teacher of a run started from ``init_adapter``, swap
+their weights in). A prompt prefix all of a micro-batch's prompts share runs once
 (`Policy.hidden_sharing_prefix`).
 """
 from __future__ import annotations
@@ -47,11 +47,12 @@ def can_share_prompt_pass(config: TrainConfig, policy: Policy, sampler: RolloutS
     """Whether the pass can be shared: where the fused decoder samples (backend 'fast', a model it
     supports, transformers' modules), the pass in train mode is the sampling policy (no dropout
     anywhere) and its graph lives until backward (no gradient checkpointing, which drops the cache;
-    no EMA teacher, which writes its weights in before backward). Read from the policy itself,
+    no teacher that writes its weights in before backward: EMA, or frozen at an init adapter,
+    `Policy.swaps_teacher_weights`). Read from the policy itself,
     which need not have been built from this config."""
     from opsd_kit.rollout.fused_decoder import FusedDecoder
 
-    if sampler is None or sampler.backend != "fast" or policy.teacher_mode == "ema":
+    if sampler is None or sampler.backend != "fast" or policy.swaps_teacher_weights:
         return False
     return policy.can_run_in_pieces(training=True) and FusedDecoder.unsupported(policy.model) is None
 

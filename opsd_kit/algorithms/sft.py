@@ -26,6 +26,50 @@ class SFTBatch:
     num_loss_tokens: int
 
 
+class SolutionTargets:
+    """Every training problem's reference solution as target ids (EOS appended), tokenised once
+    and cut at ``max_target_tokens``; shared by SFT and OPSD's ``sft_weight`` term. Without a cap,
+    every prompt + target must fit the model's ``context_length`` (None: unknown, no check)."""
+
+    def __init__(self, config, tokenizer, problems: list[Problem], prompts, context_length: int | None):
+        eos = tokenizer.eos_token_id
+        cap = config.max_target_tokens
+        self.truncated = 0
+        self.ids: dict[str, list[int]] = {}
+        for p in problems:
+            ids = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [eos]
+            if cap is not None and len(ids) > cap:
+                self.truncated += 1
+                ids = ids[:cap]
+            self.ids[p.id] = ids
+        if cap is None:
+            over = [p.id for p in problems if context_length is not None
+                    and len(prompts.student[p.id]) + len(self.ids[p.id]) > context_length]
+            if over:
+                raise ConfigError(
+                    f"max_target_tokens=None: {len(over)} reference solutions (first: {over[0]!r}) do not fit the "
+                    f"model's context of {context_length} tokens after their prompt; set max_target_tokens to at "
+                    f"most {context_length - config.max_prompt_tokens} to cut them")
+
+    def batch(self, prompts, problems: list[Problem], pad_token_id: int) -> Batch:
+        """[student prompt ++ reference solution] of ``problems``, the solution the completion."""
+        from opsd_kit.prompts import build_batch
+
+        return build_batch([prompts.student[p.id] for p in problems], [self.ids[p.id] for p in problems],
+                           pad_token_id)
+
+
+def nll_sum(hidden_BCH, head, batch: Batch, *, chunk_size: int):
+    """The SUM over ``batch``'s completion tokens of -log p(token) at temperature 1 (the SFT loss
+    before the trainer's division by the step's token count), from hidden states [B, C, H]."""
+    from opsd_kit.losses import chunked_token_logprobs
+
+    device = hidden_BCH.device
+    logp = chunked_token_logprobs(hidden_BCH, head, batch.completion_ids.to(device), temperature=1.0,
+                                  chunk_size=chunk_size)
+    return -(logp * batch.completion_mask.to(device)).sum()
+
+
 class SFT(Algorithm):
     """SFT's step: the NLL of the step's reference solutions. Collaborators: `Algorithm`'s (no
     sampler), plus every training problem (``problems``, tokenised once as targets) and the
@@ -33,49 +77,19 @@ class SFT(Algorithm):
 
     def __init__(self, config, policy, *, problems: list[Problem], context_length: int | None, **collaborators):
         super().__init__(config, policy, **collaborators)
-        eos = self.tokenizer.eos_token_id
-        cap = self.config.max_target_tokens
-        self.truncated = 0
-        self._targets: dict[str, list[int]] = {}
-        for p in problems:
-            ids = self.tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [eos]
-            if cap is not None and len(ids) > cap:
-                self.truncated += 1
-                ids = ids[:cap]
-            self._targets[p.id] = ids
-        if cap is None:
-            self._check_uncapped_targets(problems, context_length)
-
-    def _check_uncapped_targets(self, problems: list[Problem], context_length: int | None) -> None:
-        """Without a cap, every prompt + target must fit the model's context (unknown: no check)."""
-        over = [p.id for p in problems if context_length is not None
-                and len(self.prompts.student[p.id]) + len(self._targets[p.id]) > context_length]
-        if over:
-            raise ConfigError(
-                f"max_target_tokens=None: {len(over)} reference solutions (first: {over[0]!r}) do not fit the "
-                f"model's context of {context_length} tokens after their prompt; set max_target_tokens to at most "
-                f"{context_length - self.config.max_prompt_tokens} to cut them")
+        self.targets = SolutionTargets(config, self.tokenizer, problems, self.prompts, context_length)
 
     def prepare(self, step: int) -> tuple[list[SFTBatch], dict]:
-        from opsd_kit.prompts import build_batch
-
         problems = self.step_problems(step)
         micro = []
         for rows in self.chunks(len(problems)):
-            chosen = [problems[r] for r in rows]
-            batch = build_batch([self.prompts.student[p.id] for p in chosen], [self._targets[p.id] for p in chosen],
-                                self.tokenizer.pad_token_id)
+            batch = self.targets.batch(self.prompts, [problems[r] for r in rows], self.tokenizer.pad_token_id)
             self.ledger.book_prompt_tokens(batch)
             micro.append(SFTBatch(student=batch, num_loss_tokens=int(batch.completion_mask.sum())))
-        return micro, {"sft/solutions_truncated": self.truncated}
+        return micro, {"sft/solutions_truncated": self.targets.truncated}
 
     def loss(self, mb: SFTBatch):
-        from opsd_kit.losses import chunked_token_logprobs
-
-        device = self.device
         with self.ledger.phase("student"):
-            targets = mb.student.completion_ids.to(device)
-            logp = chunked_token_logprobs(self.policy.completion_hidden(mb.student), self.policy.head, targets,
-                                          temperature=1.0, chunk_size=self.config.loss_chunk_size)
-            loss_sum = -(logp * mb.student.completion_mask.to(device)).sum()  # NLL summed; trainer normalises
+            loss_sum = nll_sum(self.policy.completion_hidden(mb.student), self.policy.head, mb.student,
+                               chunk_size=self.config.loss_chunk_size)  # summed; trainer normalises
         return loss_sum, {}

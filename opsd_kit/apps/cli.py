@@ -160,6 +160,15 @@ def _compare(args) -> int:
     columns = ["method", "step", "generated_tokens"] + [f"{m}/{c}" for m in MODES for c in ("avg@k", "ci_low",
                                                                                              "ci_high")]
     print(summary["points"][columns].to_string(index=False, float_format="{:.3f}".format))
+    paired = ["a", "a_step", "b", "b_step"] + [f"{m}/{c}" for m in MODES for c in ("diff", "ci_low", "ci_high", "p",
+                                                                                    "test")]
+    print(f"\npaired differences (a - b) and the paired test of each (k = {config.k}: "
+          f"{'exact McNemar' if config.k == 1 else 'sign-flip permutation test of the per-problem avg@k'}):")
+    print(summary["comparisons"][paired].to_string(index=False, float_format="{:.3g}".format))
+    for mode in MODES:
+        r = summary["tokens_to_equal_accuracy"][mode]
+        print(f"tokens to equal accuracy ({mode}): " + (f"ratio {r['ratio']:.3g}" if r.get("ratio") is not None
+                                                         else f"undefined: {r['reason']}"))
     print(f"tables and figures in {out}")
     return 0
 

@@ -52,7 +52,8 @@ class TrainingJob:
 #: checkpoint (``study_points``) and the answer-token divergence split (``answer_split_samples``
 #: rollouts per model, 0 when a plan has none), which the demo leaves out to stay short on a
 #: 2-core CPU. The full study adds the hint-contrast loss and RLSD (with GRPO's budget and strict
-#: reward). The tiny profile's plans have the same shape; tests/test_demo.py runs its study, so
+#: reward), OPSD + SFT (``sft_weight`` 1) and GRPO rewarded for a leniently read correct answer plus a
+#: parsable box (``rewards``). The tiny profile's plans have the same shape; tests/test_demo.py runs its study, so
 #: every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
@@ -62,7 +63,8 @@ DEMO_PLANS = {
               TrainingJob("sft", "sft")],
         study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
                TrainingJob("opsd-seed1", "opsd", {"seed": 1})],
-        full=[TrainingJob("rlsd", "rlsd")],
+        full=[TrainingJob("rlsd", "rlsd"), TrainingJob("opsd-sft", "opsd", {"sft_weight": 1.0}),
+              TrainingJob("grpo-lenient", "grpo", {"rewards": ["correct_lenient", "format"]})],
         study_points={"opsd-seed1": 2},
     ),
     "cpu-demo": dict(
@@ -72,7 +74,9 @@ DEMO_PLANS = {
         study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
                TrainingJob("opsd-seed1", "opsd", {"seed": 1}, gap_problems=8),
                TrainingJob("grpo-seed1", "grpo", {"seed": 1})],
-        full=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}), TrainingJob("rlsd", "rlsd")],
+        full=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}), TrainingJob("rlsd", "rlsd"),
+              TrainingJob("opsd-sft", "opsd", {"sft_weight": 1.0}),
+              TrainingJob("grpo-lenient", "grpo", {"rewards": ["correct_lenient", "format"]})],
         study_points={"opsd": 2},
     ),
 }

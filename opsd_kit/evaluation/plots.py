@@ -20,11 +20,13 @@ def prompt_lengths(student_lengths, teacher_lengths, *, title: str = "", unit: s
 
 
 def training_curves(metrics, *, title: str = ""):
-    """Loss, divergence (OPSD) or reward (GRPO), rollout correctness, and cumulative tokens per step."""
+    """Loss, divergence (OPSD) and its SFT term, or reward and the share of groups with mixed
+    rewards (GRPO: 0 means no signal), rollout correctness, and cumulative tokens per step."""
     import matplotlib.pyplot as plt
 
     panels = [("loss/total", "loss"), ("loss/divergence_mean", "mean per-token divergence"),
-              ("grpo/reward_mean", "mean reward"), ("rollout/correct", "rollout correctness"),
+              ("loss/sft", "SFT loss (sft_weight)"), ("grpo/reward_mean", "mean reward"),
+              ("grpo/mixed_groups", "groups with mixed rewards"), ("rollout/correct", "rollout correctness"),
               ("tokens/generated_total", "generated tokens (cumulative)"), ("time/step", "seconds per step")]
     panels = [(k, label) for k, label in panels if k in metrics.columns]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
@@ -42,14 +44,17 @@ def training_curves(metrics, *, title: str = ""):
 
 
 def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "opsd", b: str = "grpo"):
-    """Held-out accuracy (with its 95% interval) against the rollout tokens a method generated
-    in training, and against training wall time.
+    """Held-out accuracy curves (with their 95% intervals) against the rollout tokens a method
+    generated in training, and against training wall time.
 
     ``points``: the point table of `opsd_kit.evaluation.study.summarize` (one row per method and step,
-    ``<mode>/avg@k``, ``<mode>/ci_low``, ``<mode>/ci_high``). The base model is a band (its
-    interval) on both panels. Methods that generate nothing (SFT) appear on the time panel
-    only. ``ratio``: `opsd_kit.evaluation.study.tokens_to_equal_accuracy` for this mode, drawn as the
-    target accuracy and the two token counts, with its interval in the title of the panel.
+    ``<mode>/avg@k``, ``<mode>/ci_low``, ``<mode>/ci_high``). Each method is a curve from the
+    base model (at 0) through its checkpoints in order, its interval a shaded band with error
+    bars; the base model is a grey band (its interval) on both panels. Methods that generate
+    nothing (SFT) appear on the time panel only. ``ratio``:
+    `opsd_kit.evaluation.study.tokens_to_equal_accuracy` for this mode, drawn as its target
+    accuracy (dotted line) and the interpolated tokens where each curve first reaches it
+    (crosses), with the ratio and its interval in the panel's title, or why it is undefined.
     """
     import matplotlib.pyplot as plt
 
@@ -59,13 +64,18 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
     fig, (ax_tokens, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     trained = points[points["step"] > 0]
+    color_of = {}
     for i, (method, rows) in enumerate(trained.groupby("method", sort=False)):
         rows = rows.sort_values("step")
-        style = dict(marker="o", capsize=3, color=colors[i % len(colors)], label=method)
+        color_of[method] = colors[i % len(colors)]
+        style = dict(marker="o", capsize=3, color=color_of[method], label=method)
         for ax, x in ((ax_tokens, "generated_tokens"), (ax_time, "train_seconds")):
             if x == "generated_tokens" and not rows[x].gt(0).any():
                 continue
-            ax.plot([0, *rows[x]], [base[column], *rows[column]], color=style["color"], lw=1)  # from the base
+            xs = [0, *rows[x]]
+            ax.plot(xs, [base[column], *rows[column]], color=style["color"], lw=1)  # the curve, from the base
+            ax.fill_between(xs, [base[low], *rows[low]], [base[high], *rows[high]], color=style["color"],
+                            alpha=0.12, lw=0)
             # an interval ends at its estimate at 0% and 100%: a zero-length bar, never a negative one
             err = [(rows[column] - rows[low]).clip(lower=0), (rows[high] - rows[column]).clip(lower=0)]
             ax.errorbar(rows[x], rows[column], yerr=err, ls="none", **style)
@@ -82,14 +92,18 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
     title = "on-policy methods"
     if ratio is not None:
         if ratio.get("ratio") is not None:
-            ax_tokens.axhline(ratio["target_accuracy"], color="black", ls=":", lw=1)
+            target = ratio["target_accuracy"]
+            ax_tokens.axhline(target, color="black", ls=":", lw=1,
+                              label=f"target: base + {ratio.get('target_fraction', 1.0):.0%} of the smaller gain")
             for m in (a, b):
-                ax_tokens.axvline(ratio[f"tokens_{m}"], color="black", ls=":", lw=1)
+                ax_tokens.plot([ratio[f"tokens_{m}"]], [target], marker="X", ms=9, color=color_of.get(m, "black"),
+                               ls="none")
             interval = ""
             if ratio.get("ci_low") is not None:
-                interval = f" [{ratio['ci_low']:.2g}, {ratio['ci_high']:.2g}]"
-            title = (f"{b} needs {ratio['ratio']:.2g}x{interval} the tokens of {a} "
-                     f"to reach {ratio['target_accuracy']:.3f}")
+                interval = (f" [95% CI {ratio['ci_low']:.2g}, {ratio['ci_high']:.2g}; defined in "
+                            f"{100 * ratio['defined_fraction']:.0f}% of resamples]")
+            title = (f"{b} needs {ratio['ratio']:.2g}x{interval} the rollout tokens of {a} "
+                     f"to first reach {target:.3f}")
         else:
             title = f"tokens-to-equal-accuracy undefined: {ratio.get('reason', '')}"
     ax_tokens.set_title(textwrap.fill(title, 70), fontsize=9)

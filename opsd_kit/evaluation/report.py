@@ -41,22 +41,39 @@ def points_table(summary: dict) -> str:
     return f"{n} held-out problems, k = {k}.\n\n" + "\n".join(lines)
 
 
+TEST_NAMES = {"mcnemar_exact": "exact McNemar", "sign_flip_exact": "sign-flip permutation test (exact)",
+              "sign_flip_monte_carlo": "sign-flip permutation test (Monte Carlo)",
+              "mcnemar_first_sample": "exact McNemar on each problem's first sample only"}
+"""How each paired test (`stats.paired_test`) is named under the table; a summary.json written
+before the test was recorded holds ``mcnemar_p``, McNemar on the first samples."""
+
+
+def _test(d: dict) -> tuple[float, str]:
+    """``(p, test)`` of one mode's comparison, also from a summary that predates ``test``."""
+    return (d["p"], d["test"]) if "test" in d else (d["mcnemar_p"], "mcnemar_first_sample")
+
+
 def comparisons_table(summary: dict, focus: str = "opsd") -> str:
-    """Paired differences (a - b, percentage points) with their 95% intervals and McNemar p:
-    every method against the base, and ``focus`` against every other method (all pairs are in
-    the run's ``comparisons.csv``)."""
-    lines = ["| a | b | strict a - b [95% CI] | McNemar p | lenient a - b [95% CI] | McNemar p |",
+    """Paired differences (a - b, percentage points) with their 95% intervals and the paired
+    test's p: every method against the base, and ``focus`` against every other method (all pairs
+    are in the run's ``comparisons.csv``). A line under the table names the test behind p."""
+    lines = ["| a | b | strict a - b [95% CI] | p | lenient a - b [95% CI] | p |",
              "|---|---|---|---|---|---|"]
     rows = [dict(c, a=m, b="base") for m, c in summary["vs_base"].items()]
     rows += [c for c in summary["comparisons"] if focus in (c["a"], c["b"])]
     for c in rows:
-        lines.append(f"| {c['a']} | {c['b']} | {_signed(c['strict'])} | {_p(c['strict']['mcnemar_p'])} | "
-                     f"{_signed(c['lenient'])} | {_p(c['lenient']['mcnemar_p'])} |")
+        lines.append(f"| {c['a']} | {c['b']} | {_signed(c['strict'])} | {_p(_test(c['strict'])[0])} | "
+                     f"{_signed(c['lenient'])} | {_p(_test(c['lenient'])[0])} |")
+    tests = sorted({_test(c[m])[1] for c in rows for m in MODES})
+    k = summary["points"][0]["k"]
+    what = "each problem's verdict" if k == 1 else f"each problem's avg@{k} (all {k} samples)"
+    lines.append(f"\np: {', '.join(TEST_NAMES.get(t, t) for t in tests)}, two-sided, paired on {what}.")
     return "\n".join(lines)
 
 
 def ratio_lines(summary: dict) -> str:
-    """The tokens-to-equal-accuracy ratio of OPSD vs GRPO per mode, or why it is undefined."""
+    """The tokens-to-equal-accuracy ratio of OPSD vs GRPO per mode (`study.tokens_to_equal_accuracy`),
+    or why it is undefined."""
     out = []
     for mode, r in summary["tokens_to_equal_accuracy"].items():
         if r.get("ratio") is None:
@@ -66,8 +83,11 @@ def ratio_lines(summary: dict) -> str:
         if r.get("ci_low") is not None:
             interval = (f" [95% CI {r['ci_low']:.2g}, {r['ci_high']:.2g}; defined in "
                         f"{100 * r['defined_fraction']:.0f}% of the resamples]")
-        out.append(f"- {mode}: GRPO needed {r['ratio']:.2g}x{interval} OPSD's rollout tokens to reach "
-                   f"{_pct(r['target_accuracy'])}% ({r['tokens_grpo']:,} vs {r['tokens_opsd']:,} tokens)")
+        fraction = r.get("target_fraction", 1.0)
+        out.append(f"- {mode}: GRPO needed {r['ratio']:.2g}x{interval} OPSD's rollout tokens to first reach "
+                   f"{_pct(r['target_accuracy'])}% ({r['tokens_grpo']:,.0f} vs {r['tokens_opsd']:,.0f} tokens, "
+                   f"interpolated on each method's accuracy-vs-tokens curve; the target is the base's "
+                   f"{_pct(r['base_accuracy'])}% plus {fraction:.0%} of the smaller method's best gain)")
     return "\n".join(out)
 
 

@@ -9,7 +9,10 @@ problems:
 - `paired_difference`: mean of the per-problem differences a_i - b_i with a paired
   percentile bootstrap interval (problems resampled together for both methods);
 - `mcnemar_exact`: the exact (binomial) McNemar test on the problems where exactly one of
-  two methods is right, two-sided;
+  two methods is right, two-sided (k = 1);
+- `sign_flip_test`: the paired sign-flip permutation test of the mean per-problem difference
+  (k > 1: it tests the avg@k difference that is printed, every sample counted);
+- `paired_test`: the test that goes with k, labelled (McNemar for k = 1, sign flips for k > 1);
 - `bootstrap_indices`: the resampled problem indices, shared by every statistic of one
   study so that intervals of derived numbers (ratios) come from the same resamples.
 - `contain`: an interval's ends clamped to its range and to contain its estimate.
@@ -134,3 +137,78 @@ def mcnemar_exact(a_correct, b_correct) -> dict:
     n = a_only + b_only
     tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2 ** n if n else 1.0
     return {"a_only": a_only, "b_only": b_only, "p": min(1.0, 2 * tail) if n else 1.0}
+
+
+SIGN_FLIP_EXACT_MAX = 16
+"""`sign_flip_test` enumerates every sign pattern up to this many non-zero differences (2^16)."""
+SIGN_FLIP_RESAMPLES = 100_000
+"""Seeded random sign patterns above `SIGN_FLIP_EXACT_MAX` (the p of a Monte Carlo test with R
+resamples has a standard error of at most 0.5 / sqrt(R) = 0.0016)."""
+
+
+def sign_flip_test(a, b, *, n_resamples: int = SIGN_FLIP_RESAMPLES, seed: int = 0,
+                   exact_max: int = SIGN_FLIP_EXACT_MAX) -> dict:
+    """Two-sided paired sign-flip permutation test of ``mean(a - b) = 0`` over problems.
+
+    ``a``, ``b``: per-problem accuracies (avg@k, each problem's mean over its k samples) in the
+    same problem order. Under the null hypothesis each problem's difference d_i = a_i - b_i is
+    as likely to have either sign, so the statistic |sum_i d_i| is compared with |sum_i s_i d_i|
+    over sign patterns s in {-1, +1}^n. Problems with d_i = 0 change nothing and are left out;
+    with m non-zero differences:
+
+    - m <= ``exact_max``: all 2^m patterns (the observed one included): p = #{|S*| >= |S|} / 2^m;
+    - else ``n_resamples`` seeded random patterns: p = (1 + #{|S*| >= |S|}) / (1 + n_resamples),
+      the +1 counting the observed pattern, so that p is never 0 and the test keeps its level.
+
+    ``p = 1`` when every difference is 0. Returns ``test`` ('sign_flip_exact' or
+    'sign_flip_monte_carlo'), ``p``, ``a_better`` and ``b_better`` (problems where a's accuracy
+    is above b's, and the reverse), ``n_resamples`` (patterns compared).
+    """
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"sign_flip_test needs two equal-length non-empty 1-D arrays, got {a.shape} and {b.shape}")
+    d = a - b
+    d = d[d != 0]
+    out = {"a_better": int((d > 0).sum()), "b_better": int((d < 0).sum())}
+    if d.size == 0:
+        return dict(out, test="sign_flip_exact", p=1.0, n_resamples=1)
+    observed = abs(d.sum())
+    slack = 1e-9 * np.abs(d).sum()  # equal sums computed in another order count as equal
+    if d.size <= exact_max:
+        patterns = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)  # [2^m, m] of +-1
+        count = int((np.abs(patterns @ d) >= observed - slack).sum())
+        return dict(out, test="sign_flip_exact", p=count / 2 ** d.size, n_resamples=2 ** d.size)
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    count, done, block = 0, 0, max(1, 2 ** 22 // d.size)  # bounded memory per block
+    while done < n_resamples:
+        size = min(block, n_resamples - done)
+        signs = rng.integers(0, 2, size=(size, d.size), dtype=np.int8) * 2 - 1
+        count += int((np.abs(signs @ d) >= observed - slack).sum())
+        done += size
+    return dict(out, test="sign_flip_monte_carlo", p=(1 + count) / (1 + n_resamples), n_resamples=n_resamples)
+
+
+def paired_test(a, b, k: int, *, seed: int = 0, n_resamples: int = SIGN_FLIP_RESAMPLES) -> dict:
+    """The paired test of two methods' per-problem accuracies ``a``, ``b`` that goes with k
+    samples per problem, labelled in ``test``:
+
+    - k = 1 (each accuracy 0 or 1): exact McNemar (`mcnemar_exact`), ``test`` = 'mcnemar_exact';
+    - k > 1: the sign-flip permutation test of the mean per-problem difference (`sign_flip_test`),
+      which uses all k samples of every problem, the avg@k difference that is printed beside it.
+
+    Returns ``test``, ``p``, ``a_better``, ``b_better`` (problems where a is above b, and the reverse).
+    """
+    import numpy as np
+
+    if k == 1:
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        if not (np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()):
+            raise ValueError("paired_test with k = 1 needs per-problem accuracies of 0 or 1")
+        test = mcnemar_exact(a == 1, b == 1)
+        return {"test": "mcnemar_exact", "p": test["p"], "a_better": test["a_only"], "b_better": test["b_only"]}
+    out = sign_flip_test(a, b, seed=seed, n_resamples=n_resamples)
+    return {key: out[key] for key in ("test", "p", "a_better", "b_better")}

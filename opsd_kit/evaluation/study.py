@@ -9,7 +9,9 @@ held-out set under one `EvalConfig`, then compare them the way a paper should.
   the same adapter was already evaluated under the same protocol;
 - `summarize`: accuracy with its 95% interval per point and grading mode; every pair of final
   points (and each method against the base) as a paired difference with a bootstrap interval
-  and an exact McNemar p; the tokens-to-equal-accuracy ratio with a bootstrap interval.
+  and a paired test's p (`stats.paired_test`: exact McNemar for k = 1, sign flips for k > 1);
+  the tokens-to-equal-accuracy ratio read off the accuracy-vs-tokens curves
+  (`tokens_to_equal_accuracy`), with a bootstrap interval over problems.
 
 All runs must share the model and LoRA settings (one model load serves every evaluation).
 """
@@ -26,7 +28,9 @@ MODES = ("strict", "lenient")
 
 @dataclass(frozen=True)
 class Point:
-    """One evaluated model: ``method`` at ``step`` (step 0 with ``adapter=None``: the base)."""
+    """One evaluated model: ``method`` at ``step``. The base (method 'base', step 0) is the model
+    every run started from: the adapter switched off (``adapter=None``), or the runs' common
+    ``init_adapter``."""
 
     method: str
     step: int
@@ -38,7 +42,7 @@ class Point:
 
     @property
     def tag(self) -> str:
-        return "base" if self.adapter is None else f"{self.method}-step{self.step}"
+        return "base" if self.method == "base" else f"{self.method}-step{self.step}"
 
 
 def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
@@ -52,7 +56,7 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
 
     if not runs:
         raise ValueError("study_points needs at least one run")
-    points = [Point("base", 0, None)]
+    points = [common_start(runs)]
     for method, run_dir in runs.items():
         available = RunDir(run_dir).adapters()
         if not available:
@@ -72,6 +76,27 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
     return points
 
 
+def common_start(runs: dict) -> Point:
+    """The base point of runs that share a start: the base model (adapter off) when no run has an
+    ``init_adapter``, else that adapter (the same for every run, or ValueError: curves from
+    different starts do not compare)."""
+    from opsd_kit.run.lineage import resolve_init_adapter
+
+    starts = {}
+    for method, run_dir in runs.items():
+        values = _run_config(run_dir)
+        starts[method] = resolve_init_adapter(load_run_config(values)) if values.get("init_adapter") else None
+    adapters = {None if s is None else s.adapter_dir for s in starts.values()}
+    if len(adapters) > 1:
+        listed = ", ".join(f"{m}: {'the base model' if s is None else s.adapter_dir}" for m, s in starts.items())
+        raise ValueError(f"the runs start from different models ({listed}); a study compares runs from one start: "
+                         "give every run the same init_adapter")
+    start = next(iter(starts.values()))
+    if start is None:
+        return Point("base", 0, None)
+    return Point("base", 0, str(start.adapter_dir), None if start.run_dir is None else str(start.run_dir))
+
+
 def evaluate_points(points: list[Point], problems, eval_config, *, model_run, out_dir, workers: int = 1,
                     progress: bool = False) -> dict:
     """Evaluate every point on ``problems``; returns ``{tag: EvalResult}``.
@@ -86,11 +111,12 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
     """
     from opsd_kit.evaluation.evaluate import EvalResult
 
-    configs = {p.method: _run_config(p.run_dir) for p in points if p.adapter}
+    configs = {p.method: _run_config(p.run_dir) for p in points if p.adapter and p.run_dir}
     keys = {m: _model_key(c) for m, c in configs.items()}
     keys["model_run"] = _model_key(_run_config(model_run))
     if len(set(keys.values())) != 1:
         raise ValueError(f"runs differ in model or LoRA settings, cannot share one model: {keys}")
+    check_start_leakage({p.run_dir for p in points if p.run_dir and p.method != "base"}, problems)
     out_dir = Path(out_dir)
     problem_dicts = [p.to_dict() for p in problems]
     todo = []
@@ -101,6 +127,30 @@ def evaluate_points(points: list[Point], problems, eval_config, *, model_run, ou
     _in_workers(_evaluate_share, todo, workers, _run_config(model_run), problem_dicts, eval_config.to_dict(),
                 str(out_dir), progress)
     return {point.tag: EvalResult.load(out_dir / point.tag) for point in points}
+
+
+def check_start_leakage(run_dirs, problems) -> None:
+    """Raise ValueError when a held-out problem (by id or normalised question) is among the
+    training problems of a run that one of ``run_dirs`` started from (``init_adapter``, followed
+    back; `run.lineage.lineage_leakage`). A run's own training problems are the split's business
+    (notebook 00's leakage check). An earlier run that recorded no training problems is warned
+    about: its overlap is unknown."""
+    import warnings
+
+    from opsd_kit.run.lineage import lineage_leakage
+
+    for run_dir in sorted(map(str, run_dirs)):
+        if not _run_config(run_dir).get("init_adapter"):
+            continue
+        for row in lineage_leakage(run_dir, problems)[1:]:
+            if not row["recorded"]:
+                warnings.warn(f"{run_dir} started from {row['run_dir'] or 'a bare adapter'}, which recorded no "
+                              "training problems: whether they overlap the held-out set is unknown", RuntimeWarning,
+                              stacklevel=2)
+            elif row["shared_ids"] or row["shared_questions"]:
+                raise ValueError(f"{run_dir} started from {row['run_dir']}, which trained on held-out problems (ids "
+                                 f"{row['shared_ids'][:5]}, questions of {row['shared_questions'][:5]}); hold out "
+                                 "problems disjoint from every run in the chain")
 
 
 def _in_workers(work, jobs: list, workers: int, *args) -> list:
@@ -154,12 +204,13 @@ def summarize(points: list[Point], results: dict, eval_config) -> dict:
     {mode: dict}}``. Point rows hold ``n_eval``, ``k``, per mode ``<mode>/avg@k``,
     ``<mode>/ci_low``, ``<mode>/ci_high``, and the run's tokens and seconds. Comparison rows
     (``a`` vs ``b``; every method's final point against the base and against each other)
-    hold per mode ``diff``, ``ci_low``, ``ci_high`` and ``mcnemar_p`` (McNemar on each
-    problem's first sample: exact for k = 1).
+    hold per mode ``diff``, ``ci_low``, ``ci_high``, ``p`` and ``test`` (`stats.paired_test`: exact
+    McNemar for k = 1, the sign-flip permutation test of the per-problem avg@k differences for
+    k > 1), ``a_better`` and ``b_better`` (problems where one is above the other).
     """
     import pandas as pd
 
-    from opsd_kit.evaluation.stats import accuracy_interval, bootstrap_indices, mcnemar_exact, paired_difference
+    from opsd_kit.evaluation.stats import accuracy_interval, bootstrap_indices, paired_difference, paired_test
 
     base = results["base"]
     ids = list(base.table["id"])
@@ -169,7 +220,6 @@ def summarize(points: list[Point], results: dict, eval_config) -> dict:
     k, conf = eval_config.k, eval_config.confidence
     indices = bootstrap_indices(len(ids), eval_config.n_bootstrap, eval_config.seed)
     per_problem = {tag: {m: r.table[f"avg_{m}"].to_numpy(float) for m in MODES} for tag, r in results.items()}
-    first = {tag: {m: _first_sample(r, m) for m in MODES} for tag, r in results.items()}
 
     rows = []
     for p in points:
@@ -185,7 +235,7 @@ def summarize(points: list[Point], results: dict, eval_config) -> dict:
         rows.append(row)
     table = pd.DataFrame(rows)
 
-    finals = [p for p in points if p.adapter is not None]
+    finals = [p for p in points if p.method != "base"]
     finals = [p for p in finals if p.step == max(q.step for q in finals if q.method == p.method)]
     pairs = [(p, points[0]) for p in finals] + [(a, b) for i, a in enumerate(finals) for b in finals[i + 1:]]
     comparisons = []
@@ -193,48 +243,82 @@ def summarize(points: list[Point], results: dict, eval_config) -> dict:
         row = {"a": a.method, "a_step": a.step, "b": b.method, "b_step": b.step, "n_eval": len(ids)}
         for m in MODES:
             diff = paired_difference(per_problem[a.tag][m], per_problem[b.tag][m], indices, conf)
-            test = mcnemar_exact(first[a.tag][m], first[b.tag][m])
+            test = paired_test(per_problem[a.tag][m], per_problem[b.tag][m], k, seed=eval_config.seed)
             row.update({f"{m}/{key}": value for key, value in diff.items()})
-            row.update({f"{m}/mcnemar_p": test["p"], f"{m}/a_only": test["a_only"], f"{m}/b_only": test["b_only"]})
+            row.update({f"{m}/{key}": value for key, value in test.items()})
         comparisons.append(row)
     ratios = {m: tokens_to_equal_accuracy(table, per_problem, indices, mode=m, confidence=conf) for m in MODES}
     return {"points": table, "comparisons": pd.DataFrame(comparisons), "tokens_to_equal_accuracy": ratios}
 
 
-def tokens_to_equal_accuracy(points, per_problem: dict | None = None, indices=None, *, mode: str = "lenient",
-                             a: str = "opsd", b: str = "grpo", confidence: float = 0.95) -> dict:
-    """Generated tokens each method needed to first reach the best accuracy both reached.
+TARGET_FRACTION = 0.5
+"""`tokens_to_equal_accuracy`'s target: the base accuracy plus this fraction of the smaller of the
+two methods' best gains over the base."""
 
-    ``ratio`` = tokens(b) / tokens(a): how many times fewer tokens ``a`` needed. It is None,
-    with a ``reason``, when either method never improved on the base model. With
-    ``per_problem`` (``{tag: {mode: per-problem accuracies}}``) and bootstrap ``indices`` the
-    same is computed on every resample of the problems: ``ci_low``/``ci_high`` are the
-    percentile interval over the resamples where the ratio is defined, and
-    ``defined_fraction`` says how many those were.
+
+def tokens_to_equal_accuracy(points, per_problem: dict | None = None, indices=None, *, mode: str = "lenient",
+                             a: str = "opsd", b: str = "grpo", confidence: float = 0.95,
+                             target_fraction: float = TARGET_FRACTION) -> dict:
+    """How many times more rollout tokens ``b`` needed than ``a`` to reach the same held-out
+    accuracy, read off both methods' curves.
+
+    Definition (per grading ``mode``):
+
+    1. Each method's curve is its accuracy against the rollout tokens it had generated at each
+       evaluated checkpoint (step > 0), in token order, starting from the base model at 0 tokens
+       (every method starts there), joined by straight lines.
+    2. Each method's gain is its best accuracy on the curve minus the base's; the target is
+       ``base + target_fraction * min(gain_a, gain_b)``: an accuracy both curves reach.
+    3. ``tokens_<m>``: where method m's curve first reaches the target, linearly interpolated
+       between the two checkpoints around the crossing (``t0 + (target - acc0) / (acc1 - acc0)
+       * (t1 - t0)``).
+    4. ``ratio = tokens_b / tokens_a``: > 1 means ``a`` needed fewer tokens.
+
+    Undefined (``ratio`` None, and a ``reason`` that the outputs print) when a method has no
+    evaluated checkpoint, when either method never rose above the base (no common improvement:
+    then there is no accuracy both reached by training), or when ``a`` reached the target with 0
+    tokens. With ``per_problem`` (``{tag: {mode: per-problem accuracies}}``) and bootstrap
+    ``indices`` ([resamples, problems], `stats.bootstrap_indices`), every point's accuracy (the
+    base's included) is recomputed on each resample of the problems and the whole definition is
+    applied again: ``ci_low``/``ci_high`` are the percentile interval of the ratio over the
+    resamples where it is defined, ``defined_fraction`` says how many those were.
     """
     import numpy as np
 
     from opsd_kit.evaluation.stats import percentile_interval
 
+    if not 0 < target_fraction <= 1:
+        raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
     column = f"{mode}/avg@k"
-    out = _ratio(points, points[column].to_numpy(float), mode=mode, a=a, b=b)
-    never_trained = out["target_accuracy"] is None
-    if per_problem is None or indices is None or never_trained:
+    out = _ratio(points, points[column].to_numpy(float), mode=mode, a=a, b=b, fraction=target_fraction)
+    out["target_fraction"] = target_fraction
+    if per_problem is None or indices is None or out["target_accuracy"] is None:
         return out
     accuracy = np.stack([per_problem[t][mode][indices].mean(axis=1) for t in points["tag"]])  # [points, boots]
-    ratios = np.array([_ratio(points, accuracy[:, i], mode=mode, a=a, b=b)["ratio"] or math.nan
-                       for i in range(accuracy.shape[1])])
+    ratios = np.array([_ratio(points, accuracy[:, i], mode=mode, a=a, b=b, fraction=target_fraction)["ratio"]
+                       for i in range(accuracy.shape[1])], dtype=float)  # None -> nan
     out["ci_low"], out["ci_high"] = percentile_interval(ratios, confidence)
     out["defined_fraction"] = float(np.mean(~np.isnan(ratios)))
     return out
 
 
-def _ratio(points, accuracy, *, mode: str, a: str, b: str) -> dict:
+def first_crossing(tokens, accuracy, target: float) -> float | None:
+    """The tokens at which the piecewise-linear curve through ``(tokens[i], accuracy[i])`` (in
+    token order) first reaches ``target``; None if it never does."""
+    if accuracy[0] >= target:
+        return float(tokens[0])
+    for t0, t1, a0, a1 in zip(tokens, tokens[1:], accuracy, accuracy[1:]):
+        if a1 >= target:  # a0 < target here, so a1 > a0
+            return float(t0 + (target - a0) / (a1 - a0) * (t1 - t0))
+    return None
+
+
+def _ratio(points, accuracy, *, mode: str, a: str, b: str, fraction: float) -> dict:
     """`tokens_to_equal_accuracy` for one vector of point accuracies (row order of ``points``)."""
     import numpy as np
 
     method, step = points["method"].to_numpy(), points["step"].to_numpy()
-    tokens = points["generated_tokens"].to_numpy()
+    tokens = points["generated_tokens"].to_numpy(float)
     base = float(accuracy[step == 0][0])
     out = {"mode": mode, "base_accuracy": base, "target_accuracy": None, f"tokens_{a}": None, f"tokens_{b}": None,
            "ratio": None, "reason": ""}
@@ -243,27 +327,26 @@ def _ratio(points, accuracy, *, mode: str, a: str, b: str) -> dict:
     if missing:
         out["reason"] = f"no evaluated checkpoint of {missing} (never trained)"
         return out
-    best = {m: float(accuracy[trained[m]].max()) for m in (a, b)}
+    curves = {}
+    for m in (a, b):
+        order = np.argsort(tokens[trained[m]], kind="stable")
+        curves[m] = (np.concatenate([[0.0], tokens[trained[m]][order]]),
+                     np.concatenate([[base], accuracy[trained[m]][order]]))
+    best = {m: float(curves[m][1].max()) for m in (a, b)}
     out.update({f"best_{m}": best[m] for m in (a, b)})
-    target = min(best.values())
-    out["target_accuracy"] = target
-    if not target > base:
+    gain = min(best.values()) - base
+    out["target_accuracy"] = min(base + fraction * gain, *best.values())  # never above a best by rounding
+    if not gain > 0:
         out["reason"] = (f"no common improvement over the base model ({base:.3f}): best {a} {best[a]:.3f}, "
                          f"best {b} {best[b]:.3f}")
         return out
     for m in (a, b):
-        out[f"tokens_{m}"] = int(np.min(tokens[trained[m] & (accuracy >= target)]))
-    if out[f"tokens_{a}"] == 0:
-        out["reason"] = f"{a} generated no tokens"
+        out[f"tokens_{m}"] = first_crossing(*curves[m], out["target_accuracy"])
+    if not out[f"tokens_{a}"] > 0:
+        out["reason"] = f"{a} reached the target with no generated tokens"
         return out
     out["ratio"] = out[f"tokens_{b}"] / out[f"tokens_{a}"]
     return out
-
-
-def _first_sample(result, mode: str) -> list[bool]:
-    """Each problem's first-sample verdict, in the order of ``result.table``."""
-    first = result.samples[result.samples["sample"] == 0].set_index("problem_id")
-    return [bool(first.loc[i, f"correct_{mode}"]) for i in result.table["id"]]
 
 
 def _run_config(run) -> dict:
@@ -317,7 +400,7 @@ def answer_token_divergence(points: list[Point], results: dict, problems, *, run
         return pd.DataFrame(columns=["method", "step", "rollouts", "answer_share", "answer_mean", "other_mean",
                                      "total", "kind"])
     last = {p.method: max(q.step for q in points if q.method == p.method) for p in points}
-    finals = [p for p in points if p.adapter is None or p.step == last[p.method]]
+    finals = [p for p in points if p.method == "base" or p.step == last[p.method]]
     jobs = []
     for point in finals:
         samples = results[point.tag].samples
@@ -439,7 +522,7 @@ def load_run_policy(run_dir, adapter=None, *, student_thinking="from run", promp
 def to_record(summary: dict, eval_config) -> dict:
     """The study as plain JSON: per (method, step) ``n_eval``, ``k``, both modes' accuracy with
     ``ci_low``/``ci_high``, generated tokens and training seconds; per method its paired
-    difference against the base (``diff``, ``ci_low``, ``ci_high``, ``mcnemar_p``); every
+    difference against the base (``diff``, ``ci_low``, ``ci_high``, ``p`` and which ``test``); every
     other comparison; the tokens-to-equal-accuracy ratios; the protocol."""
     def clean(value):
         if isinstance(value, float) and math.isnan(value):
@@ -450,7 +533,7 @@ def to_record(summary: dict, eval_config) -> dict:
         return {m: {out: clean(row[f"{m}/{name}"]) for out, name in fields.items()} for m in MODES}
 
     accuracy = {"accuracy": "avg@k", "ci_low": "ci_low", "ci_high": "ci_high"}
-    difference = {"diff": "diff", "ci_low": "ci_low", "ci_high": "ci_high", "mcnemar_p": "mcnemar_p"}
+    difference = {"diff": "diff", "ci_low": "ci_low", "ci_high": "ci_high", "p": "p", "test": "test"}
     points = [dict({key: clean(row[key]) for key in ("method", "step", "n_eval", "k", "generated_tokens",
                                                       "train_tokens", "train_seconds", "boxed_rate",
                                                       "mean_response_tokens", "truncation_rate")},

@@ -56,14 +56,31 @@ def update_card(adapter_dir, section: str, markdown: str) -> Path:
 
 
 def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adapter_dir,
-                      interrupted: bool = False) -> dict[str, str]:
-    """The card sections of a trained adapter: Method, Data, Training, Tokens, Config, Usage."""
+                      interrupted: bool = False, lineage: list | None = None,
+                      rewards: tuple | None = None) -> dict[str, str]:
+    """The card sections of a trained adapter: Method, Data, Training, Tokens, Config, Usage.
+    ``lineage``: the runs it started from (`opsd_kit.run.lineage.lineage`), nearest first;
+    ``rewards``: GRPO's/RLSD's ``(name, weight)`` reward terms (None: the config's)."""
     c = config
+    data = [f"- train_data: `{c.train_data}`", f"- problems: {n_problems}"]
+    if c.init_adapter:
+        data.append(f"- started from the adapter `{c.init_adapter}` (`init_adapter`), which was trained on:")
+        for run in lineage or []:
+            data.append(f"  - `{run['adapter']}`: algorithm `{run['algorithm']}`, train_data `{run['train_data']}`, "
+                        f"train_size {run['train_size']}, seed {run['seed']}")
+        data.append("- a held-out set must be disjoint from those problems too "
+                    "(`opsd_kit.run.lineage.lineage_leakage`)")
     method = [f"- algorithm: `{c.algorithm}`: {_ALGORITHM_NAMES.get(c.algorithm, c.algorithm)}"]
     if c.algorithm in ("opsd", "rlsd"):
         method += [f"- divergence: `{c.divergence}`" + (f", pointwise clip tau = {c.clip_tau}" if c.clip_tau else ""),
                    f"- teacher: `{c.teacher_weights}` weights of the same model, its prompt holding the problem's "
                    f"solution (teacher_hint `{c.teacher_hint}`)"]
+    if c.algorithm in ("grpo", "rlsd"):
+        terms = rewards or tuple(zip(c.rewards, c.reward_weights or (1.0,) * len(c.rewards)))
+        method.append("- reward: " + " + ".join(f"{w:g} x `{n}`" for n, w in terms)
+                      + f" (`correct` grades in `{c.grading_mode}` mode)" * any(n == "correct" for n, _ in terms))
+    if c.algorithm == "opsd" and c.sft_weight:
+        method.append(f"- plus {c.sft_weight:g} x the SFT loss on the reference solution (`sft_weight`)")
     method.append(f"- LoRA: r = {c.lora_r}, alpha = {c.lora_alpha}, on {', '.join(c.lora_target_modules)}; "
                   f"dtype {c.dtype}" + (f", base quantised {c.quantization}" if c.quantization else ""))
     training = [f"- optimizer steps: {steps} (max_steps {c.max_steps}" + (", interrupted)" if interrupted else ")"),
@@ -73,7 +90,7 @@ def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adap
               f"- prompt tokens: {ledger.get('prompt_tokens', 0)}, rollouts: {ledger.get('rollouts', 0)}"]
     return {
         "Method": "\n".join(method),
-        "Data": f"- train_data: `{c.train_data}`\n- problems: {n_problems}",
+        "Data": "\n".join(data),
         "Training": "\n".join(training),
         "Tokens": "\n".join(tokens),
         "Config": "The exact `TrainConfig` (also in the run's config.json):\n\n```json\n"
