@@ -349,9 +349,6 @@ class TrainConfig:
         _check(self.contrast_clip is None or self.contrast_clip > 0, "contrast_clip", self.contrast_clip,
                "None or > 0")
         _check(self.sft_weight >= 0, "sft_weight", self.sft_weight, ">= 0")
-        if self.sft_weight and self.algorithm != "opsd":
-            raise ConfigError(f"sft_weight={self.sft_weight!r} adds SFT to OPSD's divergence; algorithm="
-                              f"{self.algorithm!r} has none: use algorithm='sft', or sft_weight=0")
         self._check_rewards()
         if self.init_adapter is not None and not self.use_lora:
             raise ConfigError(f"init_adapter={self.init_adapter!r} loads a LoRA adapter; use_lora=False trains "

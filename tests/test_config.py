@@ -51,7 +51,8 @@ SPECIFIC = {
     "loss_support": "truncated", "distill_topk": 5, "sampled_token_clamp": 3.0, "teacher": "live", "ema_decay": 0.9,
     "num_generations": 3, "num_iterations": 1, "ratio_clip_eps": 0.1, "scale_rewards": False, "kl_coef": 0.1,
     "grading_mode": "lenient", "loss_normalisation": "sequence", "rlsd_lambda": 0.3, "rlsd_eps": 0.1,
-    "rlsd_decay_steps": 10, "rlsd_teacher": "frozen",
+    "rlsd_decay_steps": 10, "rlsd_teacher": "frozen", "contrast_clip": 2.0, "sft_weight": 0.5,
+    "rewards": ("correct", "format"), "reward_weights": (2.0,),
 }
 
 
@@ -262,12 +263,6 @@ def test_each_profile_has_its_evaluation_protocol():
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_profile("tiny", **overrides)
-
-
-@pytest.mark.parametrize("algorithm", ["grpo", "rlsd", "sft"])
-def test_sft_weight_is_opsds_only(algorithm):
-    with pytest.raises(ConfigError, match=f"sft_weight=0.5 adds SFT to OPSD's divergence; algorithm='{algorithm}'"):
-        load_profile("tiny", algorithm, sft_weight=0.5)
 
 
 def test_new_fields_come_from_the_command_line_and_are_off_by_default():
