@@ -85,7 +85,7 @@ def evaluation_task(method: str) -> str:
 
 
 def notebook_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "notebooks"
+    return Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def plan_jobs(profile: str, plan: str = "demo") -> list[TrainingJob]:
