@@ -317,7 +317,7 @@ class _Worker:
         import subprocess
         import sys
 
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from opsd_kit.evaluation.grading import _worker_loop; _worker_loop()"],
