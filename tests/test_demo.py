@@ -15,6 +15,7 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "[demo] expected total about" in out  # the tiny profile has reference times and a calibration
     assert "without encryption" not in err  # the kernels talk over local sockets, not TCP
+    assert "gemm_4bit_forward" not in out + err  # bitsandbytes' 4-bit kernel notice: no 4-bit here
     jobs = plan_jobs("tiny", "study")
     methods = [j.method for j in jobs]
     evaluations = {evaluation_task(m) for m in ["base", *methods]}
@@ -49,6 +50,9 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     assert len(summary["answer_token_divergence"]) == 1 + len(jobs)
     for mode in ("strict", "lenient"):
         assert (tmp_path / "study" / f"token_efficiency_{mode}.png").is_file()
+    # the per-token view: four rollouts (before and after training, correct and shuffled hint)
+    tokens = pd.read_csv(tmp_path / "study" / "token_divergence.csv")
+    assert tokens["view"].nunique() == 4 and (tmp_path / "study" / "token_divergence.png").is_file()
     # a second run reuses every finished run and evaluation: only 00 and 04 run again
     again = run_demo("tiny", tmp_path, jobs=2, plan="study")
     assert set(again["notebook_seconds"]) == {"00_data_prep", *evaluations, NOTEBOOKS[-1]}
