@@ -125,9 +125,10 @@ def test_expected_total_plays_the_queue_out_and_scales_by_machine_speed(monkeypa
     # here: training steps twice as slow, decode steps 8x as slow (scale 4), each repeat within 10%
     monkeypatch.setattr(demo, "calibrate", lambda profile: {"train_step": 2.0, "decode_step": 32.0, "spread": 1.1})
     line = demo.expected_line("tiny", "demo", jobs, 2, tmp_path)  # 123 s unscaled
-    assert line.startswith(f"expected total about {4 * 123 / 60:.0f} min (between {2 / 1.1 * 123 / 60:.0f} and "
-                           f"{8 * 1.1 * 123 / 60:.0f} min: this machine ran a training step 0.50x and a decode "
-                           "step 0.12x as fast as the reference")
+    # 4 x 123 s; 2 / 1.1 x 123 s (224 s) and 8 x 1.1 x 123 s (1082 s)
+    assert line.startswith("expected total about 8 min (between 4 min and 18 min: this machine ran a training "
+                           "step 0.50x and a decode step 0.12x as fast as the reference")
+    assert demo._duration(45.2) == "45 s" and demo._duration(179) == "179 s" and demo._duration(180) == "3 min"
     monkeypatch.setitem(demo.REFERENCE_CALIBRATION, "tiny", None)
     assert "calibration for profile 'tiny' is not recorded" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
     del reference["sft"]

@@ -277,10 +277,14 @@ def expected_line(profile: str, plan: str, todo: list[TrainingJob], jobs: int, r
     low, high = min(ratios.values()) / here["spread"], max(ratios.values()) * here["spread"]
     total, unscaled = expected_seconds(profile, plan, todo, jobs, run_dir, scale), expected_seconds(
         profile, plan, todo, jobs, run_dir)
-    return (f"expected total about {total / 60:.0f} min (between {low * unscaled / 60:.0f} and "
-            f"{high * unscaled / 60:.0f} min: this machine ran a training step {1 / ratios['train_step']:.2f}x "
+    return (f"expected total about {_duration(total)} (between {_duration(low * unscaled)} and "
+            f"{_duration(high * unscaled)}: this machine ran a training step {1 / ratios['train_step']:.2f}x "
             f"and a decode step {1 / ratios['decode_step']:.2f}x as fast as {there['machine']}, where each part "
             f"was measured)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 180 else f"{seconds / 60:.0f} min"
 
 
 def expected_seconds(profile: str, plan: str, todo: list[TrainingJob], jobs: int, run_dir: Path,
