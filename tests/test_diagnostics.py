@@ -119,8 +119,9 @@ def _views():
     special = TokenDivergence(tokens=["<b>", " & ", "\n", "  ", "$x$", "ok"], values=[0.5, 1.0, 2.0, 0.0, 4.0, 0.25],
                               problem_id="p<1>", kind="forward_kl", label="after training, correct hint",
                               teacher_tokens=["<b>", " and", " ", "  ", "$y$", "ok"])
-    plain = TokenDivergence(tokens=["12", " apples"], values=[1.0, 0.0], problem_id="p2", kind="forward_kl",
-                            label="before training, shuffled hint", teacher_tokens=["12", " apples"])
+    plain = TokenDivergence(tokens=["12", " apples", "\x15"], values=[1.0, 0.0, 0.5], problem_id="p2",
+                            kind="forward_kl", label="before training, shuffled hint",
+                            teacher_tokens=["12", " apples", "\x15"])  # a control character: a byte-level token
     return [special, plain]
 
 
@@ -134,7 +135,7 @@ def test_token_view_html_escapes_keeps_whitespace_and_marks_where_the_teacher_di
     assert "<b>" not in page.replace("<b>after", "").replace("<b>before", "")  # the token "<b>" is escaped
     assert "&lt;b&gt;" in page and " &amp; " in page and "$x$" in page and "p&lt;1&gt;" in page
     tokens = re.findall(r'<span class="opsd-token"[^>]*>(.*?)</span>', page, re.S)
-    assert [html.unescape(t) for t in tokens] == ["<b>", " & ", "\n", "  ", "$x$", "ok", "12", " apples"]
+    assert [html.unescape(t) for t in tokens] == ["<b>", " & ", "\n", "  ", "$x$", "ok", "12", " apples", "\\x15"]
     assert "white-space: pre-wrap" in page  # whitespace tokens keep their spaces and newline
     teacher = [html.unescape(t) for t in re.findall(r'<span class="opsd-teacher"[^>]*>(.*?)</span>', page, re.S)]
     assert teacher == ["\u2423and", "\u2423", "$y$"]  # only where it differs, its whitespace visible
@@ -144,6 +145,8 @@ def test_token_view_html_escapes_keeps_whitespace_and_marks_where_the_teacher_di
 
 
 def test_token_view_figure_and_table(tmp_path):
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +154,9 @@ def test_token_view_figure_and_table(tmp_path):
 
     views = _views()
     figure = token_view_figure(views, width=8)
-    figure.savefig(tmp_path / "view.png")  # "$x$" is drawn as text, not parsed as math
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a glyph missing from the font
+        figure.savefig(tmp_path / "view.png")  # "$x$" is drawn as text, not parsed as math
     assert (tmp_path / "view.png").stat().st_size > 0 and len(figure.axes) == 2
     cells = _layout(views[0], width=8, max_tokens=100)
     assert [c[1] for c in cells] == [0, 0, 0, 1, 1, 1]  # the newline token ends its row
@@ -160,8 +165,9 @@ def test_token_view_figure_and_table(tmp_path):
     table = token_view_table(views)
     assert list(table.columns) == ["view", "problem_id", "kind", "position", "token", "teacher_token", "differs",
                                    "divergence"]
-    assert table["differs"].tolist() == [False, True, True, False, True, False, False, False]
-    assert table["divergence"].tolist() == [0.5, 1.0, 2.0, 0.0, 4.0, 0.25, 1.0, 0.0]
+    assert table["differs"].tolist() == [False, True, True, False, True, False, False, False, False]
+    assert table["divergence"].tolist() == [0.5, 1.0, 2.0, 0.0, 4.0, 0.25, 1.0, 0.0, 0.5]
+    assert table["token"].tolist()[-1] == "\x15"  # the CSV keeps the token itself
 
 
 def test_before_after_views_on_the_tiny_model():

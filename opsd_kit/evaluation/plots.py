@@ -102,8 +102,18 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
 
 #: The shade of the per-token view: red, its opacity the token's share of the largest divergence shown.
 _SHADE = (220, 50, 47)
-#: How the per-token view shows whitespace in a teacher token (a student token keeps its own).
+#: How the per-token view shows whitespace where it must be seen (a teacher token; the figure).
 _VISIBLE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u2192"})
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters other than newline and tab written as ``\\xNN`` (a byte-level
+    tokenizer's token may be one; neither HTML nor a font shows it)."""
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _visible(text: str) -> str:
+    return _printable(text).translate(_VISIBLE)
 
 
 def _shared_top(views, vmax: float | None) -> float:
@@ -132,8 +142,8 @@ def token_view_html(views, *, vmax: float | None = None) -> str:
     """Rollouts side by side as HTML: each completion's text with every token shaded by the
     teacher-student divergence D(p_T || p_S) at it (one scale for all, `_shared_top`; the value
     on hover) and, where the teacher's most likely token differs from the student's, the
-    teacher's in a small box after it (whitespace shown as a visible mark). Tokens are escaped;
-    their whitespace is kept (``white-space: pre-wrap``)."""
+    teacher's in a small box after it (whitespace shown as a visible mark). Tokens are escaped,
+    control characters written as ``\\xNN``; their whitespace is kept (``white-space: pre-wrap``)."""
     views = list(views)
     top = _shared_top(views, vmax)
     r, g, b = _SHADE
@@ -148,10 +158,9 @@ def token_view_html(views, *, vmax: float | None = None) -> str:
                 teacher = view.teacher_tokens[i]
                 title += f"; teacher's most likely: {teacher!r}"
                 marker = (f'<span class="opsd-teacher" style="font-size: 70%; color: #1f4e9c; border: 1px solid '
-                          f'#1f4e9c; border-radius: 2px; margin: 0 1px">{html.escape(teacher.translate(_VISIBLE))}'
-                          "</span>")
+                          f'#1f4e9c; border-radius: 2px; margin: 0 1px">{html.escape(_visible(teacher))}</span>')
             spans.append(f'<span class="opsd-token" title="{html.escape(title)}" style="background: '
-                         f'rgba({r},{g},{b},{alpha:.2f})">{html.escape(token)}</span>{marker}')
+                         f'rgba({r},{g},{b},{alpha:.2f})">{html.escape(_printable(token))}</span>{marker}')
         mean = sum(view.values) / max(1, len(view.values))
         columns.append(f'<div style="flex: 1 1 0; min-width: 16em; border: 1px solid #ccc; padding: 6px">'
                        f"<div><b>{html.escape(view.label or view.problem_id)}</b></div>"
@@ -206,10 +215,10 @@ def _layout(view, width: int, max_tokens: int) -> list[tuple]:
     drawn as visible marks (a newline as its mark at the end of its row)."""
     cells, x, y = [], 0, 0
     for i, (token, value) in enumerate(zip(view.tokens[:max_tokens], view.values[:max_tokens])):
-        text = token.translate(_VISIBLE) or "\u2205"
+        text = _visible(token) or "\u2205"
         if x + len(text) > width and x > 0:
             x, y = 0, y + 1
-        teacher = view.teacher_tokens[i].translate(_VISIBLE) if _differs(view, i) else None
+        teacher = _visible(view.teacher_tokens[i]) if _differs(view, i) else None
         cells.append((x, y, text[:width], value, teacher))
         x += len(text)
         if "\n" in token:
