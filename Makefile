@@ -11,7 +11,7 @@ PLAN ?= study
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo study lint bench clean
+.PHONY: install test demo study lint strip-notebooks bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ study: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check opsd_kit tests bench
+
+# The committed form of the notebooks (no outputs, no execution counts, minimal metadata), after
+# running or saving them in JupyterLab; tests/test_notebooks.py checks it.
+strip-notebooks: $(STAMP)
+	$(PY) -m opsd_kit.apps.notebook --strip notebooks/*.ipynb
 
 bench: $(STAMP)
 	$(PY) bench/loss.py

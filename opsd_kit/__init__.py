@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+from opsd_kit.models import quiet_bitsandbytes
+
 __version__ = "0.1.0"
+quiet_bitsandbytes()  # before anything imports bitsandbytes (peft and transformers do when it is installed)
 
 _LAZY = {
     # models

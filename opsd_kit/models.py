@@ -25,6 +25,7 @@ once never leave a half-written folder behind.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -271,6 +272,48 @@ def load_tokenizer(name: str, revision: str | None = None):
     return tokenizer
 
 
+#: bitsandbytes (imported by peft and transformers whenever it is installed) logs this at import
+#: on CPUs with AVX-512 BF16 when the optional ``kernels`` package, which would fetch a faster CPU
+#: 4-bit matmul from the hub, is absent. It concerns 4-bit CPU runs only.
+_BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_BNB_KERNEL_MEANING = (
+    "4-bit on CPU: bitsandbytes computes the 4-bit matrix products with its own built-in CPU code, "
+    "because its optional faster kernel could not be loaded (that needs the `kernels` package, which "
+    "downloads 'kernels-community/quantization-bitsandbytes' from the Hugging Face hub). Nothing is "
+    "wrong; the kernel would only make 4-bit CPU steps faster.")
+
+
+class _BitsandbytesKernelNotice(logging.Filter):
+    """Drops bitsandbytes' import-time ``_BNB_KERNEL_NOTICE`` and remembers that it came, so that
+    `load_causal_lm` explains it once where 4-bit on CPU is used (`quiet_bitsandbytes`)."""
+
+    seen = False
+    explained = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_BNB_KERNEL_NOTICE):
+            type(self).seen = True
+            return False
+        return True
+
+
+def quiet_bitsandbytes() -> None:
+    """Install the `_BitsandbytesKernelNotice` filter (once); `opsd_kit/__init__` calls it, so it
+    is in place before anything imports bitsandbytes."""
+    logger = logging.getLogger(_BNB_LOGGER)
+    if not any(isinstance(f, _BitsandbytesKernelNotice) for f in logger.filters):
+        logger.addFilter(_BitsandbytesKernelNotice())
+
+
+def _explain_bitsandbytes_kernel(model) -> None:
+    """Say once what bitsandbytes' dropped notice means, where a 4-bit model runs on CPU."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and _BitsandbytesKernelNotice.seen and not _BitsandbytesKernelNotice.explained:
+        _BitsandbytesKernelNotice.explained = True
+        logging.getLogger(__name__).warning(_BNB_KERNEL_MEANING)
+
+
 def load_causal_lm(name: str, *, dtype: str = "float32", quantization: str | None = None,
                    device_map=None, revision: str | None = None):
     """Load the base causal LM for ``name``.
@@ -297,7 +340,10 @@ def load_causal_lm(name: str, *, dtype: str = "float32", quantization: str | Non
     elif quantization is not None:
         raise ValueError(f"quantization must be None or '4bit', got {quantization!r}")
     path = resolve_model_path(name)
-    return _from_pretrained(AutoModelForCausalLM.from_pretrained, name, path, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, path, **kwargs)
+    if quantization == "4bit":
+        _explain_bitsandbytes_kernel(model)
+    return model
 
 
 def _torch_dtype(dtype: str):

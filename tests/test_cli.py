@@ -96,3 +96,13 @@ def test_compare_writes_one_table_and_figures(tiny_runs, tmp_path, capsys):
     assert "tokens to equal accuracy (strict): undefined" in printed  # no grpo run to compare with
     for name in ("points.csv", "comparisons.csv", "token_efficiency_strict.png", "token_efficiency_lenient.png"):
         assert (out / name).is_file(), name
+
+
+def test_export_is_a_verb_for_a_run_folder(tiny_runs, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_runs["sft"]), str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    assert main(["export", str(tiny_runs["sft"]), str(out)]) == 2  # not empty: one line, exit 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not empty" in err and "Traceback" not in err

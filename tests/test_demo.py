@@ -13,12 +13,9 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     second OPSD seed), so every notebook path runs."""
     summary = run_demo("tiny", tmp_path, jobs=2, plan="study")
     out, err = capfd.readouterr()
-    import opsd_kit.apps.demo as demo
-
-    # the line the reference times decide: a total where demo_times.json has the tiny profile
-    expected = "[demo] expected total about" if "tiny" in demo.REFERENCE_SECONDS else "[demo] no expected total"
-    assert expected in out
+    assert "[demo] expected total about" in out  # the tiny profile has reference times and a calibration
     assert "without encryption" not in err  # the kernels talk over local sockets, not TCP
+    assert "gemm_4bit_forward" not in out + err  # bitsandbytes' 4-bit kernel notice: no 4-bit here
     jobs = plan_jobs("tiny", "study")
     methods = [j.method for j in jobs]
     evaluations = {evaluation_task(m) for m in ["base", *methods]}
@@ -53,6 +50,9 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     assert len(summary["answer_token_divergence"]) == 1 + len(jobs)
     for mode in ("strict", "lenient"):
         assert (tmp_path / "study" / f"token_efficiency_{mode}.png").is_file()
+    # the per-token view: four rollouts (before and after training, correct and shuffled hint)
+    tokens = pd.read_csv(tmp_path / "study" / "token_divergence.csv")
+    assert tokens["view"].nunique() == 4 and (tmp_path / "study" / "token_divergence.png").is_file()
     # a second run reuses every finished run and evaluation: only 00 and 04 run again
     again = run_demo("tiny", tmp_path, jobs=2, plan="study")
     assert set(again["notebook_seconds"]) == {"00_data_prep", *evaluations, NOTEBOOKS[-1]}
@@ -139,16 +139,45 @@ def test_expected_total_plays_the_queue_out_and_scales_by_machine_speed(monkeypa
     (tmp_path / "study" / "evaluations" / "base").mkdir(parents=True)
     (tmp_path / "study" / "evaluations" / "base" / "key.json").write_text("{}")
     assert demo.expected_seconds("tiny", "demo", [], 2, tmp_path) == 10 + 3
-    monkeypatch.setattr(demo, "machine_speed", lambda: 2 * demo.REFERENCE_SPEED)
-    assert "expected total about 4 min" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
+    there = {"machine": "the reference", "train_step": 1.0, "decode_step": 4.0}
+    monkeypatch.setitem(demo.REFERENCE_CALIBRATION, "tiny", there)
+    # here: training steps twice as slow, decode steps 8x as slow (scale 4), each repeat within 10%
+    monkeypatch.setattr(demo, "calibrate", lambda profile: {"train_step": 2.0, "decode_step": 32.0, "spread": 1.1})
+    line = demo.expected_line("tiny", "demo", jobs, 2, tmp_path)  # 123 s unscaled
+    # 4 x 123 s; 2 / 1.1 x 123 s (224 s) and 8 x 1.1 x 123 s (1082 s)
+    assert line.startswith("expected total about 8 min (between 4 min and 18 min: this machine ran a training "
+                           "step 0.50x and a decode step 0.12x as fast as the reference")
+    assert demo._duration(45.2) == "45 s" and demo._duration(179) == "179 s" and demo._duration(180) == "3 min"
+    monkeypatch.setitem(demo.REFERENCE_CALIBRATION, "tiny", None)
+    assert "calibration for profile 'tiny' is not recorded" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
     del reference["sft"]
     assert "no reference time for ['sft']" in demo.expected_line("tiny", "demo", jobs, 2, tmp_path)
 
 
-def test_machine_speed_is_a_short_positive_measurement():
-    from opsd_kit.apps.demo import machine_speed
+def test_calibration_measures_a_training_and_a_decode_step_of_the_profiles_model():
+    from opsd_kit.apps.demo import REFERENCE_CALIBRATION, calibrate
 
-    assert 0 < machine_speed(repeats=1) < 60
+    measured = calibrate("tiny", repeats=2)
+    assert measured["train_step"] > 0 and measured["decode_step"] > 0 and measured["spread"] >= 1
+    assert set(REFERENCE_CALIBRATION["tiny"]) == {"machine", "train_step", "decode_step"}
+
+
+def test_the_demo_ends_with_the_results_table_and_the_files(tmp_path):
+    """The demo's last lines: the report's tables (not raw summary.json) and the paths of the files."""
+    from opsd_kit.apps.demo import results
+
+    point = {"method": "base", "step": 0, "k": 1, "n_eval": 6, "boxed_rate": 0.5, "mean_response_tokens": 9.0,
+             "truncation_rate": 0.0, "generated_tokens": 0, "train_seconds": 0.0,
+             **{m: {"accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8} for m in ("strict", "lenient")}}
+    summary = {"profile": "tiny", "plan": "demo", "total_seconds": 60, "notebook_seconds": {"04": 60},
+               "points": [point], "vs_base": {}, "comparisons": [],
+               "tokens_to_equal_accuracy": {"strict": {"ratio": None, "reason": "one method"}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "points.csv").write_text("method\n")
+    text = results(tmp_path)
+    assert "| base | 0 | 50.0 [20.0, 80.0] |" in text and '"points"' not in text
+    assert "  summary.json\n" in text and "  study/points.csv\n" in text
 
 
 def test_a_finished_notebooks_kernel_is_shut_down_without_a_sigint(monkeypatch):

@@ -115,3 +115,85 @@ def test_the_diagnostic_shows_the_divergence_the_trainer_computes(tmp_path, over
         assert len(values) == len(completions[i]) > 0
         torch.testing.assert_close(torch.tensor(values, dtype=want.dtype), want,
                                    **tolerance(torch.float32, vocab, scale=float(want.abs().max()) + 1))
+
+
+# --- the per-token view ---------------------------------------------------------------------------
+
+def _views():
+    from opsd_kit.evaluation.diagnostics import TokenDivergence
+
+    special = TokenDivergence(tokens=["<b>", " & ", "\n", "  ", "$x$", "ok"], values=[0.5, 1.0, 2.0, 0.0, 4.0, 0.25],
+                              problem_id="p<1>", kind="forward_kl", label="after training, correct hint",
+                              teacher_tokens=["<b>", " and", " ", "  ", "$y$", "ok"])
+    plain = TokenDivergence(tokens=["12", " apples", "\x15"], values=[1.0, 0.0, 0.5], problem_id="p2",
+                            kind="forward_kl", label="before training, shuffled hint",
+                            teacher_tokens=["12", " apples", "\x15"])  # a control character: a byte-level token
+    return [special, plain]
+
+
+def test_token_view_html_escapes_keeps_whitespace_and_marks_where_the_teacher_differs():
+    import html
+    import re
+
+    from opsd_kit.evaluation.plots import token_view_html
+
+    page = token_view_html(_views())
+    assert "<b>" not in page.replace("<b>after", "").replace("<b>before", "")  # the token "<b>" is escaped
+    assert "&lt;b&gt;" in page and " &amp; " in page and "$x$" in page and "p&lt;1&gt;" in page
+    tokens = re.findall(r'<span class="opsd-token"[^>]*>(.*?)</span>', page, re.S)
+    assert [html.unescape(t) for t in tokens] == ["<b>", " & ", "\n", "  ", "$x$", "ok", "12", " apples", "\\x15"]
+    assert "white-space: pre-wrap" in page  # whitespace tokens keep their spaces and newline
+    teacher = [html.unescape(t) for t in re.findall(r'<span class="opsd-teacher"[^>]*>(.*?)</span>', page, re.S)]
+    assert teacher == ["\u2423and", "\u2423", "$y$"]  # only where it differs, its whitespace visible
+    # one scale for every view: the darkest token is the largest value shown (4.0), 2.0 is half of it
+    assert page.count("rgba(220,50,47,1.00)") == 1 and "rgba(220,50,47,0.50)" in page
+    assert "after training, correct hint" in page and "before training, shuffled hint" in page
+
+
+def test_token_view_figure_and_table(tmp_path):
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from opsd_kit.evaluation.plots import _layout, token_view_figure, token_view_table
+
+    views = _views()
+    figure = token_view_figure(views, width=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a glyph missing from the font
+        figure.savefig(tmp_path / "view.png")  # "$x$" is drawn as text, not parsed as math
+    assert (tmp_path / "view.png").stat().st_size > 0 and len(figure.axes) == 2
+    cells = _layout(views[0], width=8, max_tokens=100)
+    assert [c[1] for c in cells] == [0, 0, 0, 1, 1, 1]  # the newline token ends its row
+    assert [c[2] for c in cells][:3] == ["<b>", "\u2423&\u2423", "\u21b5"]
+    assert [c[4] for c in cells] == [None, "\u2423and", "\u2423", None, "$y$", None]
+    table = token_view_table(views)
+    assert list(table.columns) == ["view", "problem_id", "kind", "position", "token", "teacher_token", "differs",
+                                   "divergence"]
+    assert table["differs"].tolist() == [False, True, True, False, True, False, False, False, False]
+    assert table["divergence"].tolist() == [0.5, 1.0, 2.0, 0.0, 4.0, 0.25, 1.0, 0.0, 0.5]
+    assert table["token"].tolist()[-1] == "\x15"  # the CSV keeps the token itself
+
+
+def test_before_after_views_on_the_tiny_model():
+    from opsd_kit.evaluation.diagnostics import before_after_views, token_divergences, token_view
+    from opsd_kit.policy import LoraSettings, Policy
+    from opsd_kit.prompts import PromptBuilder
+    from opsd_kit.rollout.hf import GenerationSettings
+
+    policy = Policy.from_pretrained("tiny", lora=LoraSettings(r=4, alpha=8))
+    builder = PromptBuilder(policy.tokenizer)
+    problem = SimpleNamespace(id="p1", question="What is 1 + 1?", answer="2", source="test",
+                              solution="1 + 1 = 2, so \\boxed{2}.")
+    views = before_after_views(policy, builder, problem, GenerationSettings(max_new_tokens=6, temperature=1.0, n=1),
+                               wrong_hint="3 + 4 = 7, so \\boxed{7}.", seed=0)
+    assert [v.label for v in views] == ["before training, correct hint", "before training, shuffled hint",
+                                        "after training, correct hint", "after training, shuffled hint"]
+    for view in views:
+        assert len(view.tokens) == len(view.values) == len(view.teacher_tokens) > 0
+    ids = policy.tokenizer("So 1 + 1 = \\boxed{2}.", add_special_tokens=False)["input_ids"]
+    view = token_view(policy, builder, problem, ids, label="given")
+    assert view.values == token_divergences(policy, builder, [problem], [ids])[0]  # the same rows, one path
+    assert len(view.teacher_tokens) == len(ids) and view.label == "given"
+    assert views[2].values != views[3].values  # the shuffled hint changes the teacher

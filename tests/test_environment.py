@@ -64,3 +64,31 @@ def test_gpu_extras_are_lazy():
             "print([m for m in ('vllm', 'unsloth') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+_BNB_NOTICE = "Failed to load CPU gemm_4bit_forward"
+
+
+def _bnb_notice_expected() -> bool:
+    """Whether importing bitsandbytes logs its kernel notice here (CPUs with AVX-512 BF16 and no
+    `kernels` package); elsewhere the tests below hold trivially."""
+    code = "import logging, bitsandbytes"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return _BNB_NOTICE in out.stderr
+
+
+def test_cpu_runs_without_4bit_print_no_bitsandbytes_notice():
+    """Importing the kit and loading a model (peft and transformers import bitsandbytes) prints
+    nothing about bitsandbytes' optional 4-bit CPU kernel."""
+    code = ("from opsd_kit.policy import Policy; import peft, transformers; "
+            "Policy.from_pretrained('tiny', device='cpu')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert _BNB_NOTICE not in out.stderr and "kernels-community" not in out.stderr
+
+
+def test_a_4bit_cpu_model_says_once_what_the_notice_means():
+    code = ("from opsd_kit.models import load_causal_lm\n"
+            "for _ in range(2):\n    load_causal_lm('tiny', dtype='bfloat16', quantization='4bit')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert _BNB_NOTICE not in out.stderr
+    assert out.stderr.count("4-bit on CPU: bitsandbytes computes") == (1 if _bnb_notice_expected() else 0)

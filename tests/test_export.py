@@ -93,3 +93,21 @@ def test_update_card_replaces_or_appends_a_section(tmp_path):
     assert text == "# t\n\n## Data\n\nnew data\n\n## Tokens\n\n- 3\n\n## Evaluation\n\nacc 0.6\n"
     with pytest.raises(FileNotFoundError):
         update_card(tmp_path / "missing", "Data", "x")
+
+
+def test_the_cards_load_lines_run_for_a_tiny_run(trained, monkeypatch):
+    """Every Python block of the card's Usage section loads the adapter, run from the run folder
+    (a tiny base has no hub id: `AutoPeftModelForCausalLM` cannot fetch it)."""
+    import re
+
+    _, adapter = trained
+    card = (adapter / "README.md").read_text()
+    usage = card[card.index("## Usage"):]
+    blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(adapter.parent)
+    for block in blocks:
+        scope: dict = {}
+        exec(compile(block, "card", "exec"), scope)
+        loaded = scope.get("model") or scope["policy"].model
+        assert any("lora_" in name for name, _ in loaded.named_parameters())

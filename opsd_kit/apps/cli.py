@@ -4,6 +4,7 @@
     opsd-kit eval runs/tiny-opsd --data reasoning_gym:chain_sum --eval-profile tiny
     opsd-kit compare runs/tiny-opsd runs/tiny-grpo --data eval.jsonl --out runs/study
     opsd-kit profiles --show tiny
+    opsd-kit export runs/tiny-opsd runs/tiny-opsd-merged --merge
 
 Runs under ``accelerate launch -m opsd_kit.apps.cli train ...`` for several processes. A config,
 data or model-name error (a row whose prompt cannot fit ``max_prompt_tokens`` included: it is
@@ -18,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from opsd_kit.config import ALGORITHMS, ConfigError, EvalConfig, TrainConfig, eval_profile_names, profile_names
+from opsd_kit.config import ALGORITHMS, DTYPES, ConfigError, EvalConfig, TrainConfig, eval_profile_names, profile_names
 from opsd_kit.run.rundir import RunDir
 
 MODES = ("strict", "lenient")
@@ -40,7 +41,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opsd-kit", description="On-Policy Self-Distillation research kit.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,compare,profiles}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,compare,export,profiles}")
 
     def overrides(p, cls, what: str) -> None:
         keys = ", ".join(f.name for f in dataclasses.fields(cls))
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=1, help="evaluation processes")
     overrides(c, EvalConfig, "evaluation config")
 
+    x = sub.add_parser("export", help="a run's adapter as a clean adapter folder, or merged into a full model",
+                       description="Export an adapter (opsd_kit.apps.export): OUT holds the adapter naming its "
+                                   "base by public id, or with --merge a plain transformers model folder.")
+    x.add_argument("path", help="a run folder (its final adapter, else its newest checkpoint) or an adapter folder")
+    x.add_argument("out", help="new export folder")
+    x.add_argument("--merge", action="store_true", help="merge the LoRA into the base: a full model folder")
+    x.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="with --merge: load the base unquantised in this dtype (needed for 4-bit runs)")
+    x.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the export to this hub repo")
+
     p = sub.add_parser("profiles", help="list the profiles, or show one's every setting")
     p.add_argument("--show", default=None, choices=profile_names(), metavar="NAME",
                    help=f"print every training setting of profile NAME with its meaning ({', '.join(profile_names())})")
@@ -89,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from opsd_kit.run.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
-    command = {"train": _train, "eval": _eval, "compare": _compare, "profiles": _profiles}[args.command]
+    command = {"train": _train, "eval": _eval, "compare": _compare, "export": _export,
+               "profiles": _profiles}[args.command]
     try:
         return command(args)
     except (ConfigError, DataError, CheckpointError, ModelNotAvailableError, PromptTooLongError) as err:
@@ -170,6 +182,19 @@ def _compare(args) -> int:
         print(f"tokens to equal accuracy ({mode}): " + (f"ratio {r['ratio']:.3g}" if r.get("ratio") is not None
                                                          else f"undefined: {r['reason']}"))
     print(f"tables and figures in {out}")
+    return 0
+
+
+def _export(args) -> int:
+    from opsd_kit.apps.export import export
+
+    path = Path(args.path)
+    adapter = path if (path / "adapter_config.json").is_file() else _locate_adapter(path)[1]
+    try:
+        out = export(adapter, args.out, merge=args.merge, push_to_hub=args.push_to_hub, dtype=args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    print(f"exported {'the merged model' if args.merge else 'the adapter'} {adapter} to {out}")
     return 0
 
 

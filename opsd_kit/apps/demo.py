@@ -200,56 +200,90 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     return summary
 
 
-#: Where the expected total printed before a run comes from: demo_times.json (package data) holds
-#: the reference machine's name, what `machine_speed` measured there, and what each part took
-#: there per profile (two jobs at a time, one torch thread each, a fresh run folder). Per training
-#: run its notebook; ``point``: one checkpoint's evaluation; ``split``: one model's answer-token
-#: split; ``04``: the rest of notebook 04. They come from the `make demo` and `make study` runs
-#: of docs/results.md.
+#: Where the expected total printed before a run comes from: demo_times.json (package data) holds,
+#: per profile, what each part took on the reference machine (two jobs at a time, one torch thread
+#: each, a fresh run folder) and what `calibrate` measured there (None: not recorded). Per training
+#: run its notebook; ``point``: one checkpoint's evaluation (for tiny, the mean over the study's
+#: evaluations, the first of each worker paying its imports); ``split``: one model's answer-token
+#: split (16 rollouts); ``04``: the rest of notebook 04. The cpu-demo times come from the `make demo`
+#: and `make study` runs of docs/results.md.
 _REFERENCE = json.loads((Path(__file__).with_name("demo_times.json")).read_text())
 REFERENCE_MACHINE: str = _REFERENCE["machine"]
-REFERENCE_SPEED: float = _REFERENCE["machine_speed_seconds"]
 REFERENCE_SECONDS: dict[str, dict[str, float]] = _REFERENCE["seconds"]
+REFERENCE_CALIBRATION: dict[str, dict | None] = _REFERENCE["calibration"]
 
 
-def machine_speed(repeats: int = 5) -> float:
-    """Seconds (best of ``repeats``) of a fixed one-thread workload shaped like decoding the
-    bundled model: ten products of 8 hidden states with a 576 x 49,152 matrix (SmolLM2's output
-    layer), which read the matrix from memory as every decode step reads the weights."""
+def calibrate(profile: str, repeats: int = 3) -> dict:
+    """What dominates the demo's time, measured on the profile's model with one torch thread (as
+    each demo job runs): ``train_step``, the seconds of one LoRA forward and backward pass over
+    2 x 64 tokens, and ``decode_step``, the seconds per token of greedy decoding 16 tokens after
+    a 32-token prompt (the KV cache on); best of ``repeats``. ``spread``: the largest ratio of
+    the slowest to the fastest repeat of either (how steady the machine was meanwhile)."""
     import torch
+
+    from opsd_kit.config import load_profile
+    from opsd_kit.policy import Policy
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        model = Policy.from_pretrained(load_profile(profile).model, device="cpu").model
         generator = torch.Generator().manual_seed(0)
-        x, w = torch.randn(8, 576, generator=generator), torch.randn(576, 49_152, generator=generator)
-        best = math.inf
+        vocab = model.config.vocab_size
+        train_ids = torch.randint(vocab, (2, 64), generator=generator)
+        prompt = torch.randint(vocab, (1, 32), generator=generator)
+        train, decode = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            for _ in range(10):
-                x @ w
-            best = min(best, time.perf_counter() - start)
+            model(input_ids=train_ids, labels=train_ids).loss.backward()
+            train.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
+                               do_sample=False, pad_token_id=0)
+            decode.append((time.perf_counter() - start) / 16)
     finally:
         torch.set_num_threads(threads)
-    return best
+    return {"train_step": min(train), "decode_step": min(decode),
+            "spread": max(max(train) / min(train), max(decode) / min(decode))}
 
 
 def expected_line(profile: str, plan: str, todo: list[TrainingJob], jobs: int, run_dir: Path) -> str:
-    """What the demo prints before it starts: the expected total, or why there is none."""
+    """What the demo prints before it starts: the expected total with the range its calibration
+    allows, or why there is none.
+
+    Every reference time is scaled by this machine's speed relative to the reference machine,
+    measured by `calibrate` as two ratios (training step, decode step): the estimate uses their
+    geometric mean, the range each ratio alone, widened by the spread of the repeats."""
     reference = REFERENCE_SECONDS.get(profile, {})
     missing = [p for p in ["00_data_prep", *(j.method for j in todo), "point", "split", "04"] if p not in reference]
     if missing:
         return f"no expected total: no reference time for {missing} of profile {profile!r}"
-    scale = machine_speed() / REFERENCE_SPEED
-    total = expected_seconds(profile, plan, todo, jobs, run_dir, scale)
-    return (f"expected total about {total / 60:.0f} min (each part measured on {REFERENCE_MACHINE}; "
-            f"this machine measured {1 / scale:.2f}x its speed)")
+    there = REFERENCE_CALIBRATION.get(profile)
+    if there is None:
+        return (f"no expected total: the reference machine's calibration for profile {profile!r} is not recorded "
+                f"(python -m opsd_kit.apps.demo --calibrate --profile {profile} prints it)")
+    here = calibrate(profile)
+    ratios = {part: here[part] / there[part] for part in ("train_step", "decode_step")}
+    scale = math.sqrt(ratios["train_step"] * ratios["decode_step"])
+    low, high = min(ratios.values()) / here["spread"], max(ratios.values()) * here["spread"]
+    total, unscaled = expected_seconds(profile, plan, todo, jobs, run_dir, scale), expected_seconds(
+        profile, plan, todo, jobs, run_dir)
+    return (f"expected total about {_duration(total)} (between {_duration(low * unscaled)} and "
+            f"{_duration(high * unscaled)}: this machine ran a training step {1 / ratios['train_step']:.2f}x "
+            f"and a decode step {1 / ratios['decode_step']:.2f}x as fast as {there['machine']}, where each part "
+            f"was measured)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 180 else f"{seconds / 60:.0f} min"
 
 
 def expected_seconds(profile: str, plan: str, todo: list[TrainingJob], jobs: int, run_dir: Path,
                      scale: float = 1.0) -> float:
-    """The expected total: `REFERENCE_SECONDS` times ``scale`` (this machine's `machine_speed`
-    over the reference machine's), with the pool's queue played out on ``jobs`` slots as
+    """The expected total: `REFERENCE_SECONDS` times ``scale`` (this machine's time over the
+    reference machine's for the same work, from `calibrate`), with the pool's queue played out on ``jobs`` slots as
     `run_demo` fills it (training runs, the base evaluation unless saved, reused runs' new points;
     each run's evaluation queued when its training ends), then notebook 04."""
     reference = REFERENCE_SECONDS[profile]
@@ -381,11 +415,27 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--jobs", type=int, default=2, help="training notebooks (and evaluation workers) at once")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks' own)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="only print `calibrate`'s measurement for --profile (to record with reference times)")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        print(json.dumps(calibrate(args.profile)))
+        return 0
     summary = run_demo(args.profile, args.run_dir or f"runs/demo-{args.profile}", plan=args.plan, jobs=args.jobs,
                        kernel=args.kernel)
-    print(json.dumps({k: summary.get(k) for k in ("notebook_seconds", "total_seconds", "vs_base")}, indent=2))
+    print(results(Path(summary["run_dir"])), end="")
     return 0
+
+
+def results(run_dir: Path) -> str:
+    """What the demo prints at the end: the tables of `opsd_kit.evaluation.report` and where the
+    files are."""
+    from opsd_kit.evaluation.report import render
+
+    study = run_dir / "study"
+    files = [run_dir / "summary.json", *sorted(study.glob("*.csv")), *sorted(study.glob("*.png"))]
+    return (f"\n{render(run_dir)}\nFiles in {run_dir}: the executed notebooks, one folder per run, and\n"
+            + "".join(f"  {f.relative_to(run_dir)}\n" for f in files))
 
 
 if __name__ == "__main__":

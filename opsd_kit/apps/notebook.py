@@ -1,10 +1,18 @@
 """What the notebooks share: their papermill parameters checked (unknown names refused, mappings
 given as JSON strings decoded), and for the training notebooks (01 OPSD, 02 GRPO/RLSD, 03 SFT)
-a ready trainer from those parameters and the training curves of a finished run."""
+a ready trainer from those parameters and the training curves of a finished run; and the
+committed form of the notebooks (`normalised`):
+
+    python -m opsd_kit.apps.notebook --strip notebooks/*.ipynb   # rewrite them in that form
+    python -m opsd_kit.apps.notebook --check notebooks/*.ipynb   # exit 1 naming any that is not
+"""
 from __future__ import annotations
 
+import argparse
 import ast
 import json
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -119,3 +127,60 @@ def plot_training(result: TrainResult, title: str):
     fig.savefig(result.run_dir / "training_curves.png", dpi=120)
     plt.show()
     return metrics
+
+
+#: The notebook metadata of the committed notebooks; JupyterLab and papermill add more on save.
+NOTEBOOK_METADATA = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                     "language_info": {"name": "python"}}
+
+
+def normalised(text: str) -> str:
+    """The committed form of a notebook's JSON ``text``: no outputs, no execution counts, cell
+    metadata reduced to non-empty ``tags`` (the ``parameters`` tag papermill reads), notebook
+    metadata `NOTEBOOK_METADATA`, nbformat 4.5 with the cells' ids kept, written as nbformat
+    writes (indent 1, sorted keys, a final newline). Opening and saving a notebook in JupyterLab
+    changes none of what this keeps."""
+    notebook = json.loads(text)
+    cells = []
+    for cell in notebook["cells"]:
+        out = {"cell_type": cell["cell_type"], "id": cell.get("id"), "metadata": {}, "source": cell["source"]}
+        if out["id"] is None:
+            del out["id"]
+        tags = cell.get("metadata", {}).get("tags")
+        if tags:
+            out["metadata"]["tags"] = tags
+        if cell["cell_type"] == "code":
+            out.update(execution_count=None, outputs=[])
+        elif cell.get("attachments"):
+            out["attachments"] = cell["attachments"]
+        cells.append(out)
+    clean = {"cells": cells, "metadata": NOTEBOOK_METADATA, "nbformat": 4, "nbformat_minor": 5}
+    return json.dumps(clean, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m opsd_kit.apps.notebook",
+                                     description="Keep notebooks in their committed form (see `normalised`).")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--strip", action="store_true", help="rewrite each notebook in its committed form")
+    action.add_argument("--check", action="store_true", help="exit 1 if a notebook is not in its committed form")
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    changed = []
+    for path in args.notebooks:
+        text = path.read_text(encoding="utf-8")
+        if normalised(text) != text:
+            changed.append(str(path))
+            if args.strip:
+                path.write_text(normalised(text), encoding="utf-8")
+    if args.check and changed:
+        print(f"not in the committed form (outputs, counts or metadata): {changed}; run "
+              f"python -m opsd_kit.apps.notebook --strip {' '.join(changed)}", file=sys.stderr)
+        return 1
+    if args.strip:
+        print(f"normalised {len(changed)} of {len(args.notebooks)} notebooks" + (f": {changed}" if changed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,11 @@ class TokenDivergence:
     values: list[float]
     problem_id: str
     kind: str
+    teacher_tokens: list[str] | None = None
+    """The teacher's most likely token at each position (its argmax given the same prefix), None
+    when not computed."""
+    label: str = ""
+    """Which rollout and teacher this is, e.g. 'after training, correct hint'."""
 
 
 def token_divergences(policy, builder, problems, completions: list[list[int]], *, spec=None, hints: dict | None = None,
@@ -47,6 +52,14 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
     prompt: the divergence under a wrong hint. ``wrong_hints`` gives the
     wrong-hint teacher that ``spec.kind='hint_contrast'`` needs.
     """
+    return _per_token(policy, builder, problems, completions, spec=spec, hints=hints, wrong_hints=wrong_hints,
+                      batch_size=batch_size)[0]
+
+
+def _per_token(policy, builder, problems, completions, *, spec=None, hints=None, wrong_hints=None, batch_size=8,
+               teacher_argmax: bool = False) -> tuple[list[list[float]], list[list[int]] | None]:
+    """`token_divergences`' values and, with ``teacher_argmax``, the teacher's most likely token id
+    at every completion position (the argmax of its logits there, the same rows)."""
     import torch
 
     from opsd_kit.losses import DivergenceSpec, divergence
@@ -58,6 +71,7 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
     pad = policy.tokenizer.pad_token_id
 
     out: list[list[float]] = []
+    argmax: list[list[int]] | None = [] if teacher_argmax else None
     for s in range(0, len(problems), batch_size):
         probs, comps = problems[s:s + batch_size], completions[s:s + batch_size]
         student = build_batch([builder.student_ids(p) for p in probs], comps, pad)
@@ -71,8 +85,11 @@ def token_divergences(policy, builder, problems, completions: list[list[int]], *
             _, per_token = divergence(policy.completion_hidden(student), teacher_h, policy.head,
                                       student.completion_mask.to(device), spec,
                                       targets_BT=student.completion_ids.to(device), wrong_teacher_hidden_BTH=wrong_h)
+            if argmax is not None:
+                top_BT = policy.head(teacher_h).argmax(-1)
+                argmax.extend(top_BT[i, : len(c)].tolist() for i, c in enumerate(comps))
         out.extend(per_token[i, : len(c)].tolist() for i, c in enumerate(comps))
-    return out
+    return out, argmax
 
 
 def teacher_student_gap(policy, problems, *, builder, settings, spec=None, mode: str = "lenient", seed: int = 0,
@@ -132,22 +149,47 @@ def teacher_student_gap(policy, problems, *, builder, settings, spec=None, mode:
     }
 
 
-def most_disagreed_rollout(policy, builder, problem, settings, *, spec=None, seed: int = 0) -> TokenDivergence:
-    """Sample one student rollout for ``problem`` and return its per-token divergence (``spec``)."""
+def token_view(policy, builder, problem, completion_ids: list[int], *, spec=None, hint: str | None = None,
+               label: str = "") -> TokenDivergence:
+    """One rollout as the per-token view shows it: each completion token, the divergence there
+    (``spec``, the run's; a 'hint_contrast' spec is shown as forward KL, what the correct hint
+    teaches on its own) and the teacher's most likely token. ``hint`` replaces the problem's
+    reference solution in the teacher prompt (e.g. a shuffled one)."""
     import dataclasses
 
     from opsd_kit.losses import DivergenceSpec
-    from opsd_kit.rollout.hf import generate
 
     spec = spec or DivergenceSpec()
-    if spec.needs_wrong_teacher:  # show what the correct hint teaches on its own
+    if spec.needs_wrong_teacher:
         spec = dataclasses.replace(spec, kind="forward_kl")
+    hints = None if hint is None else {problem.id: hint}
+    values, argmax = _per_token(policy, builder, [problem], [list(completion_ids)], spec=spec, hints=hints,
+                                teacher_argmax=True)
+    decode = policy.tokenizer.decode
+    return TokenDivergence([decode([t]) for t in completion_ids], values[0], str(problem.id), spec.kind,
+                           teacher_tokens=[decode([t]) for t in argmax[0]], label=label)
+
+
+def before_after_views(policy, builder, problem, settings, *, wrong_hint: str, spec=None,
+                       seed: int = 0) -> list[TokenDivergence]:
+    """The per-token views of one problem, side by side: a rollout of the student before training
+    (the adapter off) and one after (the adapter on), each against the teacher with the correct
+    reference solution and with ``wrong_hint`` (another problem's, e.g. from
+    ``prompts.shuffled_hints``). Four views, labelled; the teacher is the policy's."""
+    import dataclasses
+
+    from opsd_kit.rollout.hf import generate
+
     one = dataclasses.replace(settings, n=1)
-    rollout = generate(policy.model, policy.tokenizer, [builder.student_ids(problem)], one, seed=seed)
-    ids = rollout.completion_ids[0]
-    values = token_divergences(policy, builder, [problem], [ids], spec=spec)[0]
-    tokens = [policy.tokenizer.decode([t]) for t in ids]
-    return TokenDivergence(tokens, values, str(problem.id), spec.kind)
+    prompt = [builder.student_ids(problem)]
+    with policy.model.disable_adapter():
+        before = generate(policy.model, policy.tokenizer, prompt, one, seed=seed).completion_ids[0]
+    after = generate(policy.model, policy.tokenizer, prompt, one, seed=seed).completion_ids[0]
+    views = []
+    for when, ids in (("before training", before), ("after training", after)):
+        for which, hint in (("correct hint", None), ("shuffled hint", wrong_hint)):
+            views.append(token_view(policy, builder, problem, ids, spec=spec, hint=hint, label=f"{when}, {which}"))
+    return views
 
 
 def _final_answer(text: str) -> str | None:

@@ -115,27 +115,127 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
     return fig
 
 
-def divergence_html(view, *, vmax: float | None = None) -> str:
-    """The rollout's tokens as HTML, each shaded by the teacher's disagreement D(p_T || p_S)."""
-    top = vmax or max(max(view.values, default=0.0), 1e-9)
-    spans = []
-    for token, value in zip(view.tokens, view.values):
-        alpha = min(1.0, max(0.0, value / top))
-        spans.append(f'<span title="{value:.3f}" style="background: rgba(220,50,47,{alpha:.2f})">'
-                     f"{html.escape(token)}</span>")
-    return (f"<div style='font-family: monospace; white-space: pre-wrap'><b>{html.escape(view.problem_id)}"
-            f"</b> ({view.kind}, darker = teacher disagrees more)<br>{''.join(spans)}</div>")
+#: The shade of the per-token view: red, its opacity the token's share of the largest divergence shown.
+_SHADE = (220, 50, 47)
+#: How the per-token view shows whitespace where it must be seen (a teacher token; the figure).
+_VISIBLE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u2192"})
 
 
-def divergence_bars(view, *, top: int = 15):
-    """Bar chart of the tokens the teacher disagrees with most."""
+def _printable(text: str) -> str:
+    """``text`` with control characters other than newline and tab written as ``\\xNN`` (a byte-level
+    tokenizer's token may be one; neither HTML nor a font shows it)."""
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _visible(text: str) -> str:
+    return _printable(text).translate(_VISIBLE)
+
+
+def _shared_top(views, vmax: float | None) -> float:
+    """One scale for every view shown together, so that equal shades mean equal divergence."""
+    return vmax or max([max(v.values, default=0.0) for v in views] + [1e-9])
+
+
+def _differs(view, i: int) -> bool:
+    return view.teacher_tokens is not None and view.teacher_tokens[i] != view.tokens[i]
+
+
+def token_view_table(views):
+    """The per-token numbers behind `token_view_html` and `token_view_figure`, one row per token:
+    ``view`` (label), ``problem_id``, ``position``, ``token`` (the student's), ``teacher_token``
+    (the teacher's most likely), ``differs`` and ``divergence`` (``kind``)."""
+    import pandas as pd
+
+    rows = [{"view": v.label, "problem_id": v.problem_id, "kind": v.kind, "position": i, "token": token,
+             "teacher_token": None if v.teacher_tokens is None else v.teacher_tokens[i],
+             "differs": _differs(v, i), "divergence": value}
+            for v in views for i, (token, value) in enumerate(zip(v.tokens, v.values))]
+    return pd.DataFrame(rows)
+
+
+def token_view_html(views, *, vmax: float | None = None) -> str:
+    """Rollouts side by side as HTML: each completion's text with every token shaded by the
+    teacher-student divergence D(p_T || p_S) at it (one scale for all, `_shared_top`; the value
+    on hover) and, where the teacher's most likely token differs from the student's, the
+    teacher's in a small box after it (whitespace shown as a visible mark). Tokens are escaped,
+    control characters written as ``\\xNN``; their whitespace is kept (``white-space: pre-wrap``)."""
+    views = list(views)
+    top = _shared_top(views, vmax)
+    r, g, b = _SHADE
+    columns = []
+    for view in views:
+        spans = []
+        for i, (token, value) in enumerate(zip(view.tokens, view.values)):
+            alpha = min(1.0, max(0.0, value / top))
+            title = f"{view.kind} {value:.3f}"
+            marker = ""
+            if _differs(view, i):
+                teacher = view.teacher_tokens[i]
+                title += f"; teacher's most likely: {teacher!r}"
+                marker = (f'<span class="opsd-teacher" style="font-size: 70%; color: #1f4e9c; border: 1px solid '
+                          f'#1f4e9c; border-radius: 2px; margin: 0 1px">{html.escape(_visible(teacher))}</span>')
+            spans.append(f'<span class="opsd-token" title="{html.escape(title)}" style="background: '
+                         f'rgba({r},{g},{b},{alpha:.2f})">{html.escape(_printable(token))}</span>{marker}')
+        mean = sum(view.values) / max(1, len(view.values))
+        columns.append(f'<div style="flex: 1 1 0; min-width: 16em; border: 1px solid #ccc; padding: 6px">'
+                       f"<div><b>{html.escape(view.label or view.problem_id)}</b></div>"
+                       f'<div style="font-size: 80%; color: #555">problem {html.escape(view.problem_id)}, '
+                       f"{len(view.tokens)} tokens, mean {html.escape(view.kind)} {mean:.3f}</div>"
+                       f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.6">'
+                       f'{"".join(spans)}</div></div>')
+    legend = (f'<div style="font-size: 80%">Shade: the per-token divergence, darkest = {top:.3f} or more; '
+              'boxed: the teacher\'s most likely token where it differs from the student\'s.</div>')
+    return f'<div class="opsd-token-view">{legend}<div style="display: flex; gap: 8px">{"".join(columns)}</div></div>'
+
+
+def token_view_figure(views, *, vmax: float | None = None, width: int = 48, max_tokens: int = 400):
+    """`token_view_html` as a figure (for the run folder): one panel per view, the completion's
+    text laid out in a monospace grid of ``width`` characters, each token on a red background of
+    the divergence's share of the largest shown, the teacher's most likely token in blue under a
+    token where it differs. At most ``max_tokens`` tokens per view (the panel says when cut)."""
     import matplotlib.pyplot as plt
 
-    order = sorted(range(len(view.values)), key=lambda i: -view.values[i])[:top]
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(order) + 1))
-    labels = [f"{i}: {view.tokens[i]!r}" for i in order]
-    ax.barh(labels[::-1], [view.values[i] for i in order][::-1], color="tab:red")
-    ax.set_xlabel(f"per-token {view.kind}")
-    ax.set_title("tokens the teacher disagrees with most")
-    fig.tight_layout()
+    views = list(views)
+    top = _shared_top(views, vmax)
+    laid_out = [_layout(v, width, max_tokens) for v in views]
+    rows = max([1] + [max((y for _, y, *_ in cells), default=0) + 1 for cells in laid_out])
+    # inches: a monospace character is 0.6 em wide, so a panel of `width` characters fits its text
+    char, row, gap, head, foot = 0.6 * 8 / 72, 0.3, 0.3, 0.9, 0.1
+    panel_w, panel_h = width * char, rows * row
+    fig = plt.figure(figsize=(len(views) * (panel_w + gap) + gap, head + panel_h + foot))
+    fig_w, fig_h = fig.get_size_inches()
+    for k, (view, cells) in enumerate(zip(views, laid_out)):
+        ax = fig.add_axes(((gap + k * (panel_w + gap)) / fig_w, foot / fig_h, panel_w / fig_w, panel_h / fig_h))
+        ax.set_xlim(0, width)
+        ax.set_ylim(rows - 0.4, -0.6)
+        ax.axis("off")
+        cut = f", first {max_tokens} of {len(view.tokens)} tokens" if len(view.tokens) > max_tokens else ""
+        ax.set_title(f"{view.label or view.problem_id}\n(problem {view.problem_id}, {view.kind}{cut})", fontsize=9)
+        for x, y, text, value, teacher in cells:
+            alpha = min(1.0, max(0.0, value / top))
+            ax.add_patch(plt.Rectangle((x, y - 0.3), max(len(text), 1), 0.6, color=[c / 255 for c in _SHADE],
+                                       alpha=alpha, lw=0))
+            ax.text(x, y, text, fontsize=8, family="monospace", va="center", ha="left", parse_math=False)
+            if teacher is not None:
+                ax.text(x, y + 0.42, teacher, fontsize=6, family="monospace", va="center", ha="left",
+                        color="#1f4e9c", parse_math=False)
+    fig.suptitle(f"per-token divergence (darkest = {top:.3f} or more); blue: the teacher's most likely token "
+                 "where it differs", fontsize=9, y=1 - 0.1 / fig_h, va="top")
     return fig
+
+
+def _layout(view, width: int, max_tokens: int) -> list[tuple]:
+    """``(x, y, text, value, teacher or None)`` per token: a monospace grid of ``width``
+    characters, a new row after a newline and where a token would cross the edge; whitespace
+    drawn as visible marks (a newline as its mark at the end of its row)."""
+    cells, x, y = [], 0, 0
+    for i, (token, value) in enumerate(zip(view.tokens[:max_tokens], view.values[:max_tokens])):
+        text = _visible(token) or "\u2205"
+        if x + len(text) > width and x > 0:
+            x, y = 0, y + 1
+        teacher = _visible(view.teacher_tokens[i]) if _differs(view, i) else None
+        cells.append((x, y, text[:width], value, teacher))
+        x += len(text)
+        if "\n" in token:
+            x, y = 0, y + 1
+    return cells

@@ -95,16 +95,31 @@ def training_sections(config, *, steps: int, ledger: dict, n_problems: int, adap
         "Tokens": "\n".join(tokens),
         "Config": "The exact `TrainConfig` (also in the run's config.json):\n\n```json\n"
                   + json.dumps(c.to_dict(), indent=2, default=str) + "\n```",
-        "Usage": _usage(c.model, Path(adapter_dir).name),
+        "Usage": usage(c.model, Path(adapter_dir).name, dtype=c.dtype, quantization=c.quantization),
     }
 
 
-def _usage(model: str, adapter: str) -> str:
-    return (f"With opsd_kit (the base loaded exactly as in training):\n\n```python\n"
-            f"from opsd_kit.policy import Policy\n"
-            f"policy = Policy.from_pretrained({model!r}, adapter={adapter!r})\n```\n\n"
-            f"With peft alone (the base named in adapter_config.json):\n\n```python\n"
-            f"from peft import AutoPeftModelForCausalLM\n"
-            f"model = AutoPeftModelForCausalLM.from_pretrained({adapter!r})\n```\n\n"
-            f"A merged model for `vllm serve` or `AutoModelForCausalLM.from_pretrained`:\n"
-            f"`python -m opsd_kit.apps.export {adapter} merged --merge`")
+def usage(model: str, adapter: str, *, dtype: str = "float32", quantization: str | None = None) -> str:
+    """The card's Usage section: lines that load ``adapter`` (a folder name, relative to the run
+    folder) on its base ``model`` (the kit's name). A base the kit builds in code (``"tiny"``) has no
+    hub id, so its peft line builds the base with `opsd_kit.models.load_causal_lm` instead of
+    ``AutoPeftModelForCausalLM``, which would look the name up on the hub."""
+    from opsd_kit.models import TINY
+
+    options = "".join(f", {k}={v!r}" for k, v, default in (("dtype", dtype, "float32"),
+                                                         ("quantization", quantization, None)) if v != default)
+    kit = (f"With opsd_kit (the base loaded exactly as in training):\n\n```python\n"
+           f"from opsd_kit.policy import Policy\n"
+           f"policy = Policy.from_pretrained({model!r}, adapter={adapter!r}{options})\n```\n\n")
+    if model == TINY:
+        peft = (f"With peft (the base is built in code by opsd_kit, so it has no hub id for "
+                f"`AutoPeftModelForCausalLM` to fetch):\n\n```python\n"
+                f"from peft import PeftModel\n"
+                f"from opsd_kit.models import load_causal_lm\n"
+                f"model = PeftModel.from_pretrained(load_causal_lm({model!r}{options}), {adapter!r})\n```\n\n")
+    else:
+        peft = (f"With peft alone (the base named in adapter_config.json):\n\n```python\n"
+                f"from peft import AutoPeftModelForCausalLM\n"
+                f"model = AutoPeftModelForCausalLM.from_pretrained({adapter!r})\n```\n\n")
+    return (kit + peft + f"A merged model for `vllm serve` or `AutoModelForCausalLM.from_pretrained`:\n"
+            f"`opsd-kit export {adapter} merged --merge`")
