@@ -71,7 +71,7 @@ def train(args, profile: str, algorithm: str, model_folder: str, data: str, n: i
     seconds = time.perf_counter() - t0
     after = trainer.policy.lora_state_dict()
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
-    shares = getattr(trainer.algorithm, "shares_prompt_pass", None)
+    shares = getattr(getattr(trainer.algorithm, "prompt_pass", None), "enabled", None)
     record = {
         "profile": profile, "algorithm": algorithm, "steps": result.steps, "seconds": round(seconds, 2),
         "lora_changed": any(not torch.equal(before[k], after[k]) for k in before),

@@ -47,7 +47,7 @@ BACKENDS = ("hf", "unsloth")
 ROLLOUT_BACKENDS = ("hf", "fast", "vllm")
 SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("tensorboard", "wandb")
-REWARDS = ("correct", "correct_strict", "correct_lenient", "format", "paper")
+REWARD_NAMES = ("correct", "correct_strict", "correct_lenient", "format", "paper")
 """The built-in GRPO/RLSD rewards by name (`opsd_kit.algorithms.rewards` defines them)."""
 
 
@@ -410,15 +410,15 @@ class TrainConfig:
                                   f"algorithm={self.algorithm!r}: leave it at its default{default}")
 
     def _check_rewards(self) -> None:
-        """Every reward name is known (`REWARDS`) and the weights, if given, match it."""
+        """Every reward name is known (`REWARD_NAMES`) and the weights, if given, match it."""
         if not self.rewards:
-            raise ConfigError(f"rewards=() gives GRPO no reward; name at least one of {sorted(REWARDS)}")
+            raise ConfigError(f"rewards=() gives GRPO no reward; name at least one of {sorted(REWARD_NAMES)}")
         for name in self.rewards:
-            if name not in REWARDS:
-                close = difflib.get_close_matches(str(name), REWARDS, n=1)
+            if name not in REWARD_NAMES:
+                close = difflib.get_close_matches(str(name), REWARD_NAMES, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"rewards contains {name!r}, which is not a reward; choose from "
-                                  f"{sorted(REWARDS)}{hint}")
+                                  f"{sorted(REWARD_NAMES)}{hint}")
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ConfigError(f"reward_weights={tuple(self.reward_weights)!r} has {len(self.reward_weights)} weights "
                               f"for {len(self.rewards)} rewards {tuple(self.rewards)!r}: give one per reward, or ()")

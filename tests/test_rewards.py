@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 from opsd_kit.algorithms import rewards
-from opsd_kit.config import REWARDS, ConfigError, load_profile
+from opsd_kit.config import REWARD_NAMES, ConfigError, load_profile
 from opsd_kit.data.problems import Problem
 
 
@@ -30,7 +30,7 @@ def test_builtins_by_hand():
 
 
 def test_every_named_reward_is_defined():
-    assert set(REWARDS) == {"correct", *rewards.REWARDS}
+    assert set(REWARD_NAMES) == {"correct", *rewards.REWARDS}
 
 
 def test_weighted_sum_of_terms_by_hand():

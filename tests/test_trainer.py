@@ -111,8 +111,9 @@ def test_opsd_plus_sft_loss_is_the_divergence_plus_the_weighted_sft_loss_by_hand
     loss_sum, metrics = opsd.loss(mb)
     model, head = trainer.policy.model, trainer.policy.head
     with trainer.policy.teacher():
-        teacher_h = opsd.hidden(mb.teacher)
-    div_sum, _ = divergence(opsd.hidden(mb.student), teacher_h, head, mb.student.completion_mask, opsd.spec)
+        teacher_h = opsd.policy.completion_hidden(mb.teacher)
+    student_h = opsd.policy.completion_hidden(mb.student)
+    div_sum, _ = divergence(student_h, teacher_h, head, mb.student.completion_mask, opsd.spec)
     problems = trainer.step_problems(0)
     tok = trainer.policy.tokenizer
     nll, n_sft = 0.0, 0
@@ -201,7 +202,7 @@ def test_the_frozen_teacher_of_a_run_from_an_init_adapter_is_the_initial_model(t
     assert torch.equal(logits(teacher=True), start)
     with policy.model.disable_adapter(), torch.no_grad():
         assert not torch.equal(policy.model(input_ids=ids).logits, start)  # the init adapter is not the base
-    assert policy.swaps_teacher_weights and not trainer.algorithm.shares_prompt_pass
+    assert policy.swaps_teacher_weights and not trainer.algorithm.prompt_pass.enabled
     trainer.train()
     assert not torch.equal(logits(teacher=False), start)
     assert torch.equal(logits(teacher=True), start)

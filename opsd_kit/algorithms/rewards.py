@@ -5,7 +5,7 @@ one float per completion, where ``problems[i]`` is the `Problem` that ``completi
 text) answers. A run's reward is the weighted sum of its terms (`RewardSet`); each term is
 logged unweighted as ``reward/<name>``.
 
-Built-ins (`REWARDS`; names listed in `opsd_kit.config.REWARDS`):
+Built-ins (`REWARDS`; names listed in `opsd_kit.config.REWARD_NAMES`):
 
 - ``correct``: 1.0 when the answer, read in the run's ``grading_mode``, equals the problem's
   answer (`opsd_kit.evaluation.grading.grade_many`: math_verify, then a normalised string match,
@@ -26,8 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from opsd_kit.config import REWARDS as REWARD_NAMES
-from opsd_kit.config import ConfigError
+from opsd_kit.config import REWARD_NAMES, ConfigError
 
 if TYPE_CHECKING:
     from opsd_kit.config import TrainConfig
