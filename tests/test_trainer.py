@@ -141,6 +141,14 @@ def test_opsd_plus_sft_logs_both_parts_and_their_weighted_sum_is_the_loss(tmp_pa
     assert row["loss/sft"] > 0 and "sft/solutions_truncated" in row
 
 
+def test_plain_opsd_logs_its_normalised_divergence_as_the_loss(tmp_path):
+    """Without SFT the divergence is the whole loss: loss/divergence, its micro-batches' shares of
+    the step's normalised term, equals loss/total (and not the unnormalised sum)."""
+    result = Trainer(tiny(tmp_path, max_steps=1)).train()  # 2 micro-batches
+    (row,) = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert row["loss/divergence"] == pytest.approx(row["loss/total"], rel=1e-6) and row["loss/total"] > 0
+
+
 @pytest.mark.parametrize("algorithm", ["opsd", "grpo"])
 def test_resume_reaches_the_same_adapter(tmp_path, algorithm):
     straight = Trainer(tiny(tmp_path, algorithm, run_dir=str(tmp_path / "a"), max_steps=4, save_every=100))

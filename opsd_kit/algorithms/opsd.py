@@ -108,6 +108,9 @@ class OPSD(Algorithm):
                                    num_loss_tokens=int(student.completion_mask.sum()),
                                    student_prompt=passes[k] if passes else None))
         metrics["prompt/teacher_middle_cut_total"] = self.prompts.teacher_middle_cut
+        n_div = max(self.ledger.reduce_sum(sum(mb.num_loss_tokens for mb in micro)), 1.0)  # all processes
+        for mb in micro:
+            mb.divergence_tokens = n_div
         if self.sft_targets is not None:
             self._add_sft(micro, [[problems[rollouts.prompt_index[r]] for r in rows]
                                   for rows in self.chunks(len(rollouts))])
@@ -115,15 +118,14 @@ class OPSD(Algorithm):
         return micro, metrics
 
     def _add_sft(self, micro: list[OPSDBatch], chosen: list[list]) -> None:
-        """Give each micro-batch its problems' SFT batch and the step's token counts of both terms."""
+        """Give each micro-batch its problems' SFT batch and the step's reference-solution token count."""
         for mb, problems in zip(micro, chosen):
             mb.sft = self.sft_targets.batch(self.prompts, problems, self.tokenizer.pad_token_id)
             self.ledger.book_prompt_tokens(mb.sft)
-        n_div = self.ledger.reduce_sum(sum(mb.num_loss_tokens for mb in micro))
         n_sft = self.ledger.reduce_sum(sum(int(mb.sft.completion_mask.sum()) for mb in micro))
         self.ledger.train_tokens += int(n_sft)  # the trainer counts the divergence's tokens
         for mb in micro:
-            mb.divergence_tokens, mb.sft_tokens = max(n_div, 1.0), max(n_sft, 1.0)
+            mb.sft_tokens = max(n_sft, 1.0)
 
     def loss(self, mb: OPSDBatch):
         """The micro-batch's divergence sum (plus, with ``sft_weight``, the scaled SFT sum: module
