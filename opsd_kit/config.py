@@ -168,10 +168,11 @@ class TrainConfig:
     max_new_tokens: int = knob(1024, applies=SAMPLING)
     """Completion cap for training rollouts (paper v3: 1024). SFT generates nothing: its
     targets are capped by `max_target_tokens` instead."""
-    max_target_tokens: int | None = knob(None, applies=("sft",))
+    max_target_tokens: int | None = knob(None, applies=("sft", "opsd"))
     """SFT target cap: reference solutions longer than this many tokens (EOS included) are cut;
     None = no cap (every target must then fit the model's context after its prompt). Used by
-    SFT only (`paper` profile: 16384, the official SFT script's max length)."""
+    SFT and by OPSD + SFT's SFT term (``sft_weight`` > 0) (`paper` SFT: 16,000, the official SFT
+    script's max length)."""
     temperature: float = knob(1.1, applies=SAMPLING)
     """Rollout sampling temperature (paper: OPSD 1.1, GRPO 1.2)."""
     top_p: float = knob(0.95, applies=SAMPLING)
@@ -368,6 +369,9 @@ class TrainConfig:
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
         _check(self.max_target_tokens is None or self.max_target_tokens >= 1, "max_target_tokens",
                self.max_target_tokens, "None (no cap) or an integer >= 1")
+        if self.algorithm == "opsd" and not self.sft_weight and self.max_target_tokens is not None:
+            raise ConfigError(f"max_target_tokens={self.max_target_tokens!r} caps the SFT targets of OPSD + SFT; "
+                              "this OPSD run has sft_weight=0: set sft_weight > 0, or leave max_target_tokens unset")
         _check(0 <= self.rlsd_lambda <= 1, "rlsd_lambda", self.rlsd_lambda, "in [0, 1]")
         _check(0 <= self.rlsd_eps < 1, "rlsd_eps", self.rlsd_eps, "in [0, 1) (weights stay positive)")
         if self.sampled_token_clamp is not None:
@@ -468,17 +472,20 @@ class TrainConfig:
 
     def check_context(self, context_length: int | None, source: str = "the model config") -> None:
         """The longest sequence a step builds (a prompt of max_prompt_tokens followed by a
-        completion of max_new_tokens, or for SFT a target of max_target_tokens) must fit the
-        model's context; ``None`` skips the check. SFT without a target cap checks the prompt
-        here and each target once tokenised (`opsd_kit.algorithms.sft`)."""
-        key = "max_target_tokens" if self.algorithm == "sft" else "max_new_tokens"
-        lengths = {"max_prompt_tokens": self.max_prompt_tokens, key: getattr(self, key)}
-        lengths = {k: v for k, v in lengths.items() if v is not None}
-        total = sum(lengths.values())
-        if context_length is not None and total > context_length:
-            raise ConfigError(
-                f"{' + '.join(f'{k}={v}' for k, v in lengths.items())} = {total} exceeds the model's context of "
-                f"{context_length} tokens ({source}); lower them so that {' + '.join(lengths)} <= {context_length}")
+        completion of max_new_tokens, or for SFT and OPSD + SFT's SFT term a target of
+        max_target_tokens) must fit the model's context; ``None`` skips the check. Without a target
+        cap the prompt is checked here and each target once tokenised (`opsd_kit.algorithms.sft`)."""
+        keys = {"sft": ("max_target_tokens",)}.get(self.algorithm, ("max_new_tokens",))
+        if self.algorithm == "opsd" and self.sft_weight:
+            keys += ("max_target_tokens",)
+        for key in keys:
+            lengths = {"max_prompt_tokens": self.max_prompt_tokens, key: getattr(self, key)}
+            lengths = {k: v for k, v in lengths.items() if v is not None}
+            total = sum(lengths.values())
+            if context_length is not None and total > context_length:
+                raise ConfigError(
+                    f"{' + '.join(f'{k}={v}' for k, v in lengths.items())} = {total} exceeds the model's context of "
+                    f"{context_length} tokens ({source}); lower them so that {' + '.join(lengths)} <= {context_length}")
 
     def rollout_settings(self, n: int = 1, max_new_tokens: int | None = None):
         """The rollout sampling settings, with ``n`` samples per prompt."""

@@ -74,7 +74,17 @@ def test_a_field_set_for_an_algorithm_it_does_not_apply_to_is_refused(key, algor
 @pytest.mark.parametrize("key", list(SPECIFIC))
 def test_a_field_set_for_an_algorithm_it_applies_to_is_kept(key):
     for algorithm in applies_to(key):
-        assert getattr(load_profile("tiny", algorithm, **{key: SPECIFIC[key]}), key) == SPECIFIC[key]
+        companion = {"sft_weight": 0.5} if (key, algorithm) == ("max_target_tokens", "opsd") else {}
+        assert getattr(load_profile("tiny", algorithm, **{key: SPECIFIC[key]}, **companion), key) == SPECIFIC[key]
+
+
+def test_opsd_caps_its_sft_targets_only_with_sft_on():
+    with pytest.raises(ConfigError, match="max_target_tokens=64 caps the SFT targets of OPSD [+] SFT"):
+        load_profile("tiny", max_target_tokens=64)
+    cfg = load_profile("tiny", sft_weight=0.5, max_target_tokens=64)
+    with pytest.raises(ConfigError, match="max_target_tokens=64 = "):  # the SFT term's sequences fit too
+        cfg.check_context(cfg.max_prompt_tokens + 63)
+    cfg.check_context(cfg.max_prompt_tokens + max(64, cfg.max_new_tokens))
 
 
 @pytest.mark.parametrize("name", profile_names())

@@ -96,7 +96,7 @@ def _parent_config(init: InitAdapter):
         return None
     from opsd_kit.config import TrainConfig
 
-    return TrainConfig.from_dict(init.run_config)
+    return TrainConfig.from_saved(init.run_config)
 
 
 def question_hash(question: str) -> str:
@@ -121,7 +121,7 @@ def lineage_leakage(run_dir, evals) -> list[dict]:
     ``shared_ids``, ``shared_questions`` (eval ids whose normalised question it trained on)."""
     from opsd_kit.config import TrainConfig
 
-    config = TrainConfig.from_dict(_read_json(Path(run_dir) / "config.json", f"run {run_dir}"))
+    config = TrainConfig.from_saved(_read_json(Path(run_dir) / "config.json", f"run {run_dir}"))
     runs = [str(Path(run_dir).resolve())] + [r["run_dir"] for r in lineage(config)]
     eval_ids = {p.id for p in evals}
     by_hash: dict[str, list[str]] = {}
