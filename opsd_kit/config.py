@@ -414,7 +414,10 @@ class TrainConfig:
                                   f"algorithm={self.algorithm!r}: leave it at its default{default}")
 
     def _check_rewards(self) -> None:
-        """Every reward name is known (`REWARD_NAMES`) and the weights, if given, match it."""
+        """Every reward name is known (`REWARD_NAMES`) and every weight a finite number. That the
+        weights match the rewards in number is checked where the run's reward functions are known
+        (`opsd_kit.algorithms.rewards.reward_names`: ``reward_funcs`` given in code replace
+        `rewards`), by the trainer before any model loads."""
         if not self.rewards:
             raise ConfigError(f"rewards=() gives GRPO no reward; name at least one of {sorted(REWARD_NAMES)}")
         for name in self.rewards:
@@ -423,9 +426,6 @@ class TrainConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"rewards contains {name!r}, which is not a reward; choose from "
                                   f"{sorted(REWARD_NAMES)}{hint}")
-        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
-            raise ConfigError(f"reward_weights={tuple(self.reward_weights)!r} has {len(self.reward_weights)} weights "
-                              f"for {len(self.rewards)} rewards {tuple(self.rewards)!r}: give one per reward, or ()")
         for w in self.reward_weights:
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ConfigError(f"reward_weights contains {w!r}; each weight must be a finite number")

@@ -95,6 +95,10 @@ class Trainer:
         self.shuffled_hints = _shuffled_hints(config, self.problems)
         if reward_funcs is not None and config.algorithm not in GROUP_ALGORITHMS:
             raise ConfigError(f"reward_funcs are GRPO's and RLSD's rewards; algorithm={config.algorithm!r} has none")
+        if config.algorithm in GROUP_ALGORITHMS:
+            from opsd_kit.algorithms.rewards import reward_names
+
+            reward_names(config, reward_funcs)  # the weights match the terms: before any model loads
         self.reward_funcs = reward_funcs
         set_seed(config.seed)  # python, numpy, torch (all devices)
         self.run_dir = Path(config.run_dir)

@@ -266,7 +266,6 @@ def test_each_profile_has_its_evaluation_protocol():
     ({"contrast_clip": 0.0}, "contrast_clip"),
     ({"sft_weight": -1.0}, "sft_weight"),
     ({"rewards": ["nope"]}, "rewards"),
-    ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
     ({"reward_weights": [float("nan")]}, "reward_weights"),
     ({"init_adapter": "runs/warmup", "use_lora": False, "teacher": "live"}, "init_adapter"),
 ])

@@ -8,6 +8,7 @@ import pytest
 from opsd_kit.algorithms import rewards
 from opsd_kit.config import REWARD_NAMES, ConfigError, load_profile
 from opsd_kit.data.problems import Problem
+from opsd_kit.trainer import Trainer
 
 
 def problem(answer: str) -> Problem:
@@ -55,7 +56,7 @@ def test_bad_rewards_are_refused_before_anything_loads():
     with pytest.raises(ConfigError, match="'corect'.*did you mean 'correct'"):
         load_profile("tiny", "grpo", rewards=("corect",))
     with pytest.raises(ConfigError, match="reward_weights=.*2 weights for 1 rewards"):
-        load_profile("tiny", "grpo", reward_weights=(1.0, 2.0))
+        Trainer(load_profile("tiny", "grpo", reward_weights=(1.0, 2.0)))  # before any model loads
     with pytest.raises(ConfigError, match="rewards=\\(\\)"):
         load_profile("tiny", "grpo", rewards=())
     with pytest.raises(ConfigError, match="not a callable"):
@@ -105,3 +106,19 @@ def test_mixed_groups_is_the_fraction_of_groups_whose_rewards_differ(tmp_path):
     assert [r["grpo/mixed_groups"] for r in rows] == [0.25, 0.0, 0.0]  # 4 problems x 2 rollouts
     assert [r["reward/first"] for r in rows] == [1 / 8, 0.0, 0.0]
     assert "- reward: 1 x `first`" in (result.adapter_dir / "README.md").read_text()
+
+
+def test_custom_reward_functions_take_one_weight_each():
+    """reward_funcs replace the named rewards: their weights are counted against them."""
+    cfg = load_profile("tiny", "grpo", reward_weights=(1.0, 0.5))
+
+    def right(completions, problems):
+        return [1.0] * len(completions)
+
+    def short(completions, problems):
+        return [float(len(c) < 5) for c in completions]
+
+    total, terms = rewards.reward_set(cfg, [right, short])(["abc", "abcdefgh"], [problem("1"), problem("2")])
+    assert terms == {"right": [1.0, 1.0], "short": [1.0, 0.0]} and total == [1.5, 1.0]
+    with pytest.raises(ConfigError, match="2 weights for 1 rewards"):
+        rewards.reward_names(cfg, [right])

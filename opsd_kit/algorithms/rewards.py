@@ -95,10 +95,24 @@ class RewardSet:
 def reward_set(config: TrainConfig, reward_funcs=None) -> RewardSet:
     """The run's rewards: ``config.rewards`` (built-in names), or ``reward_funcs`` when given (a
     sequence of callables, named by their ``__name__``, or ``{name: callable}``), weighted by
-    ``config.reward_weights`` (empty: all 1)."""
+    ``config.reward_weights`` (empty: all 1; else one per reward, `reward_names`)."""
+    names = reward_names(config, reward_funcs)
+    if reward_funcs is None:
+        functions = tuple(builtin(n, config.grading_mode) for n in names)
+    elif isinstance(reward_funcs, dict):
+        functions = tuple(reward_funcs.values())
+    else:
+        functions = tuple(_as_sequence(reward_funcs))
+    weights = tuple(float(w) for w in config.reward_weights) or (1.0,) * len(names)
+    return RewardSet(names, functions, weights)
+
+
+def reward_names(config: TrainConfig, reward_funcs=None) -> tuple[str, ...]:
+    """The names of the run's reward terms (``reward/<name>`` in the metrics), checked: callables,
+    names that do not repeat, and ``config.reward_weights`` empty or one per term. Cheap: the
+    trainer calls it before any model loads."""
     if reward_funcs is None:
         names = tuple(config.rewards)
-        functions = tuple(builtin(n, config.grading_mode) for n in names)
     else:
         items = list(reward_funcs.items()) if isinstance(reward_funcs, dict) else [
             (getattr(fn, "__name__", f"reward{i}"), fn) for i, fn in enumerate(_as_sequence(reward_funcs))]
@@ -111,12 +125,10 @@ def reward_set(config: TrainConfig, reward_funcs=None) -> RewardSet:
         names = tuple(str(n) for n, _ in items)
         if len(set(names)) != len(names):
             raise ConfigError(f"reward_funcs names {names} repeat; pass a dict to name them apart")
-        functions = tuple(fn for _, fn in items)
-    weights = tuple(float(w) for w in config.reward_weights) or (1.0,) * len(names)
-    if len(weights) != len(names):
-        raise ConfigError(f"reward_weights={tuple(config.reward_weights)!r} gives {len(weights)} weights for "
-                          f"{len(names)} rewards {names}: give one per reward, or ()")
-    return RewardSet(names, functions, weights)
+    if config.reward_weights and len(config.reward_weights) != len(names):
+        raise ConfigError(f"reward_weights={tuple(config.reward_weights)!r} gives {len(config.reward_weights)} "
+                          f"weights for {len(names)} rewards {names}: give one per reward, or ()")
+    return names
 
 
 def _as_sequence(funcs) -> Sequence:
