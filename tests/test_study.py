@@ -143,6 +143,11 @@ def test_tokens_to_equal_accuracy_without_improvement_says_why():
     points = _points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.1), ("grpo", 0, 0, 0.2), ("grpo", 4, 800, 0.3)])
     out = tokens_to_equal_accuracy(points, mode="lenient")
     assert out["ratio"] is None and "no common improvement" in out["reason"]
+    # with resamples where it would be defined, an undefined point ratio still gets no interval
+    per_problem = {"opsd-0": {"lenient": np.array([0.2, 0.2])}, "opsd-4": {"lenient": np.array([0.0, 0.2])},
+                   "grpo-0": {"lenient": np.array([0.2, 0.2])}, "grpo-4": {"lenient": np.array([0.6, 0.0])}}
+    resampled = tokens_to_equal_accuracy(points, per_problem, np.array([[1, 1], [0, 1]]), mode="lenient")
+    assert resampled["ratio"] is None and "ci_low" not in resampled
     missing = tokens_to_equal_accuracy(_points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.3)]), mode="lenient")
     assert missing["ratio"] is None and "never trained" in missing["reason"]
 

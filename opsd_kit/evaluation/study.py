@@ -292,7 +292,7 @@ def tokens_to_equal_accuracy(points, per_problem: dict | None = None, indices=No
     column = f"{mode}/avg@k"
     out = _ratio(points, points[column].to_numpy(float), mode=mode, a=a, b=b, fraction=target_fraction)
     out["target_fraction"] = target_fraction
-    if per_problem is None or indices is None or out["target_accuracy"] is None:
+    if per_problem is None or indices is None or out["ratio"] is None:  # no interval for an undefined ratio
         return out
     accuracy = np.stack([per_problem[t][mode][indices].mean(axis=1) for t in points["tag"]])  # [points, boots]
     ratios = np.array([_ratio(points, accuracy[:, i], mode=mode, a=a, b=b, fraction=target_fraction)["ratio"]
