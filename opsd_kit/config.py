@@ -257,7 +257,7 @@ class TrainConfig:
     (1 when the answer, read in `grading_mode`, is right), 'correct_strict', 'correct_lenient',
     'format' (1 when the last box is present, closed and non-empty) or 'paper' (the official GRPO
     script's reward: the FIRST box, normalised exact string match). Each is logged as
-    `reward/<name>`. Code can pass its own callables (`rewards.reward_function`)."""
+    `reward/<name>`. Code can pass its own callables (`train(..., reward_funcs=...)`)."""
     reward_weights: tuple = knob((), applies=GROUP_ALGORITHMS)
     """One weight per entry of `rewards` (empty: every weight 1)."""
     init_adapter: str | None = knob(None)
@@ -280,7 +280,8 @@ class TrainConfig:
     rlsd_teacher: str = knob("live", applies=("rlsd",))
     """RLSD's teacher: 'live' (the current policy, adapter on, reading the privileged prompt, as
     the official rlsd_trainer.py L100-109 scores it: delta_t is then only what the reference
-    solution adds) or 'frozen' (the base model, adapter off: delta_t also holds the policy's
+    solution adds) or 'frozen' (the initial model: the base with the adapter off, or the `init_adapter`;
+    delta_t also holds the policy's
     drift from the base). OPSD's teacher is `teacher`."""
 
     # -- optimisation ----------------------------------------------------------------------

@@ -3,8 +3,9 @@
 `Policy` holds the causal LM being trained (usually a base model with a LoRA adapter) and
 gives the teacher's computation inside ``with policy.teacher():`` (docs/algorithm.md, Teacher):
 
-- ``"frozen"`` (the paper's setting): the base model with the adapter switched off, so no
-  second copy of the weights exists. It needs LoRA; without it the "frozen" teacher would
+- ``"frozen"`` (the paper's setting): the initial model: the base model with the adapter
+  switched off, so no second copy of the weights exists (a run from ``init_adapter``: that
+  adapter's weights, swapped in, `Policy.start_weights`). It needs LoRA; without it the "frozen" teacher would
   silently be the live model (docs/algorithm.md, Pitfalls, 9), so that combination is refused.
 - ``"live"``: the current weights, without gradients.
 - ``"ema"``: an exponential moving average of the trainable weights, swapped into the

@@ -6,10 +6,11 @@ resume, non-finite guards, Ctrl-C / SIGTERM and out-of-memory handling. An algor
 `grpo.GRPO`, `sft.SFT`, `rlsd.RLSD`) only says how a step's problems become micro-batches and how a
 micro-batch becomes a summed loss.
 
-Normalisation: an algorithm returns the SUM of its per-token losses; the loop divides by the
-number of loss tokens of the whole optimizer step over all processes, and sums gradients over
-processes. The step's gradient is therefore the gradient of (sum over all the step's tokens)
-/ (their count), whatever the micro-batch size or process count (TRL #4719).
+Normalisation: an algorithm returns the SUM of its per-unit losses; the loop divides by the
+number of loss units of the whole optimizer step over all processes (tokens; rollouts for GRPO's
+``loss_normalisation="sequence"``, whose per-rollout sums are each a token mean), and sums
+gradients over processes. The step's gradient is therefore the gradient of (sum over all the
+step's units) / (their count), whatever the micro-batch size or process count (TRL #4719).
 
 Distribution: `accelerate launch -m opsd_kit.apps.cli train ...` runs one process per device. Each
 process takes its share of the step's problems; gradients of the trainable weights are summed

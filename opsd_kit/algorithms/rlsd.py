@@ -15,7 +15,8 @@ The teacher (`rlsd_teacher`) is by default the live policy, the weights that sam
 the adapter on, reading the privileged prompt: the official rlsd_trainer.py scores the
 teacher prompt with ``self.model`` (L100-109), so delta_t holds only what the reference
 solution adds, and is 0 on every token when the two prompts are the same. ``"frozen"`` scores
-with the base model (adapter off), whose delta_t also holds the policy's drift from the base.
+with the initial model (adapter off, or the ``init_adapter``), whose delta_t also holds the
+policy's drift from it.
 Both log-probs of delta_t are taken in the same mode (eval, no dropout, no grad) with the
 same weights but the adapter switch, at the rollout temperature, once per batch of rollouts.
 Rollouts, rewards, group advantages, the clipped surrogate and its normalisation are GRPO's
