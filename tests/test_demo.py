@@ -220,6 +220,6 @@ def test_reference_times_cover_the_cpu_demo_and_ship_with_the_package():
     for plan in ("demo", "study"):
         parts = ["00_data_prep", *(j.method for j in plan_jobs("cpu-demo", plan)), "point", "split", "04"]
         assert [p for p in parts if p not in demo.REFERENCE_SECONDS["cpu-demo"]] == []
-    assert demo.REFERENCE_SPEED > 0 and demo.REFERENCE_MACHINE
+    assert demo.REFERENCE_MACHINE and set(demo.REFERENCE_CALIBRATION) == set(demo.REFERENCE_SECONDS)
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "demo_times.json" in pyproject["tool"]["setuptools"]["package-data"]["opsd_kit.apps"]
