@@ -301,38 +301,35 @@ class PromptCache:
         return self.builder.stats["teacher_middle_cut"]
 
 
-def _answer_key(answer) -> str:
-    """The answer as compared by :func:`shuffled_hints`: its text with whitespace collapsed."""
-    return " ".join(str(answer).split())
-
-
 def shuffled_hints(problems, seed: int) -> dict[str, str]:
     """Wrong hints for a control run: problem id -> another problem's reference solution.
 
     The assignment is a derangement (no problem gets its own solution) and, whenever the
     answers allow it, no problem gets a solution whose answer equals its own (answers compared
-    as text, whitespace collapsed). It depends only on ``problems`` and ``seed``; build it once
-    per run. Construction: problems in a seeded random order, grouped by answer with the
-    largest group first, each mapped to the one ``m`` places further round the circle (``m``
-    = the largest group's size). When ``m <= n / 2`` no problem meets its own answer; otherwise
-    exactly ``2 m - n`` (the fewest possible) do. Raises ValueError, naming a problem, when no
-    two problems have different answers.
+    by `opsd_kit.data.problems.answer_key`: ``1,000`` and ``1000`` are one answer). It depends
+    only on ``problems`` and ``seed``; build it once per run. Construction: problems in a seeded
+    random order, grouped by answer with the largest group first, each mapped to the one ``m``
+    places further round the circle (``m`` = the largest group's size). When ``m <= n / 2`` no
+    problem meets its own answer; otherwise exactly ``2 m - n`` (the fewest possible) do. Raises
+    ValueError, naming a problem, when no two problems have different answers.
     """
     import random
 
+    from opsd_kit.data.problems import answer_key
+
     problems = list(problems)
-    if len({_answer_key(p.answer) for p in problems}) < 2:
+    if len({answer_key(str(p.answer)) for p in problems}) < 2:
         if len(problems) < 2:
             found = f"only {len(problems)} problem" + (f" ({problems[0].id!r})" if problems else "s")
         else:
             found = (f"all {len(problems)} problems, problem {problems[0].id!r} among them, have the answer "
-                     f"{_answer_key(problems[0].answer)!r}")
+                     f"{problems[0].answer!r}")
         raise ValueError(f"a shuffled hint needs at least 2 problems with different answers; got {found}")
     order = list(range(len(problems)))
     random.Random(seed).shuffle(order)
     groups: dict[str, list[int]] = {}
     for i in order:
-        groups.setdefault(_answer_key(problems[i].answer), []).append(i)
+        groups.setdefault(answer_key(str(problems[i].answer)), []).append(i)
     circle = [i for group in sorted(groups.values(), key=len, reverse=True) for i in group]
     shift = len(max(groups.values(), key=len))
     return {problems[circle[k]].id: problems[circle[(k + shift) % len(circle)]].solution

@@ -176,6 +176,15 @@ def test_shuffled_hints_are_a_seeded_derangement_with_different_answers(answers)
         assert given[p.id].answer.strip() != p.answer.strip()
 
 
+def test_shuffled_hints_compare_answers_as_the_data_module_does():
+    """``1,000`` and ``1000`` are one answer (`opsd_kit.data.problems.answer_key`): neither is a
+    wrong hint for the other."""
+    probs = problems_with_answers(["1,000", "1000", "2", "3"])
+    for seed in range(8):
+        given = donors(probs, shuffled_hints(probs, seed=seed))
+        assert all(given[p.id].answer.replace(",", "") != p.answer.replace(",", "") for p in probs), seed
+
+
 def test_shuffled_hints_share_an_answer_only_when_unavoidable():
     probs = problems_with_answers(["1"] * 5 + ["2", "3"])  # 5 of 7 share an answer: 2 * 5 - 7 = 3 must
     given = donors(probs, shuffled_hints(probs, seed=0))

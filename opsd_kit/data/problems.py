@@ -182,10 +182,11 @@ def _derive_answer(solution: str, answer_from: str) -> tuple[str, str, str] | No
 _ANSWER_NOISE = re.compile(r"\\[,!;: ]|\\left|\\right|\$|\s+")
 
 
-def _answer_key(answer: str) -> str:
+def answer_key(answer: str) -> str:
     """``answer`` with spacing, ``$`` and ``\\left``/``\\right`` removed, ``\\dfrac`` as
     ``\\frac``, thousands commas (also ``{,}``) and a trailing period dropped: two answers with
-    equal keys are the same answer. A loose check for warnings, not the grader."""
+    equal keys are the same answer (``1,000`` and ``1000``). A loose comparison (the load's
+    answer warnings, `opsd_kit.prompts.shuffled_hints`), not the grader."""
     key = _ANSWER_NOISE.sub("", answer).replace("{,}", ",").rstrip(".")
     key = key.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", key):
@@ -203,7 +204,7 @@ def _answer_warnings(problem: "Problem", where: str, row: int, answer_column: st
         out.append(DataError(where, row, "answer", "answer is NaN",
                              f"column {answer_column!r} holds {problem.answer!r}; kept as the answer"))
     boxed = extract_boxed(problem.solution)
-    if boxed is not None and _answer_key(boxed) != _answer_key(problem.answer):
+    if boxed is not None and answer_key(boxed) != answer_key(problem.answer):
         out.append(DataError(where, row, "answer", "answer disagrees with the solution",
                              f"column {answer_column!r} holds {problem.answer!r}, the last \\boxed{{}} of the "
                              f"solution {boxed!r}; the answer column is used"))
