@@ -64,7 +64,7 @@ def train(args, profile: str, algorithm: str, model_folder: str, data: str, n: i
     cfg = load_profile(profile, algorithm, **_overrides(args, model_folder, data, n, run_dir, algorithm), **extra)
     trainer = Trainer(cfg)
     if algorithm in ("grpo", "rlsd"):  # a random model earns no reward: a reward that varies within groups
-        trainer.algorithm.grade = lambda rollouts, problems: [float(i % 2) for i in range(len(rollouts))]
+        trainer.algorithm.reward = lambda rollouts, problems: ([float(i % 2) for i in range(len(rollouts))], {})
     before = {k: v.clone() for k, v in trainer.policy.lora_state_dict().items()}
     t0 = time.perf_counter()
     result = trainer.train()
@@ -76,6 +76,7 @@ def train(args, profile: str, algorithm: str, model_folder: str, data: str, n: i
         "profile": profile, "algorithm": algorithm, "steps": result.steps, "seconds": round(seconds, 2),
         "lora_changed": any(not torch.equal(before[k], after[k]) for k in before),
         "loss": [r.get("loss/total") for r in rows], "grad_norm": [r.get("train/grad_norm") for r in rows],
+        "zero_gradient_micro_batches": [r.get("train/zero_gradient_micro_batches") for r in rows],
         "config": {k: getattr(cfg, k) for k in ("dtype", "quantization", "lora_dropout", "student_prompt_format",
                                                 "loss_normalisation", "grading_mode", "learning_rate",
                                                 "rollout_backend", "teacher_weights", "max_prompt_tokens")},
@@ -85,6 +86,9 @@ def train(args, profile: str, algorithm: str, model_folder: str, data: str, n: i
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
     del trainer
+    if not any(record["grad_norm"]):
+        raise RuntimeError(f"{profile}:{algorithm}: every step's gradient is 0 (zero_gradient_micro_batches="
+                           f"{record['zero_gradient_micro_batches']}): the loss never ran")
     return record
 
 

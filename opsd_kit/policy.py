@@ -259,6 +259,15 @@ class Policy:
             return False
         if not (self.model.training if training is None else training):
             return True
+        return self.trains_as_it_scores()
+
+    def trains_as_it_scores(self) -> bool:
+        """Whether a forward in train mode computes, bit for bit, what the same forward computes in
+        eval mode (`scoring`) with the same weights and inputs: the ``hf`` backend, no dropout
+        (attention, any ``Dropout`` module, the adapter's) and no gradient checkpointing (in train
+        mode its layers drop the cache, so `completion_hidden` runs whole rows, not pieces)."""
+        if self.backend != "hf":
+            return False
         dropout = getattr(self.causal_lm.config, "attention_dropout", 0.0) or any(
             isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules())
         return not (dropout or self.causal_lm.is_gradient_checkpointing)

@@ -132,6 +132,10 @@ class PromptBuilder:
         self.max_prompt_tokens = max_prompt_tokens
         self.student_prompt_format = student_prompt_format
         self.stats = {"teacher_prompts": 0, "teacher_middle_cut": 0}
+        self._checked: dict[tuple[str, str], list[int]] = {}
+        """(role, question) -> the ids `length_error` tokenised for a problem it accepted, taken
+        (once) by `student_ids` ("student") and `teacher_ids` ("teacher without solution"): both
+        depend on the question alone."""
 
     # -- text ------------------------------------------------------------------------------
     def student_message(self, problem) -> str:
@@ -172,19 +176,36 @@ class PromptBuilder:
         limit = self.max_prompt_tokens
         if not limit:
             return None
-        n = len(self._encode(self.student_text(problem)))
+        checked = {"student": self._encode(self.student_text(problem))}
+        n = len(checked["student"])
         if n > limit:
             return (f"the student prompt has {n} tokens (question: {len(problem.question)} characters), over "
                     f"max_prompt_tokens={limit}; raise the limit or skip such rows (on_invalid='skip')")
         if teacher:
-            n = len(self._encode(self.render(self.teacher_message(problem, TRUNCATION_MARK), self.teacher_thinking)))
+            checked["teacher"] = self._empty_teacher_ids(problem)
+            n = len(checked["teacher"])
             if n > limit:
                 return (f"the teacher prompt needs {n} tokens without any reference solution, over "
                         f"max_prompt_tokens={limit}; raise the limit or skip such rows (on_invalid='skip')")
+        for role, ids in checked.items():  # tokenised once: the prompt cache takes them (`student_ids`)
+            self._checked[role, problem.question] = ids
         return None
 
+    def forget_checked(self) -> None:
+        """Drop the ids `length_error` kept that no prompt has taken."""
+        self._checked.clear()
+
+    def _empty_teacher_ids(self, problem) -> list[int]:
+        """The teacher prompt with `TRUNCATION_MARK` for its solution (what shortening never cuts)."""
+        ids = self._checked.pop(("teacher", problem.question), None)
+        if ids is None:
+            ids = self._encode(self.render(self.teacher_message(problem, TRUNCATION_MARK), self.teacher_thinking))
+        return ids
+
     def student_ids(self, problem) -> list[int]:
-        ids = self._encode(self.student_text(problem))
+        ids = self._checked.pop(("student", problem.question), None)
+        if ids is None:
+            ids = self._encode(self.student_text(problem))
         if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
             raise PromptTooLongError(
                 f"problem {problem.id!r}: the student prompt has {len(ids)} tokens, over "
@@ -205,8 +226,7 @@ class PromptBuilder:
         return self._shortened_teacher_ids(problem, solution, limit)
 
     def _shortened_teacher_ids(self, problem, solution: str, limit: int) -> list[int]:
-        empty = self._encode(self.render(self.teacher_message(problem, TRUNCATION_MARK),
-                                         self.teacher_thinking))
+        empty = self._empty_teacher_ids(problem)
         if len(empty) > limit:
             raise PromptTooLongError(
                 f"problem {problem.id!r}: the teacher prompt needs {len(empty)} tokens without any "
@@ -278,12 +298,15 @@ class PromptCache:
     """Problem id -> teacher prompt ids with another problem's solution as the hint."""
 
     @classmethod
-    def build(cls, config, tokenizer, problems, *, teacher: bool, wrong_hints: dict[str, str] | None = None):
+    def build(cls, config, tokenizer, problems, *, teacher: bool, wrong_hints: dict[str, str] | None = None,
+              builder: PromptBuilder | None = None):
         """The cache of a run's ``problems`` under ``config`` (a TrainConfig). ``teacher``: build the
         teacher prompts; ``wrong_hints`` (`shuffled_hints`): the teacher's hint when
         ``config.teacher_hint == 'shuffled'``, and the wrong teacher's when ``config.divergence ==
-        'hint_contrast'``."""
-        builder = build_prompts(config, tokenizer)
+        'hint_contrast'``. ``builder``: the run's builder (`build_prompts` of ``config`` and
+        ``tokenizer``) whose `PromptBuilder.length_error` checked the problems: the ids it
+        tokenised are taken, not tokenised again (None: a new one)."""
+        builder = builder or build_prompts(config, tokenizer)
         cache = cls(builder, {}, {}, {})
         for p in problems:
             cache.student[p.id] = builder.student_ids(p)
@@ -292,6 +315,7 @@ class PromptCache:
                 cache.teacher[p.id] = builder.teacher_ids(p, hint)
                 if config.divergence == "hint_contrast":
                     cache.wrong_teacher[p.id] = builder.teacher_ids(p, wrong_hints[p.id])
+        builder.forget_checked()
         return cache
 
     @property
@@ -301,38 +325,35 @@ class PromptCache:
         return self.builder.stats["teacher_middle_cut"]
 
 
-def _answer_key(answer) -> str:
-    """The answer as compared by :func:`shuffled_hints`: its text with whitespace collapsed."""
-    return " ".join(str(answer).split())
-
-
 def shuffled_hints(problems, seed: int) -> dict[str, str]:
     """Wrong hints for a control run: problem id -> another problem's reference solution.
 
     The assignment is a derangement (no problem gets its own solution) and, whenever the
     answers allow it, no problem gets a solution whose answer equals its own (answers compared
-    as text, whitespace collapsed). It depends only on ``problems`` and ``seed``; build it once
-    per run. Construction: problems in a seeded random order, grouped by answer with the
-    largest group first, each mapped to the one ``m`` places further round the circle (``m``
-    = the largest group's size). When ``m <= n / 2`` no problem meets its own answer; otherwise
-    exactly ``2 m - n`` (the fewest possible) do. Raises ValueError, naming a problem, when no
-    two problems have different answers.
+    by `opsd_kit.data.problems.answer_key`: ``1,000`` and ``1000`` are one answer). It depends
+    only on ``problems`` and ``seed``; build it once per run. Construction: problems in a seeded
+    random order, grouped by answer with the largest group first, each mapped to the one ``m``
+    places further round the circle (``m`` = the largest group's size). When ``m <= n / 2`` no
+    problem meets its own answer; otherwise exactly ``2 m - n`` (the fewest possible) do. Raises
+    ValueError, naming a problem, when no two problems have different answers.
     """
     import random
 
+    from opsd_kit.data.problems import answer_key
+
     problems = list(problems)
-    if len({_answer_key(p.answer) for p in problems}) < 2:
+    if len({answer_key(str(p.answer)) for p in problems}) < 2:
         if len(problems) < 2:
             found = f"only {len(problems)} problem" + (f" ({problems[0].id!r})" if problems else "s")
         else:
             found = (f"all {len(problems)} problems, problem {problems[0].id!r} among them, have the answer "
-                     f"{_answer_key(problems[0].answer)!r}")
+                     f"{problems[0].answer!r}")
         raise ValueError(f"a shuffled hint needs at least 2 problems with different answers; got {found}")
     order = list(range(len(problems)))
     random.Random(seed).shuffle(order)
     groups: dict[str, list[int]] = {}
     for i in order:
-        groups.setdefault(_answer_key(problems[i].answer), []).append(i)
+        groups.setdefault(answer_key(str(problems[i].answer)), []).append(i)
     circle = [i for group in sorted(groups.values(), key=len, reverse=True) for i in group]
     shift = len(max(groups.values(), key=len))
     return {problems[circle[k]].id: problems[circle[(k + shift) % len(circle)]].solution

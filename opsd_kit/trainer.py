@@ -23,6 +23,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from opsd_kit.config import GROUP_ALGORITHMS, ConfigError, TrainConfig
@@ -83,7 +84,8 @@ class Trainer:
         config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         config.check_world(self.accelerator.num_processes)
-        check = _prompt_check(config, policy)  # the tokenizer loads (cheap), the model does not
+        builder = _prompt_builder(config, policy)  # the tokenizer loads (cheap), the model does not
+        check = partial(builder.length_error, teacher=algorithm_class(config.algorithm).uses_teacher_prompt)
         self.problems = as_problems(problems, check) if problems is not None else _load_train_problems(config, check)
         if not self.problems:
             source = "problems=[]" if problems is not None else f"train_data={config.train_data!r}"
@@ -101,6 +103,7 @@ class Trainer:
 
             reward_names(config, reward_funcs)  # the weights match the terms: before any model loads
         self.reward_funcs = reward_funcs
+        self.prompts, self.solution_targets = self._tokenise(builder)  # before the weights load: may refuse
         set_seed(config.seed)  # python, numpy, torch (all devices)
         self.run_dir = Path(config.run_dir)
         if policy is None:
@@ -126,20 +129,33 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config)
         self.step = 0
 
-    def _make_algorithm(self):
-        """The run's algorithm, given exactly the collaborators it uses."""
+    def _tokenise(self, builder):
+        """``(prompts, solution_targets)``: every training problem's prompt ids (`PromptCache`, from
+        ``builder``, the one that checked them) and, for SFT and OPSD's ``sft_weight`` term, its
+        reference solution's target ids (`SolutionTargets`, else None). They need the tokenizer
+        only, and refuse what does not fit, so they are built before the weights load."""
         from opsd_kit.prompts import PromptCache
 
         cfg = self.config
+        prompts = PromptCache.build(cfg, builder.tokenizer, self.problems,
+                                    teacher=algorithm_class(cfg.algorithm).uses_teacher_prompt,
+                                    wrong_hints=self.shuffled_hints, builder=builder)
+        if not (cfg.algorithm == "sft" or (cfg.algorithm == "opsd" and cfg.sft_weight)):
+            return prompts, None
+        from opsd_kit.algorithms.sft import SolutionTargets
+
+        return prompts, SolutionTargets(cfg, builder.tokenizer, self.problems, prompts, self.context_length)
+
+    def _make_algorithm(self):
+        """The run's algorithm, given exactly the collaborators it uses."""
+        cfg = self.config
         cls = algorithm_class(cfg.algorithm)
-        prompts = PromptCache.build(cfg, self.policy.tokenizer, self.problems, teacher=cls.uses_teacher_prompt,
-                                    wrong_hints=self.shuffled_hints)
-        collaborators = dict(prompts=prompts, ledger=self.ledger, device=self.accelerator.device,
+        collaborators = dict(prompts=self.prompts, ledger=self.ledger, device=self.accelerator.device,
                              step_problems=self.step_problems)
         if cfg.algorithm == "sft":
-            return cls(cfg, self.policy, problems=self.problems, context_length=self.context_length, **collaborators)
-        if cfg.algorithm == "opsd" and cfg.sft_weight:
-            collaborators.update(problems=self.problems, context_length=self.context_length)
+            return cls(cfg, self.policy, targets=self.solution_targets, **collaborators)
+        if self.solution_targets is not None:
+            collaborators.update(sft_targets=self.solution_targets)
         from opsd_kit.rollout.sampler import RolloutSampler
 
         sampler = RolloutSampler(
@@ -475,17 +491,14 @@ def _context_length(cfg: TrainConfig, policy=None) -> tuple[int | None, str]:
     return None, ""
 
 
-def _prompt_check(cfg: TrainConfig, policy=None):
-    """The function that refuses a training problem whose prompts cannot fit ``max_prompt_tokens``
-    (`opsd_kit.prompts.PromptBuilder.length_error`), on the run's tokenizer."""
-    from functools import partial
-
+def _prompt_builder(cfg: TrainConfig, policy=None):
+    """The run's `opsd_kit.prompts.PromptBuilder` on its tokenizer (the policy's, else loaded
+    alone): its ``length_error`` refuses a training problem whose prompts cannot fit
+    ``max_prompt_tokens``, and the run's `PromptCache` takes the ids it tokenised."""
     from opsd_kit.models import load_tokenizer
     from opsd_kit.prompts import build_prompts
 
-    tokenizer = policy.tokenizer if policy is not None else load_tokenizer(cfg.model)
-    return partial(build_prompts(cfg, tokenizer).length_error,
-                   teacher=algorithm_class(cfg.algorithm).uses_teacher_prompt)
+    return build_prompts(cfg, policy.tokenizer if policy is not None else load_tokenizer(cfg.model))
 
 
 def _load_train_problems(cfg: TrainConfig, check=None):

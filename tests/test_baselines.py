@@ -56,7 +56,6 @@ def test_grpo_per_sequence_normalisation_by_hand():
     # Row 1, A = -2: min(-1.0, -1.6) = -1.6, -2.0, min(-2.6, -2.4) = -2.6; mean -6.2 / 3, loss 6.2 / 3.
     sequence = grpo_token_loss(logp, old, adv, mask, clip_eps=0.2, normalisation="sequence")
     assert sequence.item() == pytest.approx(-1.15 + 6.2 / 3)
-    assert sequence.item() / 2 == pytest.approx((-1.15 + 6.2 / 3) / 2)  # TRL: the mean over the 2 rows
     token = grpo_token_loss(logp, old, adv, mask, clip_eps=0.2)
     assert token.item() == pytest.approx(-(1.1 + 1.2) + 6.2)  # divided by 5 tokens in the trainer
 
@@ -64,8 +63,9 @@ def test_grpo_per_sequence_normalisation_by_hand():
 def test_grpo_per_sequence_normalisation_divides_the_step_by_its_rollouts(tmp_path):
     trainer = Trainer(load_profile("tiny", "grpo", run_dir=str(tmp_path), progress=False,
                                    loss_normalisation="sequence"))
-    trainer.algorithm.grade = lambda rollouts, problems: [float(c[0] % 2) for c in rollouts.completion_ids]
+    trainer.algorithm.reward = lambda rollouts, problems: ([float(i % 2) for i in range(len(rollouts))], {})
     micro, _ = trainer.algorithm.prepare(0)
+    assert not any(mb.zero_gradient for mb in micro)  # every group mixes rewards: every micro-batch has a loss
     assert [mb.loss_units for mb in micro] == [mb.student.completion_mask.shape[0] for mb in micro]
     token = Trainer(load_profile("tiny", "grpo", run_dir=str(tmp_path / "t"), progress=False))
     assert all(mb.loss_units is None for mb in token.algorithm.prepare(0)[0])

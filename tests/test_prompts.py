@@ -176,6 +176,15 @@ def test_shuffled_hints_are_a_seeded_derangement_with_different_answers(answers)
         assert given[p.id].answer.strip() != p.answer.strip()
 
 
+def test_shuffled_hints_compare_answers_as_the_data_module_does():
+    """``1,000`` and ``1000`` are one answer (`opsd_kit.data.problems.answer_key`): neither is a
+    wrong hint for the other."""
+    probs = problems_with_answers(["1,000", "1000", "2", "3"])
+    for seed in range(8):
+        given = donors(probs, shuffled_hints(probs, seed=seed))
+        assert all(given[p.id].answer.replace(",", "") != p.answer.replace(",", "") for p in probs), seed
+
+
 def test_shuffled_hints_share_an_answer_only_when_unavoidable():
     probs = problems_with_answers(["1"] * 5 + ["2", "3"])  # 5 of 7 share an answer: 2 * 5 - 7 = 3 must
     given = donors(probs, shuffled_hints(probs, seed=0))
@@ -188,3 +197,26 @@ def test_shuffled_hints_need_two_different_answers():
         shuffled_hints(problems_with_answers(["4"]), seed=0)
     with pytest.raises(ValueError, match="all 3 problems, problem 'p0' among them, have the answer '4'"):
         shuffled_hints(problems_with_answers(["4", "4", " 4"]), seed=0)
+
+
+def test_the_prompt_check_and_the_cache_tokenise_each_prompt_once(tmp_path, monkeypatch):
+    """The trainer's prompt check (`PromptBuilder.length_error`) and its `PromptCache` share one
+    builder: the student ids the check tokenised are the cache's, no text is tokenised twice."""
+    from collections import Counter
+
+    from opsd_kit.config import load_profile
+    from opsd_kit.trainer import Trainer
+
+    encoded = Counter()
+    encode = PromptBuilder._encode
+
+    def counting(self, text):
+        encoded[text] += 1
+        return encode(self, text)
+
+    monkeypatch.setattr(PromptBuilder, "_encode", counting)
+    trainer = Trainer(load_profile("tiny", "opsd", run_dir=str(tmp_path), progress=False))
+    assert trainer.config.max_prompt_tokens and encoded
+    assert max(encoded.values()) == 1, encoded.most_common(1)
+    fresh = build_prompts(trainer.config, trainer.policy.tokenizer)
+    assert all(trainer.algorithm.prompts.student[p.id] == fresh.student_ids(p) for p in trainer.problems)

@@ -102,6 +102,34 @@ def test_with_equal_prompts_delta_is_zero_on_every_token_for_the_live_teacher_on
             assert delta_BC.abs().max() > 0.1
 
 
+def test_student_score_is_grpo_old_logprobs_without_dropout(tmp_path):
+    """GRPO's old log-probs (num_iterations > 1: train mode, no grad) and the student's score
+    (eval mode, no grad) are one forward when nothing differs between the modes: RLSD computes
+    it once, and its loss is bit-identical to the one with the score computed again."""
+    trainer = _rlsd_trainer(tmp_path)
+    rlsd, policy = trainer.algorithm, trainer.policy
+    assert trainer.config.num_iterations > 1 and policy.model.training and policy.trains_as_it_scores()
+    micro, _ = rlsd.prepare(0)
+    learning = [mb for mb in micro if not mb.zero_gradient]
+    assert learning
+    for mb in learning:
+        assert mb.student_score_logp_BC is mb.old_logp_BC  # no second forward
+        with policy.scoring():
+            scored = rlsd._logp(mb.student).cpu()
+        assert torch.equal(scored, mb.old_logp_BC)
+        reused, _ = rlsd.loss(mb)
+        mb.student_score_logp_BC = scored
+        again, _ = rlsd.loss(mb)
+        assert torch.equal(reused, again)
+
+
+def test_student_score_is_its_own_forward_with_dropout(tmp_path):
+    trainer = _rlsd_trainer(tmp_path, lora_dropout=0.1)
+    assert not trainer.policy.trains_as_it_scores()
+    learning = [mb for mb in trainer.algorithm.prepare(0)[0] if not mb.zero_gradient]
+    assert learning and all(mb.student_score_logp_BC is not mb.old_logp_BC for mb in learning)
+
+
 def test_frozen_teacher_logprobs_are_the_adapter_off_model_on_the_teacher_prompt(tmp_path):
     trainer = _rlsd_trainer(tmp_path, rlsd_teacher="frozen")
     rlsd, policy, cfg = trainer.algorithm, trainer.policy, trainer.config

@@ -68,14 +68,16 @@ class OPSD(Algorithm):
     uses_teacher_prompt = True
     summed_metrics = ("loss/divergence", "loss/sft")
 
-    def __init__(self, config, policy, *, problems=None, context_length: int | None = None, **collaborators):
+    def __init__(self, config, policy, *, problems=None, context_length: int | None = None, sft_targets=None,
+                 **collaborators):
         from opsd_kit.losses import DivergenceSpec
 
         super().__init__(config, policy, **collaborators)
         self.spec = DivergenceSpec.from_config(config)  # the loss settings, read once
-        self.sft_targets = None
-        """The reference solutions as SFT targets (``sft_weight`` > 0: needs ``problems``), else None."""
-        if config.sft_weight:
+        self.sft_targets = sft_targets
+        """The reference solutions as SFT targets (``sft_weight`` > 0: given, or built from
+        ``problems``), else None."""
+        if config.sft_weight and sft_targets is None:
             from opsd_kit.algorithms.sft import SolutionTargets
 
             if problems is None:

@@ -68,7 +68,8 @@ class RLSD(GRPO):
     def _micro_batch(self, problems, completions, adv_B) -> GRPOBatch:
         """GRPO's micro-batch plus the teacher batch [teacher prompt ++ the same completion], the
         teacher's log-probs of the completion tokens and the student's in the same mode (eval,
-        no grad), computed once per batch of rollouts."""
+        no grad), computed once per batch of rollouts. The student's are GRPO's old log-probs
+        (``num_iterations > 1``) where those equal them bit for bit (`Policy.trains_as_it_scores`)."""
         from opsd_kit.prompts import build_batch
 
         mb = super()._micro_batch(problems, completions, adv_B)
@@ -80,8 +81,13 @@ class RLSD(GRPO):
         with self.ledger.phase("teacher"):
             with self.policy.teacher():  # eval mode, no grad; live: adapter on, frozen: adapter off
                 mb.teacher_logp_BC = self._logp(mb.teacher).cpu()
-            with self.policy.scoring():  # eval mode, no grad, adapter on: the student's side of delta
-                mb.student_score_logp_BC = self._logp(mb.student).cpu()
+            if mb.old_logp_BC is not None and self.policy.trains_as_it_scores():
+                # GRPO's old log-probs are this very forward (same weights, batch and temperature,
+                # no grad, no dropout): the student's side of delta, not computed twice
+                mb.student_score_logp_BC = mb.old_logp_BC
+            else:
+                with self.policy.scoring():  # eval mode, no grad, adapter on: the student's side of delta
+                    mb.student_score_logp_BC = self._logp(mb.student).cpu()
         return mb
 
     def advantages(self, mb: GRPOBatch, old_logp_BC) -> tuple:

@@ -72,12 +72,16 @@ def nll_sum(hidden_BCH, head, batch: Batch, *, chunk_size: int):
 
 class SFT(Algorithm):
     """SFT's step: the NLL of the step's reference solutions. Collaborators: `Algorithm`'s (no
-    sampler), plus every training problem (``problems``, tokenised once as targets) and the
-    model's ``context_length`` (None: unknown)."""
+    sampler), plus the training problems' ``targets`` (`SolutionTargets`), or every training
+    problem (``problems``, tokenised once as targets) and the model's ``context_length`` (None:
+    unknown) to build them from."""
 
-    def __init__(self, config, policy, *, problems: list[Problem], context_length: int | None, **collaborators):
+    def __init__(self, config, policy, *, problems: list[Problem] | None = None, context_length: int | None = None,
+                 targets: SolutionTargets | None = None, **collaborators):
         super().__init__(config, policy, **collaborators)
-        self.targets = SolutionTargets(config, self.tokenizer, problems, self.prompts, context_length)
+        if targets is None and problems is None:
+            raise ValueError("SFT needs the training problems (their reference solutions) or their targets")
+        self.targets = targets or SolutionTargets(config, self.tokenizer, problems, self.prompts, context_length)
 
     def prepare(self, step: int) -> tuple[list[SFTBatch], dict]:
         problems = self.step_problems(step)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -182,10 +183,11 @@ def _derive_answer(solution: str, answer_from: str) -> tuple[str, str, str] | No
 _ANSWER_NOISE = re.compile(r"\\[,!;: ]|\\left|\\right|\$|\s+")
 
 
-def _answer_key(answer: str) -> str:
+def answer_key(answer: str) -> str:
     """``answer`` with spacing, ``$`` and ``\\left``/``\\right`` removed, ``\\dfrac`` as
     ``\\frac``, thousands commas (also ``{,}``) and a trailing period dropped: two answers with
-    equal keys are the same answer. A loose check for warnings, not the grader."""
+    equal keys are the same answer (``1,000`` and ``1000``). A loose comparison (the load's
+    answer warnings, `opsd_kit.prompts.shuffled_hints`), not the grader."""
     key = _ANSWER_NOISE.sub("", answer).replace("{,}", ",").rstrip(".")
     key = key.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", key):
@@ -203,7 +205,7 @@ def _answer_warnings(problem: "Problem", where: str, row: int, answer_column: st
         out.append(DataError(where, row, "answer", "answer is NaN",
                              f"column {answer_column!r} holds {problem.answer!r}; kept as the answer"))
     boxed = extract_boxed(problem.solution)
-    if boxed is not None and _answer_key(boxed) != _answer_key(problem.answer):
+    if boxed is not None and answer_key(boxed) != answer_key(problem.answer):
         out.append(DataError(where, row, "answer", "answer disagrees with the solution",
                              f"column {answer_column!r} holds {problem.answer!r}, the last \\boxed{{}} of the "
                              f"solution {boxed!r}; the answer column is used"))
@@ -434,19 +436,33 @@ def _problem(record: Mapping, row: int, where: str, label: str, fields, answer_f
     if problem_id in seen:
         raise DataError(where, row, "id", "duplicate id", f"{problem_id!r} already used by row {seen[problem_id]}")
     problem = Problem(problem_id, question, solution, answer, source)
-    reason = check(problem) if check is not None else None
-    if reason:
-        raise DataError(where, row, "question", "prompt too long", reason)
+    _refuse(problem, check, where, row)
     seen[problem_id] = row
     columns = {"question": _resolve("question", fields, keys), "solution": _resolve("solution", fields, keys),
                "answer": None if how else answer_column, "id": id_column, "source": source_column}
     return problem, how, columns
 
 
+def _refuse(problem: Problem, check, where: str, row: int) -> None:
+    """Raise the DataError of a problem ``check`` refuses ("prompt too long", field "question")."""
+    reason = check(problem) if check is not None else None
+    if reason:
+        raise DataError(where, row, "question", "prompt too long", reason)
+
+
+def random_subset(items: list, size: int | None, seed: int) -> list:
+    """A deterministic random subset of ``size`` of ``items`` (by ``seed``), in their order; all
+    of them when ``size`` is None or not below their count."""
+    if size is None or size >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), size))
+    return [items[i] for i in keep]
+
+
 def build_problems(*, rows, where: str, label: str, fields: Mapping[str, str | None] | None = None,
                    answer_from: str | None = "auto", on_invalid: str = "raise", columns: list[str] | None = None,
                    limit: int | None = None, report: LoadReport | None = None,
-                   check=None) -> tuple[list[Problem], LoadReport]:
+                   check=None, sample: int | None = None, seed: int = 0) -> tuple[list[Problem], LoadReport]:
     """Validate ``rows`` into Problems: every loader's last step.
 
     ``rows`` iterates ``(row number, record)``, a record being a mapping of column -> value or the
@@ -457,6 +473,9 @@ def build_problems(*, rows, where: str, label: str, fields: Mapping[str, str | N
     (``"skip"``); ``limit`` stops after that many kept problems. ``report``: one the caller has
     already counted into (e.g. rows it skipped or fields it derived), else a new one. ``check``: a
     function of a Problem giving why it cannot be used (a refusal, e.g. "prompt too long"), or None.
+    ``sample``: keep `random_subset` (``sample``, ``seed``) of the valid rows, drawn before
+    ``check`` runs, so that only the subset is checked (a refused row of it raises, or is skipped
+    and counted: fewer than ``sample`` problems are then kept); None: every row, each checked.
     """
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
@@ -472,6 +491,8 @@ def build_problems(*, rows, where: str, label: str, fields: Mapping[str, str | N
     if columns is not None:  # a table: a missing column would fail every row, so raise in either mode
         _check_mapped_columns(columns, fields, answer_from, where)
     keys = dict.fromkeys(columns or ())  # every column seen, in order
+    row_of: dict[int, int] = {}  # id(problem) -> its row, for the check of a sample
+    row_check = check if sample is None else None
     for row, record in rows:
         report.n_read += 1
         if isinstance(record, Mapping):
@@ -479,12 +500,13 @@ def build_problems(*, rows, where: str, label: str, fields: Mapping[str, str | N
         try:
             if isinstance(record, DataError):
                 raise record
-            problem, how, read_from = _problem(record, row, where, label, fields, answer_from, seen, check)
+            problem, how, read_from = _problem(record, row, where, label, fields, answer_from, seen, row_check)
         except DataError as error:
             if on_invalid == "raise":
                 raise
             report.count_skipped(error)
             continue
+        row_of[id(problem)] = row
         if how:
             report.count_derived(how)
         elif read_from["answer"] is not None:
@@ -496,8 +518,26 @@ def build_problems(*, rows, where: str, label: str, fields: Mapping[str, str | N
             break
     read = set(report.columns.values()) | {c for c in fields.values() if c is not None}
     report.unused_columns = [str(k) for k in keys if k not in read]
+    if sample is not None:
+        problems = _checked(random_subset(problems, sample, seed), check, row_of, where, on_invalid, report)
     report.n_kept = len(problems)
     return problems, report
+
+
+def _checked(problems: list[Problem], check, row_of: dict, where: str, on_invalid: str,
+             report: LoadReport) -> list[Problem]:
+    """``problems`` that ``check`` accepts; a refused one raises, or is skipped and counted."""
+    kept = []
+    for problem in problems:
+        try:
+            _refuse(problem, check, where, row_of[id(problem)])
+        except DataError as error:
+            if on_invalid == "raise":
+                raise
+            report.count_skipped(error)
+            continue
+        kept.append(problem)
+    return kept
 
 
 def _check_mapped_columns(columns: list[str], fields, answer_from, where: str) -> None:
@@ -522,6 +562,8 @@ def load_problems(
     answer_from: str | None = "auto",
     limit: int | None = None,
     check=None,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> tuple[list[Problem], LoadReport]:
     r"""Load problems from a file, a local ``datasets`` folder, a hub dataset id, or data in memory:
     a ``datasets.Dataset`` (a ``DatasetDict`` with ``split=``), a pandas DataFrame or a list of dicts.
@@ -544,14 +586,16 @@ def load_problems(
     list that does not decode or parse, raise in either mode, since skipping would drop every row.
     ``check``: a function of a `Problem` giving why it cannot be used, or None (e.g.
     `opsd_kit.prompts.PromptBuilder.length_error`); a row it refuses is a bad row ("prompt too
-    long", field "question").
+    long", field "question"). ``sample``: a random subset of that many valid rows by ``seed``,
+    drawn before ``check`` runs (`build_problems`).
     """
     where, label, columns, rows = _read_memory(path_or_name, split) or _read_named(path_or_name, split)
     label = source or label
     if source is not None:  # an explicit source overrides any source column
         fields = {**(fields or {}), "source": None}
     return build_problems(rows=rows, where=where, label=label, fields=fields, answer_from=answer_from,
-                          on_invalid=on_invalid, columns=columns, limit=limit, check=check)
+                          on_invalid=on_invalid, columns=columns, limit=limit, check=check, sample=sample,
+                          seed=seed)
 
 
 def save_problems(problems: Iterable[Problem], path) -> Path:

