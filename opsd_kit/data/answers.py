@@ -172,17 +172,17 @@ def last_number(text) -> str | None:
 
 
 def extract_first_boxed(text, after_think: bool = False) -> str | None:
-    r"""Content of the FIRST ``oxed{...}`` of ``text``, stripped (an empty box gives ``""``);
+    r"""Content of the FIRST ``\boxed{...}`` of ``text``, stripped (an empty box gives ``""``);
     None when there is none or it never closes. ``after_think``: only the text after the last
-    ``</think>`` is read (all of it when there is none). Only the literal ``oxed{`` opens a
-    box here (no ``box``, no space before the brace), as in the official training rewards
+    ``</think>`` is read (all of it when there is none). Only the literal ``\boxed{`` opens a
+    box here (no ``\fbox``, no space before the brace), as in the official training rewards
     (grpo_train.py L47-67, rlsd_train.py L59-78).
 
-    >>> extract_first_boxed(r"oxed{1} then oxed{2}"), extract_first_boxed(r"oxed{rac{1}{2}}")
-    ('1', '\frac{1}{2}')
-    >>> extract_first_boxed(r"<think>oxed{1}</think> so oxed{3}", after_think=True)
+    >>> extract_first_boxed(r"\boxed{1} then \boxed{2}"), extract_first_boxed(r"\boxed{\frac{1}{2}}")
+    ('1', '\\frac{1}{2}')
+    >>> extract_first_boxed(r"<think>\boxed{1}</think> so \boxed{3}", after_think=True)
     '3'
-    >>> [extract_first_boxed(t) for t in ("no box", r"oxed{ }", r"oxed{3", None)]
+    >>> [extract_first_boxed(t) for t in ("no box", r"\boxed{ }", r"\boxed{3", None)]
     [None, '', None, None]
     """
     if not isinstance(text, str):

@@ -157,13 +157,13 @@ def _gold_text(gold) -> str:
 
 def first_box_exact_match(response, gold) -> bool:
     r"""The official GRPO baseline's reward (grpo_train.py L47-104): the content of the FIRST
-    ``oxed{}`` of ``response`` equals ``gold`` as strings after stripping and lower-casing.
-    No math equivalence: ``rac{1}{2}`` is not ``0.5``, ``1,000`` is not ``1000``. No box, an
+    ``\boxed{}`` of ``response`` equals ``gold`` as strings after stripping and lower-casing.
+    No math equivalence: ``\frac{1}{2}`` is not ``0.5``, ``1,000`` is not ``1000``. No box, an
     unclosed first box or a non-string response is False.
 
-    >>> first_box_exact_match(r"so oxed{ 12 } and oxed{13}", "12"), first_box_exact_match(r"oxed{X}", " x ")
+    >>> first_box_exact_match(r"so \boxed{ 12 } and \boxed{13}", "12"), first_box_exact_match(r"\boxed{X}", " x ")
     (True, True)
-    >>> first_box_exact_match(r"oxed{1} then oxed{2}", "2"), first_box_exact_match(r"oxed{0.5}", r"rac{1}{2}")
+    >>> first_box_exact_match(r"\boxed{1} then \boxed{2}", "2"), first_box_exact_match(r"\boxed{0.5}", r"\frac{1}{2}")
     (False, False)
     """
     from opsd_kit.data.answers import extract_first_boxed
