@@ -19,7 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from opsd_kit.config import ALGORITHMS, DTYPES, ConfigError, EvalConfig, TrainConfig, eval_profile_names, profile_names
+from opsd_kit.apps.export import add_export_options
+from opsd_kit.config import ALGORITHMS, ConfigError, EvalConfig, TrainConfig, eval_profile_names, profile_names
 from opsd_kit.run.rundir import RunDir
 
 MODES = ("strict", "lenient")
@@ -80,11 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export an adapter (opsd_kit.apps.export): OUT holds the adapter naming its "
                                    "base by public id, or with --merge a plain transformers model folder.")
     x.add_argument("path", help="a run folder (its final adapter, else its newest checkpoint) or an adapter folder")
-    x.add_argument("out", help="new export folder")
-    x.add_argument("--merge", action="store_true", help="merge the LoRA into the base: a full model folder")
-    x.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="with --merge: load the base unquantised in this dtype (needed for 4-bit runs)")
-    x.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the export to this hub repo")
+    add_export_options(x)
 
     p = sub.add_parser("profiles", help="list the profiles, or show one's every setting")
     p.add_argument("--show", default=None, choices=profile_names(), metavar="NAME",

@@ -118,15 +118,21 @@ def _copy_card(adapter_dir: Path, out_dir: Path, base: dict) -> None:
         write_card(out_dir, base["base_model"], model=base.get("model"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m opsd_kit.apps.export ADAPTER OUT [--merge] [--dtype D] [--push-to-hub ID]``."""
-    parser = argparse.ArgumentParser(prog="python -m opsd_kit.apps.export", description=__doc__.splitlines()[0])
-    parser.add_argument("adapter", help="adapter folder (a run's adapter/ or a checkpoint's)")
+def add_export_options(parser) -> None:
+    """The options after the adapter: OUT, ``--merge``, ``--dtype``, ``--push-to-hub`` (this
+    module's command and ``opsd-kit export`` share them)."""
     parser.add_argument("out", help="new export folder")
     parser.add_argument("--merge", action="store_true", help="merge the LoRA into the base: a full model folder")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="with --merge: load the base unquantised in this dtype (needed for 4-bit runs)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the export to this hub repo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m opsd_kit.apps.export ADAPTER OUT [--merge] [--dtype D] [--push-to-hub ID]``."""
+    parser = argparse.ArgumentParser(prog="python -m opsd_kit.apps.export", description=__doc__.splitlines()[0])
+    parser.add_argument("adapter", help="adapter folder (a run's adapter/ or a checkpoint's)")
+    add_export_options(parser)
     args = parser.parse_args(argv)
     out = export(args.adapter, args.out, merge=args.merge, push_to_hub=args.push_to_hub, dtype=args.dtype)
     print(f"exported {'merged model' if args.merge else 'adapter'} to {out}")

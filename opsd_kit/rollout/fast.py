@@ -94,7 +94,7 @@ class FastEngine:
                                 logprobs=logprobs)
         from opsd_kit.rollout.fused_decoder import FusedDecoder
 
-        if self._decoder is None:  # building it merges the adapter as it is now
+        if self._decoder is None:  # building it merges the adapter as it stands
             self._decoder = FusedDecoder(self.model, rows_hint=settings.batch_size)
         else:
             self._decoder.refresh()
