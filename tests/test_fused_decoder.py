@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_greedy
 
 from opsd_kit.rollout.fast import FastEngine
 from opsd_kit.rollout.fused_decoder import FusedDecoder, draw, process_scores
@@ -47,25 +48,6 @@ def _weights(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _assert_same_greedy(model, prompts, fast, hf):
-    """Equal greedy rows, or rows that part only where the student's own two best logits are
-    within float32 rounding of each other (a tie that summation order may break either way);
-    the tolerance follows from the dtype and the reductions (tests/_numerics.py)."""
-    from _numerics import tolerance
-
-    cfg = model.get_base_model().config
-    for prompt, a, b in zip(prompts, fast.completion_ids, hf.completion_ids):
-        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if k is None:
-            assert a == b
-            continue
-        with torch.no_grad():
-            logits_V = model(input_ids=torch.tensor([prompt + b[:k]])).logits[0, -1].float()
-        tol = tolerance(torch.float32, reduction=max(cfg.hidden_size, cfg.intermediate_size),
-                        scale=float(logits_V.abs().max()), depth=cfg.num_hidden_layers)
-        assert abs(float(logits_V[a[k]] - logits_V[b[k]])) <= tol["atol"], (prompt, k, a[k], b[k])
-
-
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
 def test_greedy_tokens_equal_generate_for_every_supported_layout(kind, tiny_tokenizer):
     policy = _lora_policy(_model(kind, tiny_tokenizer), tiny_tokenizer)
@@ -75,7 +57,7 @@ def test_greedy_tokens_equal_generate_for_every_supported_layout(kind, tiny_toke
     hf = generate(policy.model, tiny_tokenizer, PROMPTS, GREEDY)
     with policy.model.disable_adapter():  # the adapter changes the greedy tokens, so merging it matters
         base = generate(policy.model, tiny_tokenizer, PROMPTS, GREEDY)
-    _assert_same_greedy(policy.model, PROMPTS, fast, hf)
+    assert_same_greedy(policy.model, PROMPTS, fast, hf)
     assert hf.completion_ids != base.completion_ids
 
 
@@ -127,7 +109,7 @@ def test_the_model_is_never_written_and_each_call_samples_the_current_weights(ti
 
     def both():
         fast, hf = engine.generate(PROMPTS, GREEDY), generate(model, tiny_tokenizer, PROMPTS, GREEDY)
-        _assert_same_greedy(model, PROMPTS, fast, hf)
+        assert_same_greedy(model, PROMPTS, fast, hf)
         return hf.completion_ids
 
     before = _weights(model)
@@ -154,7 +136,7 @@ def test_rows_that_stop_early_are_cut_and_padded_as_generate_does(tiny_tokenizer
     policy.model.generation_config.eos_token_id = first  # row 0 stops at once, the others later or never
     settings = GenerationSettings(max_new_tokens=10, temperature=0.0, batch_size=3)
     fast, hf = engine.generate(PROMPTS, settings), generate(policy.model, tiny_tokenizer, PROMPTS, settings)
-    _assert_same_greedy(policy.model, PROMPTS, fast, hf)
+    assert_same_greedy(policy.model, PROMPTS, fast, hf)
     assert fast.completion_ids[0] == [first] and fast.finished == hf.finished
     assert any(len(c) > 1 for c in fast.completion_ids)
 
