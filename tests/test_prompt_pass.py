@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 from _numerics import tolerance
-from test_fused_decoder import _assert_same_greedy
+from conftest import assert_same_greedy
 
 from opsd_kit.algorithms.opsd import OPSDBatch
 from opsd_kit.config import load_profile
@@ -117,7 +117,7 @@ def test_rollouts_from_the_prompt_pass_are_the_students(tmp_path):
             want_V = model(input_ids=torch.tensor([prompt])).logits[0, -1]
             torch.testing.assert_close(logits_V, want_V, **_tolerance(trainer, float(want_V.abs().max())))
     engine = FastEngine(model, tokenizer)
-    _assert_same_greedy(model, prompts, engine.generate(prompts, greedy, prefill=prefill),
+    assert_same_greedy(model, prompts, engine.generate(prompts, greedy, prefill=prefill),
                         engine.generate(prompts, greedy))
     with pytest.raises(ValueError, match="settings.n == 1"):
         engine.generate(prompts, dataclasses.replace(greedy, n=2), prefill=prefill)
