@@ -9,8 +9,8 @@ adapter (``--adapter`` a trained one, else r = 16, alpha = 32 as the cpu-demo pr
 merging it really changes the weights). Every measurement is one fresh worker process (one torch
 thread) that loads the model and times `opsd_kit.evaluation.evaluate.sample_responses` (for
 "fast" the engine's construction and the adapter merge included), then grades both modes.
-The order alternates from pair to pair (base: fast, hf; adapter: hf, fast; the next repeat the
-other way). Per pair the ratio hf seconds / fast seconds (problems/s of fast over hf), in the
+The order alternates from model to model and from repeat to repeat (base: fast, hf; adapter:
+hf, fast; the next repeat the other way round). Per pair the ratio hf seconds / fast seconds (problems/s of fast over hf), in the
 worker's CPU seconds (`time.process_time`; one thread: the seconds it ran, not those it waited
 on a machine shared with other jobs) and by the wall clock; ``speedup`` is the median over models
 and repeats of the CPU-second ratios on CPU (``speedup_cpu_seconds``), of the wall-clock ones on a
@@ -254,7 +254,7 @@ def main(argv=None):
     pair_cpu_ratios = {m: [] for m in MODELS}
     for r in range(args.repeats):
         for i, which in enumerate(MODELS):
-            order = ENGINES if (r * len(MODELS) + i) % 2 == 0 else ENGINES[::-1]
+            order = ENGINES if (r + i) % 2 == 0 else ENGINES[::-1]
             got = {}
             for engine in order:
                 got[engine] = run(args, argv, worker="eval", engine=engine, which=which)
