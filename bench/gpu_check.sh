@@ -22,9 +22,11 @@
 #                  the paper's evaluation protocol (eval_protocol_for) on 3 problems at 32 new
 #                  tokens (the hub benchmarks are not loaded: no network); OPSD with vLLM rollouts
 #                  where vllm is installed. It says what it skipped and why.
+#   bench/eval.py     evaluation: the fast engine vs generate (greedy, cpu-demo protocol, base and
+#                  a random LoRA adapter), problems/s, greedy match rate (its own block, at the end)
 # and writes everything under $OUT (default: bench/out-gpu): gpu_check.log (all output),
 # step_bf16.json, step_4bit.json, loss_bf16.txt, loss_fp32.txt, rollout.json, memory.json,
-# paper.json, summary.txt.
+# paper.json, eval.json, summary.txt.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from the repository root
 #   bash bench/gpu_check.sh --paper-only # only the preflight, the model and bench/paper_check.py
@@ -170,5 +172,23 @@ cat "$OUT/memory.txt" >>"$LOG"
 tail -3 "$OUT/memory.txt" | sed "s/^/[memory] /" >>"$SUMMARY"
 say "[memory] rc=$rc at $(elapsed) s"
 run_paper
+
+# -- evaluation engines (bench/eval.py): the fast engine vs generate, greedy, on the GPU ----------
+# A separate block: the cpu-demo evaluation protocol on the random-weight model (no download;
+# bench_problems synthesises the sums without reasoning_gym), both engines side by side in fresh
+# processes, the greedy match rate and where rows part the logit gap. vLLM is not part of
+# bench/eval.py: whether it is importable here is only reported.
+if [ "$DEVICE" = cuda ]; then EVAL_ARGS="--problems 48 --new-tokens 128 --batch-size 48 --repeats 1"; T_EVAL=240
+else EVAL_ARGS="--problems 4 --new-tokens 8 --batch-size 4 --repeats 1 --gemm-size 256"; T_EVAL=300; fi
+if has vllm; then say "[eval] vllm importable (not benchmarked by bench/eval.py)"
+else say "[eval] vllm not importable: no vLLM evaluation on this machine"; fi
+echo "== eval: $PY bench/eval.py --model $MODEL $EVAL_ARGS" >>"$LOG"
+timeout "$T_EVAL" "$PY" bench/eval.py --model "$MODEL" $EVAL_ARGS --json "$OUT/eval.json" >"$OUT/eval.txt" 2>&1
+rc=$?
+cat "$OUT/eval.txt" >>"$LOG"
+grep -E "^(  repeat|base:|adapter:|speedup)" "$OUT/eval.txt" | sed "s/^/[eval] /" >>"$SUMMARY"
+[ $rc -eq 124 ] && say "[eval] TIMEOUT after $T_EVAL s"
+say "[eval] rc=$rc at $(elapsed) s"
+
 say "== done in $(elapsed) s"
 cat "$SUMMARY"

@@ -45,6 +45,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit")
 BACKENDS = ("hf", "unsloth")
 ROLLOUT_BACKENDS = ("hf", "fast", "vllm")
+EVAL_ENGINES = ("fast", "hf")  # evaluation's sampling engines (`EvalConfig.engine`)
 SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("tensorboard", "wandb")
 REWARD_NAMES = ("correct", "correct_strict", "correct_lenient", "format", "paper")
@@ -569,6 +570,11 @@ class EvalConfig:
     evaluator grades) or 'lenient' (also the last number). Both are always computed."""
     batch_size: int = 32
     """Sequences per generate call."""
+    engine: str = "fast"
+    """Sampling engine: 'fast' (opsd_kit's fused decoder, the adapter merged into a copy of the
+    weights; a model it does not support samples with generate after a warning) or 'hf'
+    (transformers' generate, the reference). Greedy tokens agree up to floating-point ties
+    (bench/eval.py measures the match rate)."""
     seed: int = 0
     """Sampling seed (ignored when greedy) and bootstrap seed."""
     n_bootstrap: int = 10_000
@@ -585,6 +591,7 @@ class EvalConfig:
             error = template_error("student_template", self.student_template)
             if error:
                 raise ConfigError(error)
+        _check(self.engine in EVAL_ENGINES, "engine", self.engine, f"one of {list(EVAL_ENGINES)}")
         for key in ("k", "max_new_tokens", "batch_size", "n_bootstrap"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
         _check(self.size is None or self.size >= 1, "size", self.size, "None or >= 1")
@@ -704,7 +711,7 @@ _PROFILES: dict[str, dict] = {
                      max_prompt_tokens=512, temperature=0.6, top_p=1.0, top_k=0, lora_r=16, lora_alpha=32,
                      learning_rate=2e-4, max_grad_norm=1.0, grading_mode="strict", num_generations=4,
                      num_iterations=1, save_every=6, keep_checkpoints=10, generation_batch_size=32,
-                     loss_chunk_size=64),
+                     loss_chunk_size=64, rollout_backend="fast"),
     # The published OPSD setting for Qwen3-1.7B, in bf16 like the paper's runs. Needs a GPU.
     # Sources: "v3" = arXiv 2601.18734 v3; "1b.sh" = scripts/run_opsd_1b.sh of the official code
     # (github.com/siyan-zhao/OPSD); "kit" = this kit's choice, which changes memory or speed only.

@@ -12,9 +12,12 @@ number of loss units of the whole optimizer step over all processes (tokens; rol
 gradients over processes. The step's gradient is therefore the gradient of (sum over all the
 step's units) / (their count), whatever the micro-batch size or process count (TRL #4719).
 
-Distribution: `accelerate launch -m opsd_kit.apps.cli train ...` runs one process per device. Each
-process takes its share of the step's problems; gradients of the trainable weights are summed
-with `accelerator.reduce` before clipping, so every process applies the same update.
+Distribution: `accelerate launch -m opsd_kit.apps.cli train ...` runs one process per device
+(DDP-style: each holds the whole model). Each process takes its share of the step's problems;
+gradients of the trainable weights are summed with `accelerator.reduce` before clipping, so
+every process applies the same update. The model is never wrapped by `accelerator.prepare`, so
+the modes that would shard or cast it (FSDP, DeepSpeed, Megatron-LM, XLA, accelerate's mixed
+precision) are refused before anything loads (`check_accelerator`).
 """
 from __future__ import annotations
 
@@ -62,6 +65,38 @@ def train(config: TrainConfig, *, problems=None, policy=None, accelerator=None, 
                    reward_funcs=reward_funcs).train()
 
 
+#: accelerate modes that shard, offload or compile the model: the trainer holds the whole model in
+#: every process and reduces the LoRA gradients itself, so under these it would not do what they say.
+UNSUPPORTED_DISTRIBUTED = {
+    "FSDP": "FSDP shards the model over processes",
+    "DEEPSPEED": "DeepSpeed shards or offloads the model and optimizer",
+    "MEGATRON_LM": "Megatron-LM splits the model over processes",
+    "XLA": "XLA (TPU) runs a compiled graph",
+}
+
+
+def check_accelerator(accelerator) -> None:
+    """Refuse an accelerate state the trainer does not implement, before any model loads.
+
+    Supported: one process, or several DDP-style processes (``accelerate launch --multi_gpu
+    --num_processes N``; on CPU as well), each holding the whole model. Refused with a
+    `ConfigError`: FSDP, DeepSpeed, Megatron-LM and XLA (``UNSUPPORTED_DISTRIBUTED``), and
+    accelerate's mixed precision (the dtype is the config's ``dtype``), which would otherwise be
+    ignored: a run that looked sharded or cast but was not.
+    """
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind in UNSUPPORTED_DISTRIBUTED:
+        raise ConfigError(
+            f"accelerate's distributed_type={kind} is not supported: {UNSUPPORTED_DISTRIBUTED[kind]}, but "
+            "opsd_kit's trainer holds the whole model in every process and sums the LoRA gradients itself "
+            "(DDP-style); launch with `accelerate launch --multi_gpu --num_processes N -m opsd_kit.apps.cli "
+            "train ...` and no FSDP/DeepSpeed config (a base that does not fit one device: quantization='4bit')")
+    precision = getattr(accelerator, "mixed_precision", "no")
+    if precision not in (None, "no"):
+        raise ConfigError(f"accelerate's mixed_precision={precision!r} is not supported: the trainer computes in "
+                          "the config's dtype; launch with --mixed_precision no and set dtype='bfloat16' instead")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, *, problems=None, policy=None, accelerator=None, reward_funcs=None):
         import torch
@@ -83,6 +118,7 @@ class Trainer:
         self.context_length, context_source = _context_length(config, policy)
         config.check_context(self.context_length, context_source)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        check_accelerator(self.accelerator)
         config.check_world(self.accelerator.num_processes)
         builder = _prompt_builder(config, policy)  # the tokenizer loads (cheap), the model does not
         check = partial(builder.length_error, teacher=algorithm_class(config.algorithm).uses_teacher_prompt)

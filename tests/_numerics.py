@@ -39,8 +39,9 @@ def trainer_tolerance(trainer, scale: float, tokens: int = 0) -> dict:
 
 def assert_same_greedy(model, prompts, fast, hf) -> None:
     """Equal greedy rows, or rows that part only where the student's own two best logits are
-    within float32 rounding of each other (a tie that summation order may break either way)."""
-    cfg = model.get_base_model().config
+    within float32 rounding of each other (a tie that summation order may break either way).
+    ``model``: a peft or plain causal LM."""
+    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     for prompt, a, b in zip(prompts, fast.completion_ids, hf.completion_ids):
         k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if k is None:

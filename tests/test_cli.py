@@ -86,6 +86,28 @@ def test_eval_prints_both_modes_with_intervals(tiny_runs, capsys):
     assert str(adapter) in capsys.readouterr().out
 
 
+def test_eval_samples_with_the_engine_of_the_protocol(tiny_runs, monkeypatch, capsys):
+    """`--set engine=hf` picks generate (the reference); the protocol's default is the fast engine;
+    an unknown engine is a one-line config error."""
+    from opsd_kit.evaluation import evaluate
+
+    engines = []
+    real = evaluate.evaluate_model
+
+    def spy(*args, **kwargs):
+        engines.append(kwargs["engine"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", spy)
+    assert main(["eval", str(tiny_runs["opsd"]), *EVAL]) == 0
+    assert main(["eval", str(tiny_runs["opsd"]), *EVAL, "engine=hf"]) == 0
+    assert engines == ["fast", "hf"]
+    capsys.readouterr()
+    assert main(["eval", str(tiny_runs["opsd"]), *EVAL, "engine=vllm"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "engine='vllm' is not allowed" in err
+
+
 def test_compare_writes_one_table_and_figures(tiny_runs, tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["compare", str(tiny_runs["opsd"]), f"baseline={tiny_runs['sft']}", "--out", str(out),

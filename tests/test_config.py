@@ -240,6 +240,14 @@ def test_each_profile_has_its_evaluation_protocol():
         load_eval_profile("paper-8bit")
 
 
+def test_the_cpu_demo_rolls_out_and_evaluates_with_the_fast_engine():
+    assert load_profile("cpu-demo").rollout_backend == "fast"
+    assert load_profile("cpu-demo", rollout_backend="hf").rollout_backend == "hf"  # the reference, one setting away
+    assert load_eval_profile("cpu-demo").engine == "fast" and load_eval_profile("cpu-demo", engine="hf").engine == "hf"
+    with pytest.raises(ConfigError, match="engine='vllm' is not allowed"):
+        load_eval_profile("cpu-demo", engine="vllm")
+
+
 @pytest.mark.parametrize("overrides, key", [
     ({"lerning_rate": 1.0}, "learning_rate"),  # unknown key, with a suggestion
     ({"jsd_beta": 1.5}, "jsd_beta"),

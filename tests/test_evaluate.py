@@ -92,7 +92,7 @@ def test_evaluate_model_grading_end_to_end(monkeypatch, tiny_tokenizer):
     monkeypatch.setattr(rollout, "generate", fake_generate)
     problems = [problem(i, g) for i, g in enumerate(golds)]
     settings = GenerationSettings(n=4)
-    result = evaluate.evaluate_model(None, tiny_tokenizer, problems, settings=settings, progress=False)
+    result = evaluate.evaluate_model(None, tiny_tokenizer, problems, settings=settings, progress=False, engine="hf")
     s = result.summary
     assert s["eval/k"] == 4
     assert s["eval/avg@k"] == pytest.approx((2 / 4 + 0 + 0) / 3)
@@ -107,7 +107,7 @@ def test_evaluate_model_grading_end_to_end(monkeypatch, tiny_tokenizer):
     assert result.samples["correct"].tolist()[:4] == [True, True, False, False]
 
     lenient = evaluate.evaluate_model(None, tiny_tokenizer, problems, settings=settings, mode="lenient",
-                                      progress=False)
+                                      progress=False, engine="hf")
     assert lenient.summary["eval/mode"] == "lenient"
     assert lenient.summary["eval/avg@k"] == pytest.approx(s["eval/lenient/avg@k"])
 
@@ -124,7 +124,8 @@ def test_steps_compose_to_evaluate_model(monkeypatch, tiny_tokenizer):
     problems = [problem(0, "2"), problem(1, "4")]
     settings = GenerationSettings(n=2)
 
-    rollouts = evaluate.sample_responses(None, tiny_tokenizer, problems, settings=settings, progress=False)
+    rollouts = evaluate.sample_responses(None, tiny_tokenizer, problems, settings=settings, progress=False,
+                                         engine="hf")
     verdicts = evaluate.grade_responses(rollouts.texts, ["2", "2", "4", "4"])
     assert verdicts.strict == [True, False, False, False]
     assert verdicts.lenient == [True, True, False, True]
@@ -136,7 +137,7 @@ def test_steps_compose_to_evaluate_model(monkeypatch, tiny_tokenizer):
     assert list(result.table["c"]) == [2, 1]
 
     whole = evaluate.evaluate_model(None, tiny_tokenizer, problems, settings=settings, mode="lenient",
-                                    progress=False)
+                                    progress=False, engine="hf")
     timing = {"eval/grading_seconds", "eval/seconds"}
     assert {k: v for k, v in whole.summary.items() if k not in timing} == \
         {k: v for k, v in result.summary.items() if k not in timing}
@@ -149,3 +150,110 @@ def test_grading_names_are_re_exported():
 
     assert evaluate.is_correct is grading.is_correct and evaluate.grade_many is grading.grade_many
     assert evaluate.last_number is answers.last_number
+
+
+# -- the sampling engines: the fast engine and generate (the reference) -------------------------
+def _greedy():
+    from opsd_kit.rollout.hf import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=12, temperature=0.0, n=1, batch_size=2)
+
+
+def _with_random_adapter(model, tokenizer):
+    """``model`` with a LoRA adapter whose ``lora_B`` is random (peft starts it at zero), so that
+    merging it changes the greedy tokens."""
+    import torch
+
+    from opsd_kit.policy import LoraSettings, Policy
+
+    policy = Policy(model, tokenizer, lora=LoraSettings(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return policy.model
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
+def test_fast_greedy_evaluation_equals_generate(adapter, tiny_model, tiny_tokenizer, monkeypatch):
+    """The fused decoder (no fallback: no warning, generate never called) gives generate's greedy
+    tokens, tie-aware, on the base model and on a LoRA adapter; equal tokens give equal accuracies."""
+    import warnings
+
+    from _numerics import assert_same_greedy
+
+    from opsd_kit.prompts import PromptBuilder
+    from opsd_kit.rollout import hf as rollout
+
+    model = _with_random_adapter(tiny_model, tiny_tokenizer) if adapter else tiny_model
+    problems = [problem(i, str(i)) for i in range(5)]
+    prompts = [PromptBuilder(tiny_tokenizer).student_ids(p) for p in problems]
+    run = dict(settings=_greedy(), progress=False, timeout_s=5.0)
+    reference = evaluate.evaluate_model(model, tiny_tokenizer, problems, engine="hf", **run)
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("engine='fast' called generate")
+
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch.setattr(rollout, "generate", no_generate)
+        fast = evaluate.evaluate_model(model, tiny_tokenizer, problems, engine="fast", **run)
+    ids = [list(c) for c in fast.samples["completion_ids"]]
+    ref_ids = [list(c) for c in reference.samples["completion_ids"]]
+    assert_same_greedy(model, prompts, SimpleNamespace(completion_ids=ids), SimpleNamespace(completion_ids=ref_ids))
+    if ids == ref_ids:
+        timing = {"eval/generation_seconds", "eval/grading_seconds", "eval/seconds"}
+        assert {k: v for k, v in fast.summary.items() if k not in timing} == \
+            {k: v for k, v in reference.summary.items() if k not in timing}
+    if adapter:  # the adapter is merged: the base model's tokens differ
+        with model.disable_adapter():
+            base = evaluate.sample_responses(model, tiny_tokenizer, problems, settings=_greedy(), progress=False)
+        assert base.completion_ids != ref_ids
+
+
+def test_fast_sampled_evaluation_repeats_with_its_seed(tiny_model, tiny_tokenizer):
+    from opsd_kit.rollout.hf import GenerationSettings
+
+    problems = [problem(i, str(i)) for i in range(3)]
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.0, n=2, batch_size=4)
+
+    def sample(seed):
+        return evaluate.sample_responses(tiny_model, tiny_tokenizer, problems, settings=settings, seed=seed,
+                                         progress=False, engine="fast").completion_ids
+
+    first = sample(0)
+    assert len(first) == 6 and first == sample(0) != sample(1)
+
+
+def test_fast_evaluation_of_an_unsupported_model_falls_back_to_generate(tiny_model, tiny_tokenizer, monkeypatch):
+    from opsd_kit.rollout.fused_decoder import FusedDecoder
+
+    problems = [problem(i, str(i)) for i in range(3)]
+    reference = evaluate.sample_responses(tiny_model, tiny_tokenizer, problems, settings=_greedy(), progress=False,
+                                          engine="hf")
+    monkeypatch.setattr(FusedDecoder, "unsupported", staticmethod(lambda model: "a reason the test gives"))
+    with pytest.warns(UserWarning, match="a reason the test gives.*sampling with generate"):
+        fast = evaluate.sample_responses(tiny_model, tiny_tokenizer, problems, settings=_greedy(), progress=False,
+                                         engine="fast")
+    assert fast.completion_ids == reference.completion_ids
+
+
+def test_fast_evaluation_of_a_quantized_base_falls_back_to_generate(tiny_model, tiny_tokenizer, monkeypatch):
+    """A quantized base cannot be merged exactly: the fast engine refuses it, evaluation then
+    samples with plain generate (after a warning) instead of failing."""
+    from opsd_kit.rollout import fast as fast_module
+
+    problems = [problem(i, str(i)) for i in range(3)]
+    reference = evaluate.sample_responses(tiny_model, tiny_tokenizer, problems, settings=_greedy(), progress=False,
+                                          engine="hf")
+    monkeypatch.setattr(fast_module, "is_quantized", lambda model, bits=(4, 8): True)
+    with pytest.warns(UserWarning, match="quantized base"):
+        fast = evaluate.sample_responses(tiny_model, tiny_tokenizer, problems, settings=_greedy(), progress=False,
+                                         engine="fast")
+    assert fast.completion_ids == reference.completion_ids
+
+
+def test_an_unknown_engine_is_refused(tiny_tokenizer):
+    with pytest.raises(ValueError, match="engine='vllm' is not an evaluation engine"):
+        evaluate.evaluate_model(None, tiny_tokenizer, [problem(0, "1")], settings=_greedy(), engine="vllm")

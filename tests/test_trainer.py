@@ -347,6 +347,44 @@ def test_two_processes_under_accelerate_launch_agree(tmp_path):
         assert torch.equal(rank0[k], rank1[k]), k
 
 
+@pytest.mark.parametrize("distributed_type, precision, fragment", [
+    ("FSDP", "no", "distributed_type=FSDP is not supported: FSDP shards"),
+    ("DEEPSPEED", "no", "distributed_type=DEEPSPEED is not supported: DeepSpeed shards"),
+    ("MEGATRON_LM", "no", "distributed_type=MEGATRON_LM"),
+    ("MULTI_GPU", "bf16", "mixed_precision='bf16' is not supported"),
+])
+def test_dist_unsupported_accelerate_modes_fail_before_the_model_loads(tmp_path, monkeypatch, distributed_type,
+                                                                       precision, fragment):
+    """An accelerate state the trainer does not implement (a forced one: no such launch on a
+    CPU machine) is refused with its name, before the policy is built."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from opsd_kit import policy as policy_module
+    from opsd_kit.config import ConfigError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the refusal")
+
+    monkeypatch.setattr(policy_module, "build_policy", no_model)
+    state = SimpleNamespace(distributed_type=DistributedType[distributed_type], mixed_precision=precision,
+                            num_processes=2, process_index=0, is_main_process=True, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match=fragment):
+        Trainer(tiny(tmp_path), accelerator=state)
+
+
+def test_dist_ddp_style_states_are_accepted():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from opsd_kit.trainer import check_accelerator
+
+    for kind in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_accelerator(SimpleNamespace(distributed_type=DistributedType[kind], mixed_precision="no"))
+
+
 def test_opsd_steps_on_a_fixed_batch_reduce_the_divergence(tmp_path):
     """The update moves the student towards the privileged teacher (sign and wiring check)."""
     trainer = Trainer(tiny(tmp_path, learning_rate=3e-3, max_grad_norm=1e9))

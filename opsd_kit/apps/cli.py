@@ -2,6 +2,7 @@
 
     opsd-kit train --profile tiny --algorithm opsd --set max_steps=5
     opsd-kit eval runs/tiny-opsd --data reasoning_gym:chain_sum --eval-profile tiny
+    opsd-kit eval runs/tiny-opsd --data reasoning_gym:chain_sum --set engine=hf   # generate, the reference
     opsd-kit compare runs/tiny-opsd runs/tiny-grpo --data eval.jsonl --out runs/study
     opsd-kit profiles --show tiny
     opsd-kit export runs/tiny-opsd runs/tiny-opsd-merged --merge
@@ -130,7 +131,7 @@ def _eval(args) -> int:
     problems, _report = load_source(config.data, size=config.size, seed=config.seed, check=check)
     policy, builder = load_run_policy(run_dir, adapter, student_thinking=config.student_thinking, prompt=prompt)
     result = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder, settings=config.settings(),
-                            mode=config.mode, seed=config.seed, progress=sys.stderr.isatty())
+                            mode=config.mode, seed=config.seed, progress=sys.stderr.isatty(), engine=config.engine)
     indices = bootstrap_indices(len(problems), config.n_bootstrap, config.seed) if config.k > 1 else None
     print(f"{adapter} on {config.data}: {len(problems)} problems, k = {config.k}")
     for mode in MODES:

@@ -2,7 +2,8 @@
 
 :func:`evaluate_model` runs three steps, each callable alone:
 
-- :func:`sample_responses`: student prompts -> ``k`` rollouts per problem;
+- :func:`sample_responses`: student prompts -> ``k`` rollouts per problem (the fast engine, or
+  ``generate`` as the reference);
 - :func:`grade_responses`: responses + golds -> both modes' answers and verdicts (`Verdicts`);
 - :func:`tabulate`: -> `EvalResult` (summary metrics, per-problem and per-sample tables).
 
@@ -14,6 +15,7 @@ pandas and torch are imported inside functions.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import dataclass
@@ -67,7 +69,8 @@ class EvalResult:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "summary.json").write_text(json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
-        self.table.to_csv(folder / "problems.csv", index=False)
+        # every text field quoted: a response may hold a bare carriage return, which ends an unquoted row
+        self.table.to_csv(folder / "problems.csv", index=False, quoting=csv.QUOTE_NONNUMERIC)
         self.samples.to_json(folder / "samples.jsonl", orient="records", lines=True, force_ascii=False)
         return folder
 
@@ -108,18 +111,44 @@ class Verdicts:
 
 
 def sample_responses(model, tokenizer, problems, *, settings, k: int | None = None, builder=None, seed: int = 0,
-                     progress: bool = True) -> Rollouts:
-    """``k`` (default ``settings.n``) sampled responses per problem, from its student prompt."""
+                     progress: bool = True, engine: str = "fast") -> Rollouts:
+    """``k`` (default ``settings.n``) sampled responses per problem, from its student prompt.
+
+    ``engine``: ``"fast"`` samples with `FastEngine` (the fused decoder, the adapter if any merged
+    into a copy of the weights; a model it does not support samples with ``generate`` after a
+    warning, and a quantized base with plain ``generate``, also after a warning) or ``"hf"``
+    (transformers' ``generate``, the reference). Greedy decoding gives the same tokens on both up
+    to floating-point ties (bench/eval.py measures the match rate); sampled responses follow the
+    same distribution but not the same random draws.
+    """
     import dataclasses
 
     from opsd_kit.prompts import PromptBuilder
     from opsd_kit.rollout import hf
 
+    check_engine(engine)
     if k is not None and k != settings.n:
         settings = dataclasses.replace(settings, n=k)
     builder = builder or PromptBuilder(tokenizer)
     prompts = [builder.student_ids(p) for p in problems]
+    if engine == "fast":
+        from opsd_kit.rollout.fast import FastEngine, is_quantized
+
+        if not is_quantized(model):
+            return FastEngine(model, tokenizer).generate(prompts, settings, seed=seed, progress=progress)
+        import warnings
+
+        warnings.warn("engine='fast': a quantized base cannot be merged exactly; sampling with generate "
+                      "(engine='hf') instead", stacklevel=2)
     return hf.generate(model, tokenizer, prompts, settings, seed=seed, progress=progress)
+
+
+def check_engine(engine: str) -> None:
+    """Refuse an unknown evaluation engine."""
+    from opsd_kit.config import EVAL_ENGINES
+
+    if engine not in EVAL_ENGINES:
+        raise ValueError(f"engine={engine!r} is not an evaluation engine; choose one of {list(EVAL_ENGINES)}")
 
 
 def grade_responses(texts, golds, *, timeout_s: float = 5.0, workers: int | None = None) -> Verdicts:
@@ -210,19 +239,20 @@ def tabulate(problems, rollouts: Rollouts, verdicts: Verdicts, *, mode: str = "s
 
 def evaluate_model(model, tokenizer, problems, *, builder=None, settings, k: int | None = None,
                    mode: str = "strict", seed: int = 0, progress: bool = True, timeout_s: float = 5.0,
-                   workers: int | None = None) -> EvalResult:
+                   workers: int | None = None, engine: str = "fast") -> EvalResult:
     """Sample ``k`` answers per problem (student prompts), grade them in both modes, report avg@k.
 
-    :func:`sample_responses`, then :func:`grade_responses` (``timeout_s``, ``workers``: see
-    :func:`grade_many`), then :func:`tabulate` (``mode`` picks the headline; the metrics are
-    documented there).
+    :func:`sample_responses` (``engine``: ``"fast"`` or ``"hf"``, the reference), then
+    :func:`grade_responses` (``timeout_s``, ``workers``: see :func:`grade_many`), then
+    :func:`tabulate` (``mode`` picks the headline; the metrics are documented there).
     """
     check_mode(mode)
+    check_engine(engine)
     problems = list(problems)
     if not problems:
         raise ValueError("evaluate_model needs at least one problem")
     rollouts = sample_responses(model, tokenizer, problems, settings=settings, k=k, builder=builder, seed=seed,
-                                progress=progress)
+                                progress=progress, engine=engine)
     golds = [problems[i].answer for i in rollouts.prompt_index]
     verdicts = grade_responses(rollouts.texts, golds, timeout_s=timeout_s, workers=workers)
     return tabulate(problems, rollouts, verdicts, mode=mode)

@@ -191,7 +191,7 @@ def _evaluate_share(jobs: list, model_run: dict, problem_dicts: list, eval_value
         with policy.model.disable_adapter() if adapter is None else nullcontext():
             result = evaluate_model(policy.model, policy.tokenizer, problems, builder=builder,
                                     settings=eval_config.settings(), mode=eval_config.mode, seed=eval_config.seed,
-                                    progress=progress)
+                                    progress=progress, engine=eval_config.engine)
         folder = result.save(Path(out_dir) / tag)
         (folder / "key.json").write_text(json.dumps(key, indent=2))
     return [None] * len(jobs)

@@ -1,7 +1,8 @@
-"""The fast engine (``rollout_backend="fast"``): `FastEngine` samples without ``generate``, through
-`fused_decoder.FusedDecoder` (the LoRA adapter merged into a copy of the weights, fused projections, a
-static KV cache); for a model the fused decoder does not support, ``generate`` with the adapter merged
-(restored bit for bit after). A `Prefill` is the caller's own pass over the prompts to start from.
+"""The fast engine (``rollout_backend="fast"``, ``EvalConfig.engine="fast"``): `FastEngine` samples
+without ``generate``, through `fused_decoder.FusedDecoder` (the LoRA adapter, if any, merged into a copy
+of the weights, fused projections, a static KV cache); for a model the fused decoder does not support,
+``generate`` with the adapter merged (restored bit for bit after). A `Prefill` is the caller's own
+pass over the prompts to start from.
 """
 from __future__ import annotations
 
@@ -45,16 +46,20 @@ class Prefill:
         return Prefill([cut(k) for k in self.keys], [cut(v) for v in self.values],
                        self.logits_BV[rows.start:rows.stop])
 class FastEngine:
-    """Rollouts from a LoRA policy without Hugging Face ``generate`` (``rollout_backend="fast"``).
+    """Rollouts (and evaluation samples) without Hugging Face ``generate`` (``rollout_backend="fast"``).
 
     Where `fused_decoder.FusedDecoder` supports the model (Llama, SmolLM2, Qwen2, Qwen3 with
-    plain LoRA) it samples: before every call the current adapter is merged into a copy of the
-    projections (fused, on CPU prepacked), then decoding uses a static KV cache; the model itself
-    is never written to. Otherwise (``self.fallback`` says why, with a warning) it samples with
-    `generate` inside `merged`. Either way the sampled distribution is the student's up to floating-point
-    rounding (bench/rollout.py measures greedy agreement and log-probabilities against the
-    student's own forward). Extra memory while sampling: one copy of the decoder's projection weights,
-    released when the call returns.
+    plain LoRA or no adapter) it samples: before every call the current adapter is merged into a
+    copy of the projections (fused, on CPU prepacked), then decoding uses a static KV cache; the
+    model itself is never written to. Otherwise (``self.fallback`` says why, with a warning) it
+    samples with `generate` inside `merged`. Either way the sampled distribution is the model's up
+    to floating-point rounding (bench/rollout.py measures greedy agreement and log-probabilities
+    against the student's own forward; bench/eval.py the greedy evaluation). Extra memory while
+    sampling: one copy of the decoder's projection weights, released when the call returns.
+
+    ``model``: a peft model with a LoRA adapter (training) or a plain transformers causal LM
+    (evaluating a base model: its weights are used as they are). A 4-bit base is refused
+    (`hf.backend_error`): merging LoRA into 4-bit weights is not exact.
     """
 
     def __init__(self, model, tokenizer):
@@ -63,23 +68,23 @@ class FastEngine:
 
         from opsd_kit.rollout.fused_decoder import FusedDecoder
 
-        lora = isinstance(model, PeftModel)
-        error = backend_error("fast", use_lora=lora,
-                              quantization="4bit" if lora and getattr(model.get_base_model(), "is_loaded_in_4bit",
-                                                                      False) else None)
+        self.has_adapter = isinstance(model, PeftModel)
+        """False for a plain causal LM: nothing to merge."""
+        error = backend_error("fast", use_lora=True, quantization="4bit" if is_quantized(model, bits=4) else None)
         if error:
             raise ValueError(error)
         self.model, self.tokenizer = model, tokenizer
         self.fallback = FusedDecoder.unsupported(model)
-        """None when the fused decoder samples; else why `generate` with the adapter merged does."""
+        """None when the fused decoder samples; else why `generate` (with the adapter merged) does."""
         self._decoder: FusedDecoder | None = None
         self._base_weights = []  # what `merged` snapshots and restores (the fallback only)
         if self.fallback:
             import warnings
 
             self._base_weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
-            warnings.warn(f"rollout_backend='fast': the fused decoder cannot run this model ({self.fallback}); "
-                          "sampling with generate and the adapter merged instead", stacklevel=2)
+            merged = " with the adapter merged" if self.has_adapter else ""
+            warnings.warn(f"the fast engine: the fused decoder cannot run this model ({self.fallback}); "
+                          f"sampling with generate{merged} instead", stacklevel=2)
 
     def generate(self, prompt_ids: list[list[int]], settings: GenerationSettings, *, seed: int | None = None,
                  progress: bool = False, logprobs: bool = False, prefill: Prefill | None = None) -> Rollouts:
@@ -115,9 +120,13 @@ class FastEngine:
     @contextmanager
     def merged(self):
         """Inside, the adapter is merged into the base weights; on exit (also on an exception)
-        it is unmerged and the base weights are restored bit for bit."""
+        it is unmerged and the base weights are restored bit for bit. A model without an
+        adapter is yielded as it is."""
         import torch
 
+        if not self.has_adapter:
+            yield self.model
+            return
         with torch.no_grad():
             saved = [w.detach().clone() for w in self._base_weights]
         self.model.merge_adapter()
@@ -128,3 +137,9 @@ class FastEngine:
             with torch.no_grad():
                 for w, original in zip(self._base_weights, saved):
                     w.copy_(original)
+
+
+def is_quantized(model, bits: tuple | int = (4, 8)) -> bool:
+    """Whether ``model``'s base (under a peft wrapper, or the model itself) is loaded in ``bits`` bits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(getattr(base, f"is_loaded_in_{b}bit", False) for b in ((bits,) if isinstance(bits, int) else bits))
