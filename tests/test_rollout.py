@@ -71,15 +71,16 @@ def test_fast_with_4bit_is_refused():
         load_profile("tiny", rollout_backend="fast", quantization="4bit")
 
 
-def test_the_engines_refuse_in_the_words_of_the_config(tiny_model, tiny_tokenizer):
+def test_the_engines_refuse_in_the_words_of_the_config(tiny_model, tiny_tokenizer, monkeypatch):
     """One statement of each backend rule: an engine built anyway says what `validate` says before
-    any model loads."""
+    any model loads. (The fast engine also samples a model without an adapter, for evaluation;
+    training with it needs one, a rule of the config alone.)"""
     from opsd_kit.config import ConfigError, load_profile
     from opsd_kit.rollout.fast import FastEngine
     from opsd_kit.rollout.vllm_engine import VLLMEngine
 
-    cases = [({"rollout_backend": "fast", "use_lora": False, "teacher": "live"}, lambda: FastEngine(tiny_model,
-                                                                                                    tiny_tokenizer)),
+    monkeypatch.setattr(tiny_model, "is_loaded_in_4bit", True, raising=False)  # what bitsandbytes sets
+    cases = [({"rollout_backend": "fast", "quantization": "4bit"}, lambda: FastEngine(tiny_model, tiny_tokenizer)),
              ({"rollout_backend": "vllm", "quantization": "4bit"}, lambda: VLLMEngine("tiny", quantization="4bit"))]
     for overrides, build in cases:
         with pytest.raises(ConfigError) as config_error:

@@ -132,7 +132,8 @@ def test_empty_dataset_fails_before_the_model_loads(tmp_path, no_model_loads):
 
 def test_batch_that_does_not_divide_over_processes_fails_before_the_model_loads(tmp_path, no_model_loads):
     two_processes = SimpleNamespace(num_processes=2, process_index=0, is_main_process=True,
-                                    device=SimpleNamespace(type="cpu"))
+                                    device=SimpleNamespace(type="cpu"), distributed_type="MULTI_CPU",
+                                    mixed_precision="no")
     with pytest.raises(ConfigError) as info:
         Trainer(tiny_config(tmp_path, problems_per_step=3), accelerator=two_processes)
     assert "problems_per_step=3" in str(info.value) and "multiple of 2" in str(info.value)
