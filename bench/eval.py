@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--gemm-size", type=int, default=1536)
     p.add_argument("--profile", action="store_true", help="torch.profiler over one batch of the fast engine")
     p.add_argument("--json")
+    p.add_argument("--note", default=None, help="the conditions of the run, stored in the JSON (e.g. what else ran)")
     # worker mode (internal)
     p.add_argument("--worker-out")
     p.add_argument("--worker", choices=["eval", "gaps", "profile"])
@@ -355,7 +356,7 @@ def main(argv=None):
                               speedup_cpu_seconds_per_pair=pair_cpu_ratios,
                               agreement=agreement, bounds=bounds, gemm=gemm, bandwidth=bandwidth,
                               profile=profile, runs=runs,
-                              note="measured on a machine whose 2 cores were shared with other jobs")
+                              note=args.note)
     return 0
 
 

@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="pairs of runs (the order alternates)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the cpu-demo profile's")
     p.add_argument("--json")
+    p.add_argument("--note", default=None, help="the conditions of the run, stored in the JSON (e.g. what else ran)")
     p.add_argument("--worker-dir", help="(internal) train in this folder")
     return p.parse_args(argv)
 
@@ -203,7 +204,7 @@ def main(argv=None):
                               ranks_identical=ranks_equal, adapter_relative_difference=rel,
                               adapter_tolerance=tolerance, adapter_within_tolerance=rel <= tolerance,
                               adapter_max_abs_difference=max_abs, runs=records,
-                              note="measured on a machine whose 2 cores were shared with other jobs")
+                              note=args.note)
     return 0
 
 
