@@ -134,6 +134,6 @@ def test_the_prompt_pass_is_an_internal_switch_not_a_config_key(fast_trainer, tm
 def test_the_switch_reads_the_policy_it_trains(fast_trainer, tmp_path):
     """A policy need not come from the run's config: its own checkpointing turns the pass off."""
     trainer = fast_trainer(tmp_path)
-    assert can_share_prompt_pass(trainer.config, trainer.policy, trainer.algorithm.sampler)
+    assert can_share_prompt_pass(trainer.policy, trainer.algorithm.sampler)
     trainer.policy.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert not can_share_prompt_pass(trainer.config, trainer.policy, trainer.algorithm.sampler)
+    assert not can_share_prompt_pass(trainer.policy, trainer.algorithm.sampler)

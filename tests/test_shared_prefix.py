@@ -113,7 +113,7 @@ def test_a_model_loaded_through_unsloth_runs_whole_rows(fast_trainer, tmp_path):
     assert trainer.policy.can_run_in_pieces()
     trainer.policy.backend = "unsloth"  # set by Policy.from_pretrained(backend="unsloth") (CUDA only)
     assert not trainer.policy.can_run_in_pieces()
-    assert not can_share_prompt_pass(trainer.config, trainer.policy, trainer.algorithm.sampler)
+    assert not can_share_prompt_pass(trainer.policy, trainer.algorithm.sampler)
 
 
 def test_the_prompt_pass_with_a_shared_prefix_hands_the_decoder_the_left_padded_layout(fast_trainer, tmp_path,

@@ -83,7 +83,7 @@ class OPSD(Algorithm):
             if problems is None:
                 raise ValueError("OPSD with sft_weight > 0 needs the training problems (their reference solutions)")
             self.sft_targets = SolutionTargets(config, self.tokenizer, problems, self.prompts, context_length)
-        self.prompt_pass = SharedPromptPass(config, policy, sampler=self.sampler, ledger=self.ledger,
+        self.prompt_pass = SharedPromptPass(policy, sampler=self.sampler, ledger=self.ledger,
                                             device=self.device)
 
     def prepare(self, step: int) -> tuple[list[OPSDBatch], dict]:

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import DynamicCache
 
-    from opsd_kit.config import TrainConfig
     from opsd_kit.policy import Policy
     from opsd_kit.prompts import Batch
     from opsd_kit.rollout.fast import Prefill
@@ -43,13 +42,13 @@ class PromptPass:
     where the prompts share a prefix, else left padding)."""
 
 
-def can_share_prompt_pass(config: TrainConfig, policy: Policy, sampler: RolloutSampler | None) -> bool:
+def can_share_prompt_pass(policy: Policy, sampler: RolloutSampler | None) -> bool:
     """Whether the pass can be shared: where the fused decoder samples (backend 'fast', a model it
     supports, transformers' modules), the pass in train mode is the sampling policy (no dropout
     anywhere) and its graph lives until backward (no gradient checkpointing, which drops the cache;
     no teacher that writes its weights in before backward: EMA, or frozen at an init adapter,
     `Policy.swaps_teacher_weights`). Read from the policy itself,
-    which need not have been built from this config."""
+    which need not have been built from the run's config."""
     from opsd_kit.rollout.fused_decoder import FusedDecoder
 
     if sampler is None or sampler.backend != "fast" or policy.swaps_teacher_weights:
@@ -61,10 +60,10 @@ class SharedPromptPass:
     """The student's pass over each micro-batch's prompts, run once for the rollout and the loss
     where `can_share_prompt_pass` allows (``enabled``), else nothing: the loss runs whole rows."""
 
-    def __init__(self, config: TrainConfig, policy: Policy, *, sampler: RolloutSampler | None,
+    def __init__(self, policy: Policy, *, sampler: RolloutSampler | None,
                  ledger: TokenLedger, device: torch.device):
         self.policy, self.ledger, self.device = policy, ledger, device
-        self.enabled = can_share_prompt_pass(config, policy, sampler)
+        self.enabled = can_share_prompt_pass(policy, sampler)
         """Whether one student pass over the prompts serves the rollout and the loss."""
 
     def before_sampling(self, prompt_ids_by_micro_batch: list[list[list[int]]]

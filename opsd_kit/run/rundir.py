@@ -1,7 +1,7 @@
 """A run folder, and where a run starts in it. The safe default never destroys work:
 
 - no complete checkpoint in the folder: a fresh run;
-- checkpoints of the same config (`RESUMABLE_CHANGES` aside): resume from the newest;
+- checkpoints of the same config (`config.resumable_fields` aside): resume from the newest;
 - checkpoints of another config: refused with the differing keys, unless ``overwrite=True``;
 - ``resume=False`` over checkpoints: needs ``overwrite=True``; ``resume=True``: needs a checkpoint;
 - another ``max_steps`` (extending a finished run, or shortening one): resumed when the learning
@@ -23,9 +23,6 @@ from pathlib import Path
 
 from opsd_kit.config import RETIRED_FIELDS, ConfigError, TrainConfig, resumable_fields
 from opsd_kit.run.checkpoint import checkpoint_step, complete_checkpoints, remove_checkpoints
-
-RESUMABLE_CHANGES = resumable_fields()
-"""Keys a resumed run may change: they do not change what is trained (`config.resumable_fields`)."""
 
 WAYS_OUT = ("start over with resume=False overwrite=True (`--set resume=false overwrite=true`; deletes them), "
             "or use another run_dir")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from _faults import assert_same_adapter, tiny_config
 
-from opsd_kit.config import ConfigError
-from opsd_kit.run.rundir import RESUMABLE_CHANGES, RunDir, RunStart
+from opsd_kit.config import ConfigError, resumable_fields
+from opsd_kit.run.rundir import RunDir, RunStart
 from opsd_kit.trainer import Trainer
 
 
@@ -38,7 +38,7 @@ def test_checkpoints_of_the_same_config_are_resumed(tmp_path):
     # keys that do not change what is trained may change, max_steps included (extending a finished run)
     same = dict(max_steps=10, save_every=5, keep_checkpoints=4, progress=True, max_generated_tokens=100,
                 micro_batch_size=1, gradient_checkpointing=True)
-    assert set(same) <= set(RESUMABLE_CHANGES)
+    assert set(same) <= set(resumable_fields())
     assert _start(tiny_config(run_dir, **same)).checkpoint.name == "step-000004"
 
 
