@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _numerics import assert_same_greedy
+from _numerics import assert_same_greedy, tolerance
 
 from opsd_kit.rollout.fast import FastEngine
 from opsd_kit.rollout.fused_decoder import FusedDecoder, draw, process_scores
@@ -247,3 +247,85 @@ def test_draw_inverts_the_cumulative_distribution(monkeypatch):
     counts = torch.bincount(draw(probs.expand(n, 4)), minlength=4).double()
     sd = (n * probs[0] * (1 - probs[0])).sqrt()
     assert counts[1] == 0 and ((counts - n * probs[0]).abs() <= 5 * sd).all()
+
+
+STAGGERED = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24], [25, 26]]
+
+
+def _decode(decoder, tokenizer, monkeypatch, compact_at: float, eos_ids: list[int], seed: int = 0, **knobs):
+    """`FusedDecoder.decode` of `STAGGERED` with `COMPACT_AT` set: the completions (cut after the
+    first stop token; the rest of each row must be padding), their log-probabilities, and the
+    number of rows each decode step ran."""
+    import opsd_kit.rollout.fused_decoder as fused
+    from opsd_kit.rollout.hf import left_pad
+
+    rows_per_step = []
+    forward = FusedDecoder._forward
+
+    def counting(self, ids_BQ, *args):
+        rows_per_step.append(ids_BQ.shape[0])
+        return forward(self, ids_BQ, *args)
+
+    monkeypatch.setattr(fused, "COMPACT_AT", compact_at)
+    monkeypatch.setattr(FusedDecoder, "_forward", counting)
+    ids_BL, mask_BL = left_pad(STAGGERED, tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    ids_BN, logprobs_BN = decoder.decode(ids_BL, mask_BL, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
+                                         logprobs=True, **knobs)
+    monkeypatch.undo()
+    completions, logprobs = [], []
+    for row, lp in zip(ids_BN.tolist(), logprobs_BN.tolist()):
+        n = next((j + 1 for j, x in enumerate(row) if x in eos_ids), len(row))
+        assert all(x == tokenizer.pad_token_id for x in row[n:]) and not any(lp[n:])
+        completions.append(row[:n])
+        logprobs.append(lp[:n])
+    return completions, logprobs, rows_per_step[1:]  # [0]: the prompt's pass
+
+
+@pytest.mark.parametrize("temperature, min_new_tokens", [(0.0, 0), (0.8, 0), (0.8, 2)])
+def test_rows_that_stopped_leave_the_batch_and_change_no_token(temperature, min_new_tokens, tiny_tokenizer,
+                                                                 monkeypatch):
+    """Compacting the batch as rows stop (at every stop, and at the default `COMPACT_AT`) gives
+    every row the tokens and log-probabilities of decoding all rows to the end, a seeded sample
+    included: each step draws one uniform per row of the whole batch. Rows may part only at a
+    tie the smaller matmul batch may break either way (greedy: two logits within float32
+    rounding; sampled: the step's uniform within rounding of a boundary of the cumulative
+    distribution); log-probabilities agree within that rounding."""
+    policy = _lora_policy(_model("qwen2", tiny_tokenizer), tiny_tokenizer)
+    model = policy.model.eval()
+    decoder = FusedDecoder(model)
+    knobs = dict(max_new_tokens=16, temperature=temperature, min_new_tokens=min_new_tokens)
+    free, _, _ = _decode(decoder, tiny_tokenizer, monkeypatch, 2.0, eos_ids=[], **knobs)
+    # stop tokens that end row r by step 2 r + 1 (earlier where one of them comes first), the last row maybe never
+    eos_ids = sorted({row[2 * r + 1] for r, row in enumerate(free[:-1])})
+    ref, ref_lp, ref_rows = _decode(decoder, tiny_tokenizer, monkeypatch, 2.0, eos_ids, **knobs)
+    assert set(ref_rows) == {len(STAGGERED)}  # above 1: every row runs every step
+    assert len({len(c) for c in ref}) >= 4  # the rows stop at different steps
+    cfg = model.get_base_model().config
+    for compact_at in (0.0, 0.25):
+        out, out_lp, out_rows = _decode(decoder, tiny_tokenizer, monkeypatch, compact_at, eos_ids, **knobs)
+        assert out_rows == sorted(out_rows, reverse=True) and out_rows[-1] < len(STAGGERED)  # the work shrinks
+        for r, (prompt, a, b) in enumerate(zip(STAGGERED, out, ref)):
+            k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            agree = min(len(a), len(b)) if k is None else k
+            with torch.no_grad():
+                logits_TV = model(input_ids=torch.tensor([prompt + b[:agree]])).logits[0].float()
+            tol = tolerance(torch.float32, reduction=max(cfg.hidden_size, cfg.intermediate_size),
+                            scale=float(logits_TV.abs().max()), depth=cfg.num_hidden_layers)["atol"]
+            scale = 1.0 / temperature if temperature > 0 else 1.0
+            # a log-softmax moves by at most twice the largest move of its scores
+            torch.testing.assert_close(torch.tensor(out_lp[r][:agree]),
+                                       torch.tensor(ref_lp[r][:agree]), rtol=0, atol=2 * tol * scale)
+            if k is None:
+                assert a == b
+                continue
+            scores_V = logits_TV[-1]
+            if k < min_new_tokens:
+                scores_V[eos_ids] = float("-inf")
+            if temperature == 0:
+                assert abs(float(scores_V[a[k]] - scores_V[b[k]])) <= tol, (r, k, a[k], b[k])
+            else:  # the same uniform fell on either side of the boundary between the two tokens
+                torch.manual_seed(0)
+                u = [torch.rand(len(STAGGERED), 1, dtype=torch.float64) for _ in range(k + 1)][k][r]
+                cdf_V = torch.softmax(scores_V / temperature, -1).double().cumsum(-1)
+                assert abs(float(cdf_V[min(a[k], b[k])] - u * cdf_V[-1])) <= 2 * tol * scale, (r, k, a[k], b[k])

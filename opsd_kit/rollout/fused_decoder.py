@@ -16,7 +16,9 @@ with plain tensors instead:
 - the KV cache is allocated once per batch, at its final size, and written in place;
 - the final norm and the output head run on the last position only, and the one new query of a
   decode step attends with plain matmuls;
-- sampling draws one uniform per row (`draw`) instead of one exponential per vocabulary entry.
+- sampling draws one uniform per row (`draw`) instead of one exponential per vocabulary entry;
+- rows that stopped leave the batch (`COMPACT_AT`), so a decode step runs only the rows still
+  sampling.
 
 Norms, rotary embeddings and embeddings are the model's own modules, so the numbers are the
 student's up to the order of floating-point sums (bench/rollout.py measures greedy agreement
@@ -37,6 +39,17 @@ import torch
 import torch.nn.functional as F
 
 from opsd_kit.models import plain_attention_error
+
+COMPACT_AT = 0.25
+"""`FusedDecoder.decode` drops the rows that stopped from the batch (their KV caches, masks and
+positions, by ``index_select``) once they are at least this fraction of the rows it still
+decodes. A compaction copies the kept rows' caches of every layer (at their allocated length),
+about the memory traffic of one decode step's attention, and every later step then skips the
+dropped rows' projections, attention and head; compacting at every stop would pay that copy
+once per stopped row, each time to save one row's work. With a quarter, at most a quarter of a
+step's rows are stopped ones, and each compaction drops at least a quarter of the rows (so a
+batch of B compacts at most about log(B) / log(4/3) times). 0 compacts at every stop; above 1,
+never (every row decodes until all have stopped)."""
 
 
 class _Projection:
@@ -203,17 +216,19 @@ class FusedDecoder:
                eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                min_new_tokens: int = 0, logprobs: bool = False, prefill=None):
         """Sample (``temperature > 0``) or greedily decode up to ``max_new_tokens`` per row of a
-        left-padded batch. Rows that stopped are filled with ``pad_id`` (as ``generate`` does);
-        decoding ends when every row has stopped. ``min_new_tokens`` bans the stop tokens before
-        that many tokens (``generate``'s ``min_new_tokens``; for fixed-length benchmarks).
+        left-padded batch. Rows that stopped are filled with ``pad_id`` (as ``generate`` does)
+        and leave the work (`COMPACT_AT`); decoding ends when every row has stopped. A seed gives
+        the same tokens whichever rows left: each step draws one uniform per row of the batch.
+        ``min_new_tokens`` bans the stop tokens before that many tokens (``generate``'s
+        ``min_new_tokens``; for fixed-length benchmarks).
 
         ``prefill`` (a `rollout.Prefill` in this batch's layout): the prompt's key/value states and
         next-token logits from the caller's own pass (the trainer's student forward), used instead
         of running the prompt through the merged weights here.
 
         Returns ``(new_ids_BN, logprobs_BN)``: the generated ids and, with ``logprobs=True``,
-        each one's log-probability under the processed distribution it was drawn from (None
-        otherwise).
+        each one's log-probability under the processed distribution it was drawn from, 0 after
+        the row's stop token (None with ``logprobs=False``).
         """
         if max_new_tokens < 1:
             raise ValueError(f"decode needs max_new_tokens >= 1, got {max_new_tokens}")
@@ -239,30 +254,43 @@ class FusedDecoder:
             for (k_cache, v_cache), k, v in zip(cache, prefill.keys, prefill.values):
                 k_cache[:, :, :L], v_cache[:, :, :L] = k, v
             logits_BV = prefill.logits_BV
-        position_B1 = position_BL[:, -1:] + 1
+        position_A1 = position_BL[:, -1:] + 1
         eos_E = torch.tensor(eos_ids, dtype=torch.long, device=device)
-        finished_B = torch.zeros(B, dtype=torch.bool, device=device)
+        # the A rows still in the work, as indices into the batch (in order); a row that stopped
+        # stays in the work, fed pad_id, until the next compaction (`COMPACT_AT`)
+        rows_A = torch.arange(B, device=device)
+        finished_A = torch.zeros(B, dtype=torch.bool, device=device)
+        valid_AK, logits_AV = valid_BK, logits_BV
         new_ids_BN = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logprobs_BN = torch.zeros(B, max_new_tokens, device=device) if logprobs else None
         for t in range(max_new_tokens):
-            scores_BV = logits_BV.float()
+            scores_AV = logits_AV.float()
             if t < min_new_tokens:  # out of place: the first logits may be the caller's (a prefill)
-                scores_BV = scores_BV.index_fill(1, eos_E, float("-inf"))
+                scores_AV = scores_AV.index_fill(1, eos_E, float("-inf"))
             if temperature > 0:
-                scores_BV = process_scores(scores_BV, temperature, top_k, top_p)
-                token_B = draw(torch.softmax(scores_BV, -1))
+                scores_AV = process_scores(scores_AV, temperature, top_k, top_p)
+                # one uniform per row of the whole batch, as if no row had left: a seed gives the same tokens
+                u_B1 = torch.rand(B, 1, device=device, dtype=torch.float64)
+                token_A = draw(torch.softmax(scores_AV, -1), u_B1[rows_A])
             else:
-                token_B = scores_BV.argmax(-1)
+                token_A = scores_AV.argmax(-1)
+            token_A = token_A.masked_fill(finished_A, pad_id)
+            new_ids_BN[rows_A, t] = token_A
             if logprobs:
-                logprobs_BN[:, t] = torch.log_softmax(scores_BV, -1).gather(1, token_B[:, None]).squeeze(1)
-            token_B = token_B.masked_fill(finished_B, pad_id)
-            new_ids_BN[:, t] = token_B
-            finished_B |= torch.isin(token_B, eos_E)
-            if t == max_new_tokens - 1 or bool(finished_B.all()):
+                logprob_A = torch.log_softmax(scores_AV, -1).gather(1, token_A[:, None]).squeeze(1)
+                logprobs_BN[rows_A, t] = logprob_A.masked_fill(finished_A, 0.0)
+            finished_A |= torch.isin(token_A, eos_E)
+            done = int(finished_A.sum())
+            if t == max_new_tokens - 1 or done == len(rows_A):
                 break
-            valid_BK[:, L + t] = True
-            logits_BV = self._forward(token_B[:, None], position_B1, cache, L + t, valid_BK[:, None, None, : L + t + 1])
-            position_B1 = position_B1 + 1
+            if done and done >= COMPACT_AT * len(rows_A):
+                keep_A = (~finished_A).nonzero().squeeze(1)
+                cache = [(k.index_select(0, keep_A), v.index_select(0, keep_A)) for k, v in cache]
+                rows_A, finished_A, token_A = rows_A[keep_A], finished_A[keep_A], token_A[keep_A]
+                valid_AK, position_A1 = valid_AK[keep_A], position_A1[keep_A]
+            valid_AK[:, L + t] = True
+            logits_AV = self._forward(token_A[:, None], position_A1, cache, L + t, valid_AK[:, None, None, : L + t + 1])
+            position_A1 = position_A1 + 1
         return new_ids_BN[:, : t + 1], (logprobs_BN[:, : t + 1] if logprobs else None)
 
     def _empty_cache(self, B: int, total: int, device) -> torch.Tensor:
@@ -327,16 +355,18 @@ def process_scores(logits_BV: torch.Tensor, temperature: float, top_k: int, top_
     return scores
 
 
-def draw(probs_BV: torch.Tensor) -> torch.Tensor:
+def draw(probs_BV: torch.Tensor, u_B1: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from ``probs_BV`` by inverting the cumulative distribution at a uniform
-    draw (``torch.rand``, so ``torch.manual_seed`` fixes it). A token of probability 0 is never
-    drawn: its interval of the cumulative sum is empty. The sum runs in float64, so the tail of
-    a 150k-entry vocabulary keeps its intervals (in float32 a token of probability under ~3e-8
-    past the sum's midpoint would round to an empty one). One uniform per row instead of
-    ``torch.multinomial``'s exponential per vocabulary entry."""
+    draw: ``u_B1`` (float64 in [0, 1)), or else ``torch.rand``'s (so ``torch.manual_seed`` fixes
+    it). A token of probability 0 is never drawn: its interval of the cumulative sum is empty.
+    The sum runs in float64, so the tail of a 150k-entry vocabulary keeps its intervals (in
+    float32 a token of probability under ~3e-8 past the sum's midpoint would round to an empty
+    one). One uniform per row instead of ``torch.multinomial``'s exponential per vocabulary
+    entry."""
     cdf_BV = probs_BV.double().cumsum(-1)
-    u_B1 = torch.rand(probs_BV.shape[0], 1, device=probs_BV.device, dtype=cdf_BV.dtype) * cdf_BV[:, -1:]
-    return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(1).clamp_(max=probs_BV.shape[-1] - 1)
+    if u_B1 is None:
+        u_B1 = torch.rand(probs_BV.shape[0], 1, device=probs_BV.device, dtype=cdf_BV.dtype)
+    return torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(1).clamp_(max=probs_BV.shape[-1] - 1)
 
 
 def _causal_lm(model):
