@@ -19,10 +19,24 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     jobs = plan_jobs("tiny", "study")
     methods = [j.method for j in jobs]
     evaluations = {evaluation_task(m) for m in ["base", *methods]}
-    assert set(summary["notebook_seconds"]) == {"00_data_prep", *methods, *evaluations, NOTEBOOKS[-1]}
+    assert set(summary["notebook_seconds"]) == {"00_data_prep", "start", *methods, *evaluations, NOTEBOOKS[-1]}
     # every point was evaluated in the pool's queue: notebook 04 found them all saved
     keys = list((tmp_path / "study" / "evaluations").glob("*/key.json"))
-    assert len(keys) == 1 + 2 + 2 + 1 + 1 + 2  # base, opsd x 2, grpo x 2, sft, opsd-shuffled, opsd-seed1 x 2
+    assert len(keys) == 1 + 2 + 2 + 1 + 1 + 2  # start, opsd x 2, grpo x 2, sft, opsd-shuffled, opsd-seed1 x 2
+    # the common start: an SFT warm-up on its own problems, disjoint from training and evaluation,
+    # which every compared run continues from and which is the study's 'base' point
+    from opsd_kit.data.sources import load_source
+
+    data = {name: load_source(str(tmp_path / "data" / f"{name}.jsonl"))[0]
+            for name in ("train", "eval", "warmup", "val")}
+    assert {name: len(p) for name, p in data.items()} == {"train": 16, "eval": 6, "warmup": 8, "val": 4}
+    ids = [p.id for part in data.values() for p in part]
+    assert len(ids) == len(set(ids))
+    start = json.loads((tmp_path / "start" / "config.json").read_text())
+    assert start["algorithm"] == "sft" and start["max_steps"] == 2 and start["init_adapter"] is None
+    assert {json.loads((tmp_path / j.method / "config.json").read_text())["init_adapter"] for j in jobs} == {
+        str(tmp_path / "start")}
+    assert json.loads((tmp_path / "study" / "evaluations" / "base" / "key.json").read_text())["adapter_sha256"]
     from datetime import datetime
 
     notebook04 = json.loads((tmp_path / "04_evaluation_and_token_efficiency.ipynb").read_text())
@@ -56,6 +70,7 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     # a second run reuses every finished run and evaluation: only 00 and 04 run again
     again = run_demo("tiny", tmp_path, jobs=2, plan="study")
     assert set(again["notebook_seconds"]) == {"00_data_prep", *evaluations, NOTEBOOKS[-1]}
+    assert "[demo] start: a finished run of the same config" in capfd.readouterr().out
     assert again["vs_base"] == summary["vs_base"]
 
 
@@ -80,7 +95,7 @@ def test_a_finished_run_is_reused_under_the_changes_a_resume_allows(tmp_path):
 
 def test_demo_plans_are_valid_configs(tmp_path):
     """Every job of every plan builds a valid config, and the study extends the demo."""
-    from opsd_kit.apps.demo import DEMO_PLANS
+    from opsd_kit.apps.demo import DEMO_PLANS, job_overrides, plan_start
     from opsd_kit.config import load_profile
 
     for profile in DEMO_PLANS:
@@ -89,8 +104,13 @@ def test_demo_plans_are_valid_configs(tmp_path):
         assert full[: len(study)] == study and len(full) > len(study)
         assert len({j.method for j in full}) == len(full)
         assert set(DEMO_PLANS[profile].get("study_points", {})) <= {j.method for j in study}
-        for job in full:
-            load_profile(profile, job.algorithm, run_dir=str(tmp_path / job.method), **job.overrides)
+        start = plan_start(profile)
+        assert start is not None and start.method not in {j.method for j in full}
+        assert job_overrides(profile, start, tmp_path) == start.overrides
+        for job in [start, *full]:
+            overrides = job_overrides(profile, job, tmp_path)
+            assert overrides.get("init_adapter") == (None if job == start else str(tmp_path / start.method))
+            load_profile(profile, job.algorithm, run_dir=str(tmp_path / job.method), **overrides)
 
 
 @pytest.mark.slow
@@ -123,13 +143,16 @@ def test_baseline_notebook_runs_alone_with_only_the_profile_set(tmp_path, notebo
 def test_expected_total_plays_the_queue_out_and_scales_by_machine_speed(monkeypatch, tmp_path):
     import opsd_kit.apps.demo as demo
 
-    reference = {"00_data_prep": 10, "opsd": 100, "grpo": 30, "sft": 20, "opsd-shuffled": 60, "opsd-seed1": 50,
-                 "point": 5, "split": 2, "04": 3}
+    reference = {"00_data_prep": 10, "start": 7, "opsd": 100, "grpo": 30, "sft": 20, "opsd-shuffled": 60,
+                 "opsd-seed1": 50, "point": 5, "split": 2, "04": 3}
     monkeypatch.setitem(demo.REFERENCE_SECONDS, "tiny", reference)
     jobs = plan_jobs("tiny")  # opsd (2 points), grpo (2 points), sft
     # two slots: opsd 0-100 | grpo 0-30, sft 30-50, base 50-55, grpo's evaluation 55-65, sft's
     # 65-70, opsd's 100-110. Then 04: 3 (the demo has no answer-token split).
     assert demo.expected_seconds("tiny", "demo", jobs, 2, tmp_path, scale=2.0) == 2.0 * (10 + 110 + 3)
+    # the common start, still to train, runs before the pool starts
+    start = demo.plan_start("tiny")
+    assert demo.expected_seconds("tiny", "demo", [start, *jobs], 2, tmp_path) == 10 + 7 + 110 + 3
     # the study adds opsd-shuffled and opsd-seed1 (2 points): opsd 0-100, seed1 100-150 | grpo 0-30,
     # sft 30-50, shuffled 50-110, base 110-115, then the evaluations of grpo, sft, opsd and
     # shuffled 115-145, seed1's 150-160; then 04 and the split of 6 models over 2 workers: 3 x 2
@@ -218,7 +241,8 @@ def test_reference_times_cover_the_cpu_demo_and_ship_with_the_package():
     import opsd_kit.apps.demo as demo
 
     for plan in ("demo", "study"):
-        parts = ["00_data_prep", *(j.method for j in plan_jobs("cpu-demo", plan)), "point", "split", "04"]
+        parts = ["00_data_prep", demo.plan_start("cpu-demo").method, *(j.method for j in plan_jobs("cpu-demo", plan)),
+                 "point", "split", "04"]
         assert [p for p in parts if p not in demo.REFERENCE_SECONDS["cpu-demo"]] == []
     assert demo.REFERENCE_MACHINE and set(demo.REFERENCE_CALIBRATION) == set(demo.REFERENCE_SECONDS)
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())

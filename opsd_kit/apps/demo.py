@@ -42,9 +42,16 @@ class TrainingJob:
     gap_problems: int = 0
     """OPSD: held-out problems of notebook 01's teacher-student gap, measured before training
     (0: not measured in this run)."""
+    train_split: str = "train"
+    """The split of notebook 00 it trains on: 'train', or 'warmup' (the common start's problems,
+    disjoint from training and evaluation)."""
 
 
-#: Per profile: data sizes, the evaluation protocol, and the training runs of each plan.
+#: Per profile: data sizes, the evaluation protocol, the common start and the training runs of
+#: each plan. ``start``: a short SFT format warm-up on ``warmup_size`` problems disjoint from
+#: training and evaluation, which every compared run continues from (``init_adapter``) and which
+#: the study's 'base' point is; None: every run starts from the base model. ``val_size``:
+#: problems for choosing settings (`opsd_kit.apps.sweep`), disjoint from the rest.
 #: cpu-demo: OPSD trains 24 steps; GRPO gets a rollout-token budget above OPSD's total
 #: (token-matched, GRPO favoured); SFT trains on the same problems. The study adds the
 #: shuffled-hint OPSD control, a second OPSD seed (whose notebook also measures the
@@ -57,7 +64,8 @@ class TrainingJob:
 #: every notebook path runs in CI.
 DEMO_PLANS = {
     "tiny": dict(
-        train_size=16, eval_size=6, eval_profile="tiny",
+        train_size=16, eval_size=6, eval_profile="tiny", warmup_size=8, val_size=4,
+        start=TrainingJob("start", "sft", {"max_steps": 2}, train_split="warmup"),
         answer_split_samples={"study": 4, "full": 4},
         demo=[TrainingJob("opsd", "opsd", points=2, gap_problems=2), TrainingJob("grpo", "grpo", points=2),
               TrainingJob("sft", "sft")],
@@ -68,16 +76,17 @@ DEMO_PLANS = {
         study_points={"opsd-seed1": 2},
     ),
     "cpu-demo": dict(
-        train_size=256, eval_size=128, eval_profile="cpu-demo",
+        train_size=256, eval_size=128, eval_profile="cpu-demo", warmup_size=96, val_size=128,
+        start=TrainingJob("start", "sft", {"max_steps": 12}, train_split="warmup"),
         answer_split_samples={"study": 16, "full": 16},
-        demo=[TrainingJob("opsd", "opsd"), TrainingJob("grpo", "grpo"), TrainingJob("sft", "sft")],
+        demo=[TrainingJob("opsd", "opsd", points=2), TrainingJob("grpo", "grpo", points=2), TrainingJob("sft", "sft")],
         study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
                TrainingJob("opsd-seed1", "opsd", {"seed": 1}, gap_problems=8),
                TrainingJob("grpo-seed1", "grpo", {"seed": 1})],
         full=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}), TrainingJob("rlsd", "rlsd"),
               TrainingJob("opsd-sft", "opsd", {"sft_weight": 1.0}),
               TrainingJob("grpo-lenient", "grpo", {"rewards": ["correct_lenient", "format"]})],
-        study_points={"opsd": 2},
+        study_points={"opsd": 3, "grpo": 3},
     ),
 }
 PLANS = ("demo", "study", "full")
@@ -90,6 +99,19 @@ def evaluation_task(method: str) -> str:
 
 def notebook_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def plan_start(profile: str) -> TrainingJob | None:
+    """The run every compared run of ``profile``'s plans starts from (None: the base model)."""
+    return DEMO_PLANS[profile].get("start")
+
+
+def job_overrides(profile: str, job: TrainingJob, run_dir: Path) -> dict:
+    """``job``'s config overrides, with ``init_adapter`` naming the plan's start in ``run_dir``."""
+    start = plan_start(profile)
+    if start is None or job == start:
+        return dict(job.overrides)
+    return {**job.overrides, "init_adapter": str(run_dir / start.method)}
 
 
 def plan_jobs(profile: str, plan: str = "demo") -> list[TrainingJob]:
@@ -107,15 +129,17 @@ def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: in
     """Papermill parameters per job name: '00_data_prep', one per training run, '04_...'."""
     from opsd_kit.config import load_profile
 
-    spec, jobs = DEMO_PLANS.get(profile), plan_jobs(profile, plan)
+    spec, jobs, start = DEMO_PLANS.get(profile), plan_jobs(profile, plan), plan_start(profile)
     cfg = load_profile(profile)
     data = run_dir / "data"
     files = dict(train_file=str(data / "train.jsonl"), eval_file=str(data / "eval.jsonl"))
     params = {"00_data_prep": dict(train_source=cfg.train_data, train_size=spec["train_size"], eval_source="",
-                                   eval_size=spec["eval_size"], seed=cfg.seed, model=cfg.model, out_dir=str(data))}
-    for job in jobs:
-        params[job.method] = dict(files, profile=profile, run_dir=str(run_dir / job.method),
-                                  overrides=dict(job.overrides))
+                                   eval_size=spec["eval_size"], warmup_size=spec.get("warmup_size", 0),
+                                   val_size=spec.get("val_size", 0), seed=cfg.seed, model=cfg.model,
+                                   out_dir=str(data))}
+    for job in [start, *jobs] if start else jobs:
+        params[job.method] = dict(files, train_file=str(data / f"{job.train_split}.jsonl"), profile=profile,
+                                  run_dir=str(run_dir / job.method), overrides=job_overrides(profile, job, run_dir))
         if job.algorithm == "opsd":
             params[job.method]["gap_problems"] = job.gap_problems
         if job.algorithm == "rlsd":
@@ -139,7 +163,8 @@ def finished_run(run_dir: Path, profile: str, job: TrainingJob) -> bool:
     from opsd_kit.config import load_profile
     from opsd_kit.run.rundir import RunDir
 
-    return RunDir(run_dir).finished(load_profile(profile, job.algorithm, run_dir=str(run_dir), **job.overrides))
+    return RunDir(run_dir).finished(load_profile(profile, job.algorithm, run_dir=str(run_dir),
+                                                 **job_overrides(profile, job, run_dir.parent)))
 
 
 def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel: str | None = None,
@@ -155,13 +180,20 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     timings: dict[str, float] = {}
     print(f"[demo] {profile} / {plan}: 00, then {len(training)} training runs ({jobs} at a time), then 04",
           flush=True)
-    todo = [j for j in training if not finished_run(run_dir / j.method, profile, j)]
-    for job in training:
+    start_job = plan_start(profile)
+    every = [start_job, *training] if start_job else training
+    todo = [j for j in every if not finished_run(run_dir / j.method, profile, j)]
+    for job in every:
         if job not in todo:
             print(f"[demo] {job.method}: a finished run of the same config is in {run_dir / job.method}; reused",
                   flush=True)
     print(f"[demo] {expected_line(profile, plan, todo, jobs, run_dir)}", flush=True)
     timings["00_data_prep"] = _execute("00_data_prep", "00_data_prep", params, run_dir, kernel)
+    if start_job in todo:  # the common start, before every run that continues from it
+        todo.remove(start_job)
+        timings[start_job.method] = _execute(TRAINING_NOTEBOOK[start_job.algorithm], start_job.method, params,
+                                             run_dir, kernel)
+    start_dir = None if start_job is None else run_dir / start_job.method
     # The pool's queue, in order: the training runs, the base model's evaluation, the evaluation of
     # each reused run; each run's evaluation joins the queue when its training ends. Notebook 04 then
     # finds every evaluation saved under its key and only tabulates, compares and draws.
@@ -174,7 +206,7 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
         running = {pool.submit(_execute, TRAINING_NOTEBOOK[j.algorithm], j.method, params, run_dir, kernel): j
                    for j in todo}
         for method in ["base", *(j.method for j in training if j not in todo)]:
-            running[pool.submit(_evaluate, workers, evaluate, method)] = evaluation_task(method)
+            running[pool.submit(_evaluate, workers, evaluate, method, start_dir)] = evaluation_task(method)
         while running:
             done, _ = wait(running, timeout=progress_every, return_when=FIRST_COMPLETED)
             for future in done:
@@ -182,7 +214,8 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
                 name = task.method if isinstance(task, TrainingJob) else task
                 timings[name] = future.result()  # raises the first failure
                 if isinstance(task, TrainingJob):
-                    running[pool.submit(_evaluate, workers, evaluate, task.method)] = evaluation_task(task.method)
+                    running[pool.submit(_evaluate, workers, evaluate, task.method, start_dir)] = \
+                        evaluation_task(task.method)
             for task in running.values():
                 line = progress_line(run_dir / task.method, profile, task) if isinstance(task, TrainingJob) else None
                 if line:
@@ -285,9 +318,13 @@ def expected_seconds(profile: str, plan: str, todo: list[TrainingJob], jobs: int
     """The expected total: `REFERENCE_SECONDS` times ``scale`` (this machine's time over the
     reference machine's for the same work, from `calibrate`), with the pool's queue played out on ``jobs`` slots as
     `run_demo` fills it (training runs, the base evaluation unless saved, reused runs' new points;
-    each run's evaluation queued when its training ends), then notebook 04."""
+    each run's evaluation queued when its training ends), after notebook 00 and the common start
+    (if it is in ``todo``), then notebook 04."""
     reference = REFERENCE_SECONDS[profile]
     wanted = plan_points(profile, plan)
+    start = plan_start(profile)
+    before = reference[start.method] if start in todo else 0.0
+    todo = [j for j in todo if j != start]
     base_saved = (run_dir / "study" / "evaluations" / "base" / "key.json").is_file()
     queue = [(0.0, reference[j.method], j) for j in todo] + [(0.0, reference["point"] * (not base_saved), None)]
     # a reused run's demo points are saved: only the points the plan adds are new
@@ -303,7 +340,7 @@ def expected_seconds(profile: str, plan: str, todo: list[TrainingJob], jobs: int
             queue.sort(key=lambda task: task[0])  # first submitted, first served
     split_samples = DEMO_PLANS[profile].get("answer_split_samples", {}).get(plan, 0)
     split = math.ceil((1 + len(wanted)) / max(1, jobs)) * reference["split"] if split_samples else 0.0
-    return scale * (reference["00_data_prep"] + max(slots) + reference["04"] + split)
+    return scale * (reference["00_data_prep"] + before + max(slots) + reference["04"] + split)
 
 
 def progress_line(run_dir: Path, profile: str, job: TrainingJob) -> str | None:
@@ -316,7 +353,7 @@ def progress_line(run_dir: Path, profile: str, job: TrainingJob) -> str | None:
     if not lines:
         return None
     last = json.loads(lines[-1])
-    cfg = load_profile(profile, job.algorithm, run_dir=str(run_dir), **job.overrides)
+    cfg = load_profile(profile, job.algorithm, run_dir=str(run_dir), **job_overrides(profile, job, run_dir.parent))
     done = last["step"] / cfg.max_steps
     if cfg.max_generated_tokens:
         done = max(done, last["tokens/generated_total"] / cfg.max_generated_tokens)
@@ -336,22 +373,23 @@ def _papermill():
     return papermill
 
 
-def _evaluate(workers, params: dict, method: str) -> float:
-    """Evaluate ``method``'s checkpoints (or the base model) under notebook 04's protocol, on its
-    problems and with its choice of points, in one of the ``workers`` processes (they outlive a
-    task, so torch and transformers are imported once per process; grading needs their main
-    thread); 04 finds the results saved under the same keys and reuses them."""
-    start = time.perf_counter()
+def _evaluate(workers, params: dict, method: str, start: Path | None) -> float:
+    """Evaluate ``method``'s checkpoints (or, for 'base', the common start: the run folder
+    ``start`` or the base model) under notebook 04's protocol, on its problems and with its choice
+    of points, in one of the ``workers`` processes (they outlive a task, so torch and transformers
+    are imported once per process; grading needs their main thread); 04 finds the results saved
+    under the same keys and reuses them."""
+    begin = time.perf_counter()
     print(f"[demo] {evaluation_task(method)} started", flush=True)
-    workers.submit(_evaluate_in_process, params, method).result()
-    seconds = round(time.perf_counter() - start, 1)
+    workers.submit(_evaluate_in_process, params, method, None if start is None else str(start)).result()
+    seconds = round(time.perf_counter() - begin, 1)
     print(f"[demo] {evaluation_task(method)} done in {seconds} s", flush=True)
     return seconds
 
 
-def _evaluate_in_process(params: dict, method: str) -> None:
-    """Notebook 04's evaluation of ``method``'s points (the profile's base model for 'base'),
-    saved where 04 finds them."""
+def _evaluate_in_process(params: dict, method: str, start: str | None) -> None:
+    """Notebook 04's evaluation of ``method``'s points (for 'base' the common start: the final
+    adapter of the run folder ``start``, or the profile's base model), saved where 04 finds them."""
     from transformers.utils import logging as hf_logging
 
     from opsd_kit.config import load_profile
@@ -359,7 +397,9 @@ def _evaluate_in_process(params: dict, method: str) -> None:
 
     hf_logging.disable_progress_bar()  # the demo's terminal shows one line per task, not a weight-loading bar
     eval_config, problems = study.held_out(params["eval_profile"], params["eval_file"], params["eval_overrides"])
-    if method == "base":  # the profile names the model and prompts every run shares
+    if method == "base" and start is not None:  # the point `study.common_start` names for runs from it
+        model_run, points = start, [study.Point("base", 0, str(Path(start) / "adapter"), start)]
+    elif method == "base":  # the profile names the model and prompts every run shares
         model_run, points = load_profile(params["profile"]), [study.Point("base", 0, None)]
     else:
         model_run = params["runs"][method]

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m opsd_kit.apps.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="cpu-demo", choices=profile_names())
-    parser.add_argument("--algorithm", default="grpo", choices=("grpo", "rlsd"))
+    parser.add_argument("--algorithm", default="grpo", choices=("grpo", "rlsd", "sft"))
     parser.add_argument("--out", required=True, help="folder for the trials' runs and sweep.jsonl")
     parser.add_argument("--grid", default=None, help="JSON object: TrainConfig field -> list of values "
                                                      "(default: DEFAULT_GRID)")
