@@ -11,7 +11,7 @@ PLAN ?= study
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo study lint strip-notebooks bench clean
+.PHONY: install test demo study sweep lint strip-notebooks bench clean
 
 install: $(STAMP)
 
@@ -31,10 +31,23 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m opsd_kit.apps.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS)
 
-# The demo plus the shuffled-hint control and second OPSD and GRPO seeds (PLAN=full: also the
-# hint-contrast loss and RLSD), in the same run folder: finished runs and evaluations are reused.
+# The demo plus the shuffled-hint control, second OPSD and GRPO seeds and OPSD + SFT (PLAN=full: also
+# the hint-contrast loss and RLSD), in the same run folder: finished runs and evaluations are reused.
+# Then the other start: the demo's methods from the base model itself, in $(RUN_DIR)-raw.
 study: $(STAMP)
 	$(PY) -m opsd_kit.apps.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan $(PLAN)
+	$(PY) -m opsd_kit.apps.demo --profile $(PROFILE) --run-dir $(RUN_DIR)-raw --jobs $(JOBS) --plan raw
+
+# The sweeps the demo's choices rest on, after `make demo` (its splits and its common start), scored
+# on its validation problems: the warm-up's length, then GRPO's settings one at a time from the start.
+GRPO_GRID ?= {"learning_rate": [5e-5, 1e-4, 5e-4], "temperature": [1.0], "num_generations": [8], \
+	"rewards": [["correct", "format"]], "num_iterations": [2]}
+sweep: $(STAMP)
+	$(PY) -m opsd_kit.apps.sweep --profile $(PROFILE) --algorithm sft --out $(RUN_DIR)/sweep-warmup \
+		--grid '{"max_steps": [4, 8, 12]}' --train-file $(RUN_DIR)/data/warmup.jsonl --eval-file $(RUN_DIR)/data/val.jsonl
+	$(PY) -m opsd_kit.apps.sweep --profile $(PROFILE) --out $(RUN_DIR)/sweep-grpo --design one-at-a-time \
+		--set '{"init_adapter": "$(RUN_DIR)/start"}' --grid '$(GRPO_GRID)' \
+		--train-file $(RUN_DIR)/data/train.jsonl --eval-file $(RUN_DIR)/data/val.jsonl
 
 lint: $(STAMP)
 	$(PY) -m ruff check opsd_kit tests bench

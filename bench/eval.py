@@ -133,9 +133,11 @@ def worker_eval(args) -> dict:
 
 
 def executed_work(model, prompts, completions, batch_size: int) -> dict:
-    """Floating-point operations and weight reads of the calls that decoded ``completions``:
+    """Floating-point operations and weight reads of the work decoding ``completions`` needs:
     per batch, every row runs the left-padded prompt width, then one position per decode step
-    until the batch's longest completion ends."""
+    until its own completion ends (a decoder that keeps stopped rows in the batch does more:
+    this is the bound of the work, not of one engine's way of doing it). ``decode_steps``: the
+    decode calls, each batch until its longest completion ends."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = causal_lm.config
     embed = causal_lm.get_input_embeddings().weight
@@ -148,13 +150,13 @@ def executed_work(model, prompts, completions, batch_size: int) -> dict:
     for s in range(0, len(prompts), batch_size):
         rows = len(prompts[s:s + batch_size])
         width = max(len(p) for p in prompts[s:s + batch_size])
-        new = max(len(c) for c in completions[s:s + batch_size])
         # prompt: the body at every position, attention over the causal prefix, the head once
         flops += rows * (2 * body * width + 4 * cfg.num_hidden_layers * heads_dim * width * (width + 1) / 2 + 2 * head)
-        # decode steps (the first token comes from the prompt pass)
-        for t in range(1, new):
-            flops += rows * (2 * body + 2 * head + 4 * cfg.num_hidden_layers * heads_dim * (width + t))
-        steps += new
+        # decode steps of each row until its own end (the first token comes from the prompt pass)
+        for completion in completions[s:s + batch_size]:
+            for t in range(1, len(completion)):
+                flops += 2 * body + 2 * head + 4 * cfg.num_hidden_layers * heads_dim * (width + t)
+        steps += max(len(c) for c in completions[s:s + batch_size])
     weight_bytes = (body + head) * embed.element_size()
     return {"flops": flops, "decode_steps": steps, "weight_bytes_per_step": weight_bytes,
             "params_body": body, "params_head": head}

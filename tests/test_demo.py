@@ -37,6 +37,10 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     assert {json.loads((tmp_path / j.method / "config.json").read_text())["init_adapter"] for j in jobs} == {
         str(tmp_path / "start")}
     assert json.loads((tmp_path / "study" / "evaluations" / "base" / "key.json").read_text())["adapter_sha256"]
+    assert summary["start"] == str(tmp_path / "start")
+    from opsd_kit.evaluation.report import render
+
+    assert "'base' is the runs' common start, `start` (init_adapter)." in render(tmp_path)
     from datetime import datetime
 
     notebook04 = json.loads((tmp_path / "04_evaluation_and_token_efficiency.ipynb").read_text())
@@ -74,6 +78,20 @@ def test_the_study_runs_every_notebook_on_the_tiny_profile(tmp_path, capfd):
     assert again["vs_base"] == summary["vs_base"]
 
 
+@pytest.mark.slow
+def test_the_raw_plan_runs_the_demos_methods_from_the_base_model(tmp_path):
+    summary = run_demo("tiny", tmp_path, jobs=2, plan="raw")
+    methods = [j.method for j in plan_jobs("tiny", "raw")]
+    assert set(summary["notebook_seconds"]) == {"00_data_prep", *methods, NOTEBOOKS[-1],
+                                                *(evaluation_task(m) for m in ["base", *methods])}
+    assert not (tmp_path / "start").exists() and summary["start"] is None
+    for method in methods:
+        assert json.loads((tmp_path / method / "config.json").read_text())["init_adapter"] is None
+    assert json.loads((tmp_path / "study" / "evaluations" / "base" / "key.json").read_text())["adapter_sha256"] is None
+    grpo = json.loads((tmp_path / "grpo" / "config.json").read_text())
+    assert grpo["rewards"] == ["correct_lenient", "format"]
+
+
 def test_a_finished_run_is_reused_under_the_changes_a_resume_allows(tmp_path):
     """The demo reuses a finished run whose config differs from the job's only in keys a resumed run
     may change (the folder it was trained in, micro_batch_size), and trains where a run of the job's
@@ -88,9 +106,10 @@ def test_a_finished_run_is_reused_under_the_changes_a_resume_allows(tmp_path):
     (checkpoint / "COMPLETE").write_text(str(saved.max_steps))
     saved.save(run_dir / "config.json")
     (run_dir / "adapter").mkdir()
-    assert finished_run(run_dir, "tiny", TrainingJob("sft", "sft"))
-    assert not finished_run(run_dir, "tiny", TrainingJob("sft", "sft", {"seed": 1}))
-    assert not finished_run(run_dir, "tiny", TrainingJob("sft", "sft", {"max_steps": saved.max_steps + 1}))
+    # (the raw plan: no common start, so the job's config is the profile's with its overrides)
+    assert finished_run(run_dir, "tiny", TrainingJob("sft", "sft"), "raw")
+    assert not finished_run(run_dir, "tiny", TrainingJob("sft", "sft", {"seed": 1}), "raw")
+    assert not finished_run(run_dir, "tiny", TrainingJob("sft", "sft", {"max_steps": saved.max_steps + 1}), "raw")
 
 
 def test_demo_plans_are_valid_configs(tmp_path):
@@ -110,6 +129,13 @@ def test_demo_plans_are_valid_configs(tmp_path):
         for job in [start, *full]:
             overrides = job_overrides(profile, job, tmp_path)
             assert overrides.get("init_adapter") == (None if job == start else str(tmp_path / start.method))
+            load_profile(profile, job.algorithm, run_dir=str(tmp_path / job.method), **overrides)
+        # the other start: the demo's methods from the base model itself
+        raw = plan_jobs(profile, "raw")
+        assert plan_start(profile, "raw") is None and [j.algorithm for j in raw] == [j.algorithm for j in demo]
+        for job in raw:
+            overrides = job_overrides(profile, job, tmp_path, "raw")
+            assert "init_adapter" not in overrides
             load_profile(profile, job.algorithm, run_dir=str(tmp_path / job.method), **overrides)
 
 
@@ -231,9 +257,11 @@ def test_a_finished_notebooks_kernel_is_shut_down_without_a_sigint(monkeypatch):
     assert interrupted == [False]
 
 
-def test_reference_times_cover_the_cpu_demo_and_ship_with_the_package():
-    """The cpu-demo demo and study always print an expected total: demo_times.json has a time for
-    every part they run, and pyproject ships the file in the wheel."""
+def test_reference_times_ship_with_the_package_and_a_missing_one_is_named(tmp_path):
+    """demo_times.json has a time for every part of the tiny plans (tests/test_demo.py's study
+    prints its expected total); where a cpu-demo part has none (the common start, the raw plan, not
+    yet measured on the reference machine), the demo names it instead of guessing; pyproject ships
+    the file in the wheel."""
     from pathlib import Path
 
     import tomllib
@@ -241,9 +269,14 @@ def test_reference_times_cover_the_cpu_demo_and_ship_with_the_package():
     import opsd_kit.apps.demo as demo
 
     for plan in ("demo", "study"):
-        parts = ["00_data_prep", demo.plan_start("cpu-demo").method, *(j.method for j in plan_jobs("cpu-demo", plan)),
-                 "point", "split", "04"]
-        assert [p for p in parts if p not in demo.REFERENCE_SECONDS["cpu-demo"]] == []
+        parts = ["00_data_prep", demo.plan_start("tiny", plan).method,
+                 *(demo.reference_key(plan, j) for j in plan_jobs("tiny", plan)), "point", "split", "04"]
+        assert [p for p in parts if p not in demo.REFERENCE_SECONDS["tiny"]] == []
+    todo = [demo.plan_start("cpu-demo"), *plan_jobs("cpu-demo")]
+    missing = [p for p in ["00_data_prep", "start", "opsd", "grpo", "sft", "point", "split", "04"]
+               if p not in demo.REFERENCE_SECONDS["cpu-demo"]]
+    line = demo.expected_line("cpu-demo", "demo", todo, 2, tmp_path)
+    assert line.startswith("no expected total") and (not missing or str(missing) in line)
     assert demo.REFERENCE_MACHINE and set(demo.REFERENCE_CALIBRATION) == set(demo.REFERENCE_SECONDS)
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "demo_times.json" in pyproject["tool"]["setuptools"]["package-data"]["opsd_kit.apps"]

@@ -22,4 +22,4 @@ def test_results_md_is_generated_from_the_runs():
 
 def test_every_hand_written_section_is_used():
     make_results = _make_results()
-    assert set(make_results.notes()) == {"setting", *make_results.RUNS}
+    assert set(make_results.notes()) == {"setting", *make_results.RUNS, *make_results.SWEEPS}

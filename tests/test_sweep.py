@@ -17,6 +17,14 @@ def test_grid_is_every_combination_first_key_slowest():
         sweep.grid_trials({"temperature": []})
 
 
+def test_one_at_a_time_is_the_profiles_settings_then_each_value_alone():
+    grid = {"num_generations": [8], "temperature": [1.0, 1.2]}
+    assert sweep.grid_trials(grid, "one-at-a-time") == [{}, {"num_generations": 8}, {"temperature": 1.0},
+                                                         {"temperature": 1.2}]
+    with pytest.raises(ValueError, match="design must be one of"):
+        sweep.grid_trials(grid, "random")
+
+
 def fake_train(calls):
     def train(config, problems):
         calls.append(config)

@@ -1,12 +1,14 @@
 """The main job: notebooks 00 to 04 under papermill, into one run folder.
 
 ``python -m opsd_kit.apps.demo --profile cpu-demo --run-dir runs/demo`` (what ``make demo`` runs):
-notebook 00 writes the leakage-checked splits; the training notebooks (OPSD, GRPO, SFT)
-run next, ``--jobs`` of them at a time (each in its own kernel, one torch thread); the base
-model's evaluation joins that queue after them and each run's evaluation when its training
+notebook 00 writes the leakage-checked splits; the common start (a short SFT format warm-up on
+problems of its own) trains next; the training notebooks (OPSD, GRPO, SFT), each continuing from
+it, run then, ``--jobs`` of them at a time (each in its own kernel, one torch thread); the start's
+evaluation (the study's base) joins that queue after them and each run's evaluation when its training
 ends; notebook 04 then tabulates, compares and draws. ``--plan study`` (``make study``) adds the
-shuffled-hint control and second OPSD and GRPO seeds, ``--plan full`` (``make study PLAN=full``)
-the hint-contrast loss and RLSD, in the same run folder: a training job whose
+shuffled-hint control, second OPSD and GRPO seeds and OPSD + SFT, ``--plan full`` the hint-contrast
+loss and RLSD, in the same run folder; ``--plan raw`` runs the demo's methods from the base model
+itself (``make study`` runs it in a folder of its own). A training job whose
 folder already holds a finished run of the same configuration is reused, not run again, and so
 are evaluations already made under the same protocol.
 The run folder gets the executed notebooks, each run, the study and ``summary.json``.
@@ -49,19 +51,23 @@ class TrainingJob:
 
 #: Per profile: data sizes, the evaluation protocol, the common start and the training runs of
 #: each plan. ``start``: a short SFT format warm-up on ``warmup_size`` problems disjoint from
-#: training and evaluation, which every compared run continues from (``init_adapter``) and which
-#: the study's 'base' point is; None: every run starts from the base model. ``val_size``:
-#: problems for choosing settings (`opsd_kit.apps.sweep`), disjoint from the rest.
+#: training and evaluation, which every run of the demo, study and full plans continues from
+#: (``init_adapter``) and which their study's 'base' point is. ``val_size``: problems for choosing
+#: settings (`opsd_kit.apps.sweep`, ``make sweep``), disjoint from the rest.
 #: cpu-demo: OPSD trains 24 steps; GRPO gets a rollout-token budget above OPSD's total
-#: (token-matched, GRPO favoured); SFT trains on the same problems. The study adds the
+#: (token-matched, GRPO favoured); SFT trains on the same problems; OPSD and GRPO are evaluated at
+#: two points each (``points``), three in the study (``study_points``). The study adds the
 #: shuffled-hint OPSD control, a second OPSD seed (whose notebook also measures the
-#: teacher-student gap, kept off the demo's critical path), a second GRPO seed, OPSD's mid-run
-#: checkpoint (``study_points``) and the answer-token divergence split (``answer_split_samples``
-#: rollouts per model, 0 when a plan has none), which the demo leaves out to stay short on a
-#: 2-core CPU. The full study adds the hint-contrast loss and RLSD (with GRPO's budget and strict
-#: reward), OPSD + SFT (``sft_weight`` 1) and GRPO rewarded for a leniently read correct answer plus a
-#: parsable box (``rewards``). The tiny profile's plans have the same shape; tests/test_demo.py runs its study, so
-#: every notebook path runs in CI.
+#: teacher-student gap, kept off the demo's critical path), a second GRPO seed, OPSD + SFT
+#: (``sft_weight`` 1) and the answer-token divergence split (``answer_split_samples`` rollouts per
+#: model, 0 when a plan has none). The full study adds the hint-contrast loss, RLSD (with GRPO's
+#: budget and reward) and GRPO rewarded for a leniently read correct answer plus a parsable box.
+#: ``raw``: the demo's runs from the base model itself (the other start, in its own run folder).
+#: The tiny profile's plans have the same shape; tests/test_demo.py runs its study and raw plans,
+#: so every notebook path runs in CI.
+RAW_GRPO = {"rewards": ["correct_lenient", "format"]}
+"""GRPO's reward from the raw model, which never boxes an answer: the strict reward earns nothing
+there (docs/results.md), a leniently read answer and a parsable box do."""
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny", warmup_size=8, val_size=4,
@@ -73,6 +79,8 @@ DEMO_PLANS = {
                TrainingJob("opsd-seed1", "opsd", {"seed": 1})],
         full=[TrainingJob("rlsd", "rlsd"), TrainingJob("opsd-sft", "opsd", {"sft_weight": 1.0}),
               TrainingJob("grpo-lenient", "grpo", {"rewards": ["correct_lenient", "format"]})],
+        raw=[TrainingJob("opsd", "opsd", points=2), TrainingJob("grpo", "grpo", RAW_GRPO, points=2),
+             TrainingJob("sft", "sft")],
         study_points={"opsd-seed1": 2},
     ),
     "cpu-demo": dict(
@@ -82,14 +90,16 @@ DEMO_PLANS = {
         demo=[TrainingJob("opsd", "opsd", points=2), TrainingJob("grpo", "grpo", points=2), TrainingJob("sft", "sft")],
         study=[TrainingJob("opsd-shuffled", "opsd", {"teacher_hint": "shuffled"}),
                TrainingJob("opsd-seed1", "opsd", {"seed": 1}, gap_problems=8),
-               TrainingJob("grpo-seed1", "grpo", {"seed": 1})],
+               TrainingJob("grpo-seed1", "grpo", {"seed": 1}), TrainingJob("opsd-sft", "opsd", {"sft_weight": 1.0})],
         full=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}), TrainingJob("rlsd", "rlsd"),
-              TrainingJob("opsd-sft", "opsd", {"sft_weight": 1.0}),
               TrainingJob("grpo-lenient", "grpo", {"rewards": ["correct_lenient", "format"]})],
+        raw=[TrainingJob("opsd", "opsd", points=2), TrainingJob("grpo", "grpo", RAW_GRPO, points=2),
+             TrainingJob("sft", "sft")],
         study_points={"opsd": 3, "grpo": 3},
     ),
 }
-PLANS = ("demo", "study", "full")
+PLANS = ("demo", "study", "full", "raw")
+"""'demo' < 'study' < 'full' from the common start; 'raw': the runs of ``raw`` from the base model."""
 
 
 def evaluation_task(method: str) -> str:
@@ -101,14 +111,14 @@ def notebook_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "notebooks"
 
 
-def plan_start(profile: str) -> TrainingJob | None:
-    """The run every compared run of ``profile``'s plans starts from (None: the base model)."""
-    return DEMO_PLANS[profile].get("start")
+def plan_start(profile: str, plan: str = "demo") -> TrainingJob | None:
+    """The run every compared run of ``plan`` starts from (None: the base model)."""
+    return None if plan == "raw" else DEMO_PLANS[profile].get("start")
 
 
-def job_overrides(profile: str, job: TrainingJob, run_dir: Path) -> dict:
+def job_overrides(profile: str, job: TrainingJob, run_dir: Path, plan: str = "demo") -> dict:
     """``job``'s config overrides, with ``init_adapter`` naming the plan's start in ``run_dir``."""
-    start = plan_start(profile)
+    start = plan_start(profile, plan)
     if start is None or job == start:
         return dict(job.overrides)
     return {**job.overrides, "init_adapter": str(run_dir / start.method)}
@@ -122,6 +132,8 @@ def plan_jobs(profile: str, plan: str = "demo") -> list[TrainingJob]:
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     spec = DEMO_PLANS[profile]
+    if plan == "raw":
+        return list(spec["raw"])
     return [*spec["demo"], *(spec["study"] if plan != "demo" else []), *(spec["full"] if plan == "full" else [])]
 
 
@@ -129,7 +141,7 @@ def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: in
     """Papermill parameters per job name: '00_data_prep', one per training run, '04_...'."""
     from opsd_kit.config import load_profile
 
-    spec, jobs, start = DEMO_PLANS.get(profile), plan_jobs(profile, plan), plan_start(profile)
+    spec, jobs, start = DEMO_PLANS.get(profile), plan_jobs(profile, plan), plan_start(profile, plan)
     cfg = load_profile(profile)
     data = run_dir / "data"
     files = dict(train_file=str(data / "train.jsonl"), eval_file=str(data / "eval.jsonl"))
@@ -139,7 +151,8 @@ def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: in
                                    out_dir=str(data))}
     for job in [start, *jobs] if start else jobs:
         params[job.method] = dict(files, train_file=str(data / f"{job.train_split}.jsonl"), profile=profile,
-                                  run_dir=str(run_dir / job.method), overrides=job_overrides(profile, job, run_dir))
+                                  run_dir=str(run_dir / job.method),
+                                  overrides=job_overrides(profile, job, run_dir, plan))
         if job.algorithm == "opsd":
             params[job.method]["gap_problems"] = job.gap_problems
         if job.algorithm == "rlsd":
@@ -153,18 +166,18 @@ def demo_parameters(profile: str, run_dir: Path, plan: str = "demo", workers: in
 
 def plan_points(profile: str, plan: str = "demo") -> dict[str, int]:
     """How many checkpoints notebook 04 evaluates per training run of ``plan``."""
-    study_points = DEMO_PLANS[profile].get("study_points", {}) if plan != "demo" else {}
+    study_points = DEMO_PLANS[profile].get("study_points", {}) if plan in ("study", "full") else {}
     return {j.method: study_points.get(j.method, j.points) for j in plan_jobs(profile, plan)}
 
 
-def finished_run(run_dir: Path, profile: str, job: TrainingJob) -> bool:
+def finished_run(run_dir: Path, profile: str, job: TrainingJob, plan: str = "demo") -> bool:
     """True when ``run_dir`` holds a run that training this job's config would not continue:
     finished, of the same config up to the keys a resumed run may change (`run.rundir.RunDir.finished`)."""
     from opsd_kit.config import load_profile
     from opsd_kit.run.rundir import RunDir
 
     return RunDir(run_dir).finished(load_profile(profile, job.algorithm, run_dir=str(run_dir),
-                                                 **job_overrides(profile, job, run_dir.parent)))
+                                                 **job_overrides(profile, job, run_dir.parent, plan)))
 
 
 def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel: str | None = None,
@@ -180,9 +193,9 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
     timings: dict[str, float] = {}
     print(f"[demo] {profile} / {plan}: 00, then {len(training)} training runs ({jobs} at a time), then 04",
           flush=True)
-    start_job = plan_start(profile)
+    start_job = plan_start(profile, plan)
     every = [start_job, *training] if start_job else training
-    todo = [j for j in every if not finished_run(run_dir / j.method, profile, j)]
+    todo = [j for j in every if not finished_run(run_dir / j.method, profile, j, plan)]
     for job in every:
         if job not in todo:
             print(f"[demo] {job.method}: a finished run of the same config is in {run_dir / job.method}; reused",
@@ -217,7 +230,8 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
                     running[pool.submit(_evaluate, workers, evaluate, task.method, start_dir)] = \
                         evaluation_task(task.method)
             for task in running.values():
-                line = progress_line(run_dir / task.method, profile, task) if isinstance(task, TrainingJob) else None
+                training_job = isinstance(task, TrainingJob)
+                line = progress_line(run_dir / task.method, profile, task, plan) if training_job else None
                 if line:
                     print(f"[demo] {task.method}: {line}", flush=True)
     name = "04_evaluation_and_token_efficiency"
@@ -290,7 +304,8 @@ def expected_line(profile: str, plan: str, todo: list[TrainingJob], jobs: int, r
     measured by `calibrate` as two ratios (training step, decode step): the estimate uses their
     geometric mean, the range each ratio alone, widened by the spread of the repeats."""
     reference = REFERENCE_SECONDS.get(profile, {})
-    missing = [p for p in ["00_data_prep", *(j.method for j in todo), "point", "split", "04"] if p not in reference]
+    parts = ["00_data_prep", *(reference_key(plan, j) for j in todo), "point", "split", "04"]
+    missing = [p for p in parts if p not in reference]
     if missing:
         return f"no expected total: no reference time for {missing} of profile {profile!r}"
     there = REFERENCE_CALIBRATION.get(profile)
@@ -309,6 +324,12 @@ def expected_line(profile: str, plan: str, todo: list[TrainingJob], jobs: int, r
             f"was measured)")
 
 
+def reference_key(plan: str, job: TrainingJob) -> str:
+    """The name of ``job``'s training time in `REFERENCE_SECONDS`: its method, prefixed 'raw/' in
+    the raw plan (the same methods from another start take other times)."""
+    return f"raw/{job.method}" if plan == "raw" else job.method
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 180 else f"{seconds / 60:.0f} min"
 
@@ -322,11 +343,12 @@ def expected_seconds(profile: str, plan: str, todo: list[TrainingJob], jobs: int
     (if it is in ``todo``), then notebook 04."""
     reference = REFERENCE_SECONDS[profile]
     wanted = plan_points(profile, plan)
-    start = plan_start(profile)
+    start = plan_start(profile, plan)
     before = reference[start.method] if start in todo else 0.0
     todo = [j for j in todo if j != start]
     base_saved = (run_dir / "study" / "evaluations" / "base" / "key.json").is_file()
-    queue = [(0.0, reference[j.method], j) for j in todo] + [(0.0, reference["point"] * (not base_saved), None)]
+    queue = [(0.0, reference[reference_key(plan, j)], j) for j in todo]
+    queue += [(0.0, reference["point"] * (not base_saved), None)]
     # a reused run's demo points are saved: only the points the plan adds are new
     queue += [(0.0, reference["point"] * (wanted[j.method] - j.points), None)
               for j in plan_jobs(profile, plan) if j not in todo]
@@ -343,7 +365,7 @@ def expected_seconds(profile: str, plan: str, todo: list[TrainingJob], jobs: int
     return scale * (reference["00_data_prep"] + before + max(slots) + reference["04"] + split)
 
 
-def progress_line(run_dir: Path, profile: str, job: TrainingJob) -> str | None:
+def progress_line(run_dir: Path, profile: str, job: TrainingJob, plan: str = "demo") -> str | None:
     """'step k/N, s per step, about M min left' from a running job's metrics.jsonl (None before
     its first step). With a rollout-token budget, the larger of the step and token fractions counts."""
     from opsd_kit.config import load_profile
@@ -353,7 +375,8 @@ def progress_line(run_dir: Path, profile: str, job: TrainingJob) -> str | None:
     if not lines:
         return None
     last = json.loads(lines[-1])
-    cfg = load_profile(profile, job.algorithm, run_dir=str(run_dir), **job_overrides(profile, job, run_dir.parent))
+    overrides = job_overrides(profile, job, run_dir.parent, plan)
+    cfg = load_profile(profile, job.algorithm, run_dir=str(run_dir), **overrides)
     done = last["step"] / cfg.max_steps
     if cfg.max_generated_tokens:
         done = max(done, last["tokens/generated_total"] / cfg.max_generated_tokens)

@@ -1,13 +1,20 @@
-"""A small GRPO sweep on one rollout-token budget, in the open: every trial's settings, training
-signal and held-out accuracy as one JSON line, so that a reader can see the baseline got its
-best settings. Not part of the demo or the study plans; run it by hand:
+"""A small sweep on one budget, in the open: every trial's settings, training signal and accuracy
+on problems held out of training as one JSON line, so that a reader can see a baseline got its
+best settings. ``make sweep`` runs the two the demo's choices rest on, on the demo's validation
+problems (notebook 00's ``val.jsonl``, disjoint from training and the held-out set):
 
-    python -m opsd_kit.apps.sweep --profile cpu-demo --out runs/sweep \\
-        --train-file runs/demo-cpu-demo/train.jsonl --eval-file runs/demo-cpu-demo/eval.jsonl
+    python -m opsd_kit.apps.sweep --profile cpu-demo --algorithm sft --out runs/demo-cpu-demo/sweep-warmup \\
+        --grid '{"max_steps": [4, 8, 12]}' --train-file runs/demo-cpu-demo/data/warmup.jsonl \\
+        --eval-file runs/demo-cpu-demo/data/val.jsonl
+    python -m opsd_kit.apps.sweep --profile cpu-demo --out runs/demo-cpu-demo/sweep-grpo --design one-at-a-time \\
+        --set '{"init_adapter": "runs/demo-cpu-demo/start"}' --grid '{"learning_rate": [5e-5, 1e-4, 5e-4], ...}' \\
+        --train-file runs/demo-cpu-demo/data/train.jsonl --eval-file runs/demo-cpu-demo/data/val.jsonl
 
 The grid (`DEFAULT_GRID`, or ``--grid`` as a JSON object of TrainConfig field -> list of values)
-crosses the reward, the group size, the temperature, ``num_iterations`` and the learning rate;
-every other setting is the profile's (its ``max_generated_tokens`` is the budget every trial
+names the reward, the group size, the temperature, ``num_iterations`` and the learning rate.
+``--design grid`` trains every combination; ``one-at-a-time`` trains the profile's settings and
+each value alone changed from them (1 + the number of values trials, blind to interactions).
+Every other setting is the profile's (its ``max_generated_tokens`` is the budget every trial
 gets). Every trial's config is validated before the first one trains. Trials already in
 ``<out>/sweep.jsonl`` are skipped, so a stopped sweep continues where it stopped.
 
@@ -37,10 +44,19 @@ DEFAULT_GRID: dict[str, list] = {
 RESULTS = "sweep.jsonl"
 
 
-def grid_trials(grid: dict) -> list[dict]:
-    """Every combination of ``grid``'s values (the first key varies slowest), as override dicts."""
+DESIGNS = ("grid", "one-at-a-time")
+
+
+def grid_trials(grid: dict, design: str = "grid") -> list[dict]:
+    """The trials of ``grid`` as override dicts: 'grid', every combination of its values (the first
+    key varies slowest); 'one-at-a-time', no override (the profile's settings) and then each value
+    alone, in the grid's order."""
     if not grid or any(not isinstance(v, list) or not v for v in grid.values()):
         raise ValueError(f"a sweep grid maps each field to a non-empty list of values, got {grid!r}")
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    if design == "one-at-a-time":
+        return [{}, *({key: value} for key, values in grid.items() for value in values)]
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
@@ -51,16 +67,17 @@ def trial_name(profile: str, algorithm: str, overrides: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def run_sweep(profile: str, out_dir, grid: dict | None = None, *, algorithm: str = "grpo",
+def run_sweep(profile: str, out_dir, grid: dict | None = None, *, design: str = "grid", algorithm: str = "grpo",
               overrides: dict | None = None, train_file: str = "", eval_file: str = "",
               eval_profile: str | None = None, train_fn=None, evaluate_fn=None) -> list[dict]:
-    """Train (and evaluate) every trial of ``grid`` not yet in ``<out_dir>/sweep.jsonl``; return
-    all rows. ``overrides`` apply to every trial; ``train_fn(config, problems)`` and
-    ``evaluate_fn(run_dir, eval_config, problems)`` replace training and evaluation (tests)."""
+    """Train (and evaluate) every trial of ``grid`` (`grid_trials` with ``design``) not yet in
+    ``<out_dir>/sweep.jsonl``; return all rows. ``overrides`` apply to every trial;
+    ``train_fn(config, problems)`` and ``evaluate_fn(run_dir, eval_config, problems)`` replace
+    training and evaluation (tests)."""
     from opsd_kit.config import load_profile
 
     out_dir = Path(out_dir)
-    trials = grid_trials(DEFAULT_GRID if grid is None else grid)
+    trials = grid_trials(DEFAULT_GRID if grid is None else grid, design)
     configs = []
     for trial in trials:  # every trial's config validated before anything trains
         settings = {**(overrides or {}), **trial}
@@ -146,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for the trials' runs and sweep.jsonl")
     parser.add_argument("--grid", default=None, help="JSON object: TrainConfig field -> list of values "
                                                      "(default: DEFAULT_GRID)")
+    parser.add_argument("--design", default="grid", choices=DESIGNS,
+                        help="every combination of the grid's values, or each alone changed from the profile's")
     parser.add_argument("--set", default="{}", help="JSON object of overrides every trial gets")
     parser.add_argument("--train-file", default="", help="training problems (default: the profile's train_data)")
     parser.add_argument("--eval-file", default="", help="held-out problems to evaluate each trial on (default: none)")
@@ -155,10 +174,11 @@ def main(argv=None) -> int:
     try:
         grid = DEFAULT_GRID if args.grid is None else json.loads(args.grid)
         if args.dry_run:
-            for trial in grid_trials(grid):
+            for trial in grid_trials(grid, args.design):
                 print(trial_name(args.profile, args.algorithm, {**json.loads(args.set), **trial}), json.dumps(trial))
             return 0
-        run_sweep(args.profile, args.out, grid, algorithm=args.algorithm, overrides=json.loads(args.set),
+        run_sweep(args.profile, args.out, grid, design=args.design, algorithm=args.algorithm,
+                  overrides=json.loads(args.set),
                   train_file=args.train_file, eval_file=args.eval_file, eval_profile=args.eval_profile)
     except (ConfigError, ValueError) as err:
         print(f"sweep: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -38,7 +38,9 @@ def points_table(summary: dict) -> str:
         lines.append(f"| {p['method']} | {p['step']} | {_interval(p['strict'])} | {_interval(p['lenient'])} | "
                      f"{p['boxed_rate']:.2f} | {p['mean_response_tokens']:.0f} | {p['truncation_rate']:.2f} | "
                      f"{p['generated_tokens']:,} | {p['train_seconds']:.0f} |")
-    return f"{n} held-out problems, k = {k}.\n\n" + "\n".join(lines)
+    start = summary.get("start")
+    base = f" 'base' is the runs' common start, `{Path(start).name}` (init_adapter)." if start else ""
+    return f"{n} held-out problems, k = {k}.{base}\n\n" + "\n".join(lines)
 
 
 TEST_NAMES = {"mcnemar_exact": "exact McNemar", "sign_flip_exact": "sign-flip permutation test (exact)",
