@@ -40,10 +40,15 @@ def machine_line(summary: dict) -> str:
             f"thread{'s' * (threads != 1)} per job, {summary['jobs']} job{'s' * (summary['jobs'] != 1)} at a time.")
 
 
+def split_prose(note: str) -> tuple[str, str]:
+    """A hand-written section as (what goes above its table, its '**What it shows.**' part or '')."""
+    return tuple(note.split("**What it shows.**", 1)) if "**What it shows.**" in note else (note, "")
+
+
 def section(heading: str, folder: str, note: str) -> str:
     run_dir = DOCS / folder
     summary = json.loads((run_dir / "summary.json").read_text())
-    body, prose = note.split("**What it shows.**", 1) if "**What it shows.**" in note else (note, "")
+    body, prose = split_prose(note)
     parts = [f"## {heading}", machine_line(summary), body.strip(), report.render(run_dir).strip(),
              f"![held-out accuracy against rollout tokens and training time, strict grading]({folder}/{FIGURE})"]
     if prose:
@@ -73,7 +78,7 @@ def sweep_table(path: Path) -> str:
 
 
 def sweep_section(heading: str, file: str, note: str) -> str:
-    body, prose = note.split("**What it shows.**", 1) if "**What it shows.**" in note else (note, "")
+    body, prose = split_prose(note)
     parts = [f"## {heading}", body.strip(), sweep_table(DOCS / file)]
     if prose:
         parts.append("**What it shows.**" + prose.rstrip())
