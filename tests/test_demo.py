@@ -258,25 +258,28 @@ def test_a_finished_notebooks_kernel_is_shut_down_without_a_sigint(monkeypatch):
 
 
 def test_reference_times_ship_with_the_package_and_a_missing_one_is_named(tmp_path):
-    """demo_times.json has a time for every part of the tiny plans (tests/test_demo.py's study
-    prints its expected total); where a cpu-demo part has none (the common start, the raw plan, not
-    yet measured on the reference machine), the demo names it instead of guessing; pyproject ships
-    the file in the wheel."""
+    """demo_times.json has a time for every part of the tiny demo and study plans (tests/test_demo.py's study
+    prints its expected total) and of cpu-demo's demo, study and raw plans; where a part has none
+    (cpu-demo's full plan, never run on the reference machine), the demo names it instead of
+    guessing; pyproject ships the file in the wheel."""
     from pathlib import Path
 
     import tomllib
 
     import opsd_kit.apps.demo as demo
 
-    for plan in ("demo", "study"):
-        parts = ["00_data_prep", demo.plan_start("tiny", plan).method,
-                 *(demo.reference_key(plan, j) for j in plan_jobs("tiny", plan)), "point", "split", "04"]
-        assert [p for p in parts if p not in demo.REFERENCE_SECONDS["tiny"]] == []
-    todo = [demo.plan_start("cpu-demo"), *plan_jobs("cpu-demo")]
-    missing = [p for p in ["00_data_prep", "start", "opsd", "grpo", "sft", "point", "split", "04"]
-               if p not in demo.REFERENCE_SECONDS["cpu-demo"]]
-    line = demo.expected_line("cpu-demo", "demo", todo, 2, tmp_path)
-    assert line.startswith("no expected total") and (not missing or str(missing) in line)
+    for profile, plans in (("tiny", ("demo", "study")), ("cpu-demo", ("demo", "study", "raw"))):
+        for plan in plans:
+            start = demo.plan_start(profile, plan)
+            parts = ["00_data_prep", *([start.method] if start else []),
+                     *(demo.reference_key(plan, j) for j in plan_jobs(profile, plan)), "point", "split", "04"]
+            assert [p for p in parts if p not in demo.REFERENCE_SECONDS[profile]] == [], (profile, plan)
+    todo = [demo.plan_start("cpu-demo", "full"), *plan_jobs("cpu-demo", "full")]
+    missing = [demo.reference_key("full", j) for j in plan_jobs("cpu-demo", "full")
+               if demo.reference_key("full", j) not in demo.REFERENCE_SECONDS["cpu-demo"]]
+    line = demo.expected_line("cpu-demo", "full", todo, 2, tmp_path)  # named before anything is measured
+    assert missing and line == f"no expected total: no reference time for {missing} of profile 'cpu-demo'"
+    assert all(demo.REFERENCE_CALIBRATION.values())  # every profile's calibration is recorded
     assert demo.REFERENCE_MACHINE and set(demo.REFERENCE_CALIBRATION) == set(demo.REFERENCE_SECONDS)
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "demo_times.json" in pyproject["tool"]["setuptools"]["package-data"]["opsd_kit.apps"]

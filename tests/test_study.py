@@ -152,6 +152,25 @@ def test_tokens_to_equal_accuracy_without_improvement_says_why():
     assert missing["ratio"] is None and "never trained" in missing["reason"]
 
 
+def test_tokens_to_equal_accuracy_bounds_the_ratio_when_one_method_improves_by_hand():
+    """Base 0.20; OPSD (1000, 0.30), (2000, 0.50); GRPO (4000, 0.15), (16000, 0.20) never rises.
+    Target 0.20 + 0.5 * 0.30 = 0.35, which OPSD reaches at 1000 + 0.05 / 0.20 * 1000 = 1250 tokens:
+    GRPO would need more than its 16000, so the ratio is > 16000 / 1250 = 12.8. With the roles
+    swapped, the ratio is < 1250 / 16000."""
+    rows = [("opsd", 0, 0, 0.20), ("opsd", 4, 1000, 0.30), ("opsd", 8, 2000, 0.50),
+            ("grpo", 4, 4000, 0.15), ("grpo", 16, 16000, 0.20)]
+    out = tokens_to_equal_accuracy(_points(rows), mode="lenient")
+    assert out["ratio"] is None and out["reason"].startswith("no common improvement")
+    assert out["bound"] == {"side": ">", "value": pytest.approx(12.8)}
+    assert out["target_accuracy"] == pytest.approx(0.35) and out["tokens_opsd"] == pytest.approx(1250)
+    assert "grpo never reached opsd's target 0.350" in out["reason"] and "ratio > 13" in out["reason"]
+    swapped = tokens_to_equal_accuracy(_points(rows), mode="lenient", a="grpo", b="opsd")
+    assert swapped["bound"] == {"side": "<", "value": pytest.approx(1250 / 16000)}
+    neither = tokens_to_equal_accuracy(_points([("opsd", 0, 0, 0.2), ("opsd", 4, 100, 0.1),
+                                                ("grpo", 4, 800, 0.2)]), mode="lenient")
+    assert "bound" not in neither and neither["ratio"] is None
+
+
 def test_tokens_ratio_interval_recomputes_both_curves_on_each_problem_resample():
     """Two problems; the base gets neither, OPSD (100 tokens) the first, GRPO (300) both.
     Resample (p0, p0): gains 1 and 1, target 0.5: 50 vs 150 tokens, ratio 3. (p1, p1): OPSD gains
@@ -266,3 +285,22 @@ def test_base_model_evaluates_from_a_profile_config_as_from_a_run_folder(tmp_pat
     from_folder = evaluate_points(base, problems, eval_config, model_run=tmp_path / "run", out_dir=tmp_path / "b")
     pd.testing.assert_frame_equal(from_config["base"].samples, from_folder["base"].samples)
     assert _saved_key(tmp_path / "a" / "base") == _saved_key(tmp_path / "b" / "base")
+
+
+def test_study_points_are_spaced_by_step_not_by_checkpoint_count(tmp_path):
+    """A GRPO run that hit its token budget at step 13 (checkpoints 6 and 12): the second of two
+    points is the checkpoint nearest half-way (6), not the one beside the final adapter (12)."""
+    from opsd_kit.evaluation.study import study_points
+
+    run = tmp_path / "grpo"
+    (run / "adapter").mkdir(parents=True)
+    for step in (6, 12):
+        (run / "checkpoints" / f"step-{step:06d}" / "adapter").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").write_text("")
+    (run / "config.json").write_text(json.dumps({"algorithm": "grpo"}))
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "tokens/generated_total": 100 * s, "tokens/train_total": 10, "time/elapsed": 1.0}) + "\n"
+        for s in range(1, 14)))
+    assert [p.step for p in study_points({"grpo": str(run)}, {"grpo": 2})] == [0, 6, 13]
+    assert [p.step for p in study_points({"grpo": str(run)}, {"grpo": 3})] == [0, 6, 13]  # 4.3 and 8.7 -> 6
+    assert [p.step for p in study_points({"grpo": str(run)}, {"grpo": 4})] == [0, 6, 12, 13]  # 3.25, 6.5, 9.75

@@ -65,9 +65,10 @@ class TrainingJob:
 #: ``raw``: the demo's runs from the base model itself (the other start, in its own run folder).
 #: The tiny profile's plans have the same shape; tests/test_demo.py runs its study and raw plans,
 #: so every notebook path runs in CI.
-RAW_GRPO = {"rewards": ["correct_lenient", "format"]}
-"""GRPO's reward from the raw model, which never boxes an answer: the strict reward earns nothing
-there (docs/results.md), a leniently read answer and a parsable box do."""
+RAW_GRPO = {"rewards": ["correct_lenient", "format"], "learning_rate": 5e-4}
+"""GRPO from the raw model, which never boxes an answer: the strict reward earns nothing there, a
+leniently read answer and a parsable box do; the learning rate is the best of the sweep from the
+raw model on the validation problems (`make sweep`, docs/results.md)."""
 DEMO_PLANS = {
     "tiny": dict(
         train_size=16, eval_size=6, eval_profile="tiny", warmup_size=8, val_size=4,
@@ -252,8 +253,8 @@ def run_demo(profile: str, run_dir, *, plan: str = "demo", jobs: int = 2, kernel
 #: each, a fresh run folder) and what `calibrate` measured there (None: not recorded). Per training
 #: run its notebook; ``point``: one checkpoint's evaluation (for tiny, the mean over the study's
 #: evaluations, the first of each worker paying its imports); ``split``: one model's answer-token
-#: split (16 rollouts); ``04``: the rest of notebook 04. The cpu-demo times come from the `make demo`
-#: and `make study` runs of docs/results.md.
+#: split (16 rollouts, as many at once as jobs); ``04``: the rest of notebook 04. The cpu-demo times
+#: come from the `make demo` and `make study` runs of docs/results.md; its full plan has none.
 _REFERENCE = json.loads((Path(__file__).with_name("demo_times.json")).read_text())
 REFERENCE_MACHINE: str = _REFERENCE["machine"]
 REFERENCE_SECONDS: dict[str, dict[str, float]] = _REFERENCE["seconds"]

@@ -54,7 +54,8 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
     nothing (SFT) appear on the time panel only. ``ratio``:
     `opsd_kit.evaluation.study.tokens_to_equal_accuracy` for this mode, drawn as its target
     accuracy (dotted line) and the interpolated tokens where each curve first reaches it
-    (crosses), with the ratio and its interval in the panel's title, or why it is undefined.
+    (crosses), with the ratio and its interval in the panel's title, or why it is undefined (with
+    the bound, target and crossing when only one method improved).
     """
     import matplotlib.pyplot as plt
 
@@ -106,6 +107,13 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
                      f"to first reach {target:.3f}")
         else:
             title = f"tokens-to-equal-accuracy undefined: {ratio.get('reason', '')}"
+            if ratio.get("bound"):  # one method improved: its target and where it reached it
+                target = ratio["target_accuracy"]
+                ax_tokens.axhline(target, color="black", ls=":", lw=1, label="target of the method that improved")
+                for m in (a, b):
+                    if ratio.get(f"tokens_{m}") is not None:
+                        ax_tokens.plot([ratio[f"tokens_{m}"]], [target], marker="X", ms=9,
+                                       color=color_of.get(m, "black"), ls="none")
     ax_tokens.set_title(textwrap.fill(title, 70), fontsize=9)
     ax_time.set_title("all methods (SFT generates no rollout tokens)", fontsize=9)
     ax_tokens.legend(fontsize=8)

@@ -46,10 +46,13 @@ class Point:
 
 
 def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
-    """The base and, per run, its final adapter plus evenly spaced earlier checkpoints.
+    """The base and, per run, its final adapter plus earlier checkpoints evenly spaced in steps.
 
     ``runs`` maps a method name to its run folder; ``per_method`` maps a method to how many
-    points it gets (default 1: the final adapter only).
+    points it gets (default 1: the final adapter only). With n points and a final step S, the
+    i-th earlier point is the checkpoint whose step is nearest i * S / n (the earlier one on a
+    tie); points that fall on the same checkpoint are evaluated once. A run that stopped at its
+    rollout-token budget before its planned steps is spaced by the steps it ran.
     """
     from opsd_kit.run.metrics import read_metrics
     from opsd_kit.run.rundir import RunDir
@@ -64,9 +67,11 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
         want = (per_method or {}).get(method, 1)
         if want < 1:
             raise ValueError(f"per_method[{method!r}] must be >= 1, got {want}")
+        steps = [step for step, _ in available]
         picked = {len(available) - 1}  # the final adapter always
-        for i in range(1, want):  # evenly spaced earlier ones (fewer when fewer exist)
-            picked.add(max(0, round(i * len(available) / want) - 1))
+        for i in range(1, want):
+            target = i * steps[-1] / want
+            picked.add(min(range(len(steps)), key=lambda j: (abs(steps[j] - target), j)))
         metrics = read_metrics(RunDir(run_dir).metrics_file).set_index("step")
         for index in sorted(picked):
             step, adapter = available[index]
@@ -277,10 +282,17 @@ def tokens_to_equal_accuracy(points, per_problem: dict | None = None, indices=No
     Undefined (``ratio`` None, and a ``reason`` that the outputs print) when a method has no
     evaluated checkpoint, when either method never rose above the base (no common improvement:
     then there is no accuracy both reached by training), or when ``a`` reached the target with 0
-    tokens. With ``per_problem`` (``{tag: {mode: per-problem accuracies}}``) and bootstrap
-    ``indices`` ([resamples, problems], `stats.bootstrap_indices`), every point's accuracy (the
-    base's included) is recomputed on each resample of the problems and the whole definition is
-    applied again: ``ci_low``/``ci_high`` are the percentile interval of the ratio over the
+    tokens. When exactly one method rose above the base, the target is the base plus
+    ``target_fraction`` of that method's gain, and the other method's last evaluated tokens
+    bound the ratio: ``bound`` is ``{"side": ">", "value": last_b / tokens_a}`` when only ``a``
+    reached it (``b`` would need more than all it generated), ``{"side": "<", "value": tokens_b /
+    last_a}`` when only ``b`` did; the ``reason`` states it. A bound is a statement about the
+    budgets that ran, not an estimate: it gets no interval.
+
+    With ``per_problem`` (``{tag: {mode: per-problem accuracies}}``) and bootstrap ``indices``
+    ([resamples, problems], `stats.bootstrap_indices`), every point's accuracy (the base's
+    included) is recomputed on each resample of the problems and the whole definition is applied
+    again: ``ci_low``/``ci_high`` are the percentile interval of the ratio over the
     resamples where it is defined, ``defined_fraction`` says how many those were.
     """
     import numpy as np
@@ -339,6 +351,18 @@ def _ratio(points, accuracy, *, mode: str, a: str, b: str, fraction: float) -> d
     if not gain > 0:
         out["reason"] = (f"no common improvement over the base model ({base:.3f}): best {a} {best[a]:.3f}, "
                          f"best {b} {best[b]:.3f}")
+        if max(best.values()) > base:  # one method improved: the other's budget bounds the ratio
+            up = a if best[a] > base else b
+            down = b if up == a else a
+            target = min(base + fraction * (best[up] - base), best[up])
+            reached, budget = first_crossing(*curves[up], target), float(curves[down][0][-1])
+            if reached > 0 and budget > 0:
+                value = budget / reached if up == a else reached / budget
+                side = ">" if up == a else "<"
+                out.update(target_accuracy=target, **{f"tokens_{up}": reached},
+                           bound={"side": side, "value": value})
+                out["reason"] += (f"; {down} never reached {up}'s target {target:.3f} ({up} at {reached:,.0f} "
+                                  f"tokens) within its {budget:,.0f}: ratio {side} {value:.2g}")
         return out
     for m in (a, b):
         out[f"tokens_{m}"] = first_crossing(*curves[m], out["target_accuracy"])
