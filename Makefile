@@ -35,10 +35,11 @@ demo: $(STAMP)
 
 # The demo plus the shuffled-hint control, second OPSD and GRPO seeds, OPSD + SFT and a third point
 # per curve (PLAN=full: also the hint-contrast loss and RLSD), in the demo's folder: finished runs and
-# evaluations are reused; then the raw plan, reused if the demo ran it.
+# evaluations are reused; then the raw plan, reused if the demo ran it; then the sweeps.
 study: $(STAMP)
 	$(PY) -m opsd_kit.apps.demo --profile $(PROFILE) --run-dir $(RUN_DIR) --jobs $(JOBS) --plan $(PLAN)
 	$(PY) -m opsd_kit.apps.demo --profile $(PROFILE) --run-dir $(RUN_DIR)-raw --jobs $(JOBS) --plan raw
+	$(MAKE) sweep PROFILE=$(PROFILE) RUN_DIR=$(RUN_DIR)
 
 # The sweeps the demo's choices rest on, after `make demo` (its splits and its common start), scored
 # on its validation problems: the warm-up's length, GRPO's settings one at a time from the start, and
