@@ -19,7 +19,7 @@ DOCS = Path(__file__).resolve().parent
 #: section name -> (folder under docs/, copied from runs/; heading)
 RUNS = {"demo": ("demo-cpu-demo", "`make demo` of 2026-12-05: from the common start"),
         "study": ("study-cpu-demo", "`make study` of 2026-12-05, its study plan: from the common start"),
-        "raw": ("raw-cpu-demo", "`make study` of 2026-12-05, its raw plan: from the base model"),
+        "raw": ("raw-cpu-demo", "`make demo` of 2026-12-05, its raw plan: from the base model"),
         "demo_1129": ("raw-2026-11-29/demo", "`make demo` of 2026-11-29: from the base model, strict GRPO reward"),
         "study_1129": ("raw-2026-11-29/study", "`make study` of 2026-11-29: from the base model, strict GRPO reward")}
 #: section name -> (sweep.jsonl under docs/, heading)

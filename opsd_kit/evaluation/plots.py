@@ -21,13 +21,14 @@ def prompt_lengths(student_lengths, teacher_lengths, *, title: str = "", unit: s
 
 def training_curves(metrics, *, title: str = ""):
     """Loss, divergence (OPSD) and its SFT term, or reward and the share of groups with mixed
-    rewards (GRPO: 0 means no signal), rollout correctness in the run's `grading_mode` (not its reward), and
-    cumulative tokens per step."""
+    rewards (GRPO: 0 means no signal), rollout correctness in the run's `grading_mode` (not its
+    reward), and cumulative tokens per step."""
     import matplotlib.pyplot as plt
 
     panels = [("loss/total", "loss"), ("loss/divergence_mean", "mean per-token divergence"),
               ("loss/sft", "SFT loss (sft_weight)"), ("grpo/reward_mean", "mean reward"),
-              ("grpo/mixed_groups", "groups with mixed rewards"), ("rollout/correct", "rollouts correct (grading_mode)"),
+              ("grpo/mixed_groups", "groups with mixed rewards"),
+              ("rollout/correct", "rollouts correct (grading_mode)"),
               ("tokens/generated_total", "generated tokens (cumulative)"), ("time/step", "seconds per step")]
     panels = [(k, label) for k, label in panels if k in metrics.columns]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
