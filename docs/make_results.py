@@ -28,7 +28,8 @@ SWEEPS = {"sweep_warmup": ("sweep-cpu-demo/warmup.jsonl", "Sweep: the warm-up's 
           "sweep_grpo_raw": ("sweep-cpu-demo/grpo-raw.jsonl", "Sweep: GRPO's settings from the base model")}
 #: the order of docs/results.md: the runs from the common start and the raw plan, the sweeps, the earlier runs
 ORDER = ["demo", "study", "raw", "sweep_warmup", "sweep_grpo", "sweep_grpo_raw", "demo_1129", "study_1129"]
-FIGURE = "token_efficiency_strict.png"
+#: the token-efficiency figures notebook 04 draws, one per grading mode
+MODES = ("strict", "lenient")
 
 
 def notes(path: Path = DOCS / "results_notes.md") -> dict[str, str]:
@@ -56,7 +57,8 @@ def section(heading: str, folder: str, note: str) -> str:
     summary = json.loads((run_dir / "summary.json").read_text())
     body, prose = split_prose(note)
     parts = [f"## {heading}", machine_line(summary), body.strip(), report.render(run_dir).strip(),
-             f"![held-out accuracy against rollout tokens and training time, strict grading]({folder}/{FIGURE})"]
+             *(f"![held-out accuracy against rollout tokens and training time, {mode} grading]"
+               f"({folder}/token_efficiency_{mode}.png)" for mode in MODES)]
     if prose:
         parts.append("**What it shows.**" + prose.rstrip())
     return "\n\n".join(parts)
