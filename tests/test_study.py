@@ -287,20 +287,28 @@ def test_base_model_evaluates_from_a_profile_config_as_from_a_run_folder(tmp_pat
     assert _saved_key(tmp_path / "a" / "base") == _saved_key(tmp_path / "b" / "base")
 
 
-def test_study_points_are_spaced_by_step_not_by_checkpoint_count(tmp_path):
-    """A GRPO run that hit its token budget at step 13 (checkpoints 6 and 12): the second of two
-    points is the checkpoint nearest half-way (6), not the one beside the final adapter (12)."""
+def test_study_points_are_spaced_by_rollout_tokens(tmp_path):
+    """A GRPO run whose rollouts shortened: checkpoints at steps 6, 12 and 18 (7,200, 9,200 and
+    10,400 tokens) and the final adapter at step 41 (16,100). Two points: the checkpoint nearest
+    8,050 tokens (step 6), not the one nearest step 20.5 (18); three: nearest 5,367 (6) and
+    10,733 (18). A run that generates nothing (SFT) is spaced by steps."""
     from opsd_kit.evaluation.study import study_points
 
-    run = tmp_path / "grpo"
-    (run / "adapter").mkdir(parents=True)
-    for step in (6, 12):
-        (run / "checkpoints" / f"step-{step:06d}" / "adapter").mkdir(parents=True)
-        (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").write_text("")
-    (run / "config.json").write_text(json.dumps({"algorithm": "grpo"}))
-    (run / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "tokens/generated_total": 100 * s, "tokens/train_total": 10, "time/elapsed": 1.0}) + "\n"
-        for s in range(1, 14)))
-    assert [p.step for p in study_points({"grpo": str(run)}, {"grpo": 2})] == [0, 6, 13]
-    assert [p.step for p in study_points({"grpo": str(run)}, {"grpo": 3})] == [0, 6, 13]  # 4.3 and 8.7 -> 6
-    assert [p.step for p in study_points({"grpo": str(run)}, {"grpo": 4})] == [0, 6, 12, 13]  # 3.25, 6.5, 9.75
+    def run_with(name, tokens_at):
+        run = tmp_path / name
+        (run / "adapter").mkdir(parents=True)
+        for step in (6, 12, 18):
+            (run / "checkpoints" / f"step-{step:06d}" / "adapter").mkdir(parents=True)
+            (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").write_text("")
+        (run / "config.json").write_text(json.dumps({"algorithm": name}))
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "tokens/generated_total": tokens_at(s), "tokens/train_total": 10,
+                        "time/elapsed": 1.0}) + "\n" for s in range(1, 42)))
+        return str(run)
+
+    known = {6: 7200, 12: 9200, 18: 10400, 41: 16100}
+    grpo = run_with("grpo", lambda s: known.get(s, 7200 + 300 * s))
+    assert [p.step for p in study_points({"grpo": grpo}, {"grpo": 2})] == [0, 6, 41]
+    assert [p.step for p in study_points({"grpo": grpo}, {"grpo": 3})] == [0, 6, 18, 41]
+    sft = run_with("sft", lambda s: 0)
+    assert [p.step for p in study_points({"sft": sft}, {"sft": 2})] == [0, 18, 41]  # nearest step 20.5

@@ -62,7 +62,8 @@ class TrainingJob:
 #: (``sft_weight`` 1) and the answer-token divergence split (``answer_split_samples`` rollouts per
 #: model, 0 when a plan has none). The full study adds the hint-contrast loss, RLSD (with GRPO's
 #: budget and reward) and GRPO rewarded for a leniently read correct answer plus a parsable box.
-#: ``raw``: the demo's runs from the base model itself (the other start, in its own run folder).
+#: ``raw``: the demo's runs from the base model itself (the other start, in its own run folder),
+#: three points per curve for cpu-demo (where its token ratio is defined).
 #: The tiny profile's plans have the same shape; tests/test_demo.py runs its study and raw plans,
 #: so every notebook path runs in CI.
 RAW_GRPO = {"rewards": ["correct_lenient", "format"], "learning_rate": 5e-4}
@@ -94,7 +95,7 @@ DEMO_PLANS = {
                TrainingJob("grpo-seed1", "grpo", {"seed": 1}), TrainingJob("opsd-sft", "opsd", {"sft_weight": 1.0})],
         full=[TrainingJob("opsd-contrast", "opsd", {"divergence": "hint_contrast"}), TrainingJob("rlsd", "rlsd"),
               TrainingJob("grpo-lenient", "grpo", {"rewards": ["correct_lenient", "format"]})],
-        raw=[TrainingJob("opsd", "opsd", points=2), TrainingJob("grpo", "grpo", RAW_GRPO, points=2),
+        raw=[TrainingJob("opsd", "opsd", points=3), TrainingJob("grpo", "grpo", RAW_GRPO, points=3),
              TrainingJob("sft", "sft")],
         study_points={"opsd": 3, "grpo": 3},
     ),

@@ -103,9 +103,9 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
                                ls="none")
             interval = ""
             if ratio.get("ci_low") is not None:
-                interval = (f" [95% CI {ratio['ci_low']:.2g}, {ratio['ci_high']:.2g}; defined in "
+                interval = (f" [95% CI {ratio['ci_low']:.3g}, {ratio['ci_high']:.3g}; defined in "
                             f"{100 * ratio['defined_fraction']:.0f}% of resamples]")
-            title = (f"{b} needs {ratio['ratio']:.2g}x{interval} the rollout tokens of {a} "
+            title = (f"{b} needs {ratio['ratio']:.3g}x{interval} the rollout tokens of {a} "
                      f"to first reach {target:.3f}")
         else:
             title = f"tokens-to-equal-accuracy undefined: {ratio.get('reason', '')}"

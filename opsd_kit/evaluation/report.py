@@ -83,10 +83,10 @@ def ratio_lines(summary: dict) -> str:
             continue
         interval = ""
         if r.get("ci_low") is not None:
-            interval = (f" [95% CI {r['ci_low']:.2g}, {r['ci_high']:.2g}; defined in "
+            interval = (f" [95% CI {r['ci_low']:.3g}, {r['ci_high']:.3g}; defined in "
                         f"{100 * r['defined_fraction']:.0f}% of the resamples]")
         fraction = r.get("target_fraction", 1.0)
-        out.append(f"- {mode}: GRPO needed {r['ratio']:.2g}x{interval} OPSD's rollout tokens to first reach "
+        out.append(f"- {mode}: GRPO needed {r['ratio']:.3g}x{interval} OPSD's rollout tokens to first reach "
                    f"{_pct(r['target_accuracy'])}% ({r['tokens_grpo']:,.0f} vs {r['tokens_opsd']:,.0f} tokens, "
                    f"interpolated on each method's accuracy-vs-tokens curve; the target is the base's "
                    f"{_pct(r['base_accuracy'])}% plus {fraction:.0%} of the smaller method's best gain)")

@@ -46,13 +46,15 @@ class Point:
 
 
 def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
-    """The base and, per run, its final adapter plus earlier checkpoints evenly spaced in steps.
+    """The base and, per run, its final adapter plus earlier checkpoints evenly spaced in the
+    rollout tokens it generated (in steps for a run that generates none, as SFT).
 
     ``runs`` maps a method name to its run folder; ``per_method`` maps a method to how many
-    points it gets (default 1: the final adapter only). With n points and a final step S, the
-    i-th earlier point is the checkpoint whose step is nearest i * S / n (the earlier one on a
-    tie); points that fall on the same checkpoint are evaluated once. A run that stopped at its
-    rollout-token budget before its planned steps is spaced by the steps it ran.
+    points it gets (default 1: the final adapter only). With n points and a final position X
+    (tokens, or steps), the i-th earlier point is the checkpoint whose position is nearest
+    i * X / n (the earlier one on a tie); points that fall on the same checkpoint are evaluated
+    once. Tokens, not steps, because the curves are read against tokens: a GRPO run whose
+    rollouts shorten as it learns generates most of its tokens in its first steps.
     """
     from opsd_kit.run.metrics import read_metrics
     from opsd_kit.run.rundir import RunDir
@@ -67,12 +69,13 @@ def study_points(runs: dict, per_method: dict | None = None) -> list[Point]:
         want = (per_method or {}).get(method, 1)
         if want < 1:
             raise ValueError(f"per_method[{method!r}] must be >= 1, got {want}")
-        steps = [step for step, _ in available]
+        metrics = read_metrics(RunDir(run_dir).metrics_file).set_index("step")
+        tokens = [float(metrics.loc[step, "tokens/generated_total"]) for step, _ in available]
+        position = tokens if tokens[-1] > 0 else [float(step) for step, _ in available]
         picked = {len(available) - 1}  # the final adapter always
         for i in range(1, want):
-            target = i * steps[-1] / want
-            picked.add(min(range(len(steps)), key=lambda j: (abs(steps[j] - target), j)))
-        metrics = read_metrics(RunDir(run_dir).metrics_file).set_index("step")
+            target = i * position[-1] / want
+            picked.add(min(range(len(position)), key=lambda j: (abs(position[j] - target), j)))
         for index in sorted(picked):
             step, adapter = available[index]
             at = metrics.loc[step]
