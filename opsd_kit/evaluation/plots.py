@@ -94,28 +94,25 @@ def token_efficiency(points, *, mode: str, ratio: dict | None = None, a: str = "
     ax_tokens.set_xticks([t for t in (0, 1e3, 1e4, 1e5, 1e6, 1e7) if t <= 10 * most])  # no 10^2 beside the 0
     title = "on-policy methods"
     if ratio is not None:
-        if ratio.get("ratio") is not None:
+        defined = ratio.get("ratio") is not None
+        if defined or ratio.get("bound"):  # the target and where each method's curve first reached it
             target = ratio["target_accuracy"]
+            gain = "the smaller gain" if defined else "the gain of the one that improved"
             ax_tokens.axhline(target, color="black", ls=":", lw=1,
-                              label=f"target: base + {ratio.get('target_fraction', 1.0):.0%} of the smaller gain")
+                              label=f"target: base + {ratio.get('target_fraction', 1.0):.0%} of {gain}")
             for m in (a, b):
-                ax_tokens.plot([ratio[f"tokens_{m}"]], [target], marker="X", ms=9, color=color_of.get(m, "black"),
-                               ls="none")
+                if ratio.get(f"tokens_{m}") is not None:
+                    ax_tokens.plot([ratio[f"tokens_{m}"]], [target], marker="X", ms=9,
+                                   color=color_of.get(m, "black"), ls="none")
+        if defined:
             interval = ""
             if ratio.get("ci_low") is not None:
                 interval = (f" [95% CI {ratio['ci_low']:.3g}, {ratio['ci_high']:.3g}; defined in "
                             f"{100 * ratio['defined_fraction']:.0f}% of resamples]")
             title = (f"{b} needs {ratio['ratio']:.3g}x{interval} the rollout tokens of {a} "
-                     f"to first reach {target:.3f}")
+                     f"to first reach {ratio['target_accuracy']:.3f}")
         else:
             title = f"tokens-to-equal-accuracy undefined: {ratio.get('reason', '')}"
-            if ratio.get("bound"):  # one method improved: its target and where it reached it
-                target = ratio["target_accuracy"]
-                ax_tokens.axhline(target, color="black", ls=":", lw=1, label="target of the method that improved")
-                for m in (a, b):
-                    if ratio.get(f"tokens_{m}") is not None:
-                        ax_tokens.plot([ratio[f"tokens_{m}"]], [target], marker="X", ms=9,
-                                       color=color_of.get(m, "black"), ls="none")
     ax_tokens.set_title(textwrap.fill(title, 70), fontsize=9)
     ax_time.set_title("all methods (SFT generates no rollout tokens)", fontsize=9)
     ax_tokens.legend(fontsize=8)
