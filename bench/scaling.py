@@ -1,8 +1,9 @@
 """OPSD step throughput: two processes (``accelerate launch``, one thread each) vs one, same global batch.
 
-Both train the cpu-demo profile (SmolLM2-135M, 8 problems a step, ``rollout_backend="fast"``) for
-``--steps`` optimizer steps from the same seed: one process takes the 8 problems, two take 4 each
-(`Trainer.step_problems`) and sum their LoRA gradients with ``accelerator.reduce``. The rollouts
+Both train the cpu-demo profile (SmolLM2-135M, ``rollout_backend="fast"``) for ``--steps`` optimizer
+steps from the same seed, at each global batch of ``--problems-per-step`` (the profile's 8 first):
+one process takes all the step's problems, two take half each (`Trainer.step_problems`) and sum
+their LoRA gradients with one ``accelerator.reduce`` (`trainer.sum_over_processes`). The rollouts
 are greedy here (the sampler's temperature set to 0; the loss keeps the profile's temperature),
 so that both runs train on the same completions and their final adapters can be compared: sampled
 rollouts draw from a per-process random stream, which differs between one and two processes.
@@ -10,10 +11,12 @@ rollouts draw from a per-process random stream, which differs between one and tw
 Each run is a fresh set of processes; runs alternate (one, two, then two, one). Throughput: steps
 after the first (its time includes building the engine and oneDNN's start) per second, from each
 step's own wall time; ``speedup`` = one process's median step time / two processes' (the median
-over repeats). Per process and step the worker also records its phases (generate, student,
-teacher, backward, optimizer) and the seconds spent inside ``accelerator.reduce``: a process
-waits there for the slower one (rollout imbalance: rows finish at different lengths) and then
-all-reduces the LoRA gradients.
+over repeats); ``speedup`` is the profile's batch, ``speedup_by_problems_per_step`` every batch.
+Per process and step the worker also records its phases (generate, student, teacher, backward,
+optimizer) and the seconds spent inside ``accelerator.reduce``: a process waits there for the
+slower one (rollout imbalance: rows finish at different lengths) and then all-reduces the LoRA
+gradients. ``ceiling`` is what the phases allow: the one-process step over generation as two
+processes measured it plus every other phase of one process halved (no reduce, no imbalance).
 
 Agreement: the greedy completions of both runs (per prompt), and the final adapters: the
 relative difference ``||A_two - A_one|| / ||A_one - A_start||`` against the worst-case bound
@@ -22,7 +25,7 @@ MLP, vocabulary width or the step's loss tokens; through the forward's and the b
 layers), once per step. The two ranks' adapters must be identical (they apply the same
 all-reduced update).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/scaling.py --json bench/results/scaling.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/scaling.py --problems-per-step 8 16 32 --json bench/results/scaling.json
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1, help="pairs of runs (the order alternates)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the cpu-demo profile's")
+    p.add_argument("--problems-per-step", type=int, nargs="+", default=[8],
+                   help="global batches to measure (even: two processes take half each); the first is reported as `speedup`")
     p.add_argument("--json")
     p.add_argument("--note", default=None, help="the conditions of the run, stored in the JSON (e.g. what else ran)")
     p.add_argument("--worker-dir", help="(internal) train in this folder")
@@ -61,7 +66,8 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     folder = Path(args.worker_dir)
-    overrides = dict(run_dir=str(folder / "run"), progress=False, max_steps=args.steps, save_every=10_000)
+    overrides = dict(run_dir=str(folder / "run"), progress=False, max_steps=args.steps, save_every=10_000,
+                     problems_per_step=args.problems_per_step[0])
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
     config = load_profile("cpu-demo", **overrides)
@@ -115,9 +121,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(processes: int, args, folder: Path) -> dict:
+def run(processes: int, problems: int, args, folder: Path) -> dict:
     """One training run in fresh processes; returns each rank's record."""
-    me = [str(Path(__file__).resolve()), "--steps", str(args.steps), "--worker-dir", str(folder)]
+    me = [str(Path(__file__).resolve()), "--steps", str(args.steps), "--worker-dir", str(folder),
+          "--problems-per-step", str(problems)]
     if args.max_new_tokens:
         me += ["--max-new-tokens", str(args.max_new_tokens)]
     if processes == 1:
@@ -133,7 +140,7 @@ def run(processes: int, args, folder: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"run with {processes} process(es) failed (rc={proc.returncode}): {' '.join(cmd)}")
     ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(processes)]
-    return {"processes": processes, "wall_s": wall, "ranks": ranks}
+    return {"processes": processes, "problems_per_step": problems, "wall_s": wall, "ranks": ranks}
 
 
 def summarise(record: dict) -> dict:
@@ -149,38 +156,35 @@ def summarise(record: dict) -> dict:
             "phases_per_rank": {k: [sum(v) / len(v) for v in vs] for k, vs in phases.items()}}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.worker_dir:
-        worker(args)
-        return 0
+def measure(problems: int, args, tmp: Path) -> dict:
+    """Alternating runs of one and two processes at one global batch, and their agreement."""
     import torch
 
-    machine = _common.machine()
-    print("settings:", json.dumps(vars(args)))
-    print("machine:", json.dumps(machine))
     records = {1: [], 2: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        adapters = {}
-        for r in range(args.repeats):
-            for processes in ((1, 2) if r % 2 == 0 else (2, 1)):
-                folder = Path(tmp) / f"r{r}-p{processes}"
-                folder.mkdir()
-                record = run(processes, args, folder)
-                record["summary"] = summarise(record)
-                records[processes].append(record)
-                print(f"repeat {r}: {processes} process(es): step seconds {[round(x, 1) for x in record['summary']['step_s']]}; "
-                      f"per rank, mean seconds a step: "
-                      f"{ {k: [round(x, 2) for x in v] for k, v in record['summary']['phases_per_rank'].items()} }",
-                      flush=True)
-                if r == 0:
-                    adapters[processes] = [torch.load(folder / f"adapter{k}.pt") for k in range(processes)]
-        one, two = adapters[1][0], adapters[2]
-        ranks_equal = all(torch.equal(two[0]["final"][k], two[1]["final"][k]) for k in two[0]["final"])
-        diff = sum(float((two[0]["final"][k] - one["final"][k]).double().norm() ** 2) for k in one["final"]) ** 0.5
-        update = sum(float((one["final"][k] - one["start"][k]).double().norm() ** 2) for k in one["final"]) ** 0.5
-        max_abs = max(float((two[0]["final"][k] - one["final"][k]).abs().max()) for k in one["final"])
+    adapters = {}
+    for r in range(args.repeats):
+        for processes in ((1, 2) if r % 2 == 0 else (2, 1)):
+            folder = tmp / f"b{problems}-r{r}-p{processes}"
+            folder.mkdir()
+            record = run(processes, problems, args, folder)
+            record["summary"] = summarise(record)
+            records[processes].append(record)
+            print(f"{problems} problems a step, repeat {r}: {processes} process(es): step seconds "
+                  f"{[round(x, 1) for x in record['summary']['step_s']]}; per rank, mean seconds a step: "
+                  f"{ {k: [round(x, 2) for x in v] for k, v in record['summary']['phases_per_rank'].items()} }",
+                  flush=True)
+            if r == 0:
+                adapters[processes] = [torch.load(folder / f"adapter{k}.pt") for k in range(processes)]
+    one, two = adapters[1][0], adapters[2]
+    ranks_equal = all(torch.equal(two[0]["final"][k], two[1]["final"][k]) for k in two[0]["final"])
+    diff = sum(float((two[0]["final"][k] - one["final"][k]).double().norm() ** 2) for k in one["final"]) ** 0.5
+    update = sum(float((one["final"][k] - one["start"][k]).double().norm() ** 2) for k in one["final"]) ** 0.5
+    max_abs = max(float((two[0]["final"][k] - one["final"][k]).abs().max()) for k in one["final"])
     rollouts = {p: sorted(map(json.dumps, [x for rk in records[p][0]["ranks"] for x in rk["rollouts"]])) for p in (1, 2)}
+    for p in (1, 2):
+        for rec in records[p]:
+            for rk in rec["ranks"]:
+                rk.pop("rollouts")
     tokens = max(s["loss_tokens"] for s in records[1][0]["ranks"][0]["steps"])
     shape = records[1][0]["ranks"][0]["shape"]
     reduction = max(shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], tokens)
@@ -190,21 +194,43 @@ def main(argv=None):
     rel = diff / update
     one_s = _common.median([x["summary"]["median_step_s"] for x in records[1]])
     two_s = _common.median([x["summary"]["median_step_s"] for x in records[2]])
-    speedup = one_s / two_s
-    print(f"median step: one process {one_s:.1f} s, two {two_s:.1f} s: speedup {speedup:.2f}x; greedy rollouts "
-          f"equal: {rollouts[1] == rollouts[2]}; ranks' adapters identical: {ranks_equal}; adapter difference "
-          f"two vs one: {rel:.2e} of the update (tolerance {tolerance:.1e}), max |diff| {max_abs:.1e}")
+
+    def phase(p, key):  # median over repeats of the mean over ranks
+        return _common.median([sum(v) / len(v) for v in (x["summary"]["phases_per_rank"][key] for x in records[p])])
+
+    rest_one = sum(phase(1, k) for k in ("time/student", "time/teacher", "time/backward", "time/optimizer"))
+    ceiling = (phase(1, "time/generate") + rest_one) / (phase(2, "time/generate") + rest_one / 2)
+    result = dict(speedup=one_s / two_s, ceiling=ceiling, median_step_s={"one": one_s, "two": two_s},
+                  generate_s={"one": phase(1, "time/generate"), "two": phase(2, "time/generate")},
+                  reduce_s_two=phase(2, "reduce_s"), greedy_rollouts_equal=rollouts[1] == rollouts[2],
+                  ranks_identical=ranks_equal, adapter_relative_difference=rel, adapter_tolerance=tolerance,
+                  adapter_within_tolerance=rel <= tolerance, adapter_max_abs_difference=max_abs)
+    print(f"{problems} problems a step: median step one process {one_s:.1f} s, two {two_s:.1f} s: speedup "
+          f"{one_s / two_s:.2f}x (ceiling from the phases {ceiling:.2f}x); greedy rollouts equal: "
+          f"{result['greedy_rollouts_equal']}; ranks' adapters identical: {ranks_equal}; adapter difference "
+          f"two vs one: {rel:.2e} of the update (tolerance {tolerance:.1e}), max |diff| {max_abs:.1e}", flush=True)
+    return {**result, "runs": records}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker_dir:
+        worker(args)
+        return 0
+    if any(n < 2 or n % 2 for n in args.problems_per_step):
+        raise SystemExit(f"--problems-per-step: each must be even and >= 2 (two processes take half each), "
+                         f"got {args.problems_per_step}")
+    machine = _common.machine()
+    print("settings:", json.dumps(vars(args)))
+    print("machine:", json.dumps(machine))
+    with tempfile.TemporaryDirectory() as tmp:
+        by_batch = {n: measure(n, args, Path(tmp)) for n in args.problems_per_step}
+    first = by_batch[args.problems_per_step[0]]
     if args.json:
-        for p in (1, 2):
-            for rec in records[p]:
-                for rk in rec["ranks"]:
-                    rk.pop("rollouts")
-        _common.write_results(args.json, "bench/scaling.py", argv, machine, args, speedup=speedup,
-                              median_step_s={"one": one_s, "two": two_s}, greedy_rollouts_equal=rollouts[1] == rollouts[2],
-                              ranks_identical=ranks_equal, adapter_relative_difference=rel,
-                              adapter_tolerance=tolerance, adapter_within_tolerance=rel <= tolerance,
-                              adapter_max_abs_difference=max_abs, runs=records,
-                              note=args.note)
+        _common.write_results(args.json, "bench/scaling.py", argv, machine, args, speedup=first["speedup"],
+                              speedup_by_problems_per_step={n: r["speedup"] for n, r in by_batch.items()},
+                              ceiling_by_problems_per_step={n: r["ceiling"] for n, r in by_batch.items()},
+                              by_problems_per_step=by_batch, note=args.note)
     return 0
 
 

@@ -331,6 +331,32 @@ def test_four_bit_lora_opsd_step_on_cpu(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_sum_over_processes_sums_every_gradient_and_the_loss_in_one_collective():
+    """Two ranks simulated: the collective returns this rank's buffer plus the other's. Each
+    gradient (float32 and bfloat16, any shape) must become the sum, exactly as adding the two
+    float32 values rounds, and the loss sum with it, in one call."""
+    from opsd_kit.trainer import sum_over_processes
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 1, 3)]
+    mine = [torch.randn(s, generator=gen) for s in shapes] + [torch.randn(4, generator=gen).bfloat16()]
+    other = [torch.randn(g.shape, generator=gen).to(g.dtype) for g in mine]
+    expected = [(a.float() + b.float()).to(a.dtype) for a, b in zip(mine, other)]
+    other_flat = torch.cat([g.reshape(-1).float() for g in other] + [torch.tensor([2.25])])
+    calls = []
+
+    def reduce(flat):
+        calls.append(flat.numel())
+        return flat + other_flat
+
+    total = sum_over_processes(mine, 1.5, reduce)
+    assert calls == [sum(g.numel() for g in mine) + 1]
+    assert total == 3.75
+    for got, want in zip(mine, expected):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch_agree(tmp_path):
     # accelerate launches several CPU processes through torchrun (`--multi_gpu`); `--cpu` would need mpirun.
