@@ -131,7 +131,7 @@ def parts_worker(args) -> None:
       buys, and what a second process decoding beside it costs;
     * gradient all-reduce: the adapter's gradients summed tensor by tensor (one collective each)
       and in one flat buffer (`trainer.sum_over_processes`, what the trainer does).
-    Each after a barrier, ``--parts-repeats`` times (after one untimed warm-up); medians."""
+    Each after a barrier, ``--parts-repeats`` times after one untimed round; medians."""
     import dataclasses
     from functools import partial
 
@@ -155,8 +155,7 @@ def parts_worker(args) -> None:
         return time.perf_counter() - t0
 
     reduce = partial(acc.reduce, reduction="sum")
-    params = [p for p in trainer.policy.model.parameters() if p.requires_grad]
-    grads = [torch.randn_like(p) for p in params]
+    grads = [torch.randn_like(p) for p in trainer.policy.model.parameters() if p.requires_grad]
 
     def per_tensor() -> float:
         t0 = time.perf_counter()
@@ -171,8 +170,7 @@ def parts_worker(args) -> None:
 
     times = {k: [] for k in ("decode_all_rows_alone_s", "decode_half_rows_alone_s", "decode_half_rows_both_s",
                              "allreduce_per_tensor_s", "allreduce_one_buffer_s")}
-    decode(prompts[rank * half:(rank + 1) * half])  # builds the engine (untimed)
-    for r in range(args.parts_repeats + 1):
+    for r in range(args.parts_repeats + 1):  # the first round (engine built, oneDNN warmed up) untimed
         keep = r > 0
         acc.wait_for_everyone()
         if rank == 0:
