@@ -1,7 +1,9 @@
 """Evaluation problems/s: the fast engine (``EvalConfig.engine="fast"``) vs HF ``generate`` (``"hf"``).
 
-The cpu-demo evaluation protocol (`load_eval_profile("cpu-demo")`: greedy, 128 new tokens, batch
-48, strict headline, both grading modes) on ``--problems`` problems of the cpu-demo task
+The cpu-demo evaluation protocol (`load_eval_profile("cpu-demo")`: greedy, 128 new tokens, strict
+headline, both grading modes), each engine at its own batch size (``--batch-size-fast``, default
+128, the protocol's; ``--batch-size-hf``, default 48: the fastest for ``generate`` in the sweep
+below) on ``--problems`` problems of the cpu-demo task
 (`_common.bench_problems`, seed 1: not the first problems the training benchmarks use), for two
 models: the base SmolLM2 (a plain transformers model, no adapter) and the same model with a LoRA
 adapter (``--adapter`` a trained one, else r = 16, alpha = 32 as the cpu-demo profile with
@@ -22,16 +24,22 @@ modules, adapter unmerged), against a tolerance derived from float32 and the red
 tests/_numerics.py: ``2 * layers * max(hidden, intermediate) * eps * max|logit|``); the strict and
 lenient accuracies of both engines.
 
-Bounds: the floating-point work a call executes (every row of a batch runs until the batch's
-longest completion ends: padding and finished rows included, as both engines do; prompt
-positions through the body, the head once per decode step, attention over the cache) over the
-machine's sustained one-thread float32 matmul rate (a ``--gemm-size`` square matmul) gives the
-compute bound; the decoder's weight bytes per decode step over the memory bandwidth the weight
-bound; the fraction of the bound reached is the larger bound over the median CPU seconds (on a
-GPU, wall seconds). ``--profile`` also runs ``torch.profiler`` over one batch of the fast engine and writes its
+Batch sizes, found in the open: ``--sweep 32 48 64 128`` first times each engine once per batch
+size on the base model (fresh workers, CPU seconds), stored as ``batch_size_sweep``. The fast
+engine drops stopped rows from its batch, so a larger batch keeps its matmuls full for longer;
+``generate`` decodes every row until the batch's longest completion ends, so a larger batch
+wastes more.
+
+Bounds, per engine at its batch size (`executed_work`): the floating-point work its batches need
+(the left-padded prompt width through the body, then every row's positions until its own
+completion ends, the head once per position, attention over the cache) over the machine's
+sustained one-thread float32 matmul rate (a ``--gemm-size`` square matmul) gives the compute
+bound; the decoder's weight bytes per decode step (each batch until its longest completion ends)
+over the memory bandwidth the weight bound; the fraction of the bound reached is the larger bound
+over the median CPU seconds (on a GPU, wall seconds). ``--profile`` also runs ``torch.profiler`` over one batch of the fast engine and writes its
 op table next to the JSON (``eval_profile.txt``).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/eval.py --json bench/results/eval.json --profile
+    OMP_NUM_THREADS=1 .venv/bin/python bench/eval.py --sweep 32 48 64 128 --json bench/results/eval.json --profile
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval.py --problems 48 --repeats 1   # a quick run
 """
 from __future__ import annotations
@@ -57,7 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--adapter", default=None, help="a trained adapter folder (default: a random nonzero LoRA)")
     p.add_argument("--problems", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--batch-size-fast", type=int, default=128, help="rows per call of the fast engine")
+    p.add_argument("--batch-size-hf", type=int, default=48, help="rows per call of generate")
+    p.add_argument("--sweep", type=int, nargs="*", default=[],
+                   help="batch sizes to time once per engine on the base model before the pairs")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-b-std", type=float, default=0.01, help="std of the random lora_B weights")
     p.add_argument("--repeats", type=int, default=2, help="pairs per model (the order alternates)")
@@ -69,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--worker-out")
     p.add_argument("--worker", choices=["eval", "gaps", "profile"])
     p.add_argument("--engine", choices=ENGINES)
+    p.add_argument("--batch-size", type=int, help="worker: rows per call")
     p.add_argument("--which", choices=MODELS)
     p.add_argument("--parts", default=None, help="gaps worker: a JSON file of [row, prefix ids, a, b]")
     args = p.parse_args(argv)
@@ -104,7 +116,8 @@ def load(args, which: str):
                     if "lora_B" in name:
                         p.copy_(torch.randn(p.shape, generator=gen) * args.lora_b_std)
     model.eval()
-    protocol = load_eval_profile("cpu-demo", max_new_tokens=args.new_tokens, batch_size=args.batch_size)
+    rows = {"batch_size": args.batch_size} if args.batch_size else {}  # a gaps worker decodes nothing
+    protocol = load_eval_profile("cpu-demo", max_new_tokens=args.new_tokens, **rows)
     problems = _common.bench_problems(args.problems, seed=1)
     return model, tok, problems, protocol, PromptBuilder(tok)
 
@@ -228,8 +241,12 @@ def gemm_rate(n: int, device, dtype, repeats: int = 5) -> dict:
 
 
 def run(args, argv, **extra) -> dict:
+    """One worker process; ``extra`` becomes its flags (an eval worker's ``batch_size`` is its
+    engine's unless given)."""
+    if "engine" in extra and "batch_size" not in extra:
+        extra["batch_size"] = getattr(args, f"batch_size_{extra['engine']}")
     flags = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--problems", str(args.problems), "--new-tokens", str(args.new_tokens),
-             "--batch-size", str(args.batch_size), "--lora-r", str(args.lora_r), "--lora-b-std", str(args.lora_b_std)]
+             "--lora-r", str(args.lora_r), "--lora-b-std", str(args.lora_b_std)]
     if args.adapter:
         flags += ["--adapter", args.adapter]
     for key, value in extra.items():
@@ -252,6 +269,14 @@ def main(argv=None):
     machine = _common.machine()
     print("settings:", json.dumps(vars(args)))
     print("machine:", json.dumps(machine))
+    sweep = {e: {} for e in ENGINES}
+    for size in args.sweep:
+        for engine in ENGINES:
+            got = run(args, argv, worker="eval", engine=engine, which="base", batch_size=size)
+            sweep[engine][size] = {"cpu_seconds": got["cpu_seconds"], "seconds": got["seconds"],
+                                   "accuracy": got["accuracy"]}
+            print(f"  sweep base {engine:4s} batch {size:4d} {got['seconds']:7.1f} s ({got['cpu_seconds']:7.1f} CPU s)",
+                  flush=True)
     runs = {m: {e: [] for e in ENGINES} for m in MODELS}
     pair_ratios = {m: [] for m in MODELS}
     pair_cpu_ratios = {m: [] for m in MODELS}
@@ -313,21 +338,25 @@ def main(argv=None):
     bounds = {}
     timed = "cpu_seconds" if args.device == "cpu" else "seconds"  # a GPU's time is wall time
     for which in MODELS:
-        work = runs[which]["fast"][0]["work"]
-        compute_s = work["flops"] / gemm["flop_per_s"]
-        weights_s = work["decode_steps"] * work["weight_bytes_per_step"] / bandwidth["bytes_per_s"]
-        bound_s = max(compute_s, weights_s)
-        bounds[which] = {"flops": work["flops"], "compute_bound_s": compute_s, "weight_bandwidth_bound_s": weights_s,
-                         "binding": "compute" if compute_s >= weights_s else "weight bandwidth",
-                         **{f"fraction_of_bound_{e}": bound_s / _common.median([x[timed] for x in runs[which][e]])
-                            for e in ENGINES}}
-        print(f"{which}: {work['flops'] / 1e12:.2f} TFLOP executed; compute bound {compute_s:.1f} s at "
-              f"{gemm['flop_per_s'] / 1e9:.1f} GFLOP/s, weight-bandwidth bound {weights_s:.1f} s at "
-              f"{bandwidth['bytes_per_s'] / 1e9:.1f} GB/s; fraction of the bound reached: fast "
-              f"{bounds[which]['fraction_of_bound_fast']:.2f}, hf {bounds[which]['fraction_of_bound_hf']:.2f}")
+        bounds[which] = {}
+        for engine in ENGINES:  # each engine's batches: the work its batch size implies
+            work = runs[which][engine][0]["work"]
+            compute_s = work["flops"] / gemm["flop_per_s"]
+            weights_s = work["decode_steps"] * work["weight_bytes_per_step"] / bandwidth["bytes_per_s"]
+            bound_s = max(compute_s, weights_s)
+            bounds[which][engine] = {
+                "batch_size": getattr(args, f"batch_size_{engine}"), "flops": work["flops"],
+                "decode_steps": work["decode_steps"], "compute_bound_s": compute_s,
+                "weight_bandwidth_bound_s": weights_s,
+                "binding": "compute" if compute_s >= weights_s else "weight bandwidth",
+                "fraction_of_bound": bound_s / _common.median([x[timed] for x in runs[which][engine]])}
+            print(f"{which} {engine}: {work['flops'] / 1e12:.2f} TFLOP executed in {work['decode_steps']} decode "
+                  f"steps; compute bound {compute_s:.1f} s at {gemm['flop_per_s'] / 1e9:.1f} GFLOP/s, "
+                  f"weight-bandwidth bound {weights_s:.1f} s at {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s; "
+                  f"fraction of the bound reached {bounds[which][engine]['fraction_of_bound']:.2f}")
     profile = None
     if args.profile:
-        profile = run(args, argv, worker="profile", which="adapter")
+        profile = run(args, argv, worker="profile", which="adapter", batch_size=args.batch_size_fast)
         if args.json:
             Path(args.json).with_name("eval_profile.txt").write_text(
                 f"bench/eval.py --profile: the fast engine, one batch of {profile['rows']} rows, adapter model, "
@@ -356,7 +385,7 @@ def main(argv=None):
                               greedy_match_rate=greedy_match_rate, speedup_wall_clock=speedup_wall,
                               speedup_wall_clock_per_pair=pair_ratios, speedup_cpu_seconds=speedup_cpu,
                               speedup_cpu_seconds_per_pair=pair_cpu_ratios,
-                              agreement=agreement, bounds=bounds, gemm=gemm, bandwidth=bandwidth,
+                              agreement=agreement, bounds=bounds, batch_size_sweep=sweep, gemm=gemm, bandwidth=bandwidth,
                               profile=profile, runs=runs,
                               note=args.note)
     return 0

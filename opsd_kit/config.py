@@ -569,7 +569,10 @@ class EvalConfig:
     """Headline grading mode: 'strict' (the last boxed answer only, as the official
     evaluator grades) or 'lenient' (also the last number). Both are always computed."""
     batch_size: int = 32
-    """Sequences per generate call."""
+    """Sequences decoded together. The engines differ in what suits them: 'fast' drops rows that
+    stopped from its batch, so a large one keeps its matmuls full; 'hf' decodes every row until
+    the batch's longest completion ends, so a large one wastes work (bench/eval.py times both
+    over a range of sizes; bench/RESULTS.md, section 8)."""
     engine: str = "fast"
     """Sampling engine: 'fast' (opsd_kit's fused decoder, the adapter merged into a copy of the
     weights; a model it does not support samples with generate after a warning) or 'hf'
@@ -871,7 +874,7 @@ _EVAL_PROFILES: dict[str, dict] = {
     "tiny": dict(size=None, k=1, temperature=0.0, max_new_tokens=8, n_bootstrap=200),
     # The bundled SmolLM2 on held-out sums: greedy, a cap that lets answers finish, strict
     # (boxed) grading as the headline. The demo holds out 144 problems (leakage-checked).
-    "cpu-demo": dict(k=1, temperature=0.0, max_new_tokens=128, mode="strict", batch_size=48),
+    "cpu-demo": dict(k=1, temperature=0.0, max_new_tokens=128, mode="strict", batch_size=128),
     # The paper's protocol (v3): AIME24, AIME25 and HMMT25 with thinking on, temperature 1.0, top-p
     # 0.95 (top-k not stated: off), avg@12 (the official README reports avg@16), up to 38,912 new
     # tokens, the last \boxed{} graded strictly. The hub ids are the official eval/evaluate_math.py's
