@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--which", choices=MODELS)
     p.add_argument("--parts", default=None, help="gaps worker: a JSON file of [row, prefix ids, a, b]")
     args = p.parse_args(argv)
+    if args.batch_size is not None and args.worker is None:
+        p.error("--batch-size is a worker's flag: set --batch-size-fast and --batch-size-hf")
     if args.device is None:
         import torch
 

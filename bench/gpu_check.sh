@@ -178,8 +178,8 @@ run_paper
 # bench_problems synthesises the sums without reasoning_gym), both engines side by side in fresh
 # processes, the greedy match rate and where rows part the logit gap. vLLM is not part of
 # bench/eval.py: whether it is importable here is only reported.
-if [ "$DEVICE" = cuda ]; then EVAL_ARGS="--problems 48 --new-tokens 128 --batch-size 48 --repeats 1"; T_EVAL=240
-else EVAL_ARGS="--problems 4 --new-tokens 8 --batch-size 4 --repeats 1 --gemm-size 256"; T_EVAL=300; fi
+if [ "$DEVICE" = cuda ]; then EVAL_ARGS="--problems 48 --new-tokens 128 --batch-size-fast 48 --batch-size-hf 48 --repeats 1"; T_EVAL=240
+else EVAL_ARGS="--problems 4 --new-tokens 8 --batch-size-fast 4 --batch-size-hf 4 --repeats 1 --gemm-size 256"; T_EVAL=300; fi
 if has vllm; then say "[eval] vllm importable (not benchmarked by bench/eval.py)"
 else say "[eval] vllm not importable: no vLLM evaluation on this machine"; fi
 echo "== eval: $PY bench/eval.py --model $MODEL $EVAL_ARGS" >>"$LOG"
