@@ -31,8 +31,8 @@ engine drops stopped rows from its batch, so a larger batch keeps its matmuls fu
 wastes more.
 
 Bounds, per engine at its batch size (`executed_work`): the floating-point work its batches need
-(the left-padded prompt width through the body, then every row's positions until its own
-completion ends, the head once per position, attention over the cache) over the machine's
+(the left-padded prompt width through the body and the head once, then every row's positions
+until its own completion ends through the body and the head, attention over the cache) over the machine's
 sustained one-thread float32 matmul rate (a ``--gemm-size`` square matmul) gives the compute
 bound; the decoder's weight bytes per decode step (each batch until its longest completion ends)
 over the memory bandwidth the weight bound; the fraction of the bound reached is the larger bound
@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--worker-out")
     p.add_argument("--worker", choices=["eval", "gaps", "profile"])
     p.add_argument("--engine", choices=ENGINES)
-    p.add_argument("--batch-size", type=int, help="worker: rows per call")
+    p.add_argument("--batch-size", type=int, help="worker: rows per call (default: the protocol's)")
     p.add_argument("--which", choices=MODELS)
     p.add_argument("--parts", default=None, help="gaps worker: a JSON file of [row, prefix ids, a, b]")
     args = p.parse_args(argv)
@@ -144,7 +144,7 @@ def worker_eval(args) -> dict:
             "problems_per_cpu_s": len(problems) / cpu_seconds, "generated_tokens": rollouts.num_generated_tokens,
             "completion_ids": rollouts.completion_ids, "prompt_lengths": [len(p) for p in prompts],
             "accuracy": {m: result.summary[f"eval/{m}/avg@k"] for m in ("strict", "lenient")},
-            "work": executed_work(model, prompts, rollouts.completion_ids, args.batch_size)}
+            "work": executed_work(model, prompts, rollouts.completion_ids, protocol.batch_size)}
 
 
 def executed_work(model, prompts, completions, batch_size: int) -> dict:
@@ -205,7 +205,7 @@ def worker_profile(args) -> dict:
 
     torch.set_num_threads(1)
     model, tok, problems, protocol, builder = load(args, args.which)
-    prompts = [builder.student_ids(p) for p in problems[:args.batch_size]]
+    prompts = [builder.student_ids(p) for p in problems[:protocol.batch_size]]
     settings = protocol.settings()
     engine = FastEngine(model, tok)
     engine.generate(prompts[:1], settings)  # build the decoder and warm oneDNN up
@@ -217,7 +217,7 @@ def worker_profile(args) -> dict:
     total = sum(e.self_cpu_time_total for e in averages)
     top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
-    work = executed_work(model, prompts, out.completion_ids, args.batch_size)
+    work = executed_work(model, prompts, out.completion_ids, protocol.batch_size)
     return {"seconds": seconds, "rows": len(prompts), "table": table,
             "self_share": {e.key: e.self_cpu_time_total / total for e in top[:12]}, "work": work}
 

@@ -186,7 +186,7 @@ echo "== eval: $PY bench/eval.py --model $MODEL $EVAL_ARGS" >>"$LOG"
 timeout "$T_EVAL" "$PY" bench/eval.py --model "$MODEL" $EVAL_ARGS --json "$OUT/eval.json" >"$OUT/eval.txt" 2>&1
 rc=$?
 cat "$OUT/eval.txt" >>"$LOG"
-grep -E "^(  repeat|base:|adapter:|speedup)" "$OUT/eval.txt" | sed "s/^/[eval] /" >>"$SUMMARY"
+grep -E "^(  repeat|  sweep|base|adapter|speedup)" "$OUT/eval.txt" | sed "s/^/[eval] /" >>"$SUMMARY"
 [ $rc -eq 124 ] && say "[eval] TIMEOUT after $T_EVAL s"
 say "[eval] rc=$rc at $(elapsed) s"
 

@@ -572,7 +572,8 @@ class EvalConfig:
     """Sequences decoded together. The engines differ in what suits them: 'fast' drops rows that
     stopped from its batch, so a large one keeps its matmuls full; 'hf' decodes every row until
     the batch's longest completion ends, so a large one wastes work (bench/eval.py times both
-    over a range of sizes; bench/RESULTS.md, section 8)."""
+    over a range of sizes; bench/RESULTS.md, section 8). Memory grows with it (the fast
+    engine allocates the KV caches of all a batch's rows at their full length)."""
     engine: str = "fast"
     """Sampling engine: 'fast' (opsd_kit's fused decoder, the adapter merged into a copy of the
     weights; a model it does not support samples with generate after a warning) or 'hf'
