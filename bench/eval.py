@@ -118,7 +118,7 @@ def load(args, which: str):
                     if "lora_B" in name:
                         p.copy_(torch.randn(p.shape, generator=gen) * args.lora_b_std)
     model.eval()
-    rows = {"batch_size": args.batch_size} if args.batch_size else {}  # a gaps worker decodes nothing
+    rows = {"batch_size": args.batch_size} if args.batch_size else {}  # none given: the protocol's
     protocol = load_eval_profile("cpu-demo", max_new_tokens=args.new_tokens, **rows)
     problems = _common.bench_problems(args.problems, seed=1)
     return model, tok, problems, protocol, PromptBuilder(tok)
