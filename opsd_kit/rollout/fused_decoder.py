@@ -273,7 +273,7 @@ class FusedDecoder:
                 u_B1 = torch.rand(B, 1, device=device, dtype=torch.float64)
                 token_A = draw(torch.softmax(scores_AV, -1), u_B1[rows_A])
             else:
-                token_A = scores_AV.argmax(-1)
+                token_A = scores_AV.max(-1).indices  # the first maximal index, as argmax (which is slower on CPU)
             token_A = token_A.masked_fill(finished_A, pad_id)
             new_ids_BN[rows_A, t] = token_A
             if logprobs:
