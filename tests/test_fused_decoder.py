@@ -329,3 +329,28 @@ def test_rows_that_stopped_leave_the_batch_and_change_no_token(temperature, min_
                 u = [torch.rand(len(STAGGERED), 1, dtype=torch.float64) for _ in range(k + 1)][k][r]
                 cdf_V = torch.softmax(scores_V / temperature, -1).double().cumsum(-1)
                 assert abs(float(cdf_V[min(a[k], b[k])] - u * cdf_V[-1])) <= 2 * tol * scale, (r, k, a[k], b[k])
+
+
+def test_greedy_breaks_a_tie_at_the_first_maximal_index_as_argmax(tiny_tokenizer, monkeypatch):
+    """Greedy decoding takes the first of equal maximal logits (``torch.argmax``'s rule, which
+    ``generate`` uses), at every step and with -inf entries around."""
+    from opsd_kit.rollout.hf import left_pad
+
+    decoder = FusedDecoder(_model("llama", tiny_tokenizer))
+    V = decoder.embed.weight.shape[0]
+    ties = [(5, 9), (40, 7), (3, 4)]  # per row: the tied maximal indices, not in order
+
+    def tied(self, ids_BQ, *args):
+        logits_BV = torch.zeros(ids_BQ.shape[0], V)
+        logits_BV[:, :2] = float("-inf")
+        for row, (a, b) in enumerate(ties[:ids_BQ.shape[0]]):
+            logits_BV[row, [a, b]] = 1.0
+        return logits_BV
+
+    monkeypatch.setattr(FusedDecoder, "_forward", tied)
+    ids_BL, mask_BL = left_pad([[11, 12], [13], [14, 15, 16]], tiny_tokenizer.pad_token_id)
+    ids_BN, _ = decoder.decode(ids_BL, mask_BL, max_new_tokens=3, eos_ids=[tiny_tokenizer.eos_token_id],
+                               pad_id=tiny_tokenizer.pad_token_id, temperature=0.0)
+    assert ids_BN.tolist() == [[min(t)] * 3 for t in ties]
+    logits_BV = tied(None, ids_BL)
+    assert ids_BN[:, 0].tolist() == logits_BV.argmax(-1).tolist()
