@@ -41,6 +41,8 @@ def _problems_file(folder: Path, n: int) -> tuple[str, list]:
 
 
 def _overrides(args, model_folder: str, data: str, n: int, run_dir: Path, algorithm: str) -> dict:
+    from opsd_kit.config import applies_to
+
     values = dict(model=model_folder, train_data=data, train_size=n, max_steps=args.steps, save_every=args.steps,
                   keep_checkpoints=1, max_new_tokens=args.tokens, run_dir=str(run_dir), progress=False,
                   generation_batch_size=32, max_generated_tokens=None)
@@ -50,7 +52,7 @@ def _overrides(args, model_folder: str, data: str, n: int, run_dir: Path, algori
         # a prompt cap inside the small model's 4,096-token context
         values.update(dtype="float32", problems_per_step=2, micro_batch_size=2, num_generations=2,
                       max_prompt_tokens=1024)
-    return values
+    return {k: v for k, v in values.items() if algorithm in applies_to(k)}  # validate refuses the others
 
 
 def train(args, profile: str, algorithm: str, model_folder: str, data: str, n: int, root: Path, **extra) -> dict:
