@@ -11,7 +11,8 @@ rollouts draw from a per-process random stream, which differs between one and tw
 Each run is a fresh set of processes; runs alternate (one, two, then two, one). Throughput: steps
 after the first (its time includes building the engine and oneDNN's start) per second, from each
 step's own wall time; ``speedup`` = one process's median step time / two processes' (the median
-over repeats); ``speedup`` is the profile's batch, ``speedup_by_problems_per_step`` every batch.
+over repeats); ``speedup`` is the profile's batch, ``speedup_by_problems_per_step`` every batch,
+``speedup_per_repeat`` each pair's own ratio (their spread is the run-to-run noise).
 Per process and step the worker also records its phases (generate, student, teacher, backward,
 optimizer) and the seconds spent inside ``accelerator.reduce``: a process waits there for the
 slower one (rollout imbalance: rows finish at different lengths) and then all-reduces the LoRA
@@ -285,14 +286,18 @@ def measure(problems: int, args, tmp: Path) -> dict:
 
     rest_one = sum(phase(1, k) for k in ("time/student", "time/teacher", "time/backward", "time/optimizer"))
     ceiling = (phase(1, "time/generate") + rest_one) / (phase(2, "time/generate") + rest_one / 2)
-    result = dict(speedup=one_s / two_s, ceiling=ceiling, median_step_s={"one": one_s, "two": two_s},
+    # each repeat's pair (run one after the other): its spread is the run-to-run noise of the ratio
+    per_repeat = [a["summary"]["median_step_s"] / b["summary"]["median_step_s"] for a, b in zip(records[1], records[2])]
+    result = dict(speedup=one_s / two_s, speedup_per_repeat=per_repeat, ceiling=ceiling,
+                  median_step_s={"one": one_s, "two": two_s},
                   generate_s={"one": phase(1, "time/generate"), "two": phase(2, "time/generate")},
                   reduce_s_two=phase(2, "reduce_s"), greedy_rollouts_equal=rollouts[1] == rollouts[2],
                   ranks_identical=ranks_equal, adapter_relative_difference=rel, adapter_tolerance=tolerance,
                   adapter_tolerance_worst_case=worst_case,
                   adapter_within_tolerance=rel <= tolerance, adapter_max_abs_difference=max_abs)
     print(f"{problems} problems a step: median step one process {one_s:.1f} s, two {two_s:.1f} s: speedup "
-          f"{one_s / two_s:.2f}x (ceiling from the phases {ceiling:.2f}x); greedy rollouts equal: "
+          f"{one_s / two_s:.2f}x (per repeat {[round(x, 2) for x in per_repeat]}; ceiling from the phases "
+          f"{ceiling:.2f}x); greedy rollouts equal: "
           f"{result['greedy_rollouts_equal']}; ranks' adapters identical: {ranks_equal}; adapter difference "
           f"two vs one: {rel:.2e} of the update (tolerance {tolerance:.1e}), max |diff| {max_abs:.1e}", flush=True)
     return {**result, "runs": records}
