@@ -148,6 +148,23 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def logit_gap(model, ids: list[int], a: int, b: int) -> dict:
+    """The model's logit gap (token ``b`` minus token ``a``) at the next position after ``ids``, and
+    the rounding tolerance for it: two computations of a logit in the model's dtype differ by at most
+    ``2 * layers * max(hidden, intermediate) * eps * max|logit|`` (as tests/_numerics.py: a reduction's
+    width times eps, through every layer, two computations compared). Where two greedy decodes of
+    the same weights part with a gap inside it, the tokens were tied to rounding."""
+    import torch
+
+    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    with torch.no_grad():
+        logits_V = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()
+    bound = 2 * cfg.num_hidden_layers * max(cfg.hidden_size, cfg.intermediate_size) \
+        * torch.finfo(model.dtype).eps * float(logits_V.abs().max())
+    return {"gap": float(logits_V[b] - logits_V[a]), "tolerance": bound,
+            "top2": [float(x) for x in logits_V.topk(2).values]}
+
+
 # ----------------------------------------------------------------------------------- models
 #: Config shapes of Qwen3-1.7B (no download): used by --model qwen3-1.7b-random.
 QWEN3_17B = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,

@@ -184,16 +184,7 @@ def worker_gaps(args) -> dict:
     torch.set_num_threads(1)
     model, tok, problems, protocol, builder = load(args, args.which)
     parts = json.loads(Path(args.parts).read_text())
-    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    out = []
-    with torch.no_grad():
-        for row, ids, a, b in parts:
-            logits_V = model(input_ids=torch.tensor([ids], device=args.device)).logits[0, -1].float()
-            bound = 2 * cfg.num_hidden_layers * max(cfg.hidden_size, cfg.intermediate_size) \
-                * torch.finfo(model.dtype).eps * float(logits_V.abs().max())
-            out.append({"row": row, "gap": float(logits_V[b] - logits_V[a]), "tolerance": bound,
-                        "top2": [float(x) for x in logits_V.topk(2).values]})
-    return {"gaps": out}
+    return {"gaps": [{"row": row, **_common.logit_gap(model, ids, a, b)} for row, ids, a, b in parts]}
 
 
 def worker_profile(args) -> dict:

@@ -19,18 +19,20 @@ slower one (rollout imbalance: rows finish at different lengths) and then all-re
 gradients. ``ceiling`` is what the phases allow: the one-process step over generation as two
 processes measured it plus every other phase of one process halved (no reduce, no imbalance).
 
-Agreement: the greedy completions of both runs (per prompt), and the final adapters: the
-relative difference ``||A_two - A_one|| / ||A_one - A_start||`` against a rounding bound for a
+Agreement: the greedy completions of both runs (per step and prompt; where they part, the logit
+gap at the first step they part against a rounding tolerance: `rollout_agreement`), and the final
+adapters: the relative difference ``||A_two - A_one|| / ||A_one - A_start||`` against a rounding bound for a
 weight's gradient (float32; the longest reduction n: hidden, MLP, vocabulary width or the step's
 loss tokens; through the forward's and the backward's layers; once per step), probabilistic
 (sqrt(n) eps a reduction; the worst case, n eps, is recorded too). The two ranks' adapters must
-be identical (they apply the same all-reduced update).
+be identical (they apply the same all-reduced update). The adapter bound holds only where the
+runs trained on the same completions.
 
 The parts (`parts_worker`, two processes, ``--parts-repeats`` times): decode time at all the
 first batch's rows and at half of them, alone and beside the other process; the gradient
 all-reduce tensor by tensor and in one buffer.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/scaling.py --problems-per-step 8 16 32 --json bench/results/scaling.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/scaling.py --steps 3 --repeats 3 --problems-per-step 8 64 --json bench/results/scaling.json
 """
 from __future__ import annotations
 
@@ -79,14 +81,14 @@ def worker(args) -> None:
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
     config = load_profile("cpu-demo", **overrides)
-    rollouts = []
+    rollouts, before_step = [], []  # [step, prompt ids, completion ids]; the adapter before each step
     sample = RolloutSampler.sample
 
     def greedy(self, prompt_ids, settings, step, prefill=None):
         import dataclasses
 
         out = sample(self, prompt_ids, dataclasses.replace(settings, temperature=0.0), step, prefill=prefill)
-        rollouts.extend([prompt_ids[i], c] for i, c in zip(out.prompt_index, out.completion_ids))
+        rollouts.extend([len(before_step) - 1, prompt_ids[i], c] for i, c in zip(out.prompt_index, out.completion_ids))
         return out
 
     RolloutSampler.sample = greedy
@@ -106,6 +108,7 @@ def worker(args) -> None:
     steps, optimizer_step = [], trainer._optimizer_step
 
     def timed_step():
+        before_step.append(trainer.policy.lora_state_dict())
         in_reduce[0] = 0.0
         t0 = time.perf_counter()
         metrics = optimizer_step()
@@ -116,7 +119,8 @@ def worker(args) -> None:
 
     trainer._optimizer_step = timed_step
     trainer.train()
-    torch.save({"start": start, "final": trainer.policy.lora_state_dict()}, folder / f"adapter{rank}.pt")
+    torch.save({"start": start, "final": trainer.policy.lora_state_dict(), "before_step": before_step},
+               folder / f"adapter{rank}.pt")
     cfg = trainer.policy.causal_lm.config
     shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers")}
     (folder / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": trainer.accelerator.num_processes,
@@ -238,6 +242,60 @@ def summarise(record: dict) -> dict:
             "phases_per_rank": {k: [sum(v) / len(v) for v in vs] for k, vs in phases.items()}}
 
 
+def parted_rollouts(rollouts: dict) -> tuple[dict, bool, int]:
+    """The greedy completions of one process (``rollouts[1]``) and two (``rollouts[2]``), each a list
+    of [step, prompt ids, completion ids], compared per step and prompt: ({step: [(prompt, one's
+    completion, two's completion)] where they differ}, whether both runs decoded the same prompts
+    at every step, the completions compared)."""
+    by = {p: {} for p in (1, 2)}
+    for p, rows in rollouts.items():
+        for step, prompt, completion in rows:
+            by[p].setdefault((step, json.dumps(prompt)), []).append(completion)
+    parted = {}
+    for key in sorted(by[1]):
+        for a, b in zip(sorted(by[1][key]), sorted(by[2].get(key, []))):
+            if a != b:
+                parted.setdefault(key[0], []).append((json.loads(key[1]), a, b))
+    same_prompts = {k: len(v) for k, v in by[1].items()} == {k: len(v) for k, v in by[2].items()}
+    return parted, same_prompts, sum(len(v) for v in by[1].values())
+
+
+def rollout_agreement(rollouts: dict, before_step: list, args) -> dict:
+    """`parted_rollouts`, and at the first step where completions part, each parting measured
+    against rounding.
+
+    The runs decode the same prompts from the same weights in different batches (one process all
+    the step's rows, two half each), so a completion can part where two tokens are tied to
+    rounding: the logit gap between the two runs' tokens at the first differing position, under
+    the one-process run's adapter before that step (HF modules, adapter unmerged;
+    `_common.logit_gap`). From there on the runs train on different completions, so later partings
+    follow from the first and are only counted."""
+    import torch
+
+    parted, same_prompts, compared = parted_rollouts(rollouts)
+    gaps, first = [], min(parted, default=None)
+    if first is not None:
+        from opsd_kit.config import load_profile
+        from opsd_kit.policy import build_policy
+
+        overrides = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+        policy = build_policy(load_profile("cpu-demo", **overrides), "cpu")
+        params = dict(policy.model.named_parameters())
+        with torch.no_grad():
+            for name, value in before_step[first].items():
+                params[name].copy_(value)
+        policy.model.eval()
+        for prompt, a, b in parted[first]:
+            k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            if k < min(len(a), len(b)):  # else one completion is a prefix of the other: no token pair
+                gaps.append({"step": first, "position": k, **_common.logit_gap(policy.model, prompt + a[:k], a[k], b[k])})
+    return dict(greedy_rollouts_equal=same_prompts and not parted, same_prompts=same_prompts,
+                rollouts_compared=compared,
+                rollouts_parted_per_step={str(k): len(v) for k, v in sorted(parted.items())},
+                first_parted_step=first, gaps_where_rollouts_first_part=gaps,
+                all_gaps_within_tolerance=all(abs(g["gap"]) <= g["tolerance"] for g in gaps))
+
+
 def measure(problems: int, args, tmp: Path) -> dict:
     """Alternating runs of one and two processes at one global batch, and their agreement."""
     import torch
@@ -262,7 +320,8 @@ def measure(problems: int, args, tmp: Path) -> dict:
     diff = sum(float((two[0]["final"][k] - one["final"][k]).double().norm() ** 2) for k in one["final"]) ** 0.5
     update = sum(float((one["final"][k] - one["start"][k]).double().norm() ** 2) for k in one["final"]) ** 0.5
     max_abs = max(float((two[0]["final"][k] - one["final"][k]).abs().max()) for k in one["final"])
-    rollouts = {p: sorted(map(json.dumps, [x for rk in records[p][0]["ranks"] for x in rk["rollouts"]])) for p in (1, 2)}
+    agreement = rollout_agreement({p: [x for rk in records[p][0]["ranks"] for x in rk["rollouts"]] for p in (1, 2)},
+                                  one["before_step"], args)
     for p in (1, 2):
         for rec in records[p]:
             for rk in rec["ranks"]:
@@ -291,15 +350,22 @@ def measure(problems: int, args, tmp: Path) -> dict:
     result = dict(speedup=one_s / two_s, speedup_per_repeat=per_repeat, ceiling=ceiling,
                   median_step_s={"one": one_s, "two": two_s},
                   generate_s={"one": phase(1, "time/generate"), "two": phase(2, "time/generate")},
-                  reduce_s_two=phase(2, "reduce_s"), greedy_rollouts_equal=rollouts[1] == rollouts[2],
+                  reduce_s_two=phase(2, "reduce_s"), **agreement,
                   ranks_identical=ranks_equal, adapter_relative_difference=rel, adapter_tolerance=tolerance,
                   adapter_tolerance_worst_case=worst_case,
                   adapter_within_tolerance=rel <= tolerance, adapter_max_abs_difference=max_abs)
     print(f"{problems} problems a step: median step one process {one_s:.1f} s, two {two_s:.1f} s: speedup "
           f"{one_s / two_s:.2f}x (per repeat {[round(x, 2) for x in per_repeat]}; ceiling from the phases "
-          f"{ceiling:.2f}x); greedy rollouts equal: "
-          f"{result['greedy_rollouts_equal']}; ranks' adapters identical: {ranks_equal}; adapter difference "
-          f"two vs one: {rel:.2e} of the update (tolerance {tolerance:.1e}), max |diff| {max_abs:.1e}", flush=True)
+          f"{ceiling:.2f}x); greedy rollouts equal: {result['greedy_rollouts_equal']}", flush=True)
+    if result["first_parted_step"] is not None:
+        print(f"  rollouts parted per step (of {result['rollouts_compared']} in all): "
+              f"{result['rollouts_parted_per_step']}; at step {result['first_parted_step']}, gap / tolerance: "
+              f"{[(round(g['gap'], 5), round(g['tolerance'], 5)) for g in result['gaps_where_rollouts_first_part']]}",
+              flush=True)
+    print(f"  ranks' adapters identical: {ranks_equal}; adapter difference two vs one: {rel:.2e} of the update "
+          f"(tolerance {tolerance:.1e}), max |diff| {max_abs:.1e}"
+          + ("" if result["greedy_rollouts_equal"] else " (the runs trained on different completions: not a "
+             "rounding comparison)"), flush=True)
     return {**result, "runs": records}
 
 
