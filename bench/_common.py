@@ -148,6 +148,12 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token sequences hold different tokens, or None where they do
+    not (equal, or one a prefix of the other: no pair of tokens to compare)."""
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def logit_gap(model, ids: list[int], a: int, b: int) -> dict:
     """The model's logit gap (token ``b`` minus token ``a``) at the next position after ``ids``, and
     the rounding tolerance for it: two computations of a logit in the model's dtype differ by at most

@@ -298,16 +298,15 @@ def main(argv=None):
         parts = []
         problems = None
         for row, (a, b) in enumerate(zip(a_rows, b_rows)):
-            if a != b:
-                k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                if k < min(len(a), len(b)):
-                    if problems is None:
-                        from opsd_kit.models import load_tokenizer
-                        from opsd_kit.prompts import PromptBuilder
+            k = _common.first_difference(a, b)
+            if k is not None:
+                if problems is None:
+                    from opsd_kit.models import load_tokenizer
+                    from opsd_kit.prompts import PromptBuilder
 
-                        builder = PromptBuilder(load_tokenizer(args.model))
-                        problems = _common.bench_problems(args.problems, seed=1)
-                    parts.append([row, builder.student_ids(problems[row]) + b[:k], a[k], b[k]])
+                    builder = PromptBuilder(load_tokenizer(args.model))
+                    problems = _common.bench_problems(args.problems, seed=1)
+                parts.append([row, builder.student_ids(problems[row]) + b[:k], a[k], b[k]])
         gaps = []
         if parts:
             import tempfile

@@ -286,8 +286,8 @@ def rollout_agreement(rollouts: dict, before_step: list, args) -> dict:
                 params[name].copy_(value)
         policy.model.eval()
         for prompt, a, b in parted[first]:
-            k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            if k < min(len(a), len(b)):  # else one completion is a prefix of the other: no token pair
+            k = _common.first_difference(a, b)
+            if k is not None:  # else one completion is a prefix of the other: no token pair
                 gaps.append({"step": first, "position": k, **_common.logit_gap(policy.model, prompt + a[:k], a[k], b[k])})
     return dict(greedy_rollouts_equal=same_prompts and not parted, same_prompts=same_prompts,
                 rollouts_compared=compared,

@@ -63,5 +63,12 @@ def test_logit_gap_is_the_models_own(tiny_model):
     a, b = int(logits_V.argmax()), int(logits_V.argmin())
     out = _common.logit_gap(tiny_model, ids, a, b)
     assert out["gap"] == pytest.approx(float(logits_V[b] - logits_V[a]), abs=out["tolerance"])
-    assert out["gap"] < 0 < out["tolerance"] and out["top2"][0] == pytest.approx(float(logits_V.max()))
+    assert out["gap"] < 0 < out["tolerance"]
+    assert out["top2"][0] == pytest.approx(float(logits_V.max()), abs=out["tolerance"])
     assert _common.logit_gap(tiny_model, ids, a, a)["gap"] == 0.0
+
+
+def test_first_difference():
+    assert _common.first_difference([1, 2, 3], [1, 4, 3]) == 1
+    assert _common.first_difference([1, 2], [1, 2, 3]) is None  # a prefix: no token pair
+    assert _common.first_difference([5], [5]) is None
